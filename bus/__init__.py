@@ -1,0 +1,1 @@
+"""sessionbus client side."""

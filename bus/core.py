@@ -1,0 +1,376 @@
+"""SessionBus: the connection to NATS, the embedded server, and the streams and buckets.
+
+Everything else (registry, sessions, workers) is built on a started bus and
+receives it explicitly; there is no global bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+
+from bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
+from bus.kv import Bucket, bucket_config
+from bus.names import Names, validate_id
+from bus.server import NatsServer
+from bus.settings import BusSettings
+
+if TYPE_CHECKING:
+    from bus.session import Session
+
+__all__ = ["MIN_SERVER_VERSION", "SessionBus"]
+
+logger = logging.getLogger(__name__)
+
+#: Per-key TTL and TTL markers arrived in nats-server 2.11.
+MIN_SERVER_VERSION = (2, 11)
+
+_PARTITIONS_RE = re.compile(r"partition\((\d+),")
+_JS_NOT_READY = (10008, 10039)  # temporarily unavailable, not enabled for account
+
+
+class SessionBus:
+    """A started connection to NATS JetStream and the bus's streams and buckets.
+
+    ``SessionBus()`` with no servers, and no ``SESSIONBUS_URL`` in the
+    environment, starts an embedded nats-server (JetStream on, a free
+    loopback port, a temporary data directory unless ``data_dir`` is given)
+    and stops it on :meth:`close`. Use ``async with SessionBus() as sb:`` or
+    ``sb = await SessionBus.connect(...)``.
+
+    ``options`` are fields of :class:`BusSettings` (``partitions``,
+    ``replicas``, ``domain``, ``user``, ``password``, ``token``,
+    ``creds_file``, ``tls``...), applied over ``settings``.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] | None = None,
+        *,
+        prefix: str | None = None,
+        settings: BusSettings | None = None,
+        node_id: str | None = None,
+        **options: Any,
+    ) -> None:
+        if prefix is not None:
+            options["prefix"] = prefix
+        if servers is not None:
+            options["servers"] = (servers,) if isinstance(servers, str) else tuple(servers)
+        if settings is None:
+            settings = BusSettings.from_env(**options)
+        elif options:
+            try:
+                settings = settings.replace(**options)
+            except TypeError as e:
+                raise ConfigError(str(e)) from e
+        self.settings = settings
+        self.names = Names(settings.prefix)
+        self.node_id = validate_id(node_id, "node id") if node_id else uuid.uuid4().hex[:12]
+        self.partitions = settings.partitions
+        self.embedded: NatsServer | None = None
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._buckets: dict[str, Bucket] = {}
+        self._services: list[Any] = []
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, servers: str | Sequence[str] | None = None, **kwargs: Any
+    ) -> SessionBus:
+        """Create and start a bus in one call."""
+        bus = cls(servers, **kwargs)
+        await bus.start()
+        return bus
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` completed and :meth:`close` has not been called."""
+        return self._nc is not None and not self._closed
+
+    async def start(self) -> None:
+        """Connect (starting the embedded server if needed) and provision."""
+        if self._nc is not None:
+            return
+        if self._closed:
+            raise BusClosedError("this bus was closed; create a new one")
+        servers = list(self.settings.servers)
+        if not servers:
+            self.embedded = NatsServer(name="sessionbus", store_dir=self.settings.data_dir)
+            await asyncio.to_thread(self.embedded.start)
+            servers = [self.embedded.url]
+        try:
+            self._nc = await nats.connect(
+                servers=servers,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+                **self.settings.connect_options(),
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            await self._stop_embedded()
+            raise ConnectionFailed(
+                f"cannot connect to NATS at {', '.join(servers)}: {e or type(e).__name__}"
+            ) from e
+        try:
+            self._check_version()
+            self._js = self._nc.jetstream(
+                domain=self.settings.domain, timeout=self.settings.request_timeout
+            )
+            await self._provision()
+        except BaseException:
+            await self._abort()
+            raise
+
+    async def close(self) -> None:
+        """Stop services started on this bus, drain the connection, stop the embedded server."""
+        if self._closed:
+            return
+        self._closed = True
+        for service in reversed(self._services):
+            try:
+                await service.stop()
+            except Exception:
+                logger.exception("error stopping %r", service)
+        self._services.clear()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), timeout=5.0)
+            except (TimeoutError, nats.errors.Error, OSError):
+                await nc.close()
+        await self._stop_embedded()
+
+    async def _abort(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            await nc.close()
+        await self._stop_embedded()
+
+    async def _stop_embedded(self) -> None:
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+
+    def add_service(self, service: Any) -> None:
+        """Have :meth:`close` call ``await service.stop()`` (in reverse order of adding)."""
+        self._services.append(service)
+
+    # -- accessors ----------------------------------------------------------
+
+    @property
+    def nc(self) -> Client:
+        """The nats-py client."""
+        if self._nc is None or self._closed:
+            raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (in the configured domain)."""
+        if self._js is None or self._closed:
+            raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
+        return self._js
+
+    @property
+    def url(self) -> str:
+        """URL of the server this bus is connected to."""
+        nc = self.nc
+        srv = nc.connected_url
+        return f"nats://{srv.hostname}:{srv.port}" if srv else ""
+
+    @property
+    def api_prefix(self) -> str:
+        """JetStream API subject prefix (domain-aware), for raw API calls."""
+        domain = self.settings.domain
+        return f"$JS.{domain}.API" if domain else "$JS.API"
+
+    def bucket(self, name: str) -> Bucket:
+        """A provisioned bucket by its full name (see :class:`Names`)."""
+        try:
+            return self._buckets[name]
+        except KeyError:
+            raise BusClosedError(f"bucket {name!r} is not provisioned on this bus") from None
+
+    @property
+    def sessions_kv(self) -> Bucket:
+        """Session lifecycle records and idle timers."""
+        return self.bucket(self.names.sessions_bucket)
+
+    @property
+    def registry_kv(self) -> Bucket:
+        """Node registry records."""
+        return self.bucket(self.names.registry_bucket)
+
+    @property
+    def workers_kv(self) -> Bucket:
+        """Worker leases."""
+        return self.bucket(self.names.workers_bucket)
+
+    @property
+    def locks_kv(self) -> Bucket:
+        """Turn-lock leases."""
+        return self.bucket(self.names.locks_bucket)
+
+    # -- sessions -----------------------------------------------------------
+
+    async def open(
+        self,
+        session_id: str | None = None,
+        *,
+        participants: Sequence[str] | None = None,
+        ttl: float | None = None,
+        metadata: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Session:
+        """Open a new session and return its handle (see :class:`bus.Session`)."""
+        from bus.session import open_session
+
+        return await open_session(
+            self, session_id, participants=participants, ttl=ttl, metadata=metadata, **options
+        )
+
+    def session(self, session_id: str, *, participant: str = "") -> Session:
+        """A handle on an existing session, without any I/O (call ``info()`` to load it)."""
+        from bus.session import Session
+
+        return Session.attach(self, session_id, participant=participant)
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_version(self) -> None:
+        version = self.nc.connected_server_version
+        if (version.major, version.minor) < MIN_SERVER_VERSION:
+            raise ServerTooOld(str(version), ".".join(map(str, MIN_SERVER_VERSION)))
+
+    async def _provision(self) -> None:
+        """Create or bind the streams and buckets, retrying while JetStream warms up."""
+        deadline = asyncio.get_running_loop().time() + max(10.0, self.settings.connect_timeout)
+        delay = 0.05
+        while True:
+            try:
+                await self._provision_once()
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as e:
+                err: BaseException = e
+            except nats.js.errors.APIError as e:
+                if e.err_code not in _JS_NOT_READY and e.code != 503:
+                    raise ConnectionFailed(f"cannot provision JetStream: {e}") from e
+                err = e
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionFailed(f"JetStream not available: {err}") from err
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _provision_once(self) -> None:
+        s, n = self.settings, self.names
+        await self._ensure_envelope_stream()
+        await self._ensure_stream(api.StreamConfig(
+            name=n.dead_letter_stream, subjects=[n.dead_letter_all],
+            retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
+            max_age=14 * 24 * 3600.0, num_replicas=s.replicas, allow_direct=True,
+        ))
+        for name in (n.sessions_bucket, n.registry_bucket, n.workers_bucket, n.locks_bucket):
+            await self._ensure_bucket(name)
+
+    async def _ensure_envelope_stream(self) -> None:
+        s, n = self.settings, self.names
+        config = api.StreamConfig(
+            name=n.envelope_stream,
+            description=f"sessionbus envelopes, {s.partitions} partitions",
+            subjects=[n.inbound_all],
+            subject_transform=api.SubjectTransform(
+                src=n.inbound_all, dest=n.partition_transform(s.partitions)
+            ),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_msgs_per_subject=s.max_envelopes_per_session,
+            max_age=s.envelope_max_age,
+            max_msg_size=s.max_envelope_bytes + 4096,
+            duplicate_window=s.duplicate_window,
+            num_replicas=s.replicas,
+            allow_direct=True,
+            allow_msg_ttl=True,
+            max_consumers=s.partitions * 16 + 4096,
+        )
+        info = await self._ensure_stream(config)
+        transform = info.config.subject_transform
+        match = _PARTITIONS_RE.search(transform.dest or "") if transform else None
+        if match is None:
+            raise ConfigError(
+                f"stream {n.envelope_stream} exists without a partition transform; "
+                "it was not created by sessionbus"
+            )
+        # An existing stream keeps the partition count it was created with.
+        self.partitions = int(match.group(1))
+
+    async def _ensure_stream(self, config: api.StreamConfig) -> api.StreamInfo:
+        assert config.name is not None
+        try:
+            return await self.js.stream_info(config.name)
+        except nats.js.errors.NotFoundError:
+            pass
+        try:
+            return await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code == 10058:  # created concurrently by another node
+                return await self.js.stream_info(config.name)
+            raise
+
+    async def _ensure_bucket(self, name: str) -> None:
+        try:
+            await self.js.stream_info(f"KV_{name}")
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.create_key_value(
+                    bucket_config(name, replicas=self.settings.replicas)
+                )
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code != 10058:
+                    raise
+        self._buckets[name] = Bucket(
+            nc=self.nc, js=self.js, name=name, domain=self.settings.domain,
+            timeout=self.settings.request_timeout,
+        )
+
+    async def _on_error(self, e: Exception) -> None:
+        logger.warning("NATS error: %s", e)
+
+    async def _on_disconnect(self) -> None:
+        if not self._closed:
+            logger.warning("disconnected from NATS")
+
+    async def _on_reconnect(self) -> None:
+        logger.info("reconnected to NATS at %s", self._nc.connected_url if self._nc else "?")
+
+    def __repr__(self) -> str:
+        state = "started" if self.started else "closed" if self._closed else "new"
+        return f"<SessionBus prefix={self.settings.prefix!r} node={self.node_id} {state}>"

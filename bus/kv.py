@@ -1,0 +1,269 @@
+"""A JetStream key-value bucket with per-key TTLs, markers and filtered listing.
+
+nats-py's ``KeyValue`` covers plain puts and gets. What sessionbus needs on
+top, kept here so every component does it the same way:
+
+* per-key TTL on any write, including compare-and-set updates and lease
+  refreshes (nats-py's ``update()`` cannot set one): raw publishes with
+  ``Nats-TTL`` and ``Nats-Expected-Last-Subject-Sequence``;
+* TTLs are whole seconds on the wire, so they are rounded up here and the
+  caller keeps an exact ``expires_at`` in the value when it matters;
+* a watcher that reports server-placed TTL markers (``Nats-Marker-Reason:
+  MaxAge``) as :attr:`KVOp.EXPIRED`, distinct from deletes;
+* listing by a subject filter on the server (Direct Get ``multi_last``),
+  never a client-side scan of every key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
+from bus.names import kv_subject
+
+__all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
+
+logger = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_KV_OP = "KV-Operation"
+_MARKER = "Nats-Marker-Reason"
+_TTL = "Nats-TTL"
+_EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+
+
+def wire_ttl(ttl: float) -> int:
+    """Seconds to put in ``Nats-TTL``: the server counts whole seconds, at least 1."""
+    if not ttl > 0:
+        raise ConfigError(f"ttl must be > 0, got {ttl!r}")
+    return max(1, math.ceil(ttl))
+
+
+class KVOp(StrEnum):
+    """What happened to a key, as a watcher sees it."""
+
+    PUT = "put"
+    DELETE = "delete"
+    PURGE = "purge"
+    #: The key's TTL ran out and the server placed a marker.
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """A key's current value and revision."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """One change seen by :meth:`Bucket.watch`. ``value`` is empty unless PUT."""
+
+    key: str
+    op: KVOp
+    value: bytes
+    revision: int
+
+
+def _op_of(headers: dict[str, str] | None) -> KVOp:
+    if not headers:
+        return KVOp.PUT
+    op = headers.get(_KV_OP)
+    if op == "DEL":
+        return KVOp.DELETE
+    if op == "PURGE":
+        return KVOp.PURGE
+    reason = headers.get(_MARKER)
+    if reason == "MaxAge":
+        return KVOp.EXPIRED
+    if reason == "Remove":
+        return KVOp.DELETE
+    if reason == "Purge":
+        return KVOp.PURGE
+    return KVOp.PUT
+
+
+class Bucket:
+    """One KV bucket, addressed through a JetStream context (and its domain)."""
+
+    def __init__(
+        self, *, nc: Client, js: JetStreamContext, name: str, domain: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.name = name
+        self.stream = f"KV_{name}"
+        self.domain = domain
+        self.timeout = timeout
+        self._pre = f"$KV.{name}."
+
+    def subject(self, key: str) -> str:
+        """Subject a write to ``key`` is published on (domain-aware)."""
+        return kv_subject(self.name, key, self.domain)
+
+    async def get(self, key: str) -> KVEntry | None:
+        """The key's current value, or None if absent, deleted or expired."""
+        try:
+            msg = await self.js.get_msg(
+                self.stream, subject=self._pre + key, direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.errors.TimeoutError as e:
+            raise BusTimeout(f"get {self.name}/{key} timed out") from e
+        except nats.errors.NoRespondersError as e:
+            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
+        if msg.subject != self._pre + key:
+            return None
+        if _op_of(msg.headers) is not KVOp.PUT or msg.seq is None:
+            return None
+        return KVEntry(key=key, value=msg.data or b"", revision=msg.seq)
+
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str]) -> int:
+        try:
+            ack = await self.js.publish(
+                self.subject(key), value, headers=headers or None, timeout=self.timeout
+            )
+        except nats.js.errors.APIError as e:
+            if e.err_code in _WRONG_LAST_SEQUENCE:
+                expected = headers.get(_EXPECT_LAST)
+                raise KeyConflict(key, int(expected) if expected else None) from e
+            raise
+        except nats.errors.TimeoutError as e:
+            raise BusTimeout(f"write {self.name}/{key} timed out") from e
+        except nats.errors.NoRespondersError as e:
+            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
+        return int(ack.seq)
+
+    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write unconditionally; with ``ttl`` the key expires that many seconds later."""
+        headers = {} if ttl is None else {_TTL: str(wire_ttl(ttl))}
+        return await self._publish(key, value, headers)
+
+    async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None) -> int:
+        """Write only if the key is at revision ``last`` (0: absent); else KeyConflict."""
+        headers = {_EXPECT_LAST: str(last)}
+        if ttl is not None:
+            headers[_TTL] = str(wire_ttl(ttl))
+        return await self._publish(key, value, headers)
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write only if the key is absent, deleted or expired; else KeyConflict.
+
+        After a delete or an expiry the key's last message is a marker, so a
+        plain "expect revision 0" fails: retry against the marker's revision.
+        """
+        try:
+            return await self.update(key, value, last=0, ttl=ttl)
+        except KeyConflict:
+            last = await self._last_revision_if_gone(key)
+            if last is None:
+                raise
+            return await self.update(key, value, last=last, ttl=ttl)
+
+    async def _last_revision_if_gone(self, key: str) -> int | None:
+        try:
+            msg = await self.js.get_msg(self.stream, subject=self._pre + key, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        if _op_of(msg.headers) is KVOp.PUT:
+            return None
+        return msg.seq
+
+    async def delete(self, key: str, *, last: int | None = None) -> None:
+        """Place a delete marker (only at revision ``last`` if given)."""
+        headers = {_KV_OP: "DEL"}
+        if last is not None:
+            headers[_EXPECT_LAST] = str(last)
+        await self._publish(key, b"", headers)
+
+    async def purge(self, key: str) -> None:
+        """Remove the key and its history, leaving a purge marker."""
+        await self._publish(key, b"", {_KV_OP: "PURGE", "Nats-Rollup": "sub"})
+
+    async def list(self, key_filter: str = ">") -> list[KVEntry]:
+        """Current entries whose key matches ``key_filter``, filtered by the server.
+
+        Uses one ordered consumer with deliver-last-per-subject on the
+        filter: only matching keys cross the network.
+        """
+        entries: dict[str, KVEntry] = {}
+        async for event in self._consume(key_filter, last_per_subject=True, until_caught_up=True):
+            if event.op is KVOp.PUT:
+                entries[event.key] = KVEntry(event.key, event.value, event.revision)
+            else:
+                entries.pop(event.key, None)
+        return list(entries.values())
+
+    async def watch(
+        self, key_filter: str = ">", *, include_existing: bool = False, meta_only: bool = False
+    ) -> AsyncIterator[KVEvent]:
+        """Changes to keys matching ``key_filter``, forever (cancel to stop).
+
+        With ``include_existing`` the current value of every matching key
+        comes first. Expiry markers arrive as :attr:`KVOp.EXPIRED`.
+        """
+        async for event in self._consume(
+            key_filter, last_per_subject=include_existing, meta_only=meta_only
+        ):
+            yield event
+
+    async def _consume(
+        self, key_filter: str, *, last_per_subject: bool, until_caught_up: bool = False,
+        meta_only: bool = False,
+    ) -> AsyncIterator[KVEvent]:
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        policy = api.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else api.DeliverPolicy.NEW
+        sub = await self.js.subscribe(
+            self._pre + key_filter, stream=self.stream, cb=on_msg, ordered_consumer=True,
+            deliver_policy=policy, headers_only=meta_only, inactive_threshold=300.0,
+        )
+        try:
+            if until_caught_up:
+                info = await sub.consumer_info()
+                if info.num_pending == 0 and sub.delivered == 0:
+                    return
+            while True:
+                msg = await queue.get()
+                meta = msg.metadata
+                yield KVEvent(
+                    key=msg.subject[len(self._pre):],
+                    op=_op_of(msg.headers),
+                    value=msg.data or b"",
+                    revision=meta.sequence.stream,
+                )
+                if until_caught_up and meta.num_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+def bucket_config(name: str, *, replicas: int, marker_ttl: float = 60.0, **extra: Any
+                  ) -> api.KeyValueConfig:
+    """The config every sessionbus bucket is created with."""
+    return api.KeyValueConfig(
+        bucket=name, history=1, replicas=replicas, direct=True,
+        limit_marker_ttl=marker_ttl, **extra,
+    )

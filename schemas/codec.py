@@ -1,0 +1,58 @@
+"""The wire codec: msgpack with a format version.
+
+Every value on the wire is a two-element msgpack array ``[version, body]``.
+Readers reject versions they do not know instead of guessing, and every
+failure raises :class:`DecodeError` carrying the raw bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+
+from schemas.errors import DecodeError, EncodeError
+
+#: The format version written by this codec.
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({FORMAT_VERSION})
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(value: BaseModel | dict[str, Any]) -> bytes:
+    """Encode a model or a mapping as ``[FORMAT_VERSION, body]``."""
+    body = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    try:
+        packed: bytes = msgpack.packb([FORMAT_VERSION, body], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(f"cannot encode {type(value).__name__}: {e}") from e
+    return packed
+
+
+def decode_map(raw: bytes) -> dict[str, Any]:
+    """Decode wire bytes into the mapping they carry."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise DecodeError(f"not msgpack: {e}", raw) from e
+    if not (isinstance(obj, list) and len(obj) == 2):
+        raise DecodeError("not a [version, body] pair", raw)
+    version, body = obj
+    if not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
+        raise DecodeError(f"unsupported format version {version!r}", raw)
+    if not isinstance(body, dict):
+        raise DecodeError("body is not a map", raw)
+    return body
+
+
+def decode(raw: bytes, model: type[M]) -> M:
+    """Decode wire bytes and validate them as ``model``."""
+    body = decode_map(raw)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise DecodeError(f"invalid {model.__name__}: {where}: {first.get('msg')}", raw) from e

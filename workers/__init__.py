@@ -1,0 +1,1 @@
+"""sessionbus worker runtime."""
