@@ -187,12 +187,18 @@ class Bucket:
             return None
         return msg.seq
 
-    async def delete(self, key: str, *, last: int | None = None) -> None:
-        """Place a delete marker (only at revision ``last`` if given)."""
+    async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None) -> int:
+        """Place a delete marker (only at revision ``last`` if given); return its revision.
+
+        With ``ttl`` the marker itself goes away that long after, so keys that
+        come and go (locks) do not leave one marker each behind forever.
+        """
         headers = {_KV_OP: "DEL"}
         if last is not None:
             headers[_EXPECT_LAST] = str(last)
-        await self._publish(key, b"", headers)
+        if ttl is not None:
+            headers[_TTL] = str(wire_ttl(ttl))
+        return await self._publish(key, b"", headers)
 
     async def purge(self, key: str) -> None:
         """Remove the key and its history, leaving a purge marker."""

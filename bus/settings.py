@@ -19,7 +19,7 @@ URL_ENV = "SESSIONBUS_URL"
 _INT_FIELDS = ("partitions", "replicas", "max_envelope_bytes", "max_envelopes_per_session",
                "max_depth")
 _FLOAT_FIELDS = ("duplicate_window", "envelope_max_age", "session_ttl", "connect_timeout",
-                 "request_timeout")
+                 "request_timeout", "lock_lease", "lock_refresh")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,11 @@ class BusSettings:
     session_ttl: float | None = 3600.0
     #: Default delegation depth limit of a new session.
     max_depth: int = 8
+    #: Seconds a turn lock outlives its holder's last refresh (a crashed
+    #: holder frees the lock after about this long).
+    lock_lease: float = 10.0
+    #: Seconds between refreshes of a held turn lock; None is a third of the lease.
+    lock_refresh: float | None = None
     #: Embedded server only: keep its data here instead of a temporary directory.
     data_dir: str | None = None
     name: str | None = None
@@ -83,6 +88,7 @@ class BusSettings:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         check_ttl(self.session_ttl, "session_ttl", optional=True)
+        check_lock_timing(self.lock_lease, self.lock_refresh)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BusSettings:
@@ -185,6 +191,25 @@ def check_ttl(ttl: object, name: str = "ttl", *, optional: bool = False) -> floa
     if not (ttl > 0 and ttl < float("inf")):
         raise ConfigError(f"{name} must be > 0 and finite, got {ttl!r}")
     return float(ttl)
+
+
+def check_lock_timing(lease: object, refresh: object = None) -> tuple[float, float]:
+    """Validate a turn lock's lease and refresh interval; return them (refresh defaulted).
+
+    The refresh must come well inside the lease, or one slow round trip
+    loses the lock.
+    """
+    lease_s = check_ttl(lease, "lock_lease")
+    assert lease_s is not None
+    if refresh is None:
+        return lease_s, lease_s / 3
+    refresh_s = check_ttl(refresh, "lock_refresh")
+    assert refresh_s is not None
+    if refresh_s > lease_s / 2:
+        raise ConfigError(
+            f"lock_refresh must be at most half of lock_lease ({lease_s}), got {refresh_s}"
+        )
+    return lease_s, refresh_s
 
 
 def _parse(kind: type[Any], key: str, value: str) -> Any:
