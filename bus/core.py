@@ -27,6 +27,8 @@ from bus.server import NatsServer
 from bus.settings import BusSettings
 
 if TYPE_CHECKING:
+    from bus.feeds import QueueFeed
+    from bus.lifecycle import ClosedEvent, Lifecycle
     from bus.session import Session
 
 __all__ = ["MIN_SERVER_VERSION", "SessionBus"]
@@ -83,6 +85,7 @@ class SessionBus:
         self._js: JetStreamContext | None = None
         self._buckets: dict[str, Bucket] = {}
         self._services: list[Any] = []
+        self._lifecycle: Lifecycle | None = None
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -144,6 +147,7 @@ class SessionBus:
                 domain=self.settings.domain, timeout=self.settings.request_timeout
             )
             await self._provision()
+            await self._start_lifecycle()
         except BaseException:
             await self._abort()
             raise
@@ -247,13 +251,21 @@ class SessionBus:
         participants: Sequence[str] | None = None,
         ttl: float | None = None,
         metadata: dict[str, Any] | None = None,
-        **options: Any,
+        max_depth: int | None = None,
+        participant: str = "",
     ) -> Session:
-        """Open a new session and return its handle (see :class:`bus.Session`)."""
+        """Open a new ACTIVE session and return its handle (see :class:`bus.Session`).
+
+        ``session_id`` None makes one up; a taken id raises SessionExists.
+        ``ttl`` is the idle timeout in seconds (None: ``settings.session_ttl``);
+        ``max_depth`` bounds delegation (None: ``settings.max_depth``);
+        ``participant`` is who the returned handle sends as.
+        """
         from bus.session import open_session
 
         return await open_session(
-            self, session_id, participants=participants, ttl=ttl, metadata=metadata, **options
+            self, session_id, participants=participants, ttl=ttl, metadata=metadata,
+            max_depth=max_depth, participant=participant,
         )
 
     def session(self, session_id: str, *, participant: str = "") -> Session:
@@ -262,7 +274,34 @@ class SessionBus:
 
         return Session.attach(self, session_id, participant=participant)
 
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Session records, timers, tasks and the closures this bus heard."""
+        if self._lifecycle is None or self._closed:
+            raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
+        return self._lifecycle
+
+    async def start_lifecycle(self) -> None:
+        """Run the session expiry watcher on this bus until it closes (idempotent).
+
+        Opening a session with a TTL starts it too. Workers run it, so that
+        sessions expire while any worker is up.
+        """
+        await self.lifecycle.start_expiry_watcher()
+
+    def closed_events(self) -> QueueFeed[ClosedEvent]:
+        """A feed of the session closes and expiries this bus hears (``async with`` it)."""
+        return self.lifecycle.closed_events()
+
     # -- internals ----------------------------------------------------------
+
+    async def _start_lifecycle(self) -> None:
+        from bus.lifecycle import Lifecycle
+
+        self._lifecycle = Lifecycle(self)
+        await self._lifecycle.start()
+        # Added first, so stopped last: services built on sessions stop before it.
+        self.add_service(self._lifecycle)
 
     def _check_version(self) -> None:
         version = self.nc.connected_server_version

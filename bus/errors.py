@@ -19,8 +19,10 @@
      │    ├── SessionTerminated                   .state: send into a CLOSED/EXPIRED session
      │    ├── SessionExpired                      a registry record's TTL ran out
      │    ├── EnvelopeTooLarge (ValueError)       .size, .limit
+     │    ├── InvalidEnvelope (ValueError)        a send's fields are out of range
      │    ├── DepthLimitExceeded                  .depth, .limit
      │    ├── CausationNotFound (LookupError)     .causation_id
+     │    ├── TaskNotFound (LookupError)          .task_id
      │    └── ConcurrentUpdate                    lost a compare-and-set race too often
      ├── LockError                                .session_id
      │    ├── LockTimeout (TimeoutError)
@@ -52,6 +54,7 @@ __all__ = [
     "EncodeError",
     "EnvelopeTooLarge",
     "HandlerError",
+    "InvalidEnvelope",
     "InvalidIdError",
     "KeyConflict",
     "LockError",
@@ -63,6 +66,7 @@ __all__ = [
     "SessionExpired",
     "SessionNotFound",
     "SessionTerminated",
+    "TaskNotFound",
     "WorkerError",
 ]
 
@@ -172,6 +176,10 @@ class EnvelopeTooLarge(SessionError, ValueError):
         )
 
 
+class InvalidEnvelope(SessionError, ValueError):
+    """A send's fields (priority, ttl, audience, event type...) are out of range; nothing was sent."""
+
+
 class DepthLimitExceeded(SessionError):
     """A delegation chain went deeper than the session allows."""
 
@@ -191,6 +199,14 @@ class CausationNotFound(SessionError, LookupError):
         super().__init__(
             session_id, f"causation envelope {causation_id!r} not found in {session_id!r}"
         )
+
+
+class TaskNotFound(SessionError, LookupError):
+    """A task id that the session's record does not hold."""
+
+    def __init__(self, session_id: str, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(session_id, f"task {task_id!r} not found in session {session_id!r}")
 
 
 class ConcurrentUpdate(SessionError):

@@ -219,21 +219,23 @@ class Bucket:
         return list(entries.values())
 
     async def watch(
-        self, key_filter: str = ">", *, include_existing: bool = False, meta_only: bool = False
+        self, key_filter: str = ">", *, include_existing: bool = False, meta_only: bool = False,
+        ready: asyncio.Event | None = None,
     ) -> AsyncIterator[KVEvent]:
         """Changes to keys matching ``key_filter``, forever (cancel to stop).
 
         With ``include_existing`` the current value of every matching key
-        comes first. Expiry markers arrive as :attr:`KVOp.EXPIRED`.
+        comes first. Expiry markers arrive as :attr:`KVOp.EXPIRED`. ``ready``
+        is set once the watch is subscribed: every change after that is seen.
         """
         async for event in self._consume(
-            key_filter, last_per_subject=include_existing, meta_only=meta_only
+            key_filter, last_per_subject=include_existing, meta_only=meta_only, ready=ready
         ):
             yield event
 
     async def _consume(
         self, key_filter: str, *, last_per_subject: bool, until_caught_up: bool = False,
-        meta_only: bool = False,
+        meta_only: bool = False, ready: asyncio.Event | None = None,
     ) -> AsyncIterator[KVEvent]:
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -245,6 +247,8 @@ class Bucket:
             self._pre + key_filter, stream=self.stream, cb=on_msg, ordered_consumer=True,
             deliver_policy=policy, headers_only=meta_only, inactive_threshold=300.0,
         )
+        if ready is not None:
+            ready.set()
         try:
             if until_caught_up:
                 info = await sub.consumer_info()

@@ -22,6 +22,14 @@ from bus.errors import InvalidIdError
 #: nats-server's default 4 KiB control line together with the prefix.
 MAX_ID_BYTES = 1024
 
+#: Header carrying an envelope's delegation depth beside its body, so a
+#: headers-only scan of a session's history can find a causation's depth.
+DEPTH_HEADER = "Sb-Depth"
+#: JetStream's de-duplication header; sessionbus sets it to the envelope id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: Per-message TTL header (whole seconds) of streams that allow it.
+TTL_HEADER = "Nats-TTL"
+
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 _ENCODED_MARK = "="
@@ -222,6 +230,21 @@ class Names:
     def session_timer_key(self, session_id: str) -> str:
         """Key whose per-key TTL is a session's idle timer."""
         return f"t.{encode_token(session_id)}"
+
+    @property
+    def session_record_filter(self) -> str:
+        """Key filter matching every session's lifecycle record."""
+        return "s.*"
+
+    @property
+    def session_timer_filter(self) -> str:
+        """Key filter matching every session's idle timer."""
+        return "t.*"
+
+    @staticmethod
+    def session_of_key(key: str) -> str:
+        """The session id in a lifecycle record or idle timer key."""
+        return decode_token(key.split(".", 1)[-1])
 
     def lock_key(self, session_id: str) -> str:
         """Key of a session's turn lock lease."""

@@ -1,0 +1,175 @@
+"""Reading a session's envelopes back: history replay, live feeds, causation lookups.
+
+A session's envelopes are stored under ``<prefix>.p.<partition>.<sid>``;
+``names.history_filter(sid)`` matches them whatever the partition. Every
+reader here is an ephemeral *ordered* consumer on that filter (ARCHITECTURE:
+ordered consumers are for readers, never one per session for workers):
+
+* :func:`replay` delivers everything stored, in stream order, and ends when
+  caught up;
+* :class:`LiveFeed` delivers what arrives from the moment it is opened
+  (optionally starting with the replay, with no gap between the two);
+* :func:`find_depth` scans headers only (``Nats-Msg-Id`` and the depth
+  header) to find a causation envelope's depth.
+
+Envelopes that do not decode are logged and skipped; expired ones (past
+their ``ttl_seconds``, not yet dropped by the server) are skipped too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from bus.feeds import QueueFeed
+from bus.lifecycle import nats_errors
+from bus.names import DEPTH_HEADER, MSG_ID_HEADER
+from schemas import DecodeError, Envelope, decode
+
+if TYPE_CHECKING:
+    from bus.core import SessionBus
+
+__all__ = ["LiveFeed", "find_depth", "replay", "replay_envelopes"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds an ephemeral reader outlives its subscriber (then the server drops it).
+_INACTIVE = 10.0
+
+
+async def _subscribe(
+    bus: SessionBus, session_id: str, *, deliver_all: bool, headers_only: bool = False,
+    on_msg: Callable[[Msg], Awaitable[None]] | None = None,
+) -> JetStreamContext.PushSubscription:
+    policy = api.DeliverPolicy.ALL if deliver_all else api.DeliverPolicy.NEW
+    with nats_errors(f"reading the history of {session_id!r}"):
+        return await bus.js.subscribe(
+            bus.names.history_filter(session_id), stream=bus.names.envelope_stream,
+            cb=on_msg, ordered_consumer=True, deliver_policy=policy,
+            headers_only=headers_only, inactive_threshold=_INACTIVE,
+        )
+
+
+async def replay(
+    bus: SessionBus, session_id: str, *, headers_only: bool = False
+) -> AsyncIterator[Msg]:
+    """Every stored message of ``session_id`` in stream order, ending when caught up."""
+    sub = await _subscribe(bus, session_id, deliver_all=True, headers_only=headers_only)
+    try:
+        with nats_errors(f"reading the history of {session_id!r}"):
+            info = await sub.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        if info.num_pending == 0 and not delivered:
+            return
+        while True:
+            with nats_errors(f"reading the history of {session_id!r}"):
+                # The server heartbeats an ordered consumer, and nats-py
+                # recreates it if they stop: a long wait here is a slow
+                # server, not a lost one.
+                msg = await sub.next_msg(timeout=bus.settings.request_timeout * 6)
+            yield msg
+            if msg.metadata.num_pending == 0:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def decode_envelope(bus: SessionBus, msg: Msg) -> Envelope | None:
+    """Decode a stored envelope (remembering its depth), or log and return None."""
+    try:
+        envelope = decode(msg.data, Envelope)
+    except DecodeError as e:
+        logger.warning("skipping an undecodable envelope on %s: %s", msg.subject, e)
+        return None
+    bus.lifecycle.remember(envelope)
+    return envelope
+
+
+async def replay_envelopes(
+    bus: SessionBus, session_id: str, *, participant: str | None = None
+) -> AsyncIterator[Envelope]:
+    """The session's envelopes in stream order (those ``participant`` receives, if given)."""
+    async for msg in replay(bus, session_id):
+        envelope = decode_envelope(bus, msg)
+        if envelope is None or envelope.is_expired():
+            continue
+        if participant is None or envelope.is_for(participant):
+            yield envelope
+
+
+class LiveFeed(QueueFeed[Envelope]):
+    """New envelopes of one session as ``participant`` receives them (all if None).
+
+    With ``replay=True`` the stored history comes first, then new envelopes,
+    from one consumer: nothing is missed or repeated between the two.
+    """
+
+    def __init__(
+        self, bus: SessionBus, session_id: str, *, participant: str | None = None,
+        replay: bool = False, maxsize: int = 10_000,
+    ) -> None:
+        super().__init__(on_open=self._subscribe, on_close=self._unsubscribe, maxsize=maxsize,
+                         name=f"live feed of {session_id!r}")
+        self._bus = bus
+        self.session_id = session_id
+        self.participant = participant
+        self._replay = replay
+        self._sub: JetStreamContext.PushSubscription | None = None
+
+    async def _subscribe(self, _: QueueFeed[Envelope]) -> None:
+        self._sub = await _subscribe(
+            self._bus, self.session_id, deliver_all=self._replay, on_msg=self._on_msg
+        )
+
+    async def _unsubscribe(self, _: QueueFeed[Envelope]) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        envelope = decode_envelope(self._bus, msg)
+        if envelope is None or envelope.is_expired():
+            return
+        if self.participant is None or envelope.is_for(self.participant):
+            self.push(envelope)
+
+
+async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
+    """The delegation depth of ``envelope_id`` in ``session_id``, or None if not stored there.
+
+    Answers from the bus's cache of envelopes it sent or read, else scans
+    the session's history headers (remembering every depth it passes).
+    """
+    known = bus.lifecycle.known_depth(session_id, envelope_id)
+    if known is not None:
+        return known
+    found: int | None = None
+    async for msg in replay(bus, session_id, headers_only=True):
+        headers = msg.headers or {}
+        msg_id = headers.get(MSG_ID_HEADER)
+        depth_text = headers.get(DEPTH_HEADER)
+        depth: int | None = None
+        if depth_text is not None and depth_text.isdigit():
+            depth = int(depth_text)
+            if msg_id:
+                bus.lifecycle.remember_depth(session_id, msg_id, depth)
+        if msg_id == envelope_id and found is None:
+            found = depth if depth is not None else await _depth_from_body(bus, msg)
+    return found
+
+
+async def _depth_from_body(bus: SessionBus, msg: Msg) -> int | None:
+    """Depth of an envelope stored without the depth header (written by another client)."""
+    with nats_errors("reading an envelope"):
+        raw = await bus.js.get_msg(bus.names.envelope_stream, msg.metadata.sequence.stream)
+    try:
+        return decode(raw.data or b"", Envelope).depth
+    except DecodeError:
+        return None

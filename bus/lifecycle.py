@@ -1,0 +1,500 @@
+"""Session lifecycle in KV: records, idle timers, tasks, expiry and the close broadcast.
+
+A session's record (:class:`~schemas.SessionMetadata`) lives in the sessions
+bucket under ``names.session_key(sid)`` and is only ever written with
+compare-and-set: read, change, write at the revision read, retry on
+:class:`~bus.errors.KeyConflict`, give up with
+:class:`~bus.errors.ConcurrentUpdate`. Whoever wins the write that moves a
+session to CLOSED or EXPIRED is the one process that publishes the close
+broadcast on ``names.closed(sid)``, so a session is announced closed exactly
+once however many nodes race to close or expire it. A terminal record is
+written with a TTL of ``settings.envelope_max_age`` so records do not pile up
+after their history is gone.
+
+Idle expiry is a separate key, ``names.session_timer_key(sid)``, written with
+a per-key TTL on open and refreshed on activity (send, touch). Refreshes are
+rate-limited per bus: the timer is written with ``ttl * 1.25`` (whole seconds,
+rounded up) and refreshed only once that slack is used up, so a busy session
+writes its timer at most about once per ``ttl / 4`` while a session never
+expires less than ``ttl`` after its last activity (and normally within
+``ttl * 1.25``, plus up to a second of rounding).
+
+When a timer runs out the server writes a marker; the :class:`ExpiryWatcher`
+(a watch on the timer keys) turns it into EXPIRED. **Who must run it:** any
+bus that opened a session with a TTL starts it lazily, and
+``SessionBus.start_lifecycle()`` starts it explicitly (workers do). As long
+as one such bus is up, sessions expire on time; several watchers are safe
+(one CAS wins). A timer that ran out while no watcher was up is caught the
+next time anyone reads the record with ``Session.info()``.
+
+Every bus subscribes once to ``names.closed_all`` and remembers, in a
+bounded LRU, which sessions it heard closed: sending into one raises
+:class:`~bus.errors.SessionTerminated` without a KV read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus.errors import (
+    BusClosedError,
+    BusError,
+    BusTimeout,
+    ConcurrentUpdate,
+    ConfigError,
+    ConnectionFailed,
+    KeyConflict,
+    SessionExists,
+    SessionNotFound,
+    SessionTerminated,
+    TaskNotFound,
+)
+from bus.expiry import ExpiryWatcher
+from bus.feeds import QueueFeed
+from schemas import (
+    DecodeError,
+    Envelope,
+    SessionMetadata,
+    SessionState,
+    TaskInfo,
+    TaskState,
+    decode,
+    decode_map,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from bus.core import SessionBus
+
+__all__ = ["IDLE_REASON", "ClosedEvent", "Lifecycle", "nats_errors", "task_id_for"]
+
+logger = logging.getLogger(__name__)
+
+#: ``close_reason`` of a session that expired for lack of activity.
+IDLE_REASON = "idle"
+#: Compare-and-set attempts on a session record before ConcurrentUpdate.
+MAX_CAS_ATTEMPTS = 25
+#: Sessions remembered as closed by each bus.
+CLOSED_CACHE_SIZE = 100_000
+#: Envelope depths remembered by each bus (for causation lookups).
+DEPTH_CACHE_SIZE = 100_000
+#: Terminal tasks kept in a record; older ones are dropped (open ones never).
+MAX_TERMINAL_TASKS = 256
+#: The idle timer outlives the TTL by this fraction, which is what lets a
+#: busy session skip refreshes.
+TIMER_SLACK = 0.25
+#: A record this much older than its timer's TTL with no timer is expired on read.
+_IDLE_GRACE = 2.0
+_TASK_NS = uuid.UUID("0b5e8d7e-2f55-4a4e-8f0e-7f5d1c9b3a20")
+
+
+@contextlib.contextmanager
+def nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py exceptions raised inside the block into sessionbus errors."""
+    try:
+        yield
+    except BusError:
+        raise
+    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError,
+            ConnectionError) as e:
+        raise ConnectionFailed(f"{what}: {type(e).__name__} {e}".rstrip()) from e
+    except (nats.errors.TimeoutError, TimeoutError) as e:
+        raise BusTimeout(f"{what} timed out") from e
+    except nats.errors.Error as e:
+        raise BusError(f"{what} failed: {e}") from e
+
+
+def task_id_for(envelope_id: str, agent: str) -> str:
+    """The task id of ``agent``'s turn on ``envelope_id``: a redelivery finds the same task."""
+    return uuid.uuid5(_TASK_NS, f"{envelope_id}\x00{agent}").hex
+
+
+def timer_seconds(ttl: float) -> int:
+    """The whole-second TTL an idle timer of ``ttl`` is written with."""
+    return max(1, math.ceil(ttl * (1.0 + TIMER_SLACK)))
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedEvent:
+    """A session was closed or expired, as broadcast on ``names.closed(sid)``.
+
+    On the wire it is the codec's msgpack map ``{session_id, state, reason, at}``.
+    """
+
+    session_id: str
+    state: SessionState
+    reason: str
+    at: float
+
+    @classmethod
+    def of(cls, meta: SessionMetadata) -> ClosedEvent:
+        """The event announcing a terminal record."""
+        return cls(meta.session_id, meta.state, meta.close_reason, meta.closed_at or time.time())
+
+    def to_wire(self) -> bytes:
+        """Encode for the broadcast."""
+        return encode({"session_id": self.session_id, "state": self.state.value,
+                       "reason": self.reason, "at": self.at})
+
+    @classmethod
+    def from_wire(cls, raw: bytes) -> ClosedEvent:
+        """Decode a broadcast; :class:`~schemas.DecodeError` if it is not one."""
+        body = decode_map(raw)
+        try:
+            session_id, reason, at = body["session_id"], body.get("reason", ""), body["at"]
+            state = SessionState(body["state"])
+        except (KeyError, ValueError) as e:
+            raise DecodeError(f"not a close event: {e}", raw) from e
+        if not (isinstance(session_id, str) and isinstance(reason, str)
+                and isinstance(at, int | float)):
+            raise DecodeError("close event fields have the wrong types", raw)
+        return cls(session_id, state, reason, float(at))
+
+
+def _prune_tasks(tasks: dict[str, TaskInfo]) -> dict[str, TaskInfo]:
+    done = [t for t in tasks.values() if t.is_terminal()]
+    if len(done) <= MAX_TERMINAL_TASKS:
+        return tasks
+    done.sort(key=lambda t: t.updated_at)
+    drop = {t.task_id for t in done[: len(done) - MAX_TERMINAL_TASKS]}
+    return {tid: t for tid, t in tasks.items() if tid not in drop}
+
+
+class Lifecycle:
+    """One bus's view of session lifecycles: records, timers, tasks and closures.
+
+    Created and started by :class:`~bus.SessionBus` (``sb.lifecycle``) and
+    stopped with it. Sessions use it; the worker runtime and the session
+    manager may too (``add_task``, ``update_task``, ``remember``).
+    """
+
+    def __init__(self, bus: SessionBus) -> None:
+        self._bus = bus
+        self._closed: OrderedDict[str, ClosedEvent] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[ClosedEvent]]] = {}
+        self._feeds: set[QueueFeed[ClosedEvent]] = set()
+        self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._timers: OrderedDict[str, float] = OrderedDict()
+        self._sub: Subscription | None = None
+        self._watcher: ExpiryWatcher | None = None
+
+    async def start(self) -> None:
+        """Subscribe to every session's close broadcast."""
+        with nats_errors("subscribing to close broadcasts"):
+            nc = self._bus.nc
+            self._sub = await nc.subscribe(self._bus.names.closed_all, cb=self._on_closed)
+            # Once the server answers a ping it holds the subscription.
+            await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+
+    async def stop(self) -> None:
+        """Stop the expiry watcher and the close listener; end waiters and feeds."""
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for feed in list(self._feeds):
+            await feed.aclose()
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(BusClosedError("the bus was closed"))
+        self._waiters.clear()
+
+    async def start_expiry_watcher(self) -> None:
+        """Run the expiry watcher on this bus (idempotent); it stops with the bus."""
+        if self._watcher is None:
+            self._watcher = ExpiryWatcher(bus=self._bus, expire=self.expire_idle)
+            await self._watcher.start()
+
+    @property
+    def watching(self) -> bool:
+        """Whether this bus runs the expiry watcher."""
+        return self._watcher is not None
+
+    # -- records ------------------------------------------------------------
+
+    async def create(self, meta: SessionMetadata) -> None:
+        """Store a new record; :class:`SessionExists` if the id is taken."""
+        key = self._bus.names.session_key(meta.session_id)
+        try:
+            with nats_errors(f"creating session {meta.session_id!r}"):
+                await self._bus.sessions_kv.create(key, encode(meta))
+        except KeyConflict as e:
+            raise SessionExists(meta.session_id) from e
+
+    async def load(self, session_id: str) -> SessionMetadata | None:
+        """The stored record, or None."""
+        key = self._bus.names.session_key(session_id)
+        with nats_errors(f"reading session {session_id!r}"):
+            entry = await self._bus.sessions_kv.get(key)
+        if entry is None:
+            return None
+        meta = decode(entry.value, SessionMetadata)
+        if meta.is_terminal():
+            self.note_closed(ClosedEvent.of(meta))
+        return meta
+
+    async def modify(
+        self, session_id: str, change: Callable[[SessionMetadata], SessionMetadata | None]
+    ) -> tuple[SessionMetadata, bool]:
+        """Apply ``change`` to the record with compare-and-set; return it and whether it wrote.
+
+        ``change`` returns None to leave the record as it is; it may raise to
+        abort. It can run several times, against fresher records each time.
+        """
+        kv, key = self._bus.sessions_kv, self._bus.names.session_key(session_id)
+        backoff = 0.002
+        for _ in range(MAX_CAS_ATTEMPTS):
+            with nats_errors(f"reading session {session_id!r}"):
+                entry = await kv.get(key)
+            if entry is None:
+                raise SessionNotFound(session_id)
+            updated = change(decode(entry.value, SessionMetadata))
+            if updated is None:
+                return decode(entry.value, SessionMetadata), False
+            # Terminal records go away with the history they describe.
+            ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
+            try:
+                with nats_errors(f"updating session {session_id!r}"):
+                    await kv.update(key, encode(updated), last=entry.revision, ttl=ttl)
+            except KeyConflict:
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, 0.1)
+                continue
+            return updated, True
+        raise ConcurrentUpdate(session_id, MAX_CAS_ATTEMPTS)
+
+    async def terminate(
+        self, session_id: str, state: SessionState, reason: str = ""
+    ) -> tuple[SessionMetadata, bool]:
+        """Move a session to CLOSED or EXPIRED, cascading EXPIRED to its open tasks.
+
+        Returns the record and whether this call made the change; only then
+        is the close broadcast published (by this call). A session already
+        terminal is returned as it is.
+        """
+        if not state.is_terminal:
+            raise ConfigError(f"{state} is not a terminal session state")
+        idle = state is SessionState.EXPIRED and reason == IDLE_REASON
+
+        def change(meta: SessionMetadata) -> SessionMetadata | None:
+            if meta.is_terminal() or (idle and meta.ttl_seconds is None):
+                return None
+            return meta.terminated(state, reason)
+
+        meta, won = await self.modify(session_id, change)
+        if not won:
+            if meta.is_terminal():
+                self.note_closed(ClosedEvent.of(meta))
+            return meta, False
+        self._timers.pop(session_id, None)
+        if not idle:
+            try:
+                with nats_errors(f"deleting the timer of {session_id!r}"):
+                    await self._bus.sessions_kv.delete(
+                        self._bus.names.session_timer_key(session_id), ttl=60.0
+                    )
+            except BusError as e:
+                # The record is already terminal: a timer left behind expires
+                # into a no-op.
+                logger.warning("could not delete the idle timer of %r: %s", session_id, e)
+        event = ClosedEvent.of(meta)
+        self.note_closed(event)
+        try:
+            with nats_errors(f"broadcasting the close of {session_id!r}"):
+                await self._bus.nc.publish(self._bus.names.closed(session_id), event.to_wire())
+        except BusError as e:
+            logger.error("session %r is %s but the broadcast failed: %s", session_id, state, e)
+        return meta, True
+
+    async def expire_idle(self, session_id: str) -> bool:
+        """Expire a session whose idle timer ran out, unless it was refreshed since."""
+        timer = self._bus.names.session_timer_key(session_id)
+        with nats_errors(f"reading the timer of {session_id!r}"):
+            if await self._bus.sessions_kv.get(timer) is not None:
+                return False
+        _, won = await self.terminate(session_id, SessionState.EXPIRED, IDLE_REASON)
+        return won
+
+    async def check_idle(self, meta: SessionMetadata) -> SessionMetadata:
+        """Expire ``meta``'s session now if its timer is gone and no watcher did it."""
+        if meta.is_terminal() or meta.ttl_seconds is None:
+            return meta
+        if time.time() - meta.updated_at < timer_seconds(meta.ttl_seconds) + _IDLE_GRACE:
+            return meta
+        if not await self.expire_idle(meta.session_id):
+            return meta
+        return await self.load(meta.session_id) or meta
+
+    # -- idle timers ----------------------------------------------------------
+
+    async def refresh_timer(self, session_id: str, ttl: float, *, force: bool = False) -> bool:
+        """Push back the idle timer, unless its slack still covers ``ttl``; True if written."""
+        seconds = timer_seconds(ttl)
+        now = time.monotonic()
+        last = self._timers.get(session_id)
+        if not force and last is not None and now - last < seconds - ttl:
+            return False
+        # Claim the refresh before awaiting, so a burst of sends writes once.
+        self._timers[session_id] = now
+        self._timers.move_to_end(session_id)
+        if len(self._timers) > CLOSED_CACHE_SIZE:
+            self._timers.popitem(last=False)
+        try:
+            with nats_errors(f"refreshing the timer of {session_id!r}"):
+                await self._bus.sessions_kv.put(
+                    self._bus.names.session_timer_key(session_id), b"", ttl=seconds
+                )
+        except BaseException:
+            if self._timers.get(session_id) == now:
+                del self._timers[session_id]
+            raise
+        return True
+
+    # -- tasks ----------------------------------------------------------------
+
+    async def add_task(self, session_id: str, agent: str, envelope_id: str | None) -> TaskInfo:
+        """Record a QUEUED task; the same (envelope, agent) returns the existing task."""
+        task_id = task_id_for(envelope_id, agent) if envelope_id else uuid.uuid4().hex
+        found: list[TaskInfo] = []
+
+        def change(meta: SessionMetadata) -> SessionMetadata | None:
+            found.clear()
+            existing = meta.tasks.get(task_id)
+            if existing is not None:
+                found.append(existing)
+                return None
+            if meta.is_terminal():
+                raise SessionTerminated(session_id, meta.state.value)
+            task = TaskInfo(task_id=task_id, agent=agent, envelope_id=envelope_id)
+            found.append(task)
+            tasks = _prune_tasks({**meta.tasks, task_id: task})
+            return meta.model_copy(update={"tasks": tasks, "updated_at": time.time()})
+
+        await self.modify(session_id, change)
+        return found[0]
+
+    async def update_task(self, session_id: str, task_id: str, state: TaskState) -> TaskInfo:
+        """Move a task to ``state``; a task already terminal is returned unchanged."""
+        found: list[TaskInfo] = []
+
+        def change(meta: SessionMetadata) -> SessionMetadata | None:
+            found.clear()
+            task = meta.tasks.get(task_id)
+            if task is None:
+                raise TaskNotFound(session_id, task_id)
+            if task.is_terminal() or task.state is state:
+                found.append(task)
+                return None
+            now = time.time()
+            task = task.model_copy(update={"state": state, "updated_at": now})
+            found.append(task)
+            tasks = _prune_tasks({**meta.tasks, task_id: task})
+            return meta.model_copy(update={"tasks": tasks, "updated_at": now})
+
+        await self.modify(session_id, change)
+        return found[0]
+
+    # -- closures heard -------------------------------------------------------
+
+    def closed(self, session_id: str) -> ClosedEvent | None:
+        """How ``session_id`` ended, if this bus heard it closed or expired."""
+        return self._closed.get(session_id)
+
+    def note_closed(self, event: ClosedEvent) -> None:
+        """Remember a closure and pass it to waiters and feeds (once per session)."""
+        if event.session_id in self._closed:
+            self._closed.move_to_end(event.session_id)
+            return
+        self._closed[event.session_id] = event
+        if len(self._closed) > CLOSED_CACHE_SIZE:
+            self._closed.popitem(last=False)
+        for fut in self._waiters.pop(event.session_id, ()):
+            if not fut.done():
+                fut.set_result(event)
+        for feed in self._feeds:
+            feed.push(event)
+
+    async def wait_closed(self, session_id: str) -> ClosedEvent:
+        """Wait until ``session_id`` is heard closed (bound it with ``asyncio.timeout``)."""
+        known = self._closed.get(session_id)
+        if known is not None:
+            return known
+        fut: asyncio.Future[ClosedEvent] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(session_id, [])
+        waiters.append(fut)
+        try:
+            return await fut
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters and self._waiters.get(session_id) is waiters:
+                del self._waiters[session_id]
+
+    def closed_events(self, *, maxsize: int = 10_000) -> QueueFeed[ClosedEvent]:
+        """A feed of every close and expiry this bus hears from now on (open it first)."""
+
+        async def on_open(feed: QueueFeed[ClosedEvent]) -> None:
+            self._feeds.add(feed)
+
+        async def on_close(feed: QueueFeed[ClosedEvent]) -> None:
+            self._feeds.discard(feed)
+
+        return QueueFeed(on_open=on_open, on_close=on_close, maxsize=maxsize,
+                         name="close events")
+
+    async def _on_closed(self, msg: Msg) -> None:
+        try:
+            event = ClosedEvent.from_wire(msg.data)
+        except DecodeError as e:
+            logger.warning("ignoring a malformed close broadcast on %s: %s", msg.subject, e)
+            return
+        self.note_closed(event)
+
+    # -- delegation depths ----------------------------------------------------
+
+    def remember(self, envelope: Envelope) -> None:
+        """Note an envelope's depth, so replies to it need no history scan.
+
+        Everything that reads envelopes off the stream (history, live feeds,
+        the worker runtime) should pass them here.
+        """
+        self.remember_depth(envelope.session_id, envelope.envelope_id, envelope.depth)
+
+    def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
+        """Note the depth of ``envelope_id`` in ``session_id``."""
+        self._depths[envelope_id] = (session_id, depth)
+        self._depths.move_to_end(envelope_id)
+        if len(self._depths) > DEPTH_CACHE_SIZE:
+            self._depths.popitem(last=False)
+
+    def known_depth(self, session_id: str, envelope_id: str) -> int | None:
+        """The remembered depth of ``envelope_id`` if it belongs to ``session_id``."""
+        entry = self._depths.get(envelope_id)
+        if entry is None or entry[0] != session_id:
+            return None
+        return entry[1]
+
+    def __repr__(self) -> str:
+        extra: dict[str, Any] = {"closed": len(self._closed), "watching": self.watching}
+        return f"<Lifecycle {self._bus.node_id} {extra}>"

@@ -1,0 +1,400 @@
+"""Session: the per-participant handle on one session (AG2's network client ``Session``).
+
+``await sb.open(...)`` creates a session and returns a handle;
+``sb.session(session_id, participant=...)`` attaches to an existing one
+without any I/O. A handle is cheap: it holds the session id, the identity
+its envelopes are sent as (``participant``) and a snapshot of the record
+(``metadata``; :meth:`Session.info` refreshes it).
+
+What the bus enforces rather than trusts (the AG2 hub trusted the client):
+
+* delegation depth: a reply's depth is its causation envelope's depth + 1,
+  found in the bus's cache or the session's stored history; a caller may
+  raise it, never lower it, and it may not pass the session's ``max_depth``;
+* ``idempotency_key`` derives the envelope id, so a retried send is stored
+  once (``Nats-Msg-Id`` de-duplication) and returns the same id;
+* ``ttl_seconds`` becomes a per-message ``Nats-TTL``: the server drops the
+  envelope, and readers skip it once expired;
+* the encoded size is checked before publishing;
+* a session heard closed refuses sends without a KV read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from bus.errors import (
+    CausationNotFound,
+    ConfigError,
+    DepthLimitExceeded,
+    EnvelopeTooLarge,
+    InvalidEnvelope,
+    InvalidIdError,
+    SessionNotFound,
+    SessionTerminated,
+)
+from bus.feeds import QueueFeed
+from bus.history import LiveFeed, find_depth, replay_envelopes
+from bus.kv import wire_ttl
+from bus.lifecycle import ClosedEvent, nats_errors
+from bus.names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
+from bus.settings import check_ttl
+from schemas import (
+    EV_TEXT,
+    DecodeError,
+    Envelope,
+    SessionMetadata,
+    SessionState,
+    TaskInfo,
+    TaskState,
+    decode_map,
+    encode,
+    idempotent_envelope_id,
+    new_envelope_id,
+)
+
+if TYPE_CHECKING:
+    from bus.core import SessionBus
+
+__all__ = ["Interrupt", "Session", "open_session"]
+
+logger = logging.getLogger(__name__)
+
+def _check_participant(value: object, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise InvalidIdError("participant", value, f"must be a str, not {type(value).__name__}")
+    if not value:
+        if allow_empty:
+            return value
+        raise InvalidIdError("participant", value, "must not be empty")
+    return validate_id(value, "participant")
+
+
+def _check_depth(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """A request to stop streaming agents in a session; transient, never stored."""
+
+    session_id: str
+    reason: str
+    sender: str
+    at: float
+
+    def to_wire(self) -> bytes:
+        """Encode for the interrupt subject."""
+        return encode({"session_id": self.session_id, "reason": self.reason,
+                       "sender": self.sender, "at": self.at})
+
+    @classmethod
+    def from_wire(cls, raw: bytes) -> Interrupt:
+        """Decode; :class:`~schemas.DecodeError` if it is not an interrupt."""
+        body = decode_map(raw)
+        fields = (body.get("session_id"), body.get("reason", ""), body.get("sender", ""))
+        at = body.get("at")
+        if not all(isinstance(f, str) for f in fields) or not isinstance(at, int | float):
+            raise DecodeError("not an interrupt", raw)
+        session_id, reason, sender = (str(f) for f in fields)
+        return cls(session_id, reason, sender, float(at))
+
+
+async def open_session(
+    bus: SessionBus,
+    session_id: str | None = None,
+    *,
+    participants: Sequence[str] | None = None,
+    ttl: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_depth: int | None = None,
+    participant: str = "",
+) -> Session:
+    """Create a session (ACTIVE) and return its handle; see :meth:`SessionBus.open`."""
+    session_id = uuid.uuid4().hex if session_id is None else validate_id(session_id)
+    participant = _check_participant(participant)
+    if isinstance(participants, str):
+        raise ConfigError("participants must be a sequence of ids, not one str")
+    members = [_check_participant(p, allow_empty=False) for p in participants or ()]
+    if participant and participant not in members:
+        members.append(participant)
+    ttl_s = bus.settings.session_ttl if ttl is None else check_ttl(ttl, "ttl")
+    depth_limit = bus.settings.max_depth if max_depth is None else _check_depth(
+        max_depth, "max_depth"
+    )
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConfigError(f"metadata must be a dict, got {type(metadata).__name__}")
+    now = time.time()
+    meta = SessionMetadata(
+        session_id=session_id, state=SessionState.ACTIVE, participants=members,
+        created_at=now, updated_at=now, ttl_seconds=ttl_s, max_depth=depth_limit,
+        metadata=dict(metadata or {}),
+    )
+    lifecycle = bus.lifecycle
+    await lifecycle.create(meta)
+    if ttl_s is not None:
+        # Someone must turn this session's timer marker into EXPIRED.
+        await lifecycle.start_expiry_watcher()
+        await lifecycle.refresh_timer(session_id, ttl_s, force=True)
+    return Session(bus=bus, metadata=meta, participant=participant)
+
+
+class Session:
+    """A participant's handle on one session.
+
+    ``metadata`` is a snapshot: call :meth:`info` to refresh it. A handle
+    made by ``sb.session()`` starts unloaded (state PENDING); its first
+    :meth:`send` or :meth:`touch` loads it.
+    """
+
+    def __init__(
+        self, *, bus: SessionBus, metadata: SessionMetadata, participant: str = "",
+        loaded: bool = True,
+    ) -> None:
+        self._bus = bus
+        self._metadata = metadata
+        self._participant = participant
+        self._loaded = loaded
+
+    @classmethod
+    def attach(cls, bus: SessionBus, session_id: str, *, participant: str = "") -> Session:
+        """A handle on an existing session, without I/O; ids are checked here."""
+        bus.names.session_key(session_id)  # InvalidIdError before any I/O
+        participant = _check_participant(participant)
+        placeholder = SessionMetadata(session_id=session_id, state=SessionState.PENDING)
+        return cls(bus=bus, metadata=placeholder, participant=participant, loaded=False)
+
+    # -- snapshot -------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self._metadata.session_id
+
+    @property
+    def metadata(self) -> SessionMetadata:
+        """The record as last read (PENDING placeholder until loaded)."""
+        return self._metadata
+
+    @property
+    def state(self) -> SessionState:
+        """The snapshot's state, or how the session ended if this bus heard it."""
+        heard = self._bus.lifecycle.closed(self.session_id)
+        return heard.state if heard is not None else self._metadata.state
+
+    @property
+    def participant(self) -> str:
+        """The identity this handle's envelopes are sent as (``sender_id``)."""
+        return self._participant
+
+    @property
+    def bus(self) -> SessionBus:
+        """The bus this handle uses."""
+        return self._bus
+
+    def is_terminal(self) -> bool:
+        """Whether the session is known CLOSED or EXPIRED (snapshot or broadcast)."""
+        return self.state.is_terminal
+
+    def _check_open(self) -> None:
+        state = self.state
+        if state.is_terminal:
+            raise SessionTerminated(self.session_id, state.value)
+
+    async def _loaded_metadata(self) -> SessionMetadata:
+        if not self._loaded:
+            await self.info()
+        self._check_open()
+        return self._metadata
+
+    # -- sending ----------------------------------------------------------------
+
+    async def send(
+        self,
+        content: str = "",
+        *,
+        audience: Sequence[str] | None = None,
+        causation_id: str | None = None,
+        event_type: str = EV_TEXT,
+        event_data: dict[str, Any] | None = None,
+        depth: int | None = None,
+        priority: int = 0,
+        ttl_seconds: float | None = None,
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+    ) -> str:
+        """Post an envelope into the session; return its envelope id.
+
+        ``audience=None`` broadcasts to every participant but the sender.
+        ``content`` is the text of an ``EV_TEXT`` envelope; other events
+        pass ``event_data``. With ``causation_id`` the depth is the
+        causation's depth + 1 (``depth`` can only raise it). Raises
+        :class:`SessionTerminated`, :class:`CausationNotFound`,
+        :class:`DepthLimitExceeded`, :class:`EnvelopeTooLarge`,
+        :class:`InvalidEnvelope`.
+        """
+        self._check_open()
+        meta = await self._loaded_metadata()
+        sid = self.session_id
+        hops = 0 if depth is None else _check_depth(depth, "depth")
+        if causation_id is not None:
+            parent = await find_depth(self._bus, sid, causation_id)
+            if parent is None:
+                raise CausationNotFound(sid, causation_id)
+            hops = max(hops, parent + 1)
+        if hops > meta.max_depth:
+            raise DepthLimitExceeded(sid, hops, meta.max_depth)
+        if ttl_seconds is not None:
+            check_ttl(ttl_seconds, "ttl_seconds")
+        if isinstance(audience, str):
+            raise InvalidEnvelope(sid, "audience must be a sequence of participant ids")
+        if idempotency_key is not None:
+            envelope_id = idempotent_envelope_id(sid, idempotency_key)
+        else:
+            envelope_id = new_envelope_id()
+        try:
+            envelope = Envelope(
+                envelope_id=envelope_id, session_id=sid, sender_id=self._participant,
+                audience=None if audience is None else tuple(audience),
+                event_type=event_type,
+                event_data={"text": content} if event_data is None else event_data,
+                causation_id=causation_id, trace_id=trace_id, depth=hops,
+                idempotency_key=idempotency_key, ttl_seconds=ttl_seconds, priority=priority,
+            )
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "envelope"
+            raise InvalidEnvelope(sid, f"invalid envelope for {sid!r}: {where}: "
+                                       f"{first.get('msg')}") from e
+        await self._publish(envelope)
+        if meta.ttl_seconds is not None:
+            await self._bus.lifecycle.refresh_timer(sid, meta.ttl_seconds)
+        return envelope_id
+
+    async def _publish(self, envelope: Envelope) -> None:
+        data = encode(envelope)
+        limit = self._bus.settings.max_envelope_bytes
+        if len(data) > limit:
+            raise EnvelopeTooLarge(envelope.session_id, len(data), limit)
+        headers = {MSG_ID_HEADER: envelope.envelope_id, DEPTH_HEADER: str(envelope.depth)}
+        if envelope.ttl_seconds is not None:
+            headers[TTL_HEADER] = str(wire_ttl(envelope.ttl_seconds))
+        with nats_errors(f"sending into {envelope.session_id!r}"):
+            await self._bus.js.publish(
+                self._bus.names.inbound(envelope.session_id), data, headers=headers,
+                timeout=self._bus.settings.request_timeout,
+            )
+        self._bus.lifecycle.remember(envelope)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def info(self) -> SessionMetadata:
+        """Re-read the record (refreshing the snapshot); :class:`SessionNotFound` if gone."""
+        lifecycle = self._bus.lifecycle
+        meta = await lifecycle.load(self.session_id)
+        if meta is None:
+            raise SessionNotFound(self.session_id)
+        meta = await lifecycle.check_idle(meta)
+        self._metadata, self._loaded = meta, True
+        return meta
+
+    async def close(self, reason: str = "") -> SessionMetadata:
+        """Close the session, expiring its open tasks; broadcast once. Idempotent."""
+        meta, _ = await self._bus.lifecycle.terminate(self.session_id, SessionState.CLOSED, reason)
+        self._metadata, self._loaded = meta, True
+        return meta
+
+    async def touch(self) -> None:
+        """Count as activity: push back the idle timer (rate-limited)."""
+        meta = await self._loaded_metadata()
+        if meta.ttl_seconds is not None:
+            await self._bus.lifecycle.refresh_timer(self.session_id, meta.ttl_seconds)
+
+    async def wait_closed(self) -> ClosedEvent:
+        """Wait until the session is closed or expires (bound it with ``asyncio.timeout``)."""
+        if self._metadata.is_terminal():
+            return ClosedEvent.of(self._metadata)
+        return await self._bus.lifecycle.wait_closed(self.session_id)
+
+    # -- tasks ------------------------------------------------------------------
+
+    async def add_task(self, agent: str, envelope_id: str | None = None) -> TaskInfo:
+        """Record a QUEUED task (one agent's turn on ``envelope_id``); idempotent per pair."""
+        agent = _check_participant(agent)
+        return await self._bus.lifecycle.add_task(self.session_id, agent, envelope_id)
+
+    async def update_task(self, task_id: str, state: TaskState | str) -> TaskInfo:
+        """Move a task to ``state``; one already terminal (e.g. EXPIRED by close) stays so."""
+        try:
+            task_state = TaskState(state)
+        except ValueError as e:
+            raise ConfigError(f"unknown task state {state!r}") from e
+        return await self._bus.lifecycle.update_task(self.session_id, task_id, task_state)
+
+    # -- reading ----------------------------------------------------------------
+
+    def history(self, participant: str | None = None) -> AsyncIterator[Envelope]:
+        """Replay the stored envelopes in order (those ``participant`` receives, if given)."""
+        return replay_envelopes(self._bus, self.session_id, participant=participant)
+
+    def live(self, participant: str | None = None, *, replay: bool = False) -> LiveFeed:
+        """A feed of new envelopes as ``participant`` receives them (all if None).
+
+        Open it (``async with``) before expecting what is sent next; with
+        ``replay=True`` it starts with the stored history.
+        """
+        return LiveFeed(self._bus, self.session_id, participant=participant, replay=replay)
+
+    subscribe = live
+
+    # -- interrupts -------------------------------------------------------------
+
+    async def interrupt(self, reason: str = "") -> None:
+        """Ask whoever streams in this session to stop (core NATS: not stored, not ended)."""
+        event = Interrupt(self.session_id, reason, self._participant, time.time())
+        with nats_errors(f"interrupting {self.session_id!r}"):
+            await self._bus.nc.publish(self._bus.names.interrupt(self.session_id),
+                                       event.to_wire())
+
+    def interrupts(self, *, maxsize: int = 1000) -> QueueFeed[Interrupt]:
+        """A feed of this session's interrupts (open it before expecting one)."""
+        nc, subject = self._bus.nc, self._bus.names.interrupt(self.session_id)
+        subs: list[Subscription] = []
+
+        async def on_open(feed: QueueFeed[Interrupt]) -> None:
+            async def on_msg(msg: Msg) -> None:
+                try:
+                    feed.push(Interrupt.from_wire(msg.data))
+                except DecodeError as e:
+                    logger.warning("ignoring a malformed interrupt on %s: %s", msg.subject, e)
+
+            with nats_errors(f"subscribing to interrupts of {self.session_id!r}"):
+                subs.append(await nc.subscribe(subject, cb=on_msg))
+                # The server has the subscription once it answers a ping.
+                await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+
+        async def on_close(feed: QueueFeed[Interrupt]) -> None:
+            for sub in subs:
+                with contextlib.suppress(Exception):  # the connection may be gone
+                    await sub.unsubscribe()
+            subs.clear()
+
+        return QueueFeed(on_open=on_open, on_close=on_close, maxsize=maxsize,
+                         name=f"interrupts of {self.session_id!r}")
+
+    def __repr__(self) -> str:
+        return (f"<Session {self.session_id!r} {self.state.value} "
+                f"as {self._participant or '(anonymous)'!r}>")
