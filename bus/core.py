@@ -7,6 +7,7 @@ receives it explicitly; there is no global bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -27,8 +27,9 @@ from bus.server import NatsServer
 from bus.settings import BusSettings
 
 if TYPE_CHECKING:
+    from bus.closures import ClosedEvent
     from bus.feeds import QueueFeed
-    from bus.lifecycle import ClosedEvent, Lifecycle
+    from bus.lifecycle import Lifecycle
     from bus.session import Session
 
 __all__ = ["MIN_SERVER_VERSION", "SessionBus"]
@@ -125,22 +126,31 @@ class SessionBus:
             self.embedded = NatsServer(name="sessionbus", store_dir=self.settings.data_dir)
             await asyncio.to_thread(self.embedded.start)
             servers = [self.embedded.url]
+        nc = Client()
         try:
-            self._nc = await nats.connect(
-                servers=servers,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-                **self.settings.connect_options(),
+            # nats-py retries the first connect forever when reconnects are
+            # unlimited; bound it so a dead server is an error, not a hang.
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    **self.settings.connect_options(),
+                ),
+                timeout=self.settings.connect_timeout * 2,
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
+            with contextlib.suppress(Exception):
+                await nc.close()
             await self._stop_embedded()
             raise ConnectionFailed(
                 f"cannot connect to NATS at {', '.join(servers)}: {e or type(e).__name__}"
             ) from e
+        self._nc = nc
         try:
             self._check_version()
             self._js = self._nc.jetstream(
@@ -291,7 +301,7 @@ class SessionBus:
 
     def closed_events(self) -> QueueFeed[ClosedEvent]:
         """A feed of the session closes and expiries this bus hears (``async with`` it)."""
-        return self.lifecycle.closed_events()
+        return self.lifecycle.closures.feed()
 
     # -- internals ----------------------------------------------------------
 
@@ -306,7 +316,10 @@ class SessionBus:
     def _check_version(self) -> None:
         version = self.nc.connected_server_version
         if (version.major, version.minor) < MIN_SERVER_VERSION:
-            raise ServerTooOld(str(version), ".".join(map(str, MIN_SERVER_VERSION)))
+            raise ServerTooOld(
+                f"{version.major}.{version.minor}.{version.patch}",
+                ".".join(map(str, MIN_SERVER_VERSION)),
+            )
 
     async def _provision(self) -> None:
         """Create or bind the streams and buckets, retrying while JetStream warms up."""
@@ -401,7 +414,8 @@ class SessionBus:
         )
 
     async def _on_error(self, e: Exception) -> None:
-        logger.warning("NATS error: %s", e)
+        if self._nc is not None:  # first-connect failures are reported by start()
+            logger.warning("NATS error: %s", e)
 
     async def _on_disconnect(self) -> None:
         if not self._closed:

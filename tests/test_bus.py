@@ -1,0 +1,122 @@
+"""SessionBus: embedded server, connection, provisioning, refusal of old servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from bus.core import SessionBus
+from bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
+from bus.server import NatsServer, free_port
+from bus.testing import BusFactory, ServerFactory
+
+DEBIAN_SERVER = "/usr/sbin/nats-server"
+
+
+async def test_embedded_server_starts_and_stops_with_the_bus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SESSIONBUS_URL", raising=False)
+    async with SessionBus() as sb:
+        assert sb.embedded is not None
+        server = sb.embedded
+        pid = server.pid
+        assert pid is not None and server.running
+        assert sb.url == server.url
+        ack = await sb.js.publish(sb.names.inbound("hello"), b"x")
+        assert ack.stream == sb.names.envelope_stream
+    assert not server.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_embedded_server_keeps_a_given_data_dir(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SESSIONBUS_URL", raising=False)
+    data = os.path.join(tmp_path, "data")
+    async with SessionBus(data_dir=data) as sb:
+        await sb.js.publish(sb.names.inbound("kept"), b"x")
+    async with SessionBus(data_dir=data) as sb:
+        info = await sb.js.stream_info(sb.names.envelope_stream)
+        assert info.state.messages == 1
+
+
+async def test_env_url_is_used(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSIONBUS_URL", nats_server.url)
+    sb = await SessionBus.connect()
+    try:
+        assert sb.embedded is None
+        assert sb.url == nats_server.url
+    finally:
+        await sb.close()
+
+
+async def test_provisioning_is_idempotent_and_keeps_recorded_partitions(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    first = await bus_factory(nats_server.url, partitions=16)
+    second = await bus_factory(nats_server.url, partitions=256)
+    assert first.partitions == second.partitions == 16
+    info = await second.js.stream_info(second.names.envelope_stream)
+    assert info.config.max_consumers and info.config.max_consumers >= 16
+    for bucket in (second.sessions_kv, second.registry_kv, second.workers_kv, second.locks_kv):
+        status = await second.js.stream_info(bucket.stream)
+        assert status.config.allow_msg_ttl
+        assert status.config.max_msgs_per_subject == 1
+
+
+async def test_stored_subject_matches_client_side_partition(bus: SessionBus) -> None:
+    for sid in ["a", "call.with.dots", "*", "ünï", "x" * 1000]:
+        ack = await bus.js.publish(bus.names.inbound(sid), b"x")
+        msg = await bus.js.get_msg(bus.names.envelope_stream, seq=ack.seq)
+        assert msg.subject == bus.names.stored(sid, bus.partitions)
+
+
+async def test_dead_server_gives_connection_failed() -> None:
+    port = free_port()
+    with pytest.raises(ConnectionFailed) as info:
+        await SessionBus.connect(f"nats://127.0.0.1:{port}", connect_timeout=1.0)
+    assert str(port) in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+async def test_closed_bus_refuses_use(bus_factory: BusFactory, nats_server: NatsServer) -> None:
+    sb = await bus_factory(nats_server.url)
+    await sb.close()
+    with pytest.raises(BusClosedError):
+        _ = sb.js
+    with pytest.raises(BusClosedError):
+        await sb.start()
+
+
+def test_bad_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        SessionBus("nats://127.0.0.1:1", partitions=0)
+    with pytest.raises(ConfigError):
+        SessionBus("nats://127.0.0.1:1", no_such_option=1)
+
+
+async def test_cluster_provisioning_with_replicas(nats_cluster: object,
+                                                  bus_factory: BusFactory) -> None:
+    from bus.server import NatsCluster
+
+    assert isinstance(nats_cluster, NatsCluster)
+    sb = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await sb.js.stream_info(sb.names.envelope_stream)
+    assert info.config.num_replicas == 3
+    ack = await sb.js.publish(sb.names.inbound("s"), b"x")
+    assert ack.seq == 1
+
+
+@pytest.mark.skipif(not shutil.which(DEBIAN_SERVER), reason="Debian's nats-server 2.9 not installed")
+async def test_server_without_per_key_ttl_is_refused(
+    nats_server_factory: ServerFactory,
+) -> None:
+    old = nats_server_factory(name="old", binary=DEBIAN_SERVER)
+    with pytest.raises(ServerTooOld) as info:
+        await SessionBus.connect(old.url)
+    assert info.value.version.startswith("2.9")
+    assert "2.11" in str(info.value)

@@ -1,0 +1,112 @@
+"""Wire models and codec."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from schemas import (
+    FORMAT_VERSION,
+    DecodeError,
+    Envelope,
+    SessionInfo,
+    SessionMetadata,
+    SessionState,
+    TaskInfo,
+    TaskState,
+    decode,
+    decode_map,
+    encode,
+    idempotent_envelope_id,
+)
+
+
+def test_envelope_roundtrip_keeps_every_field() -> None:
+    env = Envelope(
+        session_id="s 1.*", sender_id="alice", audience=["bob"], event_type="text",
+        event_data={"text": "hi", "n": [1, 2]}, causation_id="c", trace_id="t", depth=2,
+        idempotency_key="k", ttl_seconds=1.5, priority=3,
+    )
+    back = decode(encode(env), Envelope)
+    assert back == env
+    assert back.audience == ("bob",)
+    assert back.content == "hi"
+
+
+def test_audience_rules() -> None:
+    broadcast = Envelope(session_id="s", sender_id="a")
+    assert broadcast.is_for("b") and not broadcast.is_for("a")
+    targeted = Envelope(session_id="s", sender_id="a", audience=["c"])
+    assert targeted.is_for("c") and not targeted.is_for("b")
+
+
+def test_envelope_ttl_expiry() -> None:
+    env = Envelope(session_id="s", created_at=100.0, ttl_seconds=2)
+    assert not env.is_expired(now=101.9)
+    assert env.is_expired(now=102.0)
+    assert not Envelope(session_id="s").is_expired()
+
+
+@pytest.mark.parametrize("bad", [{"depth": -1}, {"priority": 10}, {"ttl_seconds": 0},
+                                 {"session_id": ""}])
+def test_envelope_rejects_bad_fields(bad: dict[str, object]) -> None:
+    fields: dict[str, object] = {"session_id": "s", **bad}
+    with pytest.raises(ValueError):
+        Envelope.model_validate(fields)
+
+
+def test_idempotent_id_is_stable_and_scoped() -> None:
+    assert idempotent_envelope_id("s", "k") == idempotent_envelope_id("s", "k")
+    assert idempotent_envelope_id("s", "k") != idempotent_envelope_id("t", "k")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xc1", "not msgpack"),
+        (msgpack.packb({"a": 1}), "not a [version, body] pair"),
+        (msgpack.packb([99, {}]), "unsupported format version"),
+        (msgpack.packb([FORMAT_VERSION, [1]]), "body is not a map"),
+        (msgpack.packb([FORMAT_VERSION, {"session_id": 5}]), "invalid Envelope"),
+    ],
+)
+def test_decode_errors_carry_raw_bytes(raw: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(raw, Envelope)
+    assert info.value.raw == raw
+    assert reason in str(info.value)
+
+
+def test_decode_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        decode_map(b"")
+
+
+def test_session_info_from_dict_ignores_unknown_keys() -> None:
+    data = {"session_id": "s", "call_id": "c", "node_id": "n", "started_at": 1.0,
+            "metrics_updated_at": 2.0, "metrics": {"tokens": 3}, "expires_at": 9.0, "x": 1}
+    info = SessionInfo.from_dict(data)
+    assert info.to_dict() == {k: data[k] for k in ("session_id", "call_id", "node_id",
+                                                   "started_at", "metrics_updated_at",
+                                                   "metrics")}
+
+
+def test_terminal_states() -> None:
+    assert {s for s in SessionState if s.is_terminal} == {SessionState.CLOSED,
+                                                          SessionState.EXPIRED}
+    assert {s for s in TaskState if s.is_terminal} == {TaskState.COMPLETED, TaskState.FAILED,
+                                                       TaskState.EXPIRED}
+
+
+def test_terminated_cascades_to_open_tasks_only() -> None:
+    meta = SessionMetadata(session_id="s", tasks={
+        "a": TaskInfo(task_id="a", state=TaskState.RUNNING),
+        "b": TaskInfo(task_id="b", state=TaskState.COMPLETED),
+        "c": TaskInfo(task_id="c", state=TaskState.QUEUED),
+    }, agents_streaming=["x"])
+    closed = meta.terminated(SessionState.CLOSED, "done", now=5.0)
+    assert closed.is_terminal() and closed.close_reason == "done" and closed.closed_at == 5.0
+    assert {k: t.state for k, t in closed.tasks.items()} == {
+        "a": TaskState.EXPIRED, "b": TaskState.COMPLETED, "c": TaskState.EXPIRED}
+    assert closed.agents_streaming == []
+    assert not meta.is_terminal()
