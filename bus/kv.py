@@ -17,6 +17,7 @@ top, kept here so every component does it the same way:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import math
@@ -32,6 +33,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
+from bus.jsapi import (
+    DEFAULT_API_PREFIX,
+    JetStreamAPIError,
+    TooManyResultsError,
+    direct_get_last_for_subjects,
+)
 from bus.names import kv_subject
 
 __all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
@@ -113,6 +120,7 @@ class Bucket:
         self.domain = domain
         self.timeout = timeout
         self._pre = f"$KV.{name}."
+        self._api_prefix = f"$JS.{domain}.API" if domain else DEFAULT_API_PREFIX
 
     def subject(self, key: str) -> str:
         """Subject a write to ``key`` is published on (domain-aware)."""
@@ -120,10 +128,38 @@ class Bucket:
 
     async def get(self, key: str) -> KVEntry | None:
         """The key's current value, or None if absent, deleted or expired."""
+        msg = await self._direct_last(key)
+        if msg is None or _op_of(msg.headers) is not KVOp.PUT or msg.seq is None:
+            return None
+        return KVEntry(key=key, value=msg.data or b"", revision=msg.seq)
+
+    async def head(self, key: str) -> KVEvent | None:
+        """The key's last stored message, value or marker, as a :class:`KVEvent`.
+
+        Tells a deleted key (DELETE/PURGE) from an expired one (EXPIRED)
+        while the marker lasts; None once the key holds nothing at all. The
+        revision is what a compare-and-set must name to write the key again.
+        """
+        msg = await self._direct_last(key)
+        if msg is None or msg.seq is None:
+            return None
+        op = _op_of(msg.headers)
+        value = (msg.data or b"") if op is KVOp.PUT else b""
+        return KVEvent(key=key, op=op, value=value, revision=msg.seq)
+
+    async def revision(self) -> int:
+        """The bucket's latest revision (its stream's last sequence)."""
         try:
-            msg = await self.js.get_msg(
-                self.stream, subject=self._pre + key, direct=True
-            )
+            info = await self.js.stream_info(self.stream)
+        except nats.errors.TimeoutError as e:
+            raise BusTimeout(f"info of bucket {self.name} timed out") from e
+        except nats.errors.NoRespondersError as e:
+            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
+        return int(info.state.last_seq)
+
+    async def _direct_last(self, key: str) -> api.RawStreamMsg | None:
+        try:
+            msg = await self.js.get_msg(self.stream, subject=self._pre + key, direct=True)
         except nats.js.errors.NotFoundError:
             return None
         except nats.errors.TimeoutError as e:
@@ -132,9 +168,7 @@ class Bucket:
             raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
         if msg.subject != self._pre + key:
             return None
-        if _op_of(msg.headers) is not KVOp.PUT or msg.seq is None:
-            return None
-        return KVEntry(key=key, value=msg.data or b"", revision=msg.seq)
+        return msg
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str]) -> int:
         try:
@@ -207,9 +241,29 @@ class Bucket:
     async def list(self, key_filter: str = ">") -> list[KVEntry]:
         """Current entries whose key matches ``key_filter``, filtered by the server.
 
-        Uses one ordered consumer with deliver-last-per-subject on the
-        filter: only matching keys cross the network.
+        A Direct Get ``multi_last`` on the filter: no consumer, and only
+        matching keys cross the network. The server answers at most 1024
+        subjects (markers included) per filter; past that the listing falls
+        back to an ordered consumer delivering the last message per subject.
         """
+        try:
+            found = await direct_get_last_for_subjects(
+                self.nc, stream=self.stream, subjects=[self._pre + key_filter],
+                api_prefix=self._api_prefix,
+            )
+        except TooManyResultsError:
+            return await self._list_by_consumer(key_filter)
+        except JetStreamAPIError as e:
+            if e.code == 503:
+                raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
+            raise
+        return [
+            KVEntry(key=m.subject[len(self._pre):], value=m.data or b"", revision=m.seq)
+            for m in found
+            if _op_of(m.headers) is KVOp.PUT
+        ]
+
+    async def _list_by_consumer(self, key_filter: str) -> builtins.list[KVEntry]:
         entries: dict[str, KVEntry] = {}
         async for event in self._consume(key_filter, last_per_subject=True, until_caught_up=True):
             if event.op is KVOp.PUT:
