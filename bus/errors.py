@@ -6,8 +6,10 @@
      ├── CodecError (ValueError)                 schemas: wire bytes in or out
      │    ├── EncodeError
      │    └── DecodeError                         .raw
+     │         └── CorruptRecord                  .key: a stored record that does not decode
      ├── ConfigError (ValueError)                 bad settings, TTLs, limits
      ├── InvalidIdError (ValueError)              .kind, .value: an id that cannot be used
+     ├── InvalidMetrics (ValueError)              .metrics: not a dict of str -> int|float|None
      ├── ConnectionFailed (OSError)               no server, lost server, embedded start failed
      │    └── ServerTooOld                        .version: lacks per-key TTL
      ├── BusClosedError                           the bus was used after close()
@@ -49,6 +51,7 @@ __all__ = [
     "ConcurrentUpdate",
     "ConfigError",
     "ConnectionFailed",
+    "CorruptRecord",
     "DecodeError",
     "DepthLimitExceeded",
     "EncodeError",
@@ -56,6 +59,7 @@ __all__ = [
     "HandlerError",
     "InvalidEnvelope",
     "InvalidIdError",
+    "InvalidMetrics",
     "KeyConflict",
     "LockError",
     "LockLost",
@@ -89,6 +93,26 @@ class InvalidIdError(BusError, ValueError):
         if len(shown) > 80:
             shown = shown[:77] + "..."
         super().__init__(f"invalid {kind} {shown}: {reason}")
+
+
+class InvalidMetrics(BusError, ValueError):
+    """Registry metrics that are not a dict of str -> int | float | None; nothing was sent.
+
+    ``metrics`` is what was given, ``reason`` says what is wrong with it.
+    """
+
+    def __init__(self, metrics: object, reason: str) -> None:
+        self.metrics = metrics
+        self.reason = reason
+        super().__init__(f"invalid metrics: {reason}")
+
+
+class CorruptRecord(DecodeError):
+    """A record stored under ``key`` is not one this code wrote (``raw`` holds its bytes)."""
+
+    def __init__(self, key: str, reason: str, raw: bytes) -> None:
+        self.key = key
+        super().__init__(f"record {key!r}: {reason}", raw)
 
 
 class ConnectionFailed(BusError, OSError):

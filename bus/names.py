@@ -223,6 +223,32 @@ class Names:
         """Registry key filter matching every session of one call."""
         return f"{encode_token(call_id, 'call id')}.*"
 
+    @property
+    def registry_record_filter(self) -> str:
+        """Registry key filter matching every session record (and no close flag)."""
+        return "*.*"
+
+    def registry_close_key(self, call_id: str, session_id: str) -> str:
+        """Key of a session's close flag: ``<call>.<session>.close``.
+
+        Three tokens, so neither :meth:`registry_call_filter` nor
+        :attr:`registry_record_filter` ever matches it.
+        """
+        return f"{self.registry_key(call_id, session_id)}.close"
+
+    @property
+    def registry_close_filter(self) -> str:
+        """Registry key filter matching every session's close flag."""
+        return "*.*.close"
+
+    @staticmethod
+    def registry_ids_of_key(key: str) -> tuple[str, str]:
+        """``(call_id, session_id)`` of a registry record or close-flag key."""
+        parts = key.split(".")
+        if len(parts) not in (2, 3):
+            raise InvalidIdError("registry key", key, "is not <call>.<session>[.close]")
+        return decode_token(parts[0], "call id"), decode_token(parts[1])
+
     def session_key(self, session_id: str) -> str:
         """Key of a session's lifecycle record."""
         return f"s.{encode_token(session_id)}"
