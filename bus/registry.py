@@ -33,30 +33,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, Self
 
 from bus.core import SessionBus
 from bus.errors import (
     BusClosedError,
-    ConcurrentUpdate,
     ConfigError,
     CorruptRecord,
     InvalidIdError,
-    KeyConflict,
     SessionExpired,
 )
-from bus.kv import KVOp
 from bus.names import Names, validate_id
-from bus.registry_backends import BucketBackend, HeadState, RegistryBackend, StoreBackend
-from bus.registry_record import Metrics, decode_record, expires_at, validate_metrics
+from bus.registry_backends import BucketBackend, RegistryBackend, StoreBackend
+from bus.registry_feeds import (
+    ExpiredSession,
+    poll_close_flags,
+    poll_expiries,
+    run_callback,
+    until_set,
+    watch_close_flags,
+    watch_expiries,
+)
+from bus.registry_record import (
+    check_names,
+    decode_record,
+    is_alive,
+    validate_metrics,
+)
 from bus.registry_store import SessionKVStore
+from bus.registry_writer import RecordWriter
 from bus.settings import check_ttl
 from schemas.codec import encode
 from schemas.session import SessionInfo
@@ -65,35 +75,10 @@ __all__ = ["ExpiredSession", "SessionRegistry"]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-#: Compare-and-set attempts of one heartbeat before ConcurrentUpdate.
-_MAX_ATTEMPTS = 8
 #: Heartbeats one refresh() keeps in flight.
 _REFRESH_CONCURRENCY = 64
 #: A removal's delete marker lasts at least this long (seconds).
 _MIN_TOMBSTONE_TTL = 60.0
-
-
-class ExpiredSession(NamedTuple):
-    """A registry record whose TTL ran out, as :meth:`SessionRegistry.expired` yields it."""
-
-    call_id: str
-    session_id: str
-
-
-class _Written:
-    """The last record this registry wrote for a session, and its revision."""
-
-    __slots__ = ("body", "call_id", "revision", "session_id", "touched")
-
-    def __init__(self, call_id: str, session_id: str, body: dict[str, Any], revision: int
-                 ) -> None:
-        self.call_id = call_id
-        self.session_id = session_id
-        self.body = body
-        self.revision = revision
-        self.touched = time.monotonic()
 
 
 class SessionRegistry:
@@ -148,13 +133,13 @@ class SessionRegistry:
         self._node_id = validate_id(node_id, "node id") if node_id is not None else (
             uuid.uuid4().hex
         )
-        self._recreate = bool(recreate_expired)
         self._names = store.names if isinstance(store, SessionBus) else Names()
         self._backend: RegistryBackend | None = None
         self._own_bus: SessionBus | None = None
-        self._written: dict[str, _Written] = {}
-        self._last_prune = time.monotonic()
-        self._key_locks: dict[str, asyncio.Lock] = {}
+        self._writer = RecordWriter(
+            node_id=self._node_id, ttl=checked, recreate_expired=bool(recreate_expired),
+            forget_after=max(4 * checked, _MIN_TOMBSTONE_TTL),
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
 
@@ -233,16 +218,7 @@ class SessionRegistry:
     async def register(self, call_id: str, session_id: str) -> None:
         """Write a new record for a session hosted on this node (replacing any)."""
         key = self._names.registry_key(call_id, session_id)
-        storage = self._storage()
-        now = time.time()
-        body: dict[str, Any] = {
-            "session_id": session_id, "call_id": call_id, "node_id": self._node_id,
-            "started_at": now, "metrics_updated_at": now, "metrics": {},
-            "expires_at": now + self._ttl,
-        }
-        revision = await storage.put(key, encode(body), self._ttl)
-        self._written[key] = _Written(call_id, session_id, body, revision)
-        self._prune()
+        await self._writer.register(self._storage(), key, call_id, session_id)
 
     async def remove(self, call_id: str, session_id: str) -> None:
         """Delete a session's record and close flag.
@@ -253,7 +229,7 @@ class SessionRegistry:
         key = self._names.registry_key(call_id, session_id)
         close_key = self._names.registry_close_key(call_id, session_id)
         storage = self._storage()
-        self._written.pop(key, None)
+        self._writer.forget(key)
         await asyncio.gather(
             storage.tombstone(key, self._tombstone_ttl),
             storage.tombstone(close_key, self._tombstone_ttl),
@@ -269,8 +245,8 @@ class SessionRegistry:
         if raw is None:
             return None
         info, body = decode_record(key, raw)
-        self._check_names(key, info, call_id, session_id, raw)
-        return info if self._alive(body) else None
+        check_names(key, info, call_id, session_id, raw)
+        return info if is_alive(body) else None
 
     async def get_for_call(self, call_id: str) -> list[SessionInfo]:
         """Every live session of one call, on any node, listed by a server-side filter.
@@ -283,11 +259,11 @@ class SessionRegistry:
             try:
                 info, body = decode_record(key, raw)
                 _, session_id = self._names.registry_ids_of_key(key)
-                self._check_names(key, info, call_id, session_id, raw)
+                check_names(key, info, call_id, session_id, raw)
             except (CorruptRecord, InvalidIdError) as e:
                 logger.warning("skipping registry record %r: %s", key, e)
                 continue
-            if self._alive(body):
+            if is_alive(body):
                 out.append(info)
         out.sort(key=lambda i: (i.started_at, i.session_id))
         return out
@@ -305,7 +281,7 @@ class SessionRegistry:
         """
         checked = validate_metrics(metrics)
         key = self._names.registry_key(call_id, session_id)
-        await self._heartbeat(key, call_id, session_id, checked)
+        await self._writer.heartbeat(self._storage(), key, call_id, session_id, checked)
 
     async def refresh(self, sessions: Mapping[str, str]) -> None:
         """Restart the TTL of every session in ``sessions`` (session id -> call id).
@@ -318,93 +294,18 @@ class SessionRegistry:
                               f"{type(sessions).__name__}")
         keys = [(self._names.registry_key(call_id, sid), call_id, sid)
                 for sid, call_id in sessions.items()]
-        self._storage()
+        storage = self._storage()
         limit = asyncio.Semaphore(_REFRESH_CONCURRENCY)
 
         async def one(key: str, call_id: str, sid: str) -> None:
             async with limit:
-                await self._heartbeat(key, call_id, sid, None)
+                await self._writer.heartbeat(storage, key, call_id, sid, None)
 
         results = await asyncio.gather(*(one(*k) for k in keys), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         errors.sort(key=lambda e: isinstance(e, SessionExpired))
         if errors:
             raise errors[0]
-
-    async def _heartbeat(
-        self, key: str, call_id: str, session_id: str, metrics: Metrics | None
-    ) -> None:
-        # One heartbeat per key at a time in this process: concurrent ones
-        # would only make each other's compare-and-set fail.
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = self._key_locks[key] = asyncio.Lock()
-        try:
-            async with lock:
-                await self._heartbeat_locked(key, call_id, session_id, metrics)
-        finally:
-            if not lock.locked() and self._key_locks.get(key) is lock:
-                del self._key_locks[key]
-
-    async def _heartbeat_locked(
-        self, key: str, call_id: str, session_id: str, metrics: Metrics | None
-    ) -> None:
-        storage = self._storage()
-        written = self._written.get(key)
-        base = written.body if written is not None else None
-        last = written.revision if written is not None else None
-        for attempt in range(_MAX_ATTEMPTS):
-            now = time.time()
-            if last is None:
-                head = await storage.head(key)
-                if head.state is HeadState.REMOVED:
-                    self._written.pop(key, None)
-                    logger.debug("not refreshing %r: it was removed", key)
-                    return
-                last = head.revision
-                expired = True
-                if head.state is HeadState.LIVE:
-                    try:
-                        _, base = decode_record(key, head.value)
-                        expired = not self._alive(base, now)
-                    except CorruptRecord as e:
-                        logger.warning("overwriting registry record %r: %s", key, e)
-            else:
-                assert base is not None
-                expired = not self._alive(base, now)
-            if expired:
-                if not self._recreate:
-                    self._written.pop(key, None)
-                    raise SessionExpired(session_id, call_id)
-                logger.info("registry record of session %r (call %r) had expired: "
-                            "writing it again", session_id, call_id)
-            body = self._next_body(call_id, session_id, base, now, metrics)
-            try:
-                revision = await storage.write(key, encode(body), self._ttl, last=last)
-            except KeyConflict:
-                last = None  # another node wrote or removed it: look again
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-                continue
-            self._written[key] = _Written(call_id, session_id, body, revision)
-            self._prune()
-            return
-        raise ConcurrentUpdate(session_id, _MAX_ATTEMPTS)
-
-    def _next_body(
-        self, call_id: str, session_id: str, base: dict[str, Any] | None, now: float,
-        metrics: Metrics | None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = dict(base) if base is not None else {
-            "node_id": self._node_id, "started_at": now, "metrics_updated_at": now,
-            "metrics": {},
-        }
-        body["session_id"] = session_id
-        body["call_id"] = call_id
-        if metrics is not None:
-            body["metrics"] = metrics
-            body["metrics_updated_at"] = now
-        body["expires_at"] = now + self._ttl
-        return body
 
     # -- close requests -------------------------------------------------------
 
@@ -432,35 +333,26 @@ class SessionRegistry:
         names this node. Ends when the registry stops.
         """
         storage = self._storage()
-        source = self._watch_close(storage) if storage.watches else self._poll_close()
-        async for session_id in self._until_stopped(source):
+        if storage.watches:
+            source = self._own_close_flags(storage)
+        else:
+            source = poll_close_flags(self._flagged_here, self._poll_interval)
+        async for session_id in until_set(self._stopped, source):
             yield session_id
 
-    async def _watch_close(self, storage: RegistryBackend) -> AsyncIterator[str]:
-        async for event in storage.watch(self._names.registry_close_filter,
-                                         include_existing=True):
-            if event.op is not KVOp.PUT:
-                continue
-            try:
-                call_id, session_id = self._names.registry_ids_of_key(event.key)
-            except InvalidIdError:
-                continue
+    async def _own_close_flags(self, storage: RegistryBackend) -> AsyncIterator[str]:
+        async for call_id, session_id in watch_close_flags(storage, self._names):
             if await self._is_mine(call_id, session_id):
                 yield session_id
 
-    async def _poll_close(self) -> AsyncIterator[str]:
-        seen: set[str] = set()
-        while True:
-            sessions = {w.session_id: w.call_id for w in self._written.values()}
-            flagged = set(await self.get_close_requests(sessions))
-            for session_id in sorted(flagged - seen):
-                yield session_id
-            seen = flagged
-            await asyncio.sleep(self._poll_interval)
+    async def _flagged_here(self) -> list[str]:
+        return await self.get_close_requests(
+            {sid: call_id for _, call_id, sid in self._writer.sessions()}
+        )
 
     async def _is_mine(self, call_id: str, session_id: str) -> bool:
         key = self._names.registry_key(call_id, session_id)
-        if key in self._written:
+        if key in self._writer.written:
             return True
         raw = await self._storage().read(key)
         if raw is None:
@@ -484,130 +376,42 @@ class SessionRegistry:
         sessions are watched, by polling.
         """
         storage = self._storage()
-        source = self._watch_expired(storage) if storage.watches else self._poll_expired()
-        async for item in self._until_stopped(source):
+        if storage.watches:
+            source = watch_expiries(storage, self._names)
+        else:
+            source = poll_expiries(storage, self._writer.sessions, self._poll_interval)
+        async for item in until_set(self._stopped, source):
             yield item
-
-    async def _watch_expired(self, storage: RegistryBackend) -> AsyncIterator[ExpiredSession]:
-        since = await storage.revision()
-        # A removal's delete marker expires too, and the server marks that
-        # exactly like a record's expiry: remember which keys were removed.
-        removed: set[str] = set()
-        async for event in storage.watch(self._names.registry_record_filter,
-                                         include_existing=True):
-            if event.op is KVOp.PUT:
-                removed.discard(event.key)
-            elif event.op is not KVOp.EXPIRED:
-                removed.add(event.key)
-            elif event.key in removed:
-                removed.discard(event.key)
-            elif event.revision > since:
-                try:
-                    yield ExpiredSession(*self._names.registry_ids_of_key(event.key))
-                except InvalidIdError:
-                    continue
-
-    async def _poll_expired(self) -> AsyncIterator[ExpiredSession]:
-        reported: set[str] = set()
-        while True:
-            storage = self._storage()
-            for key, written in list(self._written.items()):
-                head = await storage.head(key)
-                alive = False
-                if head.state is HeadState.LIVE:
-                    with contextlib.suppress(CorruptRecord):
-                        alive = self._alive(decode_record(key, head.value)[1])
-                if alive or head.state is HeadState.REMOVED:
-                    reported.discard(key)
-                elif key not in reported:
-                    reported.add(key)
-                    yield ExpiredSession(written.call_id, written.session_id)
-            await asyncio.sleep(self._poll_interval)
 
     # -- callbacks ------------------------------------------------------------
 
     def on_close_request(
         self, callback: Callable[[str], Awaitable[None] | None]
     ) -> asyncio.Task[None]:
-        """Call ``callback(session_id)`` for each :meth:`close_requests` item until stop."""
-        return self._spawn(self.close_requests(), callback)
+        """Call ``callback(session_id)`` for each :meth:`close_requests` item until stop.
+
+        ``callback`` may be plain or async; its errors are logged.
+        """
+        return self._spawn(run_callback(self.close_requests(), callback))
 
     def on_expired(
         self, callback: Callable[[ExpiredSession], Awaitable[None] | None]
     ) -> asyncio.Task[None]:
         """Call ``callback(expired_session)`` for each :meth:`expired` item until stop."""
-        return self._spawn(self.expired(), callback)
+        return self._spawn(run_callback(self.expired(), callback))
 
-    def _spawn(
-        self, source: AsyncIterator[T], callback: Callable[[T], Awaitable[None] | None]
-    ) -> asyncio.Task[None]:
-        self._storage()
-
-        async def run() -> None:
-            async for item in source:
-                try:
-                    result = callback(item)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    logger.exception("registry callback %r failed on %r", callback, item)
-
-        task = asyncio.create_task(run())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        try:
+            self._storage()
+        except BusClosedError:
+            coro.close()
+            raise
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     # -- internals ------------------------------------------------------------
-
-    async def _until_stopped(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
-        # Each item is awaited in a task of its own so stop() can end a wait
-        # that may last forever (a watch with nothing new to say).
-        stop = asyncio.ensure_future(self._stopped.wait())
-        item: asyncio.Future[T] | None = None
-        try:
-            while True:
-                item = asyncio.ensure_future(anext(source))
-                await asyncio.wait({item, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not item.done():
-                    return
-                try:
-                    value = item.result()
-                except StopAsyncIteration:
-                    return
-                item = None
-                yield value
-        finally:
-            stop.cancel()
-            if item is not None and not item.done():
-                item.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await item
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-
-    def _alive(self, body: Mapping[str, Any], now: float | None = None) -> bool:
-        deadline = expires_at(body)
-        return deadline is not None and deadline > (time.time() if now is None else now)
-
-    @staticmethod
-    def _check_names(
-        key: str, info: SessionInfo, call_id: str, session_id: str, raw: bytes
-    ) -> None:
-        if info.call_id != call_id or info.session_id != session_id:
-            raise CorruptRecord(key, "the record names another session", raw)
-
-    def _prune(self) -> None:
-        # Forget sessions this registry wrote but no longer heartbeats, so the
-        # map stays bounded by the sessions this node really hosts.
-        now = time.monotonic()
-        if now - self._last_prune < self._ttl:
-            return
-        self._last_prune = now
-        horizon = now - max(4 * self._ttl, _MIN_TOMBSTONE_TTL)
-        for key in [k for k, w in self._written.items() if w.touched < horizon]:
-            del self._written[key]
 
     def __repr__(self) -> str:
         state = "started" if self.started else "stopped" if self._stopped.is_set() else "new"

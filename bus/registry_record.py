@@ -12,6 +12,7 @@ between nodes shifts expiry by that much.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,14 @@ from schemas.codec import decode_map
 from schemas.errors import DecodeError
 from schemas.session import MetricValue, SessionInfo
 
-__all__ = ["Metrics", "decode_record", "expires_at", "validate_metrics"]
+__all__ = [
+    "Metrics",
+    "check_names",
+    "decode_record",
+    "expires_at",
+    "is_alive",
+    "validate_metrics",
+]
 
 Metrics = dict[str, MetricValue]
 
@@ -79,3 +87,16 @@ def expires_at(body: Mapping[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def is_alive(body: Mapping[str, Any], now: float | None = None) -> bool:
+    """Whether the record's ``expires_at`` is still ahead of ``now`` (default: the clock)."""
+    deadline = expires_at(body)
+    return deadline is not None and deadline > (time.time() if now is None else now)
+
+
+def check_names(key: str, info: SessionInfo, call_id: str, session_id: str, raw: bytes
+                ) -> None:
+    """Raise CorruptRecord unless the record stored under ``key`` names that session."""
+    if info.call_id != call_id or info.session_id != session_id:
+        raise CorruptRecord(key, "the record names another session", raw)
