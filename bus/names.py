@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -184,6 +185,22 @@ class Names:
     def dead_letter_all(self) -> str:
         """The dead-letter stream's subject filter."""
         return f"{self.prefix}.dead.>"
+
+    def worker_consumer(self, group: str, partition: int) -> str:
+        """Durable name of a worker group's pinned pull consumer on one partition.
+
+        A long group token is replaced by its hash so the name stays well
+        inside the server's limit; the group itself is kept in the lease.
+        """
+        token = encode_token(group, "group")
+        if len(token) > 48:
+            token = "h" + hashlib.sha256(token.encode("ascii")).hexdigest()[:32]
+        return f"{self.prefix}_w_{token}_{partition}"
+
+    @property
+    def worker_priority_group(self) -> str:
+        """Priority group every worker consumer is pinned in (one per consumer)."""
+        return "workers"
 
     # -- control and transient subjects -------------------------------------
 

@@ -1,0 +1,311 @@
+"""Worker leases in the ``workers`` KV bucket and who pulls which partition.
+
+Each worker of a group keeps one key, ``names.worker_key(group, worker_id)``,
+written with a per-key TTL and refreshed by compare-and-set. Its value is a
+:class:`Lease`: the partitions the worker has *claimed* (is pulling, or is
+still handing back) and whether it is draining. Every worker watches the
+group's keys, so all of them see the same members and compute the same
+assignment by rendezvous hashing: partition ``p`` belongs to the live,
+non-draining member with the highest ``score(member, p)``. A join or a
+leave moves only the partitions that hash to that member.
+
+Assignment says who *should* pull a partition; claims say who still does.
+A worker starts pulling a partition it is assigned only once no other live
+lease claims it, and a worker giving one up keeps its claim until it has
+finished its turns and handed the rest back (see :mod:`workers.partition`).
+A dead worker's claims vanish with its lease when the TTL runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from bus.core import SessionBus
+from bus.errors import BusError, KeyConflict, WorkerError
+from bus.kv import KVOp, wire_ttl
+from bus.names import decode_token
+from schemas import decode_map, encode
+from schemas.errors import DecodeError
+from workers.config import WorkerConfig
+
+__all__ = ["Lease", "Membership", "assign"]
+
+logger = logging.getLogger(__name__)
+
+
+def score(worker_id: str, partition: int) -> int:
+    """Rendezvous weight of ``worker_id`` for ``partition`` (64-bit, stable across hosts)."""
+    digest = hashlib.blake2b(f"{worker_id}\x00{partition}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def owner_of(partition: int, members: Iterable[str]) -> str | None:
+    """The member that should pull ``partition``, None when there are none."""
+    best: str | None = None
+    best_score = -1
+    for member in members:
+        s = score(member, partition)
+        if s > best_score or (s == best_score and best is not None and member > best):
+            best, best_score = member, s
+    return best
+
+
+def assign(partitions: int, members: Iterable[str]) -> dict[str, set[int]]:
+    """Every member's partitions out of ``range(partitions)``."""
+    listed = sorted(set(members))
+    out: dict[str, set[int]] = {m: set() for m in listed}
+    for p in range(partitions):
+        owner = owner_of(p, listed)
+        if owner is not None:
+            out[owner].add(p)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What one worker publishes about itself in its lease key."""
+
+    worker_id: str
+    node_id: str = ""
+    claims: frozenset[int] = frozenset()
+    draining: bool = False
+    started_at: float = 0.0
+    #: Wall-clock time the lease runs out unless refreshed (informational).
+    expires_at: float = 0.0
+
+    def encode(self) -> bytes:
+        """Wire form (the schemas msgpack codec)."""
+        return encode({
+            "worker_id": self.worker_id, "node_id": self.node_id,
+            "claims": sorted(self.claims), "draining": self.draining,
+            "started_at": self.started_at, "expires_at": self.expires_at,
+        })
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Lease:
+        """Parse a lease value; raises DecodeError if it is not one."""
+        body = decode_map(raw)
+        try:
+            return cls(
+                worker_id=str(body["worker_id"]), node_id=str(body.get("node_id", "")),
+                claims=frozenset(int(p) for p in body.get("claims", ())),
+                draining=bool(body.get("draining", False)),
+                started_at=float(body.get("started_at", 0.0)),
+                expires_at=float(body.get("expires_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DecodeError(f"invalid lease: {e}", raw) from e
+
+
+@dataclass(slots=True)
+class Member:
+    """Another worker as this one sees it through the watch."""
+
+    lease: Lease
+    revision: int
+    #: Loop time the lease was last seen written; a backstop if an expiry is missed.
+    seen: float = field(default=0.0)
+
+
+class Membership:
+    """This worker's lease and its view of the group.
+
+    ``changed`` is set whenever the view or the own lease changes; ``lost``
+    is set if the lease ran out or was taken over (the worker must stop
+    pulling everything at once and :meth:`rejoin`).
+    """
+
+    def __init__(
+        self, bus: SessionBus, *, group: str, worker_id: str, config: WorkerConfig
+    ) -> None:
+        self._bus = bus
+        self._kv = bus.workers_kv
+        self.group = group
+        self.worker_id = worker_id
+        self._config = config
+        self._key = bus.names.worker_key(group, worker_id)
+        self._filter = bus.names.worker_group_filter(group)
+        self._lease = Lease(worker_id=worker_id, node_id=bus.node_id)
+        self._revision = 0
+        self._members: dict[str, Member] = {}
+        self._write_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.changed = asyncio.Event()
+        self.lost = asyncio.Event()
+        # A member whose lease was not seen written for this long is taken as
+        # gone even if its expiry marker never reached this watcher.
+        self._stale_after = 2.0 * wire_ttl(config.lease_ttl) + 1.0
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def lease(self) -> Lease:
+        """The lease as last written."""
+        return self._lease
+
+    async def join(self) -> None:
+        """Create the lease, load the group's leases, then follow changes."""
+        await self._create()
+        loop = asyncio.get_running_loop()
+        for entry in await self._kv.list(self._filter):
+            self._apply_put(entry.key, entry.value, entry.revision, loop.time())
+        self._tasks = [
+            asyncio.create_task(self._watch(), name=f"lease-watch:{self.worker_id}"),
+            asyncio.create_task(self._refresh_loop(), name=f"lease-refresh:{self.worker_id}"),
+        ]
+        self.changed.set()
+
+    async def rejoin(self) -> None:
+        """Create a fresh lease (no claims) after :attr:`lost` was set."""
+        async with self._write_lock:
+            self._lease = Lease(worker_id=self.worker_id, node_id=self._bus.node_id)
+        await self._create()
+        self.lost.clear()
+        self.changed.set()
+
+    async def leave(self) -> None:
+        """Stop refreshing and delete the lease, releasing every claim at once."""
+        await self.close()
+        with contextlib.suppress(BusError, OSError):
+            await self._kv.delete(self._key)
+
+    async def close(self) -> None:
+        """Stop the background tasks without touching the lease (it expires)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- own lease ----------------------------------------------------------
+
+    async def _create(self) -> None:
+        async with self._write_lock:
+            now = time.time()
+            self._lease = dataclasses.replace(self._lease, started_at=now,
+                                   expires_at=now + self._config.lease_ttl)
+            try:
+                self._revision = await self._kv.create(
+                    self._key, self._lease.encode(), ttl=self._config.lease_ttl
+                )
+            except KeyConflict as e:
+                raise WorkerError(
+                    f"worker id {self.worker_id!r} already has a live lease in group "
+                    f"{self.group!r}; give each worker process its own id"
+                ) from e
+
+    async def update(
+        self, *, claims: Iterable[int] | None = None, draining: bool | None = None
+    ) -> None:
+        """Rewrite the lease (claims, draining) by compare-and-set, renewing its TTL.
+
+        Raises WorkerError and sets :attr:`lost` if the lease is gone.
+        """
+        async with self._write_lock:
+            lease = self._lease
+            if claims is not None:
+                lease = dataclasses.replace(lease, claims=frozenset(claims))
+            if draining is not None:
+                lease = dataclasses.replace(lease, draining=draining)
+            await self._write(lease)
+        self.changed.set()
+
+    async def _write(self, lease: Lease) -> None:
+        lease = dataclasses.replace(lease, expires_at=time.time() + self._config.lease_ttl)
+        try:
+            self._revision = await self._kv.update(
+                self._key, lease.encode(), last=self._revision, ttl=self._config.lease_ttl
+            )
+        except KeyConflict as e:
+            self.lost.set()
+            self.changed.set()
+            raise WorkerError(f"lease of worker {self.worker_id!r} expired or was replaced") from e
+        self._lease = lease
+
+    async def _refresh_loop(self) -> None:
+        interval = self._config.refresh_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self.lost.is_set():
+                continue
+            try:
+                async with self._write_lock:
+                    await self._write(self._lease)
+            except WorkerError:
+                logger.warning("worker %s lost its lease in group %s", self.worker_id, self.group)
+            except (BusError, OSError) as e:
+                # A timeout is not a loss: the next refresh may still land in time.
+                logger.warning("lease refresh of %s failed: %s", self.worker_id, e)
+
+    # -- the group ----------------------------------------------------------
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for event in self._kv.watch(self._filter, include_existing=True):
+                    if event.op is KVOp.PUT:
+                        self._apply_put(event.key, event.value, event.revision, loop.time())
+                    else:
+                        self._apply_gone(event.key, event.revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("lease watch of group %s failed; restarting", self.group)
+                await asyncio.sleep(0.5)
+
+    def _apply_put(self, key: str, raw: bytes, revision: int, now: float) -> None:
+        try:
+            lease = Lease.decode(raw)
+        except DecodeError:
+            logger.warning("ignoring malformed lease %r in group %s", key, self.group)
+            return
+        current = self._members.get(lease.worker_id)
+        if current is not None and current.revision >= revision:
+            return
+        self._members[lease.worker_id] = Member(lease=lease, revision=revision, seen=now)
+        self.changed.set()
+
+    def _apply_gone(self, key: str, revision: int) -> None:
+        try:
+            worker_id = decode_token(key.rsplit(".", 1)[-1], "worker id")
+        except BusError:
+            return
+        current = self._members.get(worker_id)
+        if current is not None and current.revision < revision:
+            del self._members[worker_id]
+            self.changed.set()
+
+    def members(self) -> dict[str, Lease]:
+        """Live members' leases by worker id, this worker's own always included."""
+        now = asyncio.get_running_loop().time()
+        out = {
+            wid: m.lease for wid, m in self._members.items()
+            if wid != self.worker_id and now - m.seen < self._stale_after
+        }
+        if not self.lost.is_set():
+            out[self.worker_id] = self._lease
+        return out
+
+    def assigned(self, partitions: int) -> set[int]:
+        """Partitions this worker should pull, given the live non-draining members."""
+        active = [wid for wid, lease in self.members().items() if not lease.draining]
+        if self.worker_id not in active:
+            return set()
+        return assign(partitions, active).get(self.worker_id, set())
+
+    def claimed_elsewhere(self) -> set[int]:
+        """Partitions some other live member still claims."""
+        out: set[int] = set()
+        for wid, lease in self.members().items():
+            if wid != self.worker_id:
+                out |= lease.claims
+        return out

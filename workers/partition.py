@@ -1,0 +1,275 @@
+"""One partition's puller: the pinned consumer this worker pulls while it owns it.
+
+Pull pacing. An idle partition has one pull request waiting (``batch=1``,
+``poll_interval``), so an envelope into an idle session reaches its
+handler at once; after one arrives, short bursts (``fetch_batch``, a few
+milliseconds) take what is queued, until a burst comes back short. At the
+worker's soft cap (``max_held``) and while handing back, only keep-alive
+pulls go out: at most one message every ``poll_interval / 2``, which keeps
+the pin (the server moves it after ``priority_timeout`` without a pull
+request, even while a pull waits).
+
+Handing a partition back (:meth:`PartitionPuller.release`), in this order:
+
+1. start no new turn on it, keep pulling only to hold the pin;
+2. let its running turns finish (``handover_timeout``, then cancel them);
+3. stop pulling and collect what earlier pulls still deliver, until a pull
+   ends with the server's own status (nothing of ours is in flight);
+4. nak everything held, in stream order, the last nak confirmed;
+5. unpin, so the next owner (which waits for this worker's claim to go) is
+   pinned at once and gets the nak'd envelopes first, in order.
+
+The claim in the lease is dropped by the caller after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from bus.core import SessionBus
+from bus.errors import BusError
+from bus.jsapi import (
+    ConsumerNotFoundError,
+    PinnedPuller,
+    create_pinned_consumer,
+    unpin,
+)
+from workers.config import WorkerConfig
+from workers.delivery import nak_in_order
+from workers.scheduler import Scheduler
+
+__all__ = ["PartitionPuller"]
+
+logger = logging.getLogger(__name__)
+
+#: Expiry of a burst pull: long enough for the server to answer with what it has.
+_BURST_EXPIRES = 0.005
+#: Grace after a pull's expiry before nothing more of it can arrive.
+_LATE_GRACE = 0.5
+#: Pulls made to collect in-flight deliveries before handing back.
+_DRAIN_PULLS = 20
+
+
+class PartitionPuller:
+    """Pulls one partition's pinned consumer and feeds the scheduler."""
+
+    def __init__(
+        self, bus: SessionBus, *, group: str, partition: int, scheduler: Scheduler,
+        config: WorkerConfig,
+    ) -> None:
+        self.partition = partition
+        self._bus = bus
+        self._group = group
+        self._scheduler = scheduler
+        self._config = config
+        names = bus.names
+        self._stream = names.envelope_stream
+        self._consumer = names.worker_consumer(group, partition)
+        self._priority_group = names.worker_priority_group
+        self._puller: PinnedPuller | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._keepalive = False
+        self._stopping = False
+        self._wake = asyncio.Event()
+        # Loop time before which a pull that the client stopped waiting for
+        # may still deliver messages to the inbox.
+        self._in_flight_until = 0.0
+
+    @property
+    def consumer(self) -> str:
+        """Durable name of the partition's consumer for this group."""
+        return self._consumer
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the server last told this puller it holds the pin."""
+        return self._puller is not None and self._puller.pinned
+
+    @property
+    def releasing(self) -> bool:
+        """Whether the partition is being handed back."""
+        return self._keepalive
+
+    async def start(self) -> None:
+        """Create (or bind) the consumer and start pulling."""
+        await self._ensure_consumer()
+        self._puller = PinnedPuller(
+            self._bus.nc, stream=self._stream, consumer=self._consumer,
+            group=self._priority_group, api_prefix=self._bus.api_prefix,
+        )
+        await self._puller.start()
+        self._task = asyncio.create_task(self._loop(), name=f"pull:{self._consumer}")
+
+    async def _ensure_consumer(self) -> None:
+        cfg = self._config
+        await create_pinned_consumer(
+            self._bus.nc, stream=self._stream, name=self._consumer,
+            filter_subject=self._bus.names.partition_filter(self.partition),
+            group=self._priority_group, ack_wait=cfg.ack_wait,
+            priority_timeout=cfg.priority_timeout, max_ack_pending=cfg.max_ack_pending,
+            api_prefix=self._bus.api_prefix,
+        )
+
+    # -- pulling ------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self._config
+        keep_expires = cfg.poll_interval / 2
+        last_request = 0.0
+        burst = False
+        while not self._stopping:
+            room = self._scheduler.room()
+            try:
+                if self._keepalive or room <= 0:
+                    pause = last_request + keep_expires - loop.time()
+                    if pause > 0 and await self._sleep(pause):
+                        break
+                    last_request = loop.time()
+                    msgs = await self._fetch(1, keep_expires)
+                    burst = False
+                elif burst:
+                    batch = min(cfg.fetch_batch, room)
+                    last_request = loop.time()
+                    msgs = await self._fetch(batch, _BURST_EXPIRES)
+                    burst = len(msgs) >= batch
+                else:
+                    last_request = loop.time()
+                    msgs = await self._fetch(1, cfg.poll_interval)
+                    burst = bool(msgs)
+            except ConsumerNotFoundError:
+                await self._recover_consumer()
+                continue
+            except (BusError, NatsError, OSError) as e:
+                logger.warning("partition %d: pull failed: %s", self.partition, e)
+                await self._sleep(min(1.0, cfg.poll_interval))
+                continue
+            if msgs:
+                await self._scheduler.offer(self.partition, msgs)
+            assert self._puller is not None
+            status = self._puller.last_status
+            if status is not None and status.code == 423:
+                await self._pin_lost()
+
+    async def _fetch(self, batch: int, expires: float) -> list[Msg]:
+        assert self._puller is not None
+        sent = asyncio.get_running_loop().time()
+        try:
+            msgs = await self._puller.fetch(batch, expires)
+        except BaseException:
+            self._in_flight_until = max(self._in_flight_until, sent + expires + _LATE_GRACE)
+            raise
+        if self._puller.last_status is None and len(msgs) < batch:
+            # The client gave up before the server's status: the pull may live on.
+            self._in_flight_until = max(self._in_flight_until, sent + expires + _LATE_GRACE)
+        return msgs
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking early when stopping; True if stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        return self._stopping
+
+    async def _pin_lost(self) -> None:
+        # Another puller holds the pin: the server delivers to it now. What
+        # this worker holds goes back at once, in order, so that owner gets
+        # it before anything newer of the same sessions.
+        logger.warning("partition %d: the pin moved away; handing back what is held",
+                       self.partition)
+        sched = self._scheduler
+        sched.freeze(self.partition)
+        await sched.cancel_partition(self.partition)
+        await nak_in_order(self._bus.nc, sched.take_partition(self.partition))
+        sched.unfreeze(self.partition)
+
+    async def _recover_consumer(self) -> None:
+        logger.error("partition %d: consumer %s is gone; recreating it (what was held is "
+                     "dropped, the new consumer redelivers)", self.partition, self._consumer)
+        sched = self._scheduler
+        sched.freeze(self.partition)
+        await sched.cancel_partition(self.partition)
+        sched.take_partition(self.partition)
+        sched.unfreeze(self.partition)
+        try:
+            await self._ensure_consumer()
+        except (BusError, NatsError, OSError) as e:
+            logger.warning("partition %d: cannot recreate consumer: %s", self.partition, e)
+            await self._sleep(1.0)
+
+    # -- handing back -------------------------------------------------------
+
+    async def release(self, *, within: float) -> None:
+        """Hand the partition back gracefully: finish running turns, nak the rest, unpin."""
+        self._keepalive = True
+        self._scheduler.freeze(self.partition)
+        if not await self._scheduler.wait_idle(self.partition, within):
+            logger.warning("partition %d: turns still running after %.1fs; cancelling them",
+                           self.partition, within)
+            await self._scheduler.cancel_partition(self.partition)
+        await self._hand_back(unpin_after=True)
+
+    async def abandon(self, *, unpin_after: bool = True) -> None:
+        """Hand the partition back now: cancel running turns, nak everything held."""
+        self._keepalive = True
+        self._scheduler.freeze(self.partition)
+        await self._scheduler.cancel_partition(self.partition)
+        await self._hand_back(unpin_after=unpin_after)
+
+    async def _hand_back(self, *, unpin_after: bool) -> None:
+        await self._stop_loop()
+        await self._collect_in_flight()
+        sched = self._scheduler
+        await sched.cancel_partition(self.partition)
+        held = sched.take_partition(self.partition)
+        await nak_in_order(self._bus.nc, held)
+        if unpin_after and self._puller is not None and self._puller.pinned:
+            try:
+                await unpin(self._bus.nc, stream=self._stream, consumer=self._consumer,
+                            group=self._priority_group, api_prefix=self._bus.api_prefix)
+            except (BusError, NatsError, OSError) as e:
+                # The pin then lapses after priority_timeout: slower, still in order.
+                logger.warning("partition %d: unpin failed: %s", self.partition, e)
+        if self._puller is not None:
+            with contextlib.suppress(BusError, NatsError, OSError):
+                await self._puller.stop()
+        sched.unfreeze(self.partition)
+        logger.debug("partition %d handed back (%d envelopes nak'd)", self.partition, len(held))
+
+    async def _stop_loop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            # Never cancel a pull midway: messages it collected would be
+            # neither held nor handed back, and come back out of order.
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _collect_in_flight(self) -> None:
+        puller = self._puller
+        if puller is None:
+            return
+        loop = asyncio.get_running_loop()
+        late = self._in_flight_until - loop.time()
+        if late > 0:
+            await asyncio.sleep(late)
+        batch = self._config.fetch_batch
+        for _ in range(_DRAIN_PULLS):
+            try:
+                msgs = await puller.fetch(batch, _BURST_EXPIRES)
+            except (BusError, NatsError, OSError):
+                return
+            if msgs:
+                await self._scheduler.offer(self.partition, msgs)
+            if puller.last_status is not None and len(msgs) < batch:
+                return
+
+    def __repr__(self) -> str:
+        state = "releasing" if self._keepalive else "pulling"
+        return f"<PartitionPuller {self._consumer} {state} pinned={self.pinned}>"

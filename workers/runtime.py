@@ -1,0 +1,416 @@
+"""Worker: one process's membership in a worker group, and the turns it runs.
+
+::
+
+    async def handle(turn: Turn) -> None:
+        await turn.reply(f"echo: {turn.envelope.content}")
+
+    async with SessionBus(url) as sb:
+        await Worker(sb, group="echo", handler=handle, handle_signals=True).run()
+
+A *group* is an agent type. Any number of worker processes join it, on any
+machine or leaf node (a leaf client passes ``domain=`` to its bus). They
+share the envelope stream's partitions: each partition has one durable
+pinned pull consumer per group, pulled by the one worker that owns it
+(:mod:`workers.membership`, :mod:`workers.partition`). Inside a worker,
+sessions run one turn at a time, many sessions at once
+(:mod:`workers.scheduler`).
+
+Shutdown has one order: stop fetching, finish running turns under a
+deadline, hand back the rest (nak'd in order, then unpinned), leave the
+group. :meth:`Worker.drain` does all of it; :meth:`Worker.stop` skips the
+waiting and cancels running turns instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable
+from enum import StrEnum
+from typing import Protocol
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+from bus.core import SessionBus
+from bus.errors import BusError, ConfigError, WorkerError
+from bus.names import decode_token, validate_id
+from workers.config import WorkerConfig
+from workers.control import DeadLetter, Drop, Retry
+from workers.delivery import Held, dead_letter
+from workers.membership import Membership
+from workers.partition import PartitionPuller
+from workers.scheduler import ACKED, Action, Outcome, Running, Scheduler
+from workers.turn import Turn
+
+__all__ = ["Handler", "Worker", "WorkerState"]
+
+logger = logging.getLogger(__name__)
+
+class Handler(Protocol):
+    """What a worker runs for each envelope: ``async def handle(turn: Turn) -> None``.
+
+    Return to have the envelope acked; raise to have it retried (or see
+    :mod:`workers.control`).
+    """
+
+    def __call__(self, turn: Turn, /) -> Awaitable[None]:
+        """Handle one turn."""
+
+
+class WorkerState(StrEnum):
+    """Where a worker is in its life."""
+
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Worker:
+    """Runs ``handler`` for envelopes of a group's sessions, in order, one turn per session.
+
+    ``max_concurrency`` bounds the turns this process runs at once;
+    ``max_attempts`` the runs of one envelope before it is dead-lettered.
+    ``agent`` is the participant id replies are sent as (default: the
+    group). ``handle_signals=True`` drains on SIGTERM/SIGINT (a second
+    signal stops at once). Timings are in ``config`` (:class:`WorkerConfig`).
+    """
+
+    def __init__(
+        self,
+        bus: SessionBus,
+        *,
+        group: str,
+        handler: Handler,
+        agent: str | None = None,
+        worker_id: str | None = None,
+        max_concurrency: int = 64,
+        max_attempts: int = 5,
+        handle_signals: bool = False,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        self.group = validate_id(group, "group")
+        self.agent = validate_id(agent, "agent id") if agent is not None else self.group
+        self.worker_id = (validate_id(worker_id, "worker id") if worker_id is not None
+                          else f"{bus.node_id}-{uuid.uuid4().hex[:8]}")
+        if not callable(handler):
+            raise ConfigError(f"handler must be an async callable, got {handler!r}")
+        for name, value in (("max_concurrency", max_concurrency), ("max_attempts", max_attempts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.bus = bus
+        self.config = config or WorkerConfig()
+        self.max_concurrency = max_concurrency
+        self.max_attempts = max_attempts
+        self._handler = handler
+        self._handle_signals = handle_signals
+        self._state = WorkerState.NEW
+        self._membership: Membership | None = None
+        self._scheduler: Scheduler | None = None
+        self._pullers: dict[int, PartitionPuller] = {}
+        self._releasing: dict[int, asyncio.Task[None]] = {}
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._coordinator: asyncio.Task[None] | None = None
+        self._signal_tasks: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def state(self) -> WorkerState:
+        """NEW, RUNNING, DRAINING or STOPPED."""
+        return self._state
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        """Partitions this worker pulls now (including ones being handed back)."""
+        return frozenset(self._pullers)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The per-session scheduler (for metrics: ``held``, ``running``, ``session_count``)."""
+        if self._scheduler is None:
+            raise WorkerError("the worker is not started")
+        return self._scheduler
+
+    @property
+    def membership(self) -> Membership:
+        """This worker's lease and view of the group."""
+        if self._membership is None:
+            raise WorkerError("the worker is not started")
+        return self._membership
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the group and start pulling; returns once the lease is written."""
+        if self._state is not WorkerState.NEW:
+            raise WorkerError(f"worker {self.worker_id} was already started")
+        bus = self.bus
+        self._scheduler = Scheduler(
+            nc=bus.nc, names=bus.names, execute=self._execute, dead_letter=self._dead_letter,
+            max_concurrency=self.max_concurrency, config=self.config,
+        )
+        self._membership = Membership(bus, group=self.group, worker_id=self.worker_id,
+                                      config=self.config)
+        self._subs = [
+            await bus.nc.subscribe(bus.names.closed_all, cb=self._on_closed),
+            await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt),
+        ]
+        await bus.nc.flush()
+        await self._membership.join()
+        self._state = WorkerState.RUNNING
+        self._coordinator = asyncio.create_task(self._coordinate(),
+                                                name=f"coordinate:{self.worker_id}")
+        self._tasks = [asyncio.create_task(self._keep_alive(), name=f"touch:{self.worker_id}")]
+        bus.add_service(self)
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal)
+        logger.info("worker %s joined group %s", self.worker_id, self.group)
+
+    async def run(self) -> None:
+        """Start (unless started) and wait until drained or stopped."""
+        if self._state is WorkerState.NEW:
+            await self.start()
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the worker has drained or stopped."""
+        await self._stopped.wait()
+
+    async def drain(self, *, within: float | None = None) -> None:
+        """Leave gracefully: finish running turns (``within`` s), hand back the rest, leave."""
+        deadline = self.config.drain_timeout if within is None else within
+        await self._shutdown(graceful=True, within=deadline)
+
+    async def stop(self) -> None:
+        """Leave now: cancel running turns, hand back everything held, leave the group."""
+        await self._shutdown(graceful=False, within=0.0)
+
+    async def _shutdown(self, *, graceful: bool, within: float) -> None:
+        if self._state is WorkerState.NEW:
+            self._state = WorkerState.STOPPED
+            self._stopped.set()
+            return
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.create_task(self._do_shutdown(graceful, within))
+        elif not graceful and self._state is WorkerState.DRAINING:
+            # A stop during a drain: cut the wait for running turns short.
+            assert self._scheduler is not None
+            for p in list(self._pullers):
+                await self._scheduler.cancel_partition(p)
+        await asyncio.shield(self._shutdown_task)
+
+    async def _do_shutdown(self, graceful: bool, within: float) -> None:
+        self._state = WorkerState.DRAINING
+        membership, scheduler = self.membership, self.scheduler
+        coordinator, self._coordinator = self._coordinator, None
+        if coordinator is not None:
+            coordinator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await coordinator
+        with contextlib.suppress(BusError, OSError):
+            await membership.update(draining=True)  # others plan without this worker
+        pullers = list(self._pullers.values())
+        pending = [t for t in self._releasing.values() if not t.done()]
+        if graceful:
+            await asyncio.gather(*(p.release(within=within) for p in pullers
+                                   if p.partition not in self._releasing), *pending,
+                                 return_exceptions=True)
+        else:
+            await asyncio.gather(*(p.abandon() for p in pullers), return_exceptions=True)
+        self._pullers.clear()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await membership.leave()
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        self._state = WorkerState.STOPPED
+        self._stopped.set()
+        logger.info("worker %s left group %s (%d envelopes settled)", self.worker_id,
+                    self.group, scheduler.completed)
+
+    def _on_signal(self) -> None:
+        if self._shutdown_task is None:
+            logger.info("worker %s draining on signal", self.worker_id)
+            task = asyncio.get_running_loop().create_task(self.drain())
+        else:
+            logger.info("worker %s stopping on second signal", self.worker_id)
+            task = asyncio.get_running_loop().create_task(self.stop())
+        self._signal_tasks.add(task)
+        task.add_done_callback(self._signal_tasks.discard)
+
+    # -- partitions ---------------------------------------------------------
+
+    async def _coordinate(self) -> None:
+        membership = self.membership
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.refresh_interval):
+                    await membership.changed.wait()
+            membership.changed.clear()
+            try:
+                if membership.lost.is_set():
+                    await self._recover_lease()
+                else:
+                    await self._rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("worker %s: rebalancing failed; retrying", self.worker_id)
+                await asyncio.sleep(0.5)
+                membership.changed.set()
+
+    async def _rebalance(self) -> None:
+        membership = self.membership
+        wanted = membership.assigned(self.bus.partitions)
+        for p, puller in list(self._pullers.items()):
+            if p not in wanted and p not in self._releasing:
+                self._releasing[p] = asyncio.create_task(self._release(puller))
+        blocked = membership.claimed_elsewhere()
+        new = sorted(p for p in wanted if p not in self._pullers and p not in blocked)
+        if not new:
+            return
+        await membership.update(claims=set(self._pullers) | set(new))
+        started = await asyncio.gather(*(self._start_partition(p) for p in new),
+                                       return_exceptions=True)
+        failed = {p for p, result in zip(new, started, strict=True)
+                  if isinstance(result, BaseException)}
+        for p, result in zip(new, started, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("worker %s: cannot pull partition %d: %s",
+                               self.worker_id, p, result)
+        if failed:
+            await membership.update(claims=set(self._pullers))
+            membership.changed.set()
+
+    async def _start_partition(self, partition: int) -> None:
+        puller = PartitionPuller(self.bus, group=self.group, partition=partition,
+                                 scheduler=self.scheduler, config=self.config)
+        await puller.start()
+        self._pullers[partition] = puller
+
+    async def _release(self, puller: PartitionPuller) -> None:
+        p = puller.partition
+        try:
+            await puller.release(within=self.config.handover_timeout)
+        finally:
+            self._pullers.pop(p, None)
+            self._releasing.pop(p, None)
+        if self._state is WorkerState.RUNNING:
+            with contextlib.suppress(BusError):
+                await self.membership.update(claims=set(self._pullers))
+
+    async def _recover_lease(self) -> None:
+        logger.warning("worker %s: lease lost; handing back all partitions and rejoining",
+                       self.worker_id)
+        # Releases under way finish first: cancelling one midway could lose
+        # messages a pull had collected.
+        await asyncio.gather(*self._releasing.values(), return_exceptions=True)
+        await asyncio.gather(*(p.abandon() for p in self._pullers.values()),
+                             return_exceptions=True)
+        self._pullers.clear()
+        self._releasing.clear()
+        await self.membership.rejoin()
+
+    async def _keep_alive(self) -> None:
+        interval = self.config.touch_interval
+        scheduler = self.scheduler
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await scheduler.touch_due()
+            except (NatsError, OSError) as e:
+                logger.warning("in_progress sweep failed: %s", e)
+
+    # -- broadcasts ---------------------------------------------------------
+
+    async def _on_closed(self, msg: Msg) -> None:
+        sid = _session_of_ctl(msg.subject)
+        if sid is not None and self._scheduler is not None:
+            await self._scheduler.close(sid)
+
+    async def _on_interrupt(self, msg: Msg) -> None:
+        sid = _session_of_ctl(msg.subject)
+        if sid is not None and self._scheduler is not None:
+            self._scheduler.interrupt(sid)
+
+    # -- turns --------------------------------------------------------------
+
+    async def _execute(self, held: Held, run: Running) -> Outcome:
+        if held.error is not None:
+            return Outcome(Action.DEAD, reason=f"malformed envelope: {held.error}")
+        envelope = held.envelope
+        assert envelope is not None
+        if envelope.is_expired():
+            logger.debug("skipping expired envelope %s of %r", envelope.envelope_id,
+                         held.session_id)
+            return ACKED
+        turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
+                    worker_id=self.worker_id, interrupted=run.interrupted)
+        try:
+            await self._handler(turn)
+        except Retry as r:
+            return self._retry(held, r.delay, r.reason or "handler asked for a retry")
+        except Drop as d:
+            logger.debug("dropped envelope %s of %r: %s", envelope.envelope_id,
+                         held.session_id, d.reason)
+            return ACKED
+        except DeadLetter as d:
+            return Outcome(Action.DEAD, reason=d.reason)
+        except Exception as e:
+            logger.warning("handler of group %s failed on %r seq %d (attempt %d): %r",
+                           self.group, held.session_id, held.seq, held.attempt, e)
+            return self._retry(held, None, f"handler raised {e!r}")
+        return ACKED
+
+    def _retry(self, held: Held, delay: float | None, reason: str) -> Outcome:
+        if held.attempt >= self.max_attempts:
+            return Outcome(Action.DEAD,
+                           reason=f"gave up after {held.attempt} attempts: {reason}")
+        if delay is None:
+            delay = min(self.config.retry_backoff * 2 ** (held.attempt - 1),
+                        self.config.retry_backoff_max)
+        return Outcome(Action.RETRY, delay=delay, reason=reason)
+
+    async def _dead_letter(self, held: Held, reason: str) -> None:
+        logger.warning("dead-lettering %r seq %d: %s", held.session_id, held.seq, reason)
+        await dead_letter(
+            self.bus.js, subject=self.bus.names.dead_letter(self.group, held.session_id),
+            held=held, group=self.group, reason=reason,
+            confirm_within=self.bus.settings.request_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return (f"<Worker {self.worker_id} group={self.group!r} {self._state.value} "
+                f"partitions={len(self._pullers)}>")
+
+
+def _session_of_ctl(subject: str) -> str | None:
+    """The session id in ``<prefix>.ctl.<sid>.<kind>``, None if malformed."""
+    parts = subject.split(".")
+    if len(parts) != 4:
+        return None
+    try:
+        return decode_token(parts[2])
+    except BusError:
+        return None

@@ -1,0 +1,474 @@
+"""Per-session queues inside one worker: one turn at a time per session.
+
+Messages pulled from the partitions this worker owns land here, queued
+behind their session in stream order. A session with a queue and no turn
+running is *ready*; ready sessions start as long as fewer than
+``max_concurrency`` turns run, the highest envelope priority first, then in
+arrival order. A turn's envelope stays at the head of its queue until the
+turn's outcome is settled (acked, dead-lettered, or waiting to be retried),
+so a failing envelope holds back the session's later ones.
+
+State is kept only for sessions with something held: a session whose queue
+empties is forgotten, apart from its last completed stream sequence in a
+bounded LRU that recognises redeliveries of work already done.
+
+Cancelling a running turn has three causes, recorded before the task is
+cancelled: an interrupt (ack, run the next), a close (ack, discard the
+rest), and a handback (leave it queued: the partition naks everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.errors import BusError, DecodeError, InvalidIdError, WorkerError
+from bus.names import Names
+from schemas import Envelope, decode
+from workers.config import WorkerConfig
+from workers.delivery import Held, ack, touch
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+
+class Action(StrEnum):
+    """What to do with an envelope once its turn is over."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A turn's verdict: the action, a retry delay, and a reason for logs and dead letters."""
+
+    action: Action
+    delay: float = 0.0
+    reason: str = ""
+
+
+ACKED = Outcome(Action.ACK)
+
+
+class CancelReason(StrEnum):
+    """Why a running turn was cancelled."""
+
+    INTERRUPT = "interrupt"
+    CLOSE = "close"
+    HANDBACK = "handback"
+
+
+class Running:
+    """A turn in progress: its held envelope, task and interrupt flag."""
+
+    __slots__ = ("cancel_reason", "finished", "held", "interrupted", "task")
+
+    def __init__(self, held: Held) -> None:
+        self.held = held
+        self.interrupted = asyncio.Event()
+        self.cancel_reason: CancelReason | None = None
+        #: Set once the handler returned: from then on only settling is left,
+        #: which is never cancelled by an interrupt or a close.
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+
+    def cancel(self, reason: CancelReason) -> bool:
+        """Cancel the handler for ``reason``; False if it already finished."""
+        if self.finished or self.task is None or self.cancel_reason is not None:
+            return False
+        self.cancel_reason = reason
+        self.interrupted.set()
+        self.task.cancel()
+        return True
+
+
+class _Session:
+    __slots__ = ("closing", "partition", "queue", "ready", "running", "sid", "timer")
+
+    def __init__(self, sid: str, partition: int) -> None:
+        self.sid = sid
+        self.partition = partition
+        self.queue: list[Held] = []
+        self.running: Running | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.ready = False
+        self.closing = False
+
+
+Execute = Callable[[Held, Running], Awaitable[Outcome]]
+DeadLetter = Callable[[Held, str], Awaitable[None]]
+
+
+class Scheduler:
+    """Holds pulled messages per session and runs their turns."""
+
+    def __init__(
+        self,
+        *,
+        nc: Client,
+        names: Names,
+        execute: Execute,
+        dead_letter: DeadLetter,
+        max_concurrency: int,
+        config: WorkerConfig,
+    ) -> None:
+        self._nc = nc
+        self._names = names
+        self._execute = execute
+        self._dead_letter = dead_letter
+        self._max_concurrency = max_concurrency
+        self._config = config
+        self._sessions: dict[str, _Session] = {}
+        self._by_partition: dict[int, set[str]] = {}
+        self._frozen: set[int] = set()
+        self._ready: list[tuple[int, int, _Session]] = []
+        self._counter = itertools.count()
+        self._running = 0
+        self._held = 0
+        self._last_done: OrderedDict[str, int] = OrderedDict()
+        self._closed: OrderedDict[str, float] = OrderedDict()
+        self.completed = 0
+        """Envelopes settled (acked after a turn, dropped, dead-lettered) since start."""
+
+    # -- introspection ------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Messages held (queued or running)."""
+        return self._held
+
+    @property
+    def running(self) -> int:
+        """Turns running now."""
+        return self._running
+
+    @property
+    def session_count(self) -> int:
+        """Sessions with per-session state (something queued, running or waiting)."""
+        return len(self._sessions)
+
+    @property
+    def dedupe_size(self) -> int:
+        """Sessions whose last completed sequence is remembered."""
+        return len(self._last_done)
+
+    def room(self) -> int:
+        """How many more messages may be pulled before the soft cap."""
+        return self._config.max_held - self._held
+
+    def running_in(self, partition: int) -> list[Running]:
+        """Turns running on sessions of ``partition``."""
+        out = []
+        for sid in self._by_partition.get(partition, ()):
+            run = self._sessions[sid].running
+            if run is not None:
+                out.append(run)
+        return out
+
+    # -- intake -------------------------------------------------------------
+
+    async def offer(self, partition: int, msgs: Iterable[Msg]) -> None:
+        """Queue messages pulled from ``partition`` and start what can start."""
+        loop_time = asyncio.get_running_loop().time()
+        for msg in msgs:
+            await self._offer_one(partition, msg, loop_time)
+        self._pump()
+
+    async def _offer_one(self, partition: int, msg: Msg, now: float) -> None:
+        try:
+            meta = msg.metadata
+        except Exception:  # not a JetStream delivery: nothing to ack
+            logger.warning("ignoring a non-JetStream message on %s", msg.subject)
+            return
+        seq = meta.sequence.stream
+        token = msg.subject.rsplit(".", 1)[-1]
+        error: DecodeError | None = None
+        envelope: Envelope | None = None
+        try:
+            sid = self._names.session_of_subject(msg.subject)
+        except InvalidIdError:
+            sid = token  # published around the bus: keep it apart, dead-letter it
+            error = DecodeError(f"subject token {token!r} is not an encoded session id", msg.data)
+        if error is None:
+            try:
+                envelope = decode(msg.data, Envelope)
+            except DecodeError as e:
+                error = e
+        if self._is_closed(sid, now):
+            await self._nc.publish(msg.reply, b"+ACK")
+            self._mark_done(sid, seq)
+            return
+        last = self._last_done.get(sid)
+        if last is not None and seq <= last:
+            await self._nc.publish(msg.reply, b"+ACK")  # a redelivery of finished work
+            return
+        session = self._sessions.get(sid)
+        if session is None:
+            session = self._sessions[sid] = _Session(sid, partition)
+            self._by_partition.setdefault(partition, set()).add(sid)
+        queue = session.queue
+        if queue and queue[-1].seq >= seq:
+            await self._insert_or_replace(session, seq, msg, meta.num_delivered, now,
+                                          envelope, error)
+            return
+        queue.append(Held(seq=seq, partition=partition, session_id=sid, msg=msg,
+                          envelope=envelope, error=error, delivered=meta.num_delivered,
+                          touched=now))
+        self._held += 1
+        self._make_ready(session)
+
+    async def _insert_or_replace(
+        self, session: _Session, seq: int, msg: Msg, delivered: int, now: float,
+        envelope: Envelope | None, error: DecodeError | None,
+    ) -> None:
+        for held in session.queue:
+            if held.seq == seq:
+                # A redelivered copy of something held (ack_wait passed while the
+                # event loop was busy): answer through the newest delivery.
+                held.msg = msg
+                held.delivered = delivered
+                break
+        else:
+            session.queue.append(Held(seq=seq, partition=session.partition,
+                                      session_id=session.sid, msg=msg, envelope=envelope,
+                                      error=error, delivered=delivered, touched=now))
+            session.queue.sort(key=lambda h: h.seq)
+            self._held += 1
+            self._make_ready(session)
+        # The server restarted this message's ack timer: restart the later
+        # ones too, so a failover redelivers the session's envelopes in order.
+        await self._touch_session(session, now)
+
+    # -- scheduling ---------------------------------------------------------
+
+    def _make_ready(self, session: _Session) -> None:
+        if session.ready or session.running is not None or session.timer is not None:
+            return
+        if not session.queue or session.closing:
+            return
+        session.ready = True
+        heapq.heappush(self._ready, (-session.queue[0].priority, next(self._counter), session))
+
+    def _pump(self) -> None:
+        while self._running < self._max_concurrency and self._ready:
+            _, _, session = heapq.heappop(self._ready)
+            session.ready = False
+            if self._sessions.get(session.sid) is not session or not session.queue:
+                continue
+            if session.running is not None or session.timer is not None:
+                continue
+            if session.partition in self._frozen:
+                continue
+            self._start(session)
+
+    def _start(self, session: _Session) -> None:
+        run = Running(session.queue[0])
+        session.running = run
+        self._running += 1
+        run.task = asyncio.create_task(self._turn(session, run))
+
+    async def _turn(self, session: _Session, run: Running) -> None:
+        held = run.held
+        outcome: Outcome | None
+        try:
+            try:
+                outcome = await self._execute(held, run)
+            except asyncio.CancelledError:
+                if run.cancel_reason is None:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                outcome = None if run.cancel_reason is CancelReason.HANDBACK else ACKED
+            run.finished = True
+            if outcome is not None:
+                await self._settle(session, held, outcome)
+            if session.closing and session.timer is None:
+                await self._ack_queue(session)
+        except Exception:
+            logger.exception("settling stream sequence %d of %r failed", held.seq, session.sid)
+        finally:
+            session.running = None
+            self._running -= 1
+            self._after_turn(session)
+
+    async def _settle(self, session: _Session, held: Held, outcome: Outcome) -> None:
+        if outcome.action is Action.RETRY:
+            held.failures += 1
+            loop = asyncio.get_running_loop()
+            session.timer = loop.call_later(outcome.delay, self._wake, session)
+            return
+        if outcome.action is Action.DEAD:
+            try:
+                await self._dead_letter(held, outcome.reason)
+            except BusError as e:
+                logger.warning("%s; retrying", e)
+                loop = asyncio.get_running_loop()
+                session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
+                return
+        await ack(self._nc, held)
+        self._pop_head(session, held)
+
+    def _pop_head(self, session: _Session, held: Held) -> None:
+        if session.queue and session.queue[0] is held:
+            session.queue.pop(0)
+            self._held -= 1
+            self.completed += 1
+            self._mark_done(session.sid, held.seq)
+
+    def _wake(self, session: _Session) -> None:
+        session.timer = None
+        if self._sessions.get(session.sid) is session:
+            self._make_ready(session)
+            self._pump()
+
+    def _after_turn(self, session: _Session) -> None:
+        if not session.queue and session.timer is None:
+            self._forget(session)
+        else:
+            self._make_ready(session)
+        self._pump()
+
+    def _forget(self, session: _Session) -> None:
+        if self._sessions.get(session.sid) is session and session.running is None:
+            del self._sessions[session.sid]
+            sids = self._by_partition.get(session.partition)
+            if sids is not None:
+                sids.discard(session.sid)
+                if not sids:
+                    del self._by_partition[session.partition]
+            if session.timer is not None:
+                session.timer.cancel()
+                session.timer = None
+
+    def _mark_done(self, sid: str, seq: int) -> None:
+        last = self._last_done.get(sid)
+        if last is None or seq > last:
+            self._last_done[sid] = seq
+        self._last_done.move_to_end(sid)
+        while len(self._last_done) > self._config.dedupe_size:
+            self._last_done.popitem(last=False)
+
+    # -- keeping held messages alive ---------------------------------------
+
+    async def touch_due(self) -> int:
+        """Send ``in_progress`` for every session whose oldest held message is due.
+
+        A session's messages are touched together, in stream order, so their
+        ack timers stay in the same order as their sequences; then a dead
+        worker's messages come back to the next owner in order.
+        """
+        now = asyncio.get_running_loop().time()
+        limit = now - self._config.touch_after
+        touched = 0
+        for session in list(self._sessions.values()):
+            if session.queue and session.queue[0].touched <= limit:
+                touched += await self._touch_session(session, now)
+        return touched
+
+    async def _touch_session(self, session: _Session, now: float) -> int:
+        for held in list(session.queue):
+            await touch(self._nc, held, now)
+        return len(session.queue)
+
+    # -- close and interrupt ------------------------------------------------
+
+    def interrupt(self, sid: str) -> bool:
+        """Cancel the session's running turn (its envelope is acked); True if one ran."""
+        session = self._sessions.get(sid)
+        if session is None or session.running is None:
+            return False
+        return session.running.cancel(CancelReason.INTERRUPT)
+
+    async def close(self, sid: str) -> None:
+        """The session closed: cancel its turn, ack and forget everything queued."""
+        now = asyncio.get_running_loop().time()
+        self._closed[sid] = now
+        self._closed.move_to_end(sid)
+        while len(self._closed) > self._config.closed_size:
+            self._closed.popitem(last=False)
+        session = self._sessions.get(sid)
+        if session is None:
+            return
+        session.closing = True
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        if session.running is not None:
+            session.running.cancel(CancelReason.CLOSE)  # the turn acks the rest when it ends
+            return
+        await self._ack_queue(session)
+        self._forget(session)
+
+    async def _ack_queue(self, session: _Session) -> None:
+        queue, session.queue = session.queue, []
+        self._held -= len(queue)
+        for held in queue:
+            await ack(self._nc, held)
+            self.completed += 1
+            self._mark_done(session.sid, held.seq)
+
+    def _is_closed(self, sid: str, now: float) -> bool:
+        closed_at = self._closed.get(sid)
+        if closed_at is None:
+            return False
+        if now - closed_at > self._config.closed_ttl:
+            del self._closed[sid]
+            return False
+        return True
+
+    # -- handing partitions back --------------------------------------------
+
+    def freeze(self, partition: int) -> None:
+        """Start no new turn on ``partition`` (its queued messages stay held)."""
+        self._frozen.add(partition)
+
+    def unfreeze(self, partition: int) -> None:
+        """Let turns start on ``partition`` again."""
+        self._frozen.discard(partition)
+        for sid in self._by_partition.get(partition, ()):
+            self._make_ready(self._sessions[sid])
+        self._pump()
+
+    async def wait_idle(self, partition: int, within: float) -> bool:
+        """Wait until no turn runs on ``partition``; False if some still run after ``within`` s."""
+        running = [r.task for r in self.running_in(partition) if r.task is not None]
+        if not running:
+            return True
+        _, pending = await asyncio.wait(running, timeout=within)
+        return not pending and not self.running_in(partition)
+
+    async def cancel_partition(self, partition: int) -> None:
+        """Cancel the turns running on ``partition``, leaving their envelopes held."""
+        runs = self.running_in(partition)
+        for run in runs:
+            run.cancel(CancelReason.HANDBACK)
+        tasks = [r.task for r in runs if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def take_partition(self, partition: int) -> list[Held]:
+        """Remove and return every message held for ``partition`` (no turn may run)."""
+        out: list[Held] = []
+        for sid in list(self._by_partition.get(partition, ())):
+            session = self._sessions[sid]
+            if session.running is not None:
+                raise WorkerError(f"take_partition({partition}) with a turn running on {sid!r}")
+            out.extend(session.queue)
+            self._held -= len(session.queue)
+            session.queue = []
+            self._forget(session)
+        return out
+

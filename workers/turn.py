@@ -1,0 +1,130 @@
+"""Turn: what a handler gets for one envelope of one session.
+
+::
+
+    async def handle(turn: Turn) -> None:
+        history = await turn.history()
+        async for token in model.stream(history):
+            if turn.interrupted.is_set():
+                break
+            await turn.stream(token)
+        await turn.reply(answer)
+
+The handler returns to have the envelope acked; it raises to have it
+retried (an ordinary exception) or to steer it (see :mod:`workers.control`).
+While it runs, no other turn of the same session runs anywhere in the
+group. An interrupt of the session sets :attr:`Turn.interrupted` and
+cancels the handler's task; a close of the session does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from bus.core import SessionBus
+from bus.errors import WorkerError
+from schemas import EV_TEXT, Envelope
+from workers.delivery import Held
+
+if TYPE_CHECKING:
+    from bus.session import Session
+
+__all__ = ["Turn"]
+
+
+class Turn:
+    """One envelope handed to a handler, with ways to answer into its session."""
+
+    __slots__ = ("_bus", "_held", "_session", "agent", "group", "interrupted", "worker_id")
+
+    def __init__(
+        self, *, bus: SessionBus, held: Held, group: str, agent: str, worker_id: str,
+        interrupted: asyncio.Event,
+    ) -> None:
+        if held.envelope is None:
+            raise WorkerError("a Turn needs a decoded envelope")
+        self._bus = bus
+        self._held = held
+        self._session: Session | None = None
+        self.group = group
+        """The worker group handling the turn."""
+        self.agent = agent
+        """The participant id replies are sent as (the group unless configured)."""
+        self.worker_id = worker_id
+        """The worker process running the turn."""
+        self.interrupted = interrupted
+        """Set when the session is interrupted or closed; the task is cancelled right after."""
+
+    @property
+    def envelope(self) -> Envelope:
+        """The envelope this turn handles."""
+        envelope = self._held.envelope
+        assert envelope is not None
+        return envelope
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self._held.session_id
+
+    @property
+    def attempt(self) -> int:
+        """Delivery count: 1 the first time, more after a retry, a failover or a handback."""
+        return self._held.attempt
+
+    @property
+    def sequence(self) -> int:
+        """The envelope's sequence in the envelope stream (increasing within a session)."""
+        return self._held.seq
+
+    @property
+    def partition(self) -> int:
+        """The partition the session's envelopes are stored in."""
+        return self._held.partition
+
+    @property
+    def session(self) -> Session:
+        """A handle on the session, participating as :attr:`agent` (no I/O until used)."""
+        if self._session is None:
+            self._session = self._bus.session(self.session_id, participant=self.agent)
+        return self._session
+
+    async def history(self) -> list[Envelope]:
+        """The session's envelopes so far, in order (an ordered-consumer replay)."""
+        return [envelope async for envelope in self.session.history()]
+
+    async def reply(
+        self,
+        content: str,
+        *,
+        audience: list[str] | None = None,
+        event_type: str = EV_TEXT,
+        event_data: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        """Send an envelope into the session, caused by this turn's envelope.
+
+        The sender is :attr:`agent`; the bus sets the delegation depth from
+        the causation envelope. ``options`` go to ``Session.send`` (e.g.
+        ``priority``, ``ttl_seconds``, ``idempotency_key``). Returns the new
+        envelope's id.
+        """
+        envelope_id: str = await self.session.send(
+            content, audience=audience, causation_id=self.envelope.envelope_id,
+            event_type=event_type, event_data=event_data, **options,
+        )
+        return envelope_id
+
+    async def stream(self, chunk: str | bytes) -> None:
+        """Publish a transient chunk (e.g. a token) on the session's output subject.
+
+        Core NATS, not stored: listeners on ``names.output(session, agent)``
+        see it if they are subscribed now.
+        """
+        data = chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        await self._bus.nc.publish(self._bus.names.output(self.session_id, self.agent), data)
+
+    def __repr__(self) -> str:
+        return (f"<Turn session={self.session_id!r} seq={self.sequence} "
+                f"attempt={self.attempt} group={self.group!r}>")
