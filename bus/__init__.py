@@ -42,6 +42,11 @@ from bus.kv import KVEvent as KVEvent
 from bus.kv import KVOp as KVOp
 from bus.kv import wire_ttl as wire_ttl
 from bus.lifecycle import Lifecycle as Lifecycle
+from bus.lock import LockState as LockState
+from bus.lock import TurnLock as TurnLock
+from bus.lock import read_lock as read_lock
+from bus.manager import ManagedSession as ManagedSession
+from bus.manager import SessionManager as SessionManager
 from bus.names import Names as Names
 from bus.registry import ExpiredSession as ExpiredSession
 from bus.registry import SessionRegistry as SessionRegistry
@@ -56,6 +61,8 @@ from bus.server import server_version as server_version
 from bus.session import Interrupt as Interrupt
 from bus.session import Session as Session
 from bus.settings import BusSettings as BusSettings
+from bus.store import SessionStore as SessionStore
+from bus.store import SessionStream as SessionStream
 from schemas import EV_TEXT as EV_TEXT
 from schemas import Envelope as Envelope
 from schemas import SessionInfo as SessionInfo
@@ -101,7 +108,9 @@ __all__ = [
     "LiveFeed",
     "LockError",
     "LockLost",
+    "LockState",
     "LockTimeout",
+    "ManagedSession",
     "Names",
     "NatsCluster",
     "NatsServer",
@@ -114,18 +123,23 @@ __all__ = [
     "SessionExpired",
     "SessionInfo",
     "SessionKVStore",
+    "SessionManager",
     "SessionMetadata",
     "SessionNotFound",
     "SessionRegistry",
     "SessionState",
+    "SessionStore",
+    "SessionStream",
     "SessionTerminated",
     "TaskInfo",
     "TaskNotFound",
     "TaskState",
+    "TurnLock",
     "WorkerError",
     "find_server_binary",
     "free_port",
     "nats_errors",
+    "read_lock",
     "server_version",
     "wire_ttl",
 ]
