@@ -124,9 +124,13 @@ class PartitionPuller:
         last_request = 0.0
         burst = False
         while not self._stopping:
-            room = self._scheduler.room()
+            keep = self._keepalive
+            grant = 0
+            if not keep:
+                grant = self._scheduler.reserve(cfg.fetch_batch if burst else 1)
+                keep = grant == 0
             try:
-                if self._keepalive or room <= 0:
+                if keep:
                     pause = last_request + keep_expires - loop.time()
                     if pause > 0 and await self._sleep(pause):
                         break
@@ -134,14 +138,15 @@ class PartitionPuller:
                     msgs = await self._fetch(1, keep_expires)
                     burst = False
                 elif burst:
-                    batch = min(cfg.fetch_batch, room)
                     last_request = loop.time()
-                    msgs = await self._fetch(batch, _BURST_EXPIRES)
-                    burst = len(msgs) >= batch
+                    msgs = await self._fetch(grant, _BURST_EXPIRES)
+                    burst = len(msgs) >= grant
                 else:
                     last_request = loop.time()
                     msgs = await self._fetch(1, cfg.poll_interval)
                     burst = bool(msgs)
+                if msgs:
+                    await self._scheduler.offer(self.partition, msgs)
             except ConsumerNotFoundError:
                 await self._recover_consumer()
                 continue
@@ -149,8 +154,8 @@ class PartitionPuller:
                 logger.warning("partition %d: pull failed: %s", self.partition, e)
                 await self._sleep(min(1.0, cfg.poll_interval))
                 continue
-            if msgs:
-                await self._scheduler.offer(self.partition, msgs)
+            finally:
+                self._scheduler.unreserve(grant)
             assert self._puller is not None
             status = self._puller.last_status
             if status is not None and status.code == 423:

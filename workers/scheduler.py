@@ -137,6 +137,7 @@ class Scheduler:
         self._counter = itertools.count()
         self._running = 0
         self._held = 0
+        self._reserved = 0
         self._last_done: OrderedDict[str, int] = OrderedDict()
         self._closed: OrderedDict[str, float] = OrderedDict()
         self.completed = 0
@@ -164,9 +165,20 @@ class Scheduler:
         """Sessions whose last completed sequence is remembered."""
         return len(self._last_done)
 
-    def room(self) -> int:
-        """How many more messages may be pulled before the soft cap."""
-        return self._config.max_held - self._held
+    def reserve(self, wanted: int) -> int:
+        """Reserve room for up to ``wanted`` messages about to be pulled; returns the grant.
+
+        Partitions pull concurrently: reserving keeps them together under
+        ``max_held``. Give the grant back with :meth:`unreserve` once the
+        pulled messages were offered.
+        """
+        grant = max(0, min(wanted, self._config.max_held - self._held - self._reserved))
+        self._reserved += grant
+        return grant
+
+    def unreserve(self, grant: int) -> None:
+        """Return a grant from :meth:`reserve`."""
+        self._reserved -= grant
 
     def running_in(self, partition: int) -> list[Running]:
         """Turns running on sessions of ``partition``."""
