@@ -21,6 +21,7 @@ import builtins
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,7 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
+from bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 from bus.jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
@@ -46,6 +47,9 @@ __all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
 logger = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+#: Seconds one read attempt waits before it is retried (Direct Gets answer in
+#: well under a millisecond when a replica is there to answer).
+_READ_ATTEMPT = 1.0
 _KV_OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
 _TTL = "Nats-TTL"
@@ -86,6 +90,46 @@ class KVEvent:
     op: KVOp
     value: bytes
     revision: int
+
+
+class _ReadRetry:
+    """Paces the retries of a read that no replica answered, up to a deadline.
+
+    When a replicated bucket's stream leader is lost, the other replicas stop
+    answering Direct Gets until a new leader is elected (about 1.5 s on
+    loopback): "no responders". A Direct Get in flight to the node that died
+    is never answered at all. Reads wait both out (each attempt bounded by
+    ``_READ_ATTEMPT`` seconds) instead of failing.
+    """
+
+    def __init__(self, within: float) -> None:
+        self._deadline = time.monotonic() + within
+        self._delay = 0.02
+        self._unanswered = False
+
+    def attempt_timeout(self) -> float:
+        """How long the next attempt may wait for its answer."""
+        return max(0.001, min(_READ_ATTEMPT, self._deadline - time.monotonic()))
+
+    def error(self, cause: BaseException, what: str) -> BusError:
+        """The error to raise once retries are exhausted.
+
+        ConnectionFailed if any attempt found nobody answering, else BusTimeout.
+        """
+        if self._unanswered or not isinstance(cause, TimeoutError):
+            return ConnectionFailed(f"{what}: no JetStream answering")
+        return BusTimeout(f"{what} timed out")
+
+    async def again(self, cause: BaseException) -> bool:
+        """Sleep before the next attempt; False once the deadline has passed."""
+        if not isinstance(cause, TimeoutError):
+            self._unanswered = True
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(self._delay, left))
+        self._delay = min(self._delay * 2, 0.25)
+        return True
 
 
 def _op_of(headers: dict[str, str] | None) -> KVOp:
@@ -158,14 +202,19 @@ class Bucket:
         return int(info.state.last_seq)
 
     async def _direct_last(self, key: str) -> api.RawStreamMsg | None:
-        try:
-            msg = await self.js.get_msg(self.stream, subject=self._pre + key, direct=True)
-        except nats.js.errors.NotFoundError:
-            return None
-        except nats.errors.TimeoutError as e:
-            raise BusTimeout(f"get {self.name}/{key} timed out") from e
-        except nats.errors.NoRespondersError as e:
-            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
+        retry = _ReadRetry(self.timeout)
+        while True:
+            try:
+                async with asyncio.timeout(retry.attempt_timeout()):
+                    msg = await self.js.get_msg(
+                        self.stream, subject=self._pre + key, direct=True
+                    )
+                break
+            except nats.js.errors.NotFoundError:
+                return None
+            except (TimeoutError, nats.errors.NoRespondersError) as e:
+                if not await retry.again(e):
+                    raise retry.error(e, f"get {self.name}/{key}") from e
         if msg.subject != self._pre + key:
             return None
         return msg
@@ -246,17 +295,22 @@ class Bucket:
         subjects (markers included) per filter; past that the listing falls
         back to an ordered consumer delivering the last message per subject.
         """
-        try:
-            found = await direct_get_last_for_subjects(
-                self.nc, stream=self.stream, subjects=[self._pre + key_filter],
-                api_prefix=self._api_prefix,
-            )
-        except TooManyResultsError:
-            return await self._list_by_consumer(key_filter)
-        except JetStreamAPIError as e:
-            if e.code == 503:
-                raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
-            raise
+        retry = _ReadRetry(self.timeout)
+        while True:
+            try:
+                async with asyncio.timeout(retry.attempt_timeout()):
+                    found = await direct_get_last_for_subjects(
+                        self.nc, stream=self.stream, subjects=[self._pre + key_filter],
+                        api_prefix=self._api_prefix,
+                    )
+                break
+            except TooManyResultsError:
+                return await self._list_by_consumer(key_filter)
+            except (TimeoutError, JetStreamAPIError) as e:
+                if isinstance(e, JetStreamAPIError) and e.code != 503:
+                    raise
+                if not await retry.again(e):
+                    raise retry.error(e, f"list {self.name}/{key_filter}") from e
         return [
             KVEntry(key=m.subject[len(self._pre):], value=m.data or b"", revision=m.seq)
             for m in found

@@ -11,7 +11,7 @@ import nats.errors
 import pytest
 
 from bus.core import SessionBus
-from bus.errors import KeyConflict
+from bus.errors import ConnectionFailed, KeyConflict
 from bus.kv import Bucket, KVEvent, KVOp, wire_ttl
 from bus.server import NatsServer
 from bus.testing import LeafTopology
@@ -154,3 +154,15 @@ async def test_domain_subjects_work_on_the_hub_itself(
 ) -> None:
     hub = await bus_factory(nats_leaf.hub.url, domain=nats_leaf.domain)
     await _exercise_bucket_through(hub.registry_kv, hub.registry_kv)
+
+
+async def test_reads_retry_no_responders_until_the_bucket_timeout(bus: SessionBus) -> None:
+    # No stream answers: the read retries (as through a leader election) and
+    # then fails with a typed error after the bucket's timeout.
+    missing = Bucket(nc=bus.nc, js=bus.js, name="absent", timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(ConnectionFailed):
+        await missing.get("k")
+    with pytest.raises(ConnectionFailed):
+        await missing.list("k.*")
+    assert 0.5 <= time.monotonic() - start < 3.0
