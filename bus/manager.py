@@ -130,8 +130,8 @@ async def replace_session(
     bus: SessionBus,
     session_id: str,
     *,
+    ttl: float | None,
     reason: str = REPLACED_REASON,
-    ttl: float | None = None,
     participants: list[str] | None = None,
 ) -> SessionMetadata:
     """Start ``session_id`` afresh: close what is there, drop its history, write a new record.
@@ -139,7 +139,8 @@ async def replace_session(
     A live session is closed first with ``reason`` (broadcast as usual).
     The new record is written with compare-and-set over the old one, so
     when several processes replace the same session at once one record
-    wins and the others return it. ``ttl`` None is the bus default.
+    wins and the others return it. ``ttl`` is the new session's idle TTL
+    (None: no idle expiry).
     """
     lifecycle, names, kv = bus.lifecycle, bus.names, bus.sessions_kv
     old = await lifecycle.load(session_id)
@@ -148,7 +149,7 @@ async def replace_session(
     started = time.time()
     with nats_errors(f"dropping the history of {session_id!r}"):
         await bus.js.purge_stream(names.envelope_stream, subject=names.history_filter(session_id))
-    ttl_s = bus.settings.session_ttl if ttl is None else ttl
+    ttl_s = ttl
     meta = SessionMetadata(
         session_id=session_id, state=SessionState.ACTIVE, participants=list(participants or ()),
         created_at=started, updated_at=started, ttl_seconds=ttl_s,
@@ -313,7 +314,7 @@ class SessionManager:
         lifecycle, kv = self.bus.lifecycle, self.bus.sessions_kv
         now = time.time()
         with nats_errors("listing sessions"):
-            entries = await kv.list("s.>")
+            entries = await kv.list(self.bus.names.session_record_filter)
         expired: list[str] = []
         for entry in entries:
             try:

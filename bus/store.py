@@ -15,6 +15,10 @@ this store can take its turn lock without waiting, and the lock is held
 while its history is dropped. A busy candidate is skipped for the next
 one; if every candidate is busy the store stays over its bound until one
 is free.
+
+Sessions the store opens have no idle TTL on the bus: the store's own
+bound and ``ttl`` decide when they go, as in the original. The bus's
+envelope retention (``envelope_max_age``) still bounds their history.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from typing import TYPE_CHECKING, Any, Self
 
 import nats.errors
 
-from bus.errors import BusError, ConfigError, LockLost, SessionExists
+from bus.errors import BusClosedError, BusError, ConfigError, LockLost, SessionExists
 from bus.lock import TurnLock
 from bus.names import validate_id
-from schemas import Envelope
+from schemas import Envelope, SessionMetadata
 
 if TYPE_CHECKING:
     from bus.core import SessionBus
@@ -149,7 +153,7 @@ class SessionStore:
     async def start(self) -> SessionBus:
         """Start the store's own bus if it has none yet; return the bus in use."""
         if self._closed:
-            raise ConfigError("this SessionStore was closed; create a new one")
+            raise BusClosedError("this SessionStore was closed; create a new one")
         async with self._start_lock:
             if self._bus is None:
                 from bus.core import SessionBus
@@ -318,13 +322,22 @@ class SessionStore:
         from bus.session import Session
 
         bus = await self.start()
-        meta = await bus.lifecycle.load(session_id)
+        lifecycle = bus.lifecycle
+        meta = await lifecycle.load(session_id)
         if meta is None:
+            # No idle TTL on the bus: the store alone decides when its
+            # sessions go (LRU and ``ttl``), as the original does.
+            now = time.time()
+            fresh = SessionMetadata(
+                session_id=session_id, created_at=now, updated_at=now, ttl_seconds=None,
+                max_depth=bus.settings.max_depth,
+            )
             try:
-                return await bus.open(session_id, ttl=self._ttl)
+                await lifecycle.create(fresh)
+                meta = fresh
             except SessionExists:  # another replica opened it meanwhile
-                meta = await bus.lifecycle.load(session_id)
+                meta = await lifecycle.load(session_id)
         if meta is None or meta.is_terminal():
-            # Ended (idle expiry on the bus, or closed): the id starts over.
-            meta = await replace_session(bus, session_id, reason="reopened", ttl=self._ttl)
+            # Closed by someone else: the id starts over, without the old history.
+            meta = await replace_session(bus, session_id, ttl=None, reason="reopened")
         return Session(bus=bus, metadata=meta)
