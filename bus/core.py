@@ -43,6 +43,24 @@ _PARTITIONS_RE = re.compile(r"partition\((\d+),")
 _JS_NOT_READY = (10008, 10039)  # temporarily unavailable, not enabled for account
 
 
+async def _stop_reconnecting(nc: Client) -> None:
+    """Make sure a closed client's reconnect loop has ended.
+
+    nats-py 2.16 can lose the cancellation of its reconnect task when it
+    lands just as a connection attempt to a dead server fails (the attempt
+    runs under ``wait_for``); the loop then retries forever and hangs the
+    event loop's shutdown. Cancel it again until it ends, a bounded number
+    of times.
+    """
+    task: asyncio.Task[None] | None = getattr(nc, "_reconnection_task", None)
+    for _ in range(20):
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    logger.warning("the NATS reconnect loop did not stop")
+
+
 class SessionBus:
     """A started connection to NATS JetStream and the bus's streams and buckets.
 
@@ -176,9 +194,14 @@ class SessionBus:
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             try:
+                if nc.is_reconnecting:  # nothing to drain into a lost server
+                    raise nats.errors.ConnectionReconnectingError
                 await asyncio.wait_for(nc.drain(), timeout=5.0)
             except (TimeoutError, nats.errors.Error, OSError):
-                await nc.close()
+                # A lost server makes close() fail flushing too; the socket is gone anyway.
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await nc.close()
+            await _stop_reconnecting(nc)
         await self._stop_embedded()
 
     async def _abort(self) -> None:

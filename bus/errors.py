@@ -32,13 +32,18 @@
      └── WorkerError
           └── HandlerError                        wraps what a handler raised
 
-NATS client exceptions are translated at the boundary (``raise ... from e``)
-so callers catch these and never ``nats.errors.*``.
+NATS client exceptions are translated at the boundary (``raise ... from e``,
+or inside ``with nats_errors("what was being done"):``) so callers catch
+these and never ``nats.errors.*``.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+from collections.abc import Iterator
+
+import nats.errors
 
 from schemas.errors import BusError, CodecError, DecodeError, EncodeError
 
@@ -72,6 +77,7 @@ __all__ = [
     "SessionTerminated",
     "TaskNotFound",
     "WorkerError",
+    "nats_errors",
 ]
 
 
@@ -201,7 +207,7 @@ class EnvelopeTooLarge(SessionError, ValueError):
 
 
 class InvalidEnvelope(SessionError, ValueError):
-    """A send's fields (priority, ttl, audience, event type...) are out of range; nothing was sent."""
+    """A send's fields (priority, audience, event type...) are out of range; nothing was sent."""
 
 
 class DepthLimitExceeded(SessionError):
@@ -265,3 +271,26 @@ class WorkerError(BusError):
 
 class HandlerError(WorkerError):
     """A handler raised; the original exception is ``__cause__``."""
+
+
+@contextlib.contextmanager
+def nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py exceptions raised in the block; ``what`` names the operation.
+
+    Lost or closed connections become :class:`ConnectionFailed`, timeouts
+    :class:`BusTimeout`, any other nats error a plain :class:`BusError`.
+    sessionbus errors pass through unchanged.
+    """
+    try:
+        yield
+    except BusError:
+        raise
+    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError,
+            ConnectionError) as e:
+        raise ConnectionFailed(f"{what}: {type(e).__name__} {e}".rstrip()) from e
+    except (nats.errors.TimeoutError, builtins.TimeoutError) as e:
+        raise BusTimeout(f"{what} timed out") from e
+    except nats.errors.Error as e:
+        raise BusError(f"{what} failed: {e}") from e

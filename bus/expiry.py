@@ -50,6 +50,8 @@ class ExpiryWatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        #: Timer markers handled, and how many of them this watcher expired.
+        self.handled = 0
         self.expired = 0
 
     async def start(self) -> None:
@@ -109,3 +111,5 @@ class ExpiryWatcher:
             pass  # removed before its timer ran out
         except Exception:
             logger.exception("could not expire the session of timer %r", key)
+        finally:
+            self.handled += 1

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from bus.errors import nats_errors
 from bus.feeds import QueueFeed
-from bus.lifecycle import nats_errors
 from bus.names import DEPTH_HEADER, MSG_ID_HEADER
 from schemas import DecodeError, Envelope, decode
 

@@ -27,61 +27,40 @@ as one such bus is up, sessions expire on time; several watchers are safe
 (one CAS wins). A timer that ran out while no watcher was up is caught the
 next time anyone reads the record with ``Session.info()``.
 
-Every bus subscribes once to ``names.closed_all`` and remembers, in a
-bounded LRU, which sessions it heard closed: sending into one raises
-:class:`~bus.errors.SessionTerminated` without a KV read.
+The close broadcast and what each bus heard of it are in :mod:`bus.closures`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
+from bus.closures import CLOSED_CACHE_SIZE, ClosedEvent, CloseListener
 from bus.errors import (
-    BusClosedError,
     BusError,
-    BusTimeout,
     ConcurrentUpdate,
     ConfigError,
-    ConnectionFailed,
     KeyConflict,
     SessionExists,
     SessionNotFound,
     SessionTerminated,
     TaskNotFound,
+    nats_errors,
 )
 from bus.expiry import ExpiryWatcher
-from bus.feeds import QueueFeed
-from schemas import (
-    DecodeError,
-    Envelope,
-    SessionMetadata,
-    SessionState,
-    TaskInfo,
-    TaskState,
-    decode,
-    decode_map,
-    encode,
-)
+from schemas import Envelope, SessionMetadata, SessionState, TaskInfo, TaskState, decode, encode
 
 if TYPE_CHECKING:
     from bus.core import SessionBus
 
-__all__ = ["IDLE_REASON", "ClosedEvent", "Lifecycle", "nats_errors", "task_id_for"]
+__all__ = ["IDLE_REASON", "Lifecycle", "task_id_for", "timer_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +68,6 @@ logger = logging.getLogger(__name__)
 IDLE_REASON = "idle"
 #: Compare-and-set attempts on a session record before ConcurrentUpdate.
 MAX_CAS_ATTEMPTS = 25
-#: Sessions remembered as closed by each bus.
-CLOSED_CACHE_SIZE = 100_000
 #: Envelope depths remembered by each bus (for causation lookups).
 DEPTH_CACHE_SIZE = 100_000
 #: Terminal tasks kept in a record; older ones are dropped (open ones never).
@@ -98,27 +75,9 @@ MAX_TERMINAL_TASKS = 256
 #: The idle timer outlives the TTL by this fraction, which is what lets a
 #: busy session skip refreshes.
 TIMER_SLACK = 0.25
-#: A record this much older than its timer's TTL with no timer is expired on read.
+#: A record older than this with no idle timer is expired when read.
 _IDLE_GRACE = 2.0
 _TASK_NS = uuid.UUID("0b5e8d7e-2f55-4a4e-8f0e-7f5d1c9b3a20")
-
-
-@contextlib.contextmanager
-def nats_errors(what: str) -> Iterator[None]:
-    """Translate nats-py exceptions raised inside the block into sessionbus errors."""
-    try:
-        yield
-    except BusError:
-        raise
-    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
-            nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError,
-            ConnectionError) as e:
-        raise ConnectionFailed(f"{what}: {type(e).__name__} {e}".rstrip()) from e
-    except (nats.errors.TimeoutError, TimeoutError) as e:
-        raise BusTimeout(f"{what} timed out") from e
-    except nats.errors.Error as e:
-        raise BusError(f"{what} failed: {e}") from e
 
 
 def task_id_for(envelope_id: str, agent: str) -> str:
@@ -129,43 +88,6 @@ def task_id_for(envelope_id: str, agent: str) -> str:
 def timer_seconds(ttl: float) -> int:
     """The whole-second TTL an idle timer of ``ttl`` is written with."""
     return max(1, math.ceil(ttl * (1.0 + TIMER_SLACK)))
-
-
-@dataclass(frozen=True, slots=True)
-class ClosedEvent:
-    """A session was closed or expired, as broadcast on ``names.closed(sid)``.
-
-    On the wire it is the codec's msgpack map ``{session_id, state, reason, at}``.
-    """
-
-    session_id: str
-    state: SessionState
-    reason: str
-    at: float
-
-    @classmethod
-    def of(cls, meta: SessionMetadata) -> ClosedEvent:
-        """The event announcing a terminal record."""
-        return cls(meta.session_id, meta.state, meta.close_reason, meta.closed_at or time.time())
-
-    def to_wire(self) -> bytes:
-        """Encode for the broadcast."""
-        return encode({"session_id": self.session_id, "state": self.state.value,
-                       "reason": self.reason, "at": self.at})
-
-    @classmethod
-    def from_wire(cls, raw: bytes) -> ClosedEvent:
-        """Decode a broadcast; :class:`~schemas.DecodeError` if it is not one."""
-        body = decode_map(raw)
-        try:
-            session_id, reason, at = body["session_id"], body.get("reason", ""), body["at"]
-            state = SessionState(body["state"])
-        except (KeyError, ValueError) as e:
-            raise DecodeError(f"not a close event: {e}", raw) from e
-        if not (isinstance(session_id, str) and isinstance(reason, str)
-                and isinstance(at, int | float)):
-            raise DecodeError("close event fields have the wrong types", raw)
-        return cls(session_id, state, reason, float(at))
 
 
 def _prune_tasks(tasks: dict[str, TaskInfo]) -> dict[str, TaskInfo]:
@@ -187,44 +109,33 @@ class Lifecycle:
 
     def __init__(self, bus: SessionBus) -> None:
         self._bus = bus
-        self._closed: OrderedDict[str, ClosedEvent] = OrderedDict()
-        self._waiters: dict[str, list[asyncio.Future[ClosedEvent]]] = {}
-        self._feeds: set[QueueFeed[ClosedEvent]] = set()
+        #: The close broadcasts this bus heard (see :mod:`bus.closures`).
+        self.closures = CloseListener(bus)
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._timers: OrderedDict[str, float] = OrderedDict()
-        self._sub: Subscription | None = None
         self._watcher: ExpiryWatcher | None = None
 
     async def start(self) -> None:
         """Subscribe to every session's close broadcast."""
-        with nats_errors("subscribing to close broadcasts"):
-            nc = self._bus.nc
-            self._sub = await nc.subscribe(self._bus.names.closed_all, cb=self._on_closed)
-            # Once the server answers a ping it holds the subscription.
-            await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+        await self.closures.start()
 
     async def stop(self) -> None:
-        """Stop the expiry watcher and the close listener; end waiters and feeds."""
+        """Stop the expiry watcher and the close listener."""
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        for feed in list(self._feeds):
-            await feed.aclose()
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(BusClosedError("the bus was closed"))
-        self._waiters.clear()
+        await self.closures.stop()
 
     async def start_expiry_watcher(self) -> None:
         """Run the expiry watcher on this bus (idempotent); it stops with the bus."""
         if self._watcher is None:
             self._watcher = ExpiryWatcher(bus=self._bus, expire=self.expire_idle)
             await self._watcher.start()
+
+    @property
+    def watcher(self) -> ExpiryWatcher | None:
+        """The expiry watcher this bus runs, if any."""
+        return self._watcher
 
     @property
     def watching(self) -> bool:
@@ -251,7 +162,7 @@ class Lifecycle:
             return None
         meta = decode(entry.value, SessionMetadata)
         if meta.is_terminal():
-            self.note_closed(ClosedEvent.of(meta))
+            self.closures.note(ClosedEvent.of(meta))
         return meta
 
     async def modify(
@@ -305,7 +216,7 @@ class Lifecycle:
         meta, won = await self.modify(session_id, change)
         if not won:
             if meta.is_terminal():
-                self.note_closed(ClosedEvent.of(meta))
+                self.closures.note(ClosedEvent.of(meta))
             return meta, False
         self._timers.pop(session_id, None)
         if not idle:
@@ -318,13 +229,7 @@ class Lifecycle:
                 # The record is already terminal: a timer left behind expires
                 # into a no-op.
                 logger.warning("could not delete the idle timer of %r: %s", session_id, e)
-        event = ClosedEvent.of(meta)
-        self.note_closed(event)
-        try:
-            with nats_errors(f"broadcasting the close of {session_id!r}"):
-                await self._bus.nc.publish(self._bus.names.closed(session_id), event.to_wire())
-        except BusError as e:
-            logger.error("session %r is %s but the broadcast failed: %s", session_id, state, e)
+        await self.closures.publish(ClosedEvent.of(meta))
         return meta, True
 
     async def expire_idle(self, session_id: str) -> bool:
@@ -340,7 +245,8 @@ class Lifecycle:
         """Expire ``meta``'s session now if its timer is gone and no watcher did it."""
         if meta.is_terminal() or meta.ttl_seconds is None:
             return meta
-        if time.time() - meta.updated_at < timer_seconds(meta.ttl_seconds) + _IDLE_GRACE:
+        # A record this young may simply not have its first timer written yet.
+        if time.time() - meta.created_at < _IDLE_GRACE:
             return meta
         if not await self.expire_idle(meta.session_id):
             return meta
@@ -415,62 +321,6 @@ class Lifecycle:
         await self.modify(session_id, change)
         return found[0]
 
-    # -- closures heard -------------------------------------------------------
-
-    def closed(self, session_id: str) -> ClosedEvent | None:
-        """How ``session_id`` ended, if this bus heard it closed or expired."""
-        return self._closed.get(session_id)
-
-    def note_closed(self, event: ClosedEvent) -> None:
-        """Remember a closure and pass it to waiters and feeds (once per session)."""
-        if event.session_id in self._closed:
-            self._closed.move_to_end(event.session_id)
-            return
-        self._closed[event.session_id] = event
-        if len(self._closed) > CLOSED_CACHE_SIZE:
-            self._closed.popitem(last=False)
-        for fut in self._waiters.pop(event.session_id, ()):
-            if not fut.done():
-                fut.set_result(event)
-        for feed in self._feeds:
-            feed.push(event)
-
-    async def wait_closed(self, session_id: str) -> ClosedEvent:
-        """Wait until ``session_id`` is heard closed (bound it with ``asyncio.timeout``)."""
-        known = self._closed.get(session_id)
-        if known is not None:
-            return known
-        fut: asyncio.Future[ClosedEvent] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(session_id, [])
-        waiters.append(fut)
-        try:
-            return await fut
-        finally:
-            if fut in waiters:
-                waiters.remove(fut)
-            if not waiters and self._waiters.get(session_id) is waiters:
-                del self._waiters[session_id]
-
-    def closed_events(self, *, maxsize: int = 10_000) -> QueueFeed[ClosedEvent]:
-        """A feed of every close and expiry this bus hears from now on (open it first)."""
-
-        async def on_open(feed: QueueFeed[ClosedEvent]) -> None:
-            self._feeds.add(feed)
-
-        async def on_close(feed: QueueFeed[ClosedEvent]) -> None:
-            self._feeds.discard(feed)
-
-        return QueueFeed(on_open=on_open, on_close=on_close, maxsize=maxsize,
-                         name="close events")
-
-    async def _on_closed(self, msg: Msg) -> None:
-        try:
-            event = ClosedEvent.from_wire(msg.data)
-        except DecodeError as e:
-            logger.warning("ignoring a malformed close broadcast on %s: %s", msg.subject, e)
-            return
-        self.note_closed(event)
-
     # -- delegation depths ----------------------------------------------------
 
     def remember(self, envelope: Envelope) -> None:
@@ -496,5 +346,5 @@ class Lifecycle:
         return entry[1]
 
     def __repr__(self) -> str:
-        extra: dict[str, Any] = {"closed": len(self._closed), "watching": self.watching}
-        return f"<Lifecycle {self._bus.node_id} {extra}>"
+        return (f"<Lifecycle {self._bus.node_id} heard_closed={len(self.closures)} "
+                f"watching={self.watching}>")

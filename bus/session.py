@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from bus.closures import ClosedEvent
 from bus.errors import (
     CausationNotFound,
     ConfigError,
@@ -43,11 +44,11 @@ from bus.errors import (
     InvalidIdError,
     SessionNotFound,
     SessionTerminated,
+    nats_errors,
 )
 from bus.feeds import QueueFeed
 from bus.history import LiveFeed, find_depth, replay_envelopes
 from bus.kv import wire_ttl
-from bus.lifecycle import ClosedEvent, nats_errors
 from bus.names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
 from bus.settings import check_ttl
 from schemas import (
@@ -192,7 +193,7 @@ class Session:
     @property
     def state(self) -> SessionState:
         """The snapshot's state, or how the session ended if this bus heard it."""
-        heard = self._bus.lifecycle.closed(self.session_id)
+        heard = self._bus.lifecycle.closures.get(self.session_id)
         return heard.state if heard is not None else self._metadata.state
 
     @property
@@ -327,7 +328,7 @@ class Session:
         """Wait until the session is closed or expires (bound it with ``asyncio.timeout``)."""
         if self._metadata.is_terminal():
             return ClosedEvent.of(self._metadata)
-        return await self._bus.lifecycle.wait_closed(self.session_id)
+        return await self._bus.lifecycle.closures.wait(self.session_id)
 
     # -- tasks ------------------------------------------------------------------
 

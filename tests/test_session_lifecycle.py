@@ -1,0 +1,231 @@
+"""Session lifecycle across connections: close broadcasts, leaf nodes, idle expiry, interrupts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from bus import ClosedEvent, SessionBus
+from bus.errors import BusClosedError
+from bus.server import NatsServer
+from bus.testing import BusFactory, LeafTopology
+from schemas import SessionState, TaskState
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]], *, within: float = 10.0, every: float = 0.05
+) -> None:
+    """Poll an async or sync condition until true, failing after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        assert loop.time() < deadline, f"condition not met within {within}s"
+        await asyncio.sleep(every)
+
+
+async def wait_for_interest(publisher: SessionBus, listener: SessionBus) -> None:
+    """Return once ``listener`` hears close broadcasts from ``publisher`` (leaf interest)."""
+    probe = f"probe-{uuid.uuid4().hex}"
+    wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
+
+    async def heard() -> bool:
+        await publisher.nc.publish(publisher.names.closed(probe), wire)
+        return listener.lifecycle.closures.get(probe) is not None
+
+    await until(heard, every=0.1)
+
+
+async def test_close_is_heard_by_a_second_connection(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    s = await bus.open("watched", participant="alice")
+    queued = await s.add_task("agent-a", await s.send("one"))
+    finished = await s.add_task("agent-b", await s.send("two"))
+    await s.update_task(finished.task_id, TaskState.COMPLETED)
+    async with other.closed_events() as closures:
+        await s.close("user left")
+        async with asyncio.timeout(10):
+            event = await anext(closures)
+            assert await other.session("watched").wait_closed() == event
+    assert (event.session_id, event.state, event.reason) == (
+        "watched", SessionState.CLOSED, "user left")
+    info = await other.session("watched").info()
+    assert info.state is SessionState.CLOSED and info.closed_at == event.at
+    assert info.tasks[queued.task_id].state is TaskState.EXPIRED
+    assert info.tasks[finished.task_id].state is TaskState.COMPLETED
+
+
+async def test_close_reaches_a_leaf_node_client(
+    nats_leaf: LeafTopology, bus_factory: BusFactory
+) -> None:
+    hub = await bus_factory(nats_leaf.hub.url)
+    leaf = await bus_factory(nats_leaf.leaf.url, domain=nats_leaf.domain)
+    await wait_for_interest(hub, leaf)
+    await wait_for_interest(leaf, hub)
+    s = await hub.open("edge.call", participant="hub-agent")
+    from_leaf = leaf.session("edge.call", participant="edge-agent")
+    envelope_id = await from_leaf.send("from the edge")
+    task = await from_leaf.add_task("edge-agent", envelope_id)
+    assert [e.sender_id async for e in s.history()] == ["edge-agent"]
+    async with leaf.closed_events() as closures:
+        await s.close("hub closed it")
+        async with asyncio.timeout(10):
+            event = await anext(closures)
+    assert (event.session_id, event.state) == ("edge.call", SessionState.CLOSED)
+    assert from_leaf.is_terminal()
+    info = await from_leaf.info()
+    assert info.tasks[task.task_id].state is TaskState.EXPIRED
+    # The other way round: a leaf client closes, the hub hears it.
+    edge = await leaf.open("edge.2", participant="edge-agent")
+    async with hub.closed_events() as closures:
+        await edge.close("edge done")
+        async with asyncio.timeout(10):
+            assert (await anext(closures)).session_id == "edge.2"
+
+
+async def test_idle_sessions_expire_with_one_broadcast(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    async with other.closed_events() as closures:
+        started = time.monotonic()
+        one = await bus.open("idle-1s", ttl=1)
+        sub = await bus.open("idle-300ms", ttl=0.3)
+        assert bus.lifecycle.watching  # opening with a TTL starts the watcher
+        task = await one.add_task("agent", "e-1")
+        heard: dict[str, float] = {}
+        async with asyncio.timeout(15):
+            while len(heard) < 2:
+                event = await anext(closures)
+                assert event.state is SessionState.EXPIRED and event.reason == "idle"
+                heard[event.session_id] = time.monotonic() - started
+    assert set(heard) == {"idle-1s", "idle-300ms"}
+    # Never before the TTL; the timer has whole-second resolution and slack.
+    assert heard["idle-1s"] >= 1.0 and heard["idle-300ms"] >= 0.3
+    info = await other.session("idle-1s").info()
+    assert info.state is SessionState.EXPIRED and info.close_reason == "idle"
+    assert info.tasks[task.task_id].state is TaskState.EXPIRED
+    assert sub.is_terminal() and one.is_terminal()  # the opener heard it too
+
+
+async def test_activity_keeps_a_session_alive(bus: SessionBus) -> None:
+    busy = await bus.open("busy", ttl=1)
+    idle = await bus.open("idle", ttl=1)
+    writes = 0
+    async with asyncio.timeout(15):
+        # Send and touch for 2.5 s, far past the 1 s TTL.
+        loop = asyncio.get_running_loop()
+        until_t = loop.time() + 2.5
+        while loop.time() < until_t:
+            await busy.send("still here")
+            writes += await bus.lifecycle.refresh_timer("busy", 1.0)
+            await busy.touch()
+            await asyncio.sleep(0.1)
+        assert idle.is_terminal() and (await idle.info()).state is SessionState.EXPIRED
+        assert (await busy.info()).state is SessionState.ACTIVE
+        event = await busy.wait_closed()
+    assert event.state is SessionState.EXPIRED
+    assert writes <= 4  # the timer is rewritten about once a second, not per send
+
+
+async def test_one_broadcast_per_expiry_with_many_watchers(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    buses = [await bus_factory(nats_server.url) for _ in range(3)]
+    for sb in buses:
+        await sb.start_lifecycle()
+    nc = await nats.connect(nats_server.url)
+    try:
+        broadcasts: list[bytes] = []
+        sentinels: list[bytes] = []
+
+        async def on_closed(msg: Msg) -> None:
+            broadcasts.append(msg.data)
+
+        async def on_sentinel(msg: Msg) -> None:
+            sentinels.append(msg.data)
+
+        await nc.subscribe(buses[0].names.closed("contested"), cb=on_closed)
+        await nc.subscribe("test.sentinel", cb=on_sentinel)
+        await nc.flush()
+        s = await buses[0].open("contested", ttl=1)
+        async with asyncio.timeout(15):
+            await s.wait_closed()
+        watchers = [sb.lifecycle.watcher for sb in buses]
+        await until(lambda: all(w is not None and w.handled >= 1 for w in watchers))
+        # Each bus's messages arrive in order: its sentinel comes after any
+        # broadcast it published.
+        for sb in buses:
+            await sb.nc.publish("test.sentinel", b"x")
+        await until(lambda: len(sentinels) == 3)
+        assert len(broadcasts) == 1
+        assert sum(w.expired for w in watchers if w is not None) == 1
+    finally:
+        await nc.close()
+
+
+async def test_expiry_missed_by_watchers_is_caught_on_read(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    opener = await bus_factory(nats_server.url)
+    await opener.open("orphan", ttl=1)
+    await opener.close()  # its watcher goes with it; nobody else runs one
+    reader = await bus_factory(nats_server.url)
+    assert not reader.lifecycle.watching
+    timer = reader.names.session_timer_key("orphan")
+
+    async def timer_gone() -> bool:
+        return await reader.sessions_kv.get(timer) is None
+
+    await until(timer_gone, within=15)
+    handle = reader.session("orphan")
+
+    async def expired_on_read() -> bool:
+        return (await handle.info()).state is SessionState.EXPIRED
+
+    await until(expired_on_read, within=10, every=0.2)
+    assert handle.is_terminal()
+
+
+async def test_interrupt_reaches_listeners_and_is_not_stored(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    s = await bus.open("chatty", participant="user")
+    listener = other.session("chatty", participant="agent")
+    async with listener.interrupts() as interrupts:
+        await s.interrupt("stop talking")
+        async with asyncio.timeout(10):
+            got = await anext(interrupts)
+    assert (got.session_id, got.reason, got.sender) == ("chatty", "stop talking", "user")
+    assert interrupts.closed
+    assert [e async for e in s.history()] == []
+    info = await bus.js.stream_info(bus.names.envelope_stream)
+    assert info.state.messages == 0
+    assert (await listener.info()).state is SessionState.ACTIVE
+
+
+async def test_closing_the_bus_ends_waiters_and_feeds(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(nats_server.url)
+    s = await sb.open("pending")
+    waiter = asyncio.create_task(s.wait_closed())
+    feed = await sb.closed_events().open()
+    await asyncio.sleep(0)
+    await sb.close()
+    with pytest.raises(BusClosedError):
+        await waiter
+    assert [e async for e in feed] == []
