@@ -40,6 +40,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from types import TracebackType
 from typing import Any, Self
 
+from bus._registry_backends import BucketBackend, RegistryBackend, StoreBackend
+from bus._registry_feeds import (
+    poll_close_flags,
+    poll_expiries,
+    run_callback,
+    until_set,
+    watch_close_flags,
+    watch_expiries,
+)
+from bus._registry_record import (
+    ExpiredSession,
+    check_names,
+    decode_record,
+    is_alive,
+    validate_metrics,
+)
+from bus._registry_writer import RecordWriter
 from bus.core import SessionBus
 from bus.errors import (
     BusClosedError,
@@ -49,24 +66,7 @@ from bus.errors import (
     SessionExpired,
 )
 from bus.names import Names, validate_id
-from bus.registry_backends import BucketBackend, RegistryBackend, StoreBackend
-from bus.registry_feeds import (
-    ExpiredSession,
-    poll_close_flags,
-    poll_expiries,
-    run_callback,
-    until_set,
-    watch_close_flags,
-    watch_expiries,
-)
-from bus.registry_record import (
-    check_names,
-    decode_record,
-    is_alive,
-    validate_metrics,
-)
 from bus.registry_store import SessionKVStore
-from bus.registry_writer import RecordWriter
 from bus.settings import check_ttl
 from schemas.codec import encode
 from schemas.session import SessionInfo

@@ -177,7 +177,7 @@ async def test_heartbeat_recreates_an_expired_record(
             return all(h is not None and h.op is KVOp.EXPIRED for h in heads)
 
         await _poll(both_gone, within=5.0)
-        with caplog.at_level(logging.INFO, logger="bus.registry_writer"):
+        with caplog.at_level(logging.INFO, logger="bus._registry_writer"):
             await reg.refresh({"s1": "c"})
             await reg.update_metrics("c", "s2", {"n": 1})
         assert "had expired" in caplog.text

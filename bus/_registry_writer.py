@@ -21,12 +21,10 @@ import random
 import time
 from typing import Any
 
+from bus._registry_backends import HeadState, RegistryBackend
+from bus._registry_record import Metrics, decode_record, is_alive
 from bus.errors import ConcurrentUpdate, CorruptRecord, KeyConflict, SessionExpired
-from bus.registry_backends import HeadState, RegistryBackend
-from bus.registry_record import Metrics, decode_record, is_alive
 from schemas.codec import encode
-
-__all__ = ["RecordWriter", "Written"]
 
 logger = logging.getLogger(__name__)
 

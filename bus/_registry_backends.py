@@ -26,8 +26,6 @@ from bus.names import Names
 from bus.registry_store import SessionKVStore
 from schemas.codec import encode
 
-__all__ = ["BucketBackend", "Head", "HeadState", "RegistryBackend", "StoreBackend"]
-
 #: Concurrent reads one ``read_many`` keeps in flight.
 _READ_CONCURRENCY = 64
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -23,16 +23,14 @@ from schemas.codec import decode_map
 from schemas.errors import DecodeError
 from schemas.session import MetricValue, SessionInfo
 
-__all__ = [
-    "Metrics",
-    "check_names",
-    "decode_record",
-    "expires_at",
-    "is_alive",
-    "validate_metrics",
-]
-
 Metrics = dict[str, MetricValue]
+
+
+class ExpiredSession(NamedTuple):
+    """A registry record whose TTL ran out, as :meth:`SessionRegistry.expired` yields it."""
+
+    call_id: str
+    session_id: str
 
 #: msgpack integers are at most 64 bits wide.
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1

@@ -14,34 +14,17 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
+from bus._registry_backends import HeadState, RegistryBackend
+from bus._registry_record import ExpiredSession, decode_record, is_alive
 from bus.errors import CorruptRecord, InvalidIdError
 from bus.kv import KVOp
 from bus.names import Names
-from bus.registry_backends import HeadState, RegistryBackend
-from bus.registry_record import decode_record, is_alive
-
-__all__ = [
-    "ExpiredSession",
-    "poll_close_flags",
-    "poll_expiries",
-    "run_callback",
-    "until_set",
-    "watch_close_flags",
-    "watch_expiries",
-]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ExpiredSession(NamedTuple):
-    """A registry record whose TTL ran out, as :meth:`SessionRegistry.expired` yields it."""
-
-    call_id: str
-    session_id: str
 
 
 async def watch_close_flags(
