@@ -19,11 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from bus import SessionBus
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from workers import Lease, assign
 from worker_proc import (
     FAST,
     Record,
@@ -33,6 +28,11 @@ from worker_proc import (
     publish_many,
     read_records,
 )
+
+from bus import SessionBus
+from bus.server import NatsServer
+from bus.testing import BusFactory
+from workers import Lease, assign
 
 SCRIPT = str(Path(__file__).with_name("worker_proc.py"))
 SESSIONS = 1000
@@ -55,7 +55,7 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(self, worker_id: str) -> None:
-        err = open(self.tmp / f"{worker_id}.err", "wb")  # noqa: SIM115 - kept for the process
+        err = open(self.tmp / f"{worker_id}.err", "wb")
         self.procs[worker_id] = subprocess.Popen(
             [sys.executable, SCRIPT, "--url", self.url, "--prefix", PREFIX, "--group", "g",
              "--worker-id", worker_id, "--log", str(self.log(worker_id))],
@@ -200,7 +200,8 @@ async def test_sigkill_one_of_three_workers_midway(sb: SessionBus, procs: Procs)
     failover = resumed - killed_at
     held_by_dead = sum(1 for r in records if r.worker != "w2" and r.attempt > 1)
     print(f"\nsigkill run: {elapsed:.1f}s, {len(records)} turns, {held_by_dead} redelivered "
-          f"from the dead worker, {len(dups)} re-run after the kill, leases settled {moved_at - killed_at:.2f}s and turns resumed "
+          f"from the dead worker, {len(dups)} re-run after the kill, leases settled "
+          f"{moved_at - killed_at:.2f}s and turns resumed "
           f"{failover:.2f}s after the kill (bound {FAST.failover_bound:.1f}s)")
     assert failover <= FAST.failover_bound + 3.0
     assert codes["w1"] == 0 and codes["w3"] == 0, procs.errors()
