@@ -230,6 +230,10 @@ class Names:
         """Every agent's token stream in one session."""
         return f"{self.prefix}.out.{encode_token(session_id)}.*"
 
+    def agent_output_all(self, agent: str) -> str:
+        """One agent's token streams in every session."""
+        return f"{self.prefix}.out.*.{encode_token(agent, 'agent id')}"
+
     # -- KV keys ------------------------------------------------------------
 
     def registry_key(self, call_id: str, session_id: str) -> str:

@@ -1,0 +1,145 @@
+"""``sessionbus server``: the embedded nats-server with JetStream, in the foreground.
+
+It runs :class:`~bus.server.NatsServer` with a generated config: a client
+port, a data directory, and optionally a cluster (``--cluster-name``,
+``--cluster-port``, ``--routes``), leaf node connections accepted from edge
+sites (``--leaf-port``), or a connection to a hub as a leaf node
+(``--leaf-remote``). SIGINT or SIGTERM stops the server (SIGTERM, then
+SIGKILL after a grace period) and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import signal
+import sys
+import threading
+import types
+from collections.abc import Iterator
+
+from bus.cli_common import Commands, add_command
+from bus.errors import ConfigError, ConnectionFailed
+from bus.server import NatsServer, server_version
+from bus.settings import URL_ENV
+
+__all__ = ["add_parser", "run_server"]
+
+_POLL = 0.2
+#: ``[pid] date time [LVL] `` in front of a nats-server log line.
+_LOG_PREFIX = re.compile(r"^.*?\[(?:FTL|ERR|WRN|INF|DBG|TRC)\]\s*")
+
+
+def add_parser(commands: Commands) -> None:
+    """Register ``server``."""
+    p = add_command(
+        commands, "server", help="run the embedded nats-server with JetStream in the foreground",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; 0.0.0.0 for every one)")
+    p.add_argument("--port", type=int, default=4222, help="client port (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="monitoring port (default: a free one)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="keep JetStream data here (default: a temporary directory, removed "
+                        "on exit)")
+    p.add_argument("--name", default="sessionbus", help="server name (default: %(default)s)")
+    p.add_argument("--domain", help="JetStream domain of this server (e.g. hub)")
+    p.add_argument("--no-jetstream", action="store_true",
+                   help="run without JetStream (a leaf node whose clients use the hub's)")
+    cluster = p.add_argument_group("cluster")
+    cluster.add_argument("--cluster-name", help="join or form the cluster of this name")
+    cluster.add_argument("--cluster-port", type=int, default=0,
+                         help="route port for other nodes (default: a free one)")
+    cluster.add_argument("--routes", action="append", default=[], metavar="URL",
+                         help="route to another node, e.g. nats-route://10.0.0.2:6222 "
+                              "(repeat, or comma-separate)")
+    leaf = p.add_argument_group("leaf nodes")
+    leaf.add_argument("--leaf-port", type=int, default=None,
+                      help="accept leaf node connections on this port (hub side)")
+    leaf.add_argument("--leaf-remote", action="append", default=[], metavar="URL",
+                      help="connect to a hub as a leaf node, e.g. nats-leaf://hub:7422 "
+                           "(repeat for several)")
+    p.set_defaults(func=run_server, needs_bus=False)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def build_server(args: argparse.Namespace) -> NatsServer:
+    """The :class:`NatsServer` the arguments describe (not started)."""
+    routes = _split(args.routes)
+    if routes and not args.cluster_name:
+        raise ConfigError("--routes needs --cluster-name")
+    return NatsServer(
+        name=args.name, host=args.host, port=args.port, http_port=args.http_port,
+        jetstream=not args.no_jetstream, store_dir=args.data_dir, domain=args.domain,
+        cluster_name=args.cluster_name, cluster_port=args.cluster_port, routes=routes,
+        leaf_listen_port=args.leaf_port, leaf_remotes=_split(args.leaf_remote),
+    )
+
+
+def _failure(server: NatsServer, headline: str) -> ConnectionFailed:
+    """One line: what happened and the server's own last fatal or error line."""
+    lines = [line.strip() for line in server.log_tail(40).splitlines() if line.strip()]
+    worst = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+    detail = (worst or lines or [""])[-1]
+    detail = _LOG_PREFIX.sub("", detail)
+    return ConnectionFailed(f"{headline}: {detail}" if detail else headline)
+
+
+@contextlib.contextmanager
+def _signals_set(event: threading.Event) -> Iterator[None]:
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        event.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Start the server, print where it is, wait for a signal, stop it."""
+    server = build_server(args)
+    stop = threading.Event()
+    with _signals_set(stop):
+        try:
+            server.start(timeout=30.0)
+        except ConnectionFailed:
+            error = _failure(server, f"nats-server did not start on {args.host}:{args.port}")
+            server.stop()
+            raise error from None
+        try:
+            _announce(server)
+            while not stop.wait(_POLL):
+                if not server.running:
+                    raise _failure(server, "nats-server exited")
+        finally:
+            print("stopping nats-server", file=sys.stderr, flush=True)
+            server.stop(grace=10.0)
+    return 0
+
+
+def _announce(server: NatsServer) -> None:
+    print(f"nats-server {server_version(server.binary)} running, pid {server.pid}")
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    url = f"nats://{host}:{server.port}"
+    print(f"  client URL:  {url}")
+    print(f"  monitoring:  http://{server.host}:{server.http_port}")
+    if server.jetstream:
+        domain = f" (domain {server.domain})" if server.domain else ""
+        print(f"  JetStream:   {server.store_dir or 'temporary directory'}{domain}")
+    if server.cluster_name:
+        print(f"  cluster:     {server.cluster_name}, routes on port {server.cluster_port}")
+    if server.leaf_listen_port is not None:
+        print(f"  leaf nodes:  nats-leaf://{server.host}:{server.leaf_listen_port}")
+    for remote in server.leaf_remotes:
+        print(f"  leaf of:     {remote}")
+    print(f"Use it with: export {URL_ENV}={url}   (Ctrl-C to stop)", flush=True)
