@@ -1,6 +1,7 @@
 """sessionbus client side."""
 
 from bus.closures import ClosedEvent as ClosedEvent
+from bus.closures import CloseListener as CloseListener
 from bus.core import MIN_SERVER_VERSION as MIN_SERVER_VERSION
 from bus.core import SessionBus as SessionBus
 from bus.errors import BusClosedError as BusClosedError
@@ -33,15 +34,21 @@ from bus.errors import SessionTerminated as SessionTerminated
 from bus.errors import TaskNotFound as TaskNotFound
 from bus.errors import WorkerError as WorkerError
 from bus.errors import nats_errors as nats_errors
+from bus.expiry import ExpiryWatcher as ExpiryWatcher
 from bus.feeds import Feed as Feed
 from bus.feeds import QueueFeed as QueueFeed
 from bus.history import LiveFeed as LiveFeed
+from bus.history import find_depth as find_depth
+from bus.history import replay_envelopes as replay_envelopes
+from bus.history import replay_messages as replay_messages
 from bus.kv import Bucket as Bucket
 from bus.kv import KVEntry as KVEntry
 from bus.kv import KVEvent as KVEvent
 from bus.kv import KVOp as KVOp
 from bus.kv import wire_ttl as wire_ttl
+from bus.lifecycle import IDLE_REASON as IDLE_REASON
 from bus.lifecycle import Lifecycle as Lifecycle
+from bus.lifecycle import task_id_for as task_id_for
 from bus.lock import LockState as LockState
 from bus.lock import TurnLock as TurnLock
 from bus.lock import read_lock as read_lock
@@ -60,6 +67,7 @@ from bus.server import free_port as free_port
 from bus.server import server_version as server_version
 from bus.session import Interrupt as Interrupt
 from bus.session import Session as Session
+from bus.session import open_session as open_session
 from bus.settings import BusSettings as BusSettings
 from bus.store import SessionStore as SessionStore
 from bus.store import SessionStream as SessionStream
@@ -74,6 +82,7 @@ from schemas import TaskState as TaskState
 __all__ = [
     "BINARY_ENV",
     "EV_TEXT",
+    "IDLE_REASON",
     "MIN_SERVER_VERSION",
     "Bucket",
     "BusClosedError",
@@ -81,6 +90,7 @@ __all__ = [
     "BusSettings",
     "BusTimeout",
     "CausationNotFound",
+    "CloseListener",
     "ClosedEvent",
     "CodecError",
     "ConcurrentUpdate",
@@ -93,6 +103,7 @@ __all__ = [
     "Envelope",
     "EnvelopeTooLarge",
     "ExpiredSession",
+    "ExpiryWatcher",
     "Feed",
     "HandlerError",
     "InMemorySessionKVStore",
@@ -136,10 +147,15 @@ __all__ = [
     "TaskState",
     "TurnLock",
     "WorkerError",
+    "find_depth",
     "find_server_binary",
     "free_port",
     "nats_errors",
+    "open_session",
     "read_lock",
+    "replay_envelopes",
+    "replay_messages",
     "server_version",
+    "task_id_for",
     "wire_ttl",
 ]

@@ -34,7 +34,7 @@ from schemas import DecodeError, SessionMetadata, SessionState, decode_map, enco
 if TYPE_CHECKING:
     from bus.core import SessionBus
 
-__all__ = ["CLOSED_CACHE_SIZE", "CloseListener", "ClosedEvent"]
+__all__ = ["CloseListener", "ClosedEvent"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ class CloseListener:
     def get(self, session_id: str) -> ClosedEvent | None:
         """How ``session_id`` ended, if this bus heard it (or read it terminal)."""
         return self._heard.get(session_id)
+
+    def forget(self, session_id: str) -> None:
+        """Drop what was heard about ``session_id`` (its id was opened again)."""
+        self._heard.pop(session_id, None)
 
     def note(self, event: ClosedEvent) -> None:
         """Remember a closure and pass it to waiters and feeds (once per session)."""

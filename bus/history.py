@@ -5,7 +5,7 @@ A session's envelopes are stored under ``<prefix>.p.<partition>.<sid>``;
 reader here is an ephemeral *ordered* consumer on that filter (ARCHITECTURE:
 ordered consumers are for readers, never one per session for workers):
 
-* :func:`replay` delivers everything stored, in stream order, and ends when
+* :func:`replay_messages` delivers everything stored, in stream order, and ends when
   caught up;
 * :class:`LiveFeed` delivers what arrives from the moment it is opened
   (optionally starting with the replay, with no gap between the two);
@@ -34,7 +34,7 @@ from schemas import DecodeError, Envelope, decode
 if TYPE_CHECKING:
     from bus.core import SessionBus
 
-__all__ = ["LiveFeed", "find_depth", "replay", "replay_envelopes"]
+__all__ = ["LiveFeed", "find_depth", "replay_envelopes", "replay_messages"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ async def _subscribe(
         )
 
 
-async def replay(
+async def replay_messages(
     bus: SessionBus, session_id: str, *, headers_only: bool = False
 ) -> AsyncIterator[Msg]:
     """Every stored message of ``session_id`` in stream order, ending when caught up."""
@@ -95,7 +95,7 @@ async def replay_envelopes(
     bus: SessionBus, session_id: str, *, participant: str | None = None
 ) -> AsyncIterator[Envelope]:
     """The session's envelopes in stream order (those ``participant`` receives, if given)."""
-    async for msg in replay(bus, session_id):
+    async for msg in replay_messages(bus, session_id):
         envelope = decode_envelope(bus, msg)
         if envelope is None or envelope.is_expired():
             continue
@@ -151,7 +151,7 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int 
     if known is not None:
         return known
     found: int | None = None
-    async for msg in replay(bus, session_id, headers_only=True):
+    async for msg in replay_messages(bus, session_id, headers_only=True):
         headers = msg.headers or {}
         msg_id = headers.get(MSG_ID_HEADER)
         depth_text = headers.get(DEPTH_HEADER)

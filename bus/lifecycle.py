@@ -60,7 +60,7 @@ from schemas import Envelope, SessionMetadata, SessionState, TaskInfo, TaskState
 if TYPE_CHECKING:
     from bus.core import SessionBus
 
-__all__ = ["IDLE_REASON", "Lifecycle", "task_id_for", "timer_seconds"]
+__all__ = ["IDLE_REASON", "Lifecycle", "task_id_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ class Lifecycle:
         meta = decode(entry.value, SessionMetadata)
         if meta.is_terminal():
             self.closures.note(ClosedEvent.of(meta))
+        else:
+            heard = self.closures.get(session_id)
+            if heard is not None and heard.at <= meta.created_at:
+                # The id was opened again after the close this bus heard.
+                self.closures.forget(session_id)
         return meta
 
     async def modify(
@@ -219,7 +224,10 @@ class Lifecycle:
                 self.closures.note(ClosedEvent.of(meta))
             return meta, False
         self._timers.pop(session_id, None)
-        if not idle:
+        # Announce first: the timer is housekeeping, the broadcast is what
+        # every node waits for.
+        await self.closures.publish(ClosedEvent.of(meta))
+        if not idle and meta.ttl_seconds is not None:
             try:
                 with nats_errors(f"deleting the timer of {session_id!r}"):
                     await self._bus.sessions_kv.delete(
@@ -229,7 +237,6 @@ class Lifecycle:
                 # The record is already terminal: a timer left behind expires
                 # into a no-op.
                 logger.warning("could not delete the idle timer of %r: %s", session_id, e)
-        await self.closures.publish(ClosedEvent.of(meta))
         return meta, True
 
     async def expire_idle(self, session_id: str) -> bool:

@@ -194,7 +194,11 @@ class Session:
     def state(self) -> SessionState:
         """The snapshot's state, or how the session ended if this bus heard it."""
         heard = self._bus.lifecycle.closures.get(self.session_id)
-        return heard.state if heard is not None else self._metadata.state
+        # A closure heard before the snapshot's session was created belongs to
+        # an earlier session under the same id.
+        if heard is not None and (not self._loaded or heard.at >= self._metadata.created_at):
+            return heard.state
+        return self._metadata.state
 
     @property
     def participant(self) -> str:

@@ -22,7 +22,7 @@ from bus.errors import (
 from bus.names import MSG_ID_HEADER, TTL_HEADER
 from bus.server import NatsServer
 from bus.testing import BusFactory, ServerFactory
-from schemas import Envelope, SessionState, TaskState
+from schemas import Envelope, SessionState, TaskState, encode
 
 HOSTILE_IDS = [
     "a.b.c",
@@ -285,3 +285,20 @@ async def test_a_dead_server_gives_bus_errors(nats_server_factory: ServerFactory
         await s.info()
     with pytest.raises((ConnectionFailed, BusTimeout)):
         await sb.open("never")
+
+
+async def test_a_reopened_id_is_not_refused_for_its_old_close(bus: SessionBus) -> None:
+    s = await bus.open("again", participant="alice")
+    await s.close("first life")
+    assert s.is_terminal()
+    # Another component (the session manager) writes a new life under the id.
+    fresh = s.metadata.model_copy(update={
+        "state": SessionState.ACTIVE, "created_at": (s.metadata.closed_at or 0.0) + 1,
+        "closed_at": None, "close_reason": "", "tasks": {}})
+    await bus.sessions_kv.put(bus.names.session_key("again"), encode(fresh))
+    with pytest.raises(SessionTerminated):  # nothing re-read yet: the close stands
+        await s.send("too early")
+    assert (await s.info()).state is SessionState.ACTIVE
+    assert not s.is_terminal()
+    await s.send("second life")
+    assert not bus.session("again").is_terminal()  # the bus forgot the old close
