@@ -34,6 +34,8 @@ def test_every_module_all_is_exported(package: str) -> None:
     for info in pkgutil.iter_modules(mod.__path__):
         if info.name.startswith("_") or info.name in ("testing", "cli", "__main__"):
             continue
+        if info.name.startswith(("cli_", "demo")):  # the command line's parts, not the library
+            continue
         sub = importlib.import_module(f"{package}.{info.name}")
         missing = sorted(set(getattr(sub, "__all__", ())) - exported)
         assert not missing, f"{package}.{info.name} names not exported from {package}: {missing}"
