@@ -10,99 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_procs import CLI, ROOT, Running, assert_one_line_error, env, run_cli
 
 from bus import SessionBus
 from bus.cli import build_parser, main
 from bus.server import NatsServer, free_port
 from bus.testing import ServerFactory
 
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "bus.cli"]
 COMMANDS = ["demo", "server", "worker", "sessions", "send"]
 SESSION_COMMANDS = ["open", "ls", "show", "close", "tail"]
-
-
-def _env(url: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SESSIONBUS_URL"}
-    env["PYTHONUNBUFFERED"] = "1"
-    if url is not None:
-        env["SESSIONBUS_URL"] = url
-    return env
-
-
-def run_cli(*args: str, url: str | None = None, timeout: float = 60.0,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """Run one command to completion (``url`` goes in as ``--url``)."""
-    argv = [*CLI, *(["--url", url] if url else []), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=_env(), check=False)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("sessionbus: error: "), lines
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-class Running:
-    """A long-running command whose output lines are collected by reader threads."""
-
-    def __init__(self, *args: str, url: str | None = None, cwd: Path = ROOT) -> None:
-        argv = [*CLI, *(["--url", url] if url else []), *args]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=cwd, env=_env(), start_new_session=True)
-        self.lines: dict[str, queue.Queue[str]] = {"out": queue.Queue(), "err": queue.Queue()}
-        self.seen: dict[str, list[str]] = {"out": [], "err": []}
-        for name, pipe in (("out", self.proc.stdout), ("err", self.proc.stderr)):
-            threading.Thread(target=self._read, args=(name, pipe), daemon=True).start()
-
-    def _read(self, name: str, pipe: object) -> None:
-        for line in pipe:  # type: ignore[attr-defined]
-            self.lines[name].put(line.rstrip("\n"))
-
-    def expect(self, stream: str, pattern: str, timeout: float = 30.0) -> str:
-        """The first new line on ``stream`` ("out"/"err") matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines[stream].get(timeout=min(0.2, deadline - time.monotonic()))
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines[stream].empty():
-                    break
-                continue
-            self.seen[stream].append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} on std{stream}; saw "
-                             f"{self.seen[stream]}, rc={self.proc.poll()}")
-
-    async def aexpect(self, stream: str, pattern: str, within: float = 30.0) -> str:
-        return await asyncio.to_thread(self.expect, stream, pattern, within)
-
-    def signal(self, sig: int) -> int:
-        """Send ``sig`` and return the exit code."""
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -126,7 +51,7 @@ def test_sessionbus_help_lists_every_command() -> None:
     script = Path(sys.executable).parent / "sessionbus"
     argv = [str(script)] if script.exists() else CLI
     result = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=30,
-                            env=_env(), check=False)
+                            env=env(), check=False)
     assert result.returncode == 0, result.stderr
     listed = re.findall(r"^    (\w+)\s", result.stdout, re.M)
     assert listed == COMMANDS
@@ -398,7 +323,7 @@ def test_demo_runs_to_its_summary_with_order_held() -> None:
 ])
 def test_example_runs_with_one_command(example: str, expected: list[str]) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "examples" / example)],
-                            capture_output=True, text=True, timeout=90, env=_env(),
+                            capture_output=True, text=True, timeout=90, env=env(),
                             cwd=ROOT, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     for line in expected:
