@@ -7,7 +7,9 @@ and the two examples run end to end with small numbers.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -328,3 +330,23 @@ def test_example_runs_with_one_command(example: str, expected: list[str]) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
     for line in expected:
         assert line in result.stdout, result.stdout
+
+
+# -- README --------------------------------------------------------------------------
+
+
+async def test_readme_python_snippets_run(capsys: pytest.CaptureFixture[str]) -> None:
+    # ```python blocks are run as `python -m asyncio` would (top-level await);
+    # ```py blocks are illustrations that run forever or need a server.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M)
+    assert len(blocks) == 4, "one snippet per seed API"
+    for block in blocks:
+        code = compile(block, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        result = eval(code, {"__name__": "readme"})
+        if inspect.iscoroutine(result):
+            await result
+    out = capsys.readouterr().out
+    assert "['tools/call: search']" in out
+    assert "{'planner'}" in out
+    assert "active [0, 1]" in out and "True" in out
