@@ -97,6 +97,11 @@ class SessionRegistry:
     of 60 s and twice ``ttl``). ``poll_interval`` only matters for a
     SessionKVStore, which cannot push changes.
 
+    On a replicated bucket, reads are Direct Gets any replica may answer,
+    so a read can trail a write by a few milliseconds, and reads pause
+    (rather than fail) while a lost stream leader is replaced. Heartbeats
+    are compare-and-set, so a stale read costs a retry, never a lost write.
+
     Ids are validated before any I/O (:class:`~bus.errors.InvalidIdError`).
     :meth:`get` raises :class:`~bus.errors.CorruptRecord` (a DecodeError,
     with ``.raw``) for a stored value it cannot decode; listings skip such
