@@ -25,6 +25,7 @@ import asyncio
 import functools
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,8 +173,8 @@ class _Progress:
         up = sum(p.poll() is None for p in self.workers.procs)
         rate = t.turns / max(time.monotonic() - self.started, 1e-9)
         text = (f"{time.monotonic() - self.started:5.1f}s  sent {len(t.sent_at)}/{self.total}"
-                f"  handled {t.handled}/{self.total}  {rate:6.0f} turns/s"
-                f"  redelivered {t.redelivered}  workers up {up}/{len(self.workers.procs)}")
+                f"  done {t.handled}/{self.total}  {rate:.0f} turns/s"
+                f"  redelivered {t.redelivered}  workers {up}/{len(self.workers.procs)}")
         return text + (f"  [{self.events[-1]}]" if self.events else "")
 
     def event(self, text: str) -> None:
@@ -187,7 +188,9 @@ class _Progress:
     def show(self, *, final: bool = False) -> None:
         text = self.line()
         if self.tty:
-            print("\r" + text.ljust(110), end="\n" if final else "", flush=True)
+            # Past the terminal's width the line would wrap and \r could not redraw it.
+            width = shutil.get_terminal_size().columns - 1
+            print("\r" + text[:width].ljust(width), end="\n" if final else "", flush=True)
         elif text != self._last:
             print("  " + text, flush=True)
         self._last = text
