@@ -33,6 +33,7 @@ from schemas import DecodeError, Envelope, decode
 
 if TYPE_CHECKING:
     from bus.core import SessionBus
+    from bus.lifecycle import Lifecycle
 
 __all__ = ["LiveFeed", "find_depth", "replay_envelopes", "replay_messages"]
 
@@ -121,13 +122,18 @@ class LiveFeed(QueueFeed[Envelope]):
         self.participant = participant
         self._replay = replay
         self._sub: JetStreamContext.PushSubscription | None = None
+        self._lifecycle: Lifecycle | None = None
 
     async def _subscribe(self, _: QueueFeed[Envelope]) -> None:
         self._sub = await _subscribe(
             self._bus, self.session_id, deliver_all=self._replay, on_msg=self._on_msg
         )
+        self._lifecycle = self._bus.lifecycle
+        self._lifecycle.adopt(self)
 
     async def _unsubscribe(self, _: QueueFeed[Envelope]) -> None:
+        if self._lifecycle is not None:
+            self._lifecycle.release(self)
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):

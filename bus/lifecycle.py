@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bus.closures import CLOSED_CACHE_SIZE, ClosedEvent, CloseListener
 from bus.errors import (
@@ -55,6 +55,7 @@ from bus.errors import (
     nats_errors,
 )
 from bus.expiry import ExpiryWatcher
+from bus.feeds import Feed
 from schemas import Envelope, SessionMetadata, SessionState, TaskInfo, TaskState, decode, encode
 
 if TYPE_CHECKING:
@@ -114,17 +115,31 @@ class Lifecycle:
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._timers: OrderedDict[str, float] = OrderedDict()
         self._watcher: ExpiryWatcher | None = None
+        self._feeds: set[Feed[Any]] = set()
 
     async def start(self) -> None:
         """Subscribe to every session's close broadcast."""
         await self.closures.start()
 
     async def stop(self) -> None:
-        """Stop the expiry watcher and the close listener."""
+        """End the open feeds, stop the expiry watcher and the close listener."""
+        for feed in list(self._feeds):
+            try:
+                await feed.aclose()
+            except Exception:
+                logger.exception("error closing %r", feed)
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
         await self.closures.stop()
+
+    def adopt(self, feed: Feed[Any]) -> None:
+        """End ``feed`` when the bus closes (a reader must not wait on a closed bus)."""
+        self._feeds.add(feed)
+
+    def release(self, feed: Feed[Any]) -> None:
+        """Forget a feed that was closed."""
+        self._feeds.discard(feed)
 
     async def start_expiry_watcher(self) -> None:
         """Run the expiry watcher on this bus (idempotent); it stops with the bus."""

@@ -377,6 +377,7 @@ class Session:
     def interrupts(self, *, maxsize: int = 1000) -> QueueFeed[Interrupt]:
         """A feed of this session's interrupts (open it before expecting one)."""
         nc, subject = self._bus.nc, self._bus.names.interrupt(self.session_id)
+        lifecycle = self._bus.lifecycle
         subs: list[Subscription] = []
 
         async def on_open(feed: QueueFeed[Interrupt]) -> None:
@@ -390,8 +391,10 @@ class Session:
                 subs.append(await nc.subscribe(subject, cb=on_msg))
                 # The server has the subscription once it answers a ping.
                 await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+            lifecycle.adopt(feed)
 
         async def on_close(feed: QueueFeed[Interrupt]) -> None:
+            lifecycle.release(feed)
             for sub in subs:
                 with contextlib.suppress(Exception):  # the connection may be gone
                     await sub.unsubscribe()

@@ -224,8 +224,13 @@ async def test_closing_the_bus_ends_waiters_and_feeds(
     s = await sb.open("pending")
     waiter = asyncio.create_task(s.wait_closed())
     feed = await sb.closed_events().open()
+    live = await s.live().open()
+    interrupts = await s.interrupts().open()
+    readers = [asyncio.create_task(anext(f, None)) for f in (feed, live, interrupts)]
     await asyncio.sleep(0)
     await sb.close()
-    with pytest.raises(BusClosedError):
-        await waiter
-    assert [e async for e in feed] == []
+    async with asyncio.timeout(10):  # every reader ends rather than wait forever
+        with pytest.raises(BusClosedError):
+            await waiter
+        assert await asyncio.gather(*readers) == [None, None, None]
+    assert feed.closed and live.closed and interrupts.closed
