@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import Session, SessionBus
@@ -82,109 +83,118 @@ async def rate(
     return Rate(done, time.perf_counter() - start)
 
 
-async def bench_sessions(url: str, args: argparse.Namespace) -> dict[str, Rate | Latency]:
-    out: dict[str, Rate | Latency] = {}
-    run = uuid.uuid4().hex[:6]
-    async with SessionBus(url) as sb, SessionBus(url) as other:
-        sessions: list[Session] = []
-
-        async def open_one(i: int) -> None:
-            sessions.append(await sb.open(f"b{run}-{i}", participant="bench", ttl=600))
-
-        await sb.open(f"warm{run}", ttl=600)  # starts the expiry watcher outside the timing
-        out["open (awaited)"] = await rate(open_one, ops=args.ops, concurrency=1,
-                                           max_seconds=args.max_seconds)
-        target = sessions[0]
-        out["send (awaited)"] = await rate(lambda i: target.send(f"m{i}"), ops=args.ops,
-                                           concurrency=1, max_seconds=args.max_seconds)
-        out[f"send ({args.concurrency} in flight)"] = await rate(
-            lambda i: sessions[i % len(sessions)].send(f"c{i}"), ops=args.ops * 4,
-            concurrency=args.concurrency, max_seconds=args.max_seconds)
-
-        to_close = list(sessions)
-
-        async def close_one(i: int) -> None:
-            await to_close[i].close("bench")
-
-        out["close (awaited)"] = await rate(close_one, ops=len(to_close), concurrency=1,
-                                            max_seconds=args.max_seconds)
-
-        end_to_end: list[float] = []
-        close_calls: list[float] = []
-        deadline = time.perf_counter() + args.max_seconds
-        async with other.closed_events() as heard:
-            for i in range(args.latency_samples):
-                if time.perf_counter() > deadline:
-                    break
-                s = await sb.open(f"lat{run}-{i}", ttl=600)
-                start = time.perf_counter()
-                await s.close("latency")
-                returned = time.perf_counter()
-                # Broadcasts of the close phase may still be arriving: match ours.
-                while (await asyncio.wait_for(anext(heard), 10)).session_id != s.session_id:
-                    pass
-                end_to_end.append(time.perf_counter() - start)
-                close_calls.append(returned - start)
-        out["close() call"] = Latency(close_calls)
-        out["close() -> other connection hears it"] = Latency(end_to_end)
-    return out
-
-
-async def bench_raw(url: str, args: argparse.Namespace) -> dict[str, Rate | Latency]:
-    out: dict[str, Rate | Latency] = {}
+async def run(url: str, args: argparse.Namespace) -> tuple[dict[str, Rate | Latency],
+                                                          dict[str, Rate | Latency]]:
+    """Each sessionbus phase runs right after its raw baseline, so load drift hits both."""
+    ours: dict[str, Rate | Latency] = {}
+    raw: dict[str, Rate | Latency] = {}
+    run_id = uuid.uuid4().hex[:6]
+    conc = f"({args.concurrency} in flight)"
+    payload = b"x" * 200  # about the size of an encoded text envelope
     nc = await nats.connect(url)
     sub_nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        stream = f"RAW{uuid.uuid4().hex[:6]}"
-        await js.add_stream(name=stream, subjects=[f"{stream}.>"])
-        payload = b"x" * 200  # about an encoded text envelope
-        out["raw js publish (awaited)"] = await rate(
-            lambda i: js.publish(f"{stream}.s", payload), ops=args.ops, concurrency=1,
-            max_seconds=args.max_seconds)
-        out[f"raw js publish ({args.concurrency} in flight)"] = await rate(
-            lambda i: js.publish(f"{stream}.s{i % 64}", payload), ops=args.ops * 4,
-            concurrency=args.concurrency, max_seconds=args.max_seconds)
-        await js.delete_stream(stream)
-        # The same bytes and headers a send carries, into the envelope stream
-        # itself (partition transform, dedupe window, per-subject limits).
-        async with SessionBus(url) as sb:
+        async with SessionBus(url) as sb, SessionBus(url) as other:
+            js = nc.jetstream()
+            plain = f"RAW{run_id}"
+            await js.add_stream(name=plain, subjects=[f"{plain}.>"])
+            kv_name = f"raw_{run_id}"
+            kv = await js.create_key_value(bucket_config(kv_name, replicas=1))
             envelope_stream = sb.names.envelope_stream
-            subjects = [sb.names.inbound(f"raw{i}") for i in range(64)]
+            raw_subjects = [sb.names.inbound(f"raw{run_id}-{i}") for i in range(64)]
 
-        def with_headers(i: int) -> Awaitable[object]:
-            return js.publish(subjects[i % 64], payload, stream=envelope_stream, headers={
-                MSG_ID_HEADER: uuid.uuid4().hex, DEPTH_HEADER: "0"})
+            def raw_envelope(i: int) -> Awaitable[object]:
+                # The bytes and headers a send carries, into the envelope
+                # stream itself (partition transform, dedupe, per-subject limit).
+                return js.publish(raw_subjects[i % 64], payload, stream=envelope_stream,
+                                  headers={MSG_ID_HEADER: uuid.uuid4().hex, DEPTH_HEADER: "0"})
 
-        out["raw js publish + msg id, envelope stream (awaited)"] = await rate(
-            with_headers, ops=args.ops, concurrency=1, max_seconds=args.max_seconds)
-        out[f"raw js publish + msg id, envelope stream ({args.concurrency} in flight)"] = (
-            await rate(with_headers, ops=args.ops * 4, concurrency=args.concurrency,
-                       max_seconds=args.max_seconds))
-        kv_name = f"raw_{uuid.uuid4().hex[:6]}"
-        kv = await js.create_key_value(bucket_config(kv_name, replicas=1))
-        out["raw kv create (awaited)"] = await rate(
-            lambda i: kv.create(f"k{i}", payload), ops=args.ops, concurrency=1,
-            max_seconds=args.max_seconds)
-        await js.delete_key_value(kv_name)
+            def bounded(op: Callable[[int], Awaitable[object]], *, ops: int,
+                        concurrency: int = 1) -> Awaitable[Rate]:
+                return rate(op, ops=ops, concurrency=concurrency, max_seconds=args.max_seconds)
 
-        got: asyncio.Queue[float] = asyncio.Queue()
+            await sb.open(f"warm{run_id}", ttl=600)  # starts the expiry watcher untimed
+            sessions: list[Session] = []
 
-        async def on_msg(msg: Msg) -> None:
-            got.put_nowait(time.perf_counter())
+            async def open_one(i: int) -> None:
+                sessions.append(await sb.open(f"b{run_id}-{i}", participant="bench", ttl=600))
 
-        await sub_nc.subscribe("raw.latency", cb=on_msg)
-        await sub_nc.flush()
-        samples: list[float] = []
-        for _ in range(args.latency_samples):
-            start = time.perf_counter()
-            await nc.publish("raw.latency", payload)
-            samples.append(await asyncio.wait_for(got.get(), 10) - start)
-        out["raw core publish -> other connection"] = Latency(samples)
+            raw["raw kv create (awaited)"] = await bounded(
+                lambda i: kv.create(f"k{i}", payload), ops=args.ops)
+            ours["open (awaited)"] = await bounded(open_one, ops=args.ops)
+
+            target = sessions[0]
+            raw["raw js publish (awaited)"] = await bounded(
+                lambda i: js.publish(f"{plain}.s", payload), ops=args.ops)
+            raw["raw js publish + msg id, envelope stream (awaited)"] = await bounded(
+                raw_envelope, ops=args.ops)
+            ours["send (awaited)"] = await bounded(lambda i: target.send(f"m{i}"), ops=args.ops)
+
+            raw[f"raw js publish {conc}"] = await bounded(
+                lambda i: js.publish(f"{plain}.s{i % 64}", payload), ops=args.ops * 4,
+                concurrency=args.concurrency)
+            raw[f"raw js publish + msg id, envelope stream {conc}"] = await bounded(
+                raw_envelope, ops=args.ops * 4, concurrency=args.concurrency)
+            ours[f"send {conc}"] = await bounded(
+                lambda i: sessions[i % len(sessions)].send(f"c{i}"), ops=args.ops * 4,
+                concurrency=args.concurrency)
+
+            async def close_one(i: int) -> None:
+                await sessions[i].close("bench")
+
+            ours["close (awaited)"] = await bounded(close_one, ops=len(sessions))
+            await js.delete_stream(plain)
+            await js.delete_key_value(kv_name)
+
+            raw["raw core publish -> other connection"] = await core_latency(nc, sub_nc, args)
+            ours["close() call"], ours["close() -> other connection hears it"] = (
+                await close_latency(sb, other, run_id, args))
     finally:
         await nc.close()
         await sub_nc.close()
-    return out
+    return ours, raw
+
+
+async def close_latency(sb: SessionBus, other: SessionBus, run_id: str,
+                        args: argparse.Namespace) -> tuple[Latency, Latency]:
+    """close() duration, and close() until a second connection's feed delivers it."""
+    end_to_end: list[float] = []
+    calls: list[float] = []
+    deadline = time.perf_counter() + args.max_seconds
+    async with other.closed_events() as heard:
+        for i in range(args.latency_samples):
+            if time.perf_counter() > deadline:
+                break
+            s = await sb.open(f"lat{run_id}-{i}", ttl=600)
+            start = time.perf_counter()
+            await s.close("latency")
+            returned = time.perf_counter()
+            # Broadcasts of the close phase may still be arriving: match ours.
+            while (await asyncio.wait_for(anext(heard), 10)).session_id != s.session_id:
+                pass
+            end_to_end.append(time.perf_counter() - start)
+            calls.append(returned - start)
+    return Latency(calls), Latency(end_to_end)
+
+
+async def core_latency(nc: Client, sub_nc: Client, args: argparse.Namespace) -> Latency:
+    """Core publish on one connection until a subscriber on another gets it."""
+    got: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        got.put_nowait(time.perf_counter())
+
+    await sub_nc.subscribe("raw.latency", cb=on_msg)
+    await sub_nc.flush()
+    samples: list[float] = []
+    deadline = time.perf_counter() + args.max_seconds
+    for _ in range(args.latency_samples):
+        if time.perf_counter() > deadline:
+            break
+        start = time.perf_counter()
+        await nc.publish("raw.latency", b"x" * 64)
+        samples.append(await asyncio.wait_for(got.get(), 10) - start)
+    return Latency(samples)
 
 
 def show(results: dict[str, Rate | Latency]) -> None:
@@ -222,8 +232,7 @@ async def main() -> None:
         print(f"sessionbus bench: nats-server {server_version()}, "
               f"nats-py {version('nats-py')}, python {sys.version.split()[0]}, "
               f"{args.ops} ops per phase, loopback")
-        ours = await bench_sessions(server.url, args)
-        raw = await bench_raw(server.url, args)
+        ours, raw = await run(server.url, args)
     finally:
         server.stop()
     print("sessionbus:")
@@ -239,7 +248,7 @@ async def main() -> None:
         ("send (awaited)", f"{env} (awaited)", ""),
         (f"send {conc}", f"raw js publish {conc}", ""),
         (f"send {conc}", f"{env} {conc}", ""),
-        ("close (awaited)", "raw kv create (awaited)", "close = get + CAS + delete + publish"),
+        ("close (awaited)", "raw kv create (awaited)", "close = get + CAS + broadcast + timer delete (unacked)"),
         ("close() -> other connection hears it", "raw core publish -> other connection",
          "includes the KV compare-and-set"),
     ]

@@ -239,20 +239,29 @@ class Lifecycle:
                 self.closures.note(ClosedEvent.of(meta))
             return meta, False
         self._timers.pop(session_id, None)
-        # Announce first: the timer is housekeeping, the broadcast is what
-        # every node waits for.
+        # Announce first: the broadcast is what every node waits for.
         await self.closures.publish(ClosedEvent.of(meta))
         if not idle and meta.ttl_seconds is not None:
-            try:
-                with nats_errors(f"deleting the timer of {session_id!r}"):
-                    await self._bus.sessions_kv.delete(
-                        self._bus.names.session_timer_key(session_id), ttl=60.0
-                    )
-            except BusError as e:
-                # The record is already terminal: a timer left behind expires
-                # into a no-op.
-                logger.warning("could not delete the idle timer of %r: %s", session_id, e)
+            await self._drop_timer(session_id)
         return meta, True
+
+    async def _drop_timer(self, session_id: str) -> None:
+        """Delete a closed session's idle timer without waiting for the ack.
+
+        Housekeeping only: a timer that survives (lost write, lost server)
+        expires later into a no-op, since the record is already terminal.
+        The delete marker itself goes away after a minute.
+        """
+        kv = self._bus.sessions_kv
+        headers = {"KV-Operation": "DEL", "Nats-TTL": "60"}
+        try:
+            with nats_errors(f"deleting the timer of {session_id!r}"):
+                await self._bus.nc.publish(
+                    kv.subject(self._bus.names.session_timer_key(session_id)), b"",
+                    headers=headers,
+                )
+        except BusError as e:
+            logger.warning("could not delete the idle timer of %r: %s", session_id, e)
 
     async def expire_idle(self, session_id: str) -> bool:
         """Expire a session whose idle timer ran out, unless it was refreshed since."""

@@ -57,10 +57,17 @@ async def test_open_send_info_close(bus: SessionBus) -> None:
     assert len(envelope_id) == 32
     info = await s.info()
     assert (info.ttl_seconds, info.max_depth, info.metadata) == (60.0, 3, {"topic": "x"})
+    timer = bus.names.session_timer_key("s1")
+    assert await bus.sessions_kv.get(timer) is not None
     closed = await s.close("done")
     assert closed.state is SessionState.CLOSED and closed.close_reason == "done"
     assert s.is_terminal()
     assert (await s.close("again")).close_reason == "done"  # idempotent
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await bus.sessions_kv.get(timer) is not None:  # the timer goes with the session
+        assert loop.time() < deadline, "idle timer left behind"
+        await asyncio.sleep(0.02)
 
 
 async def test_open_refuses_a_taken_id_and_defaults(bus: SessionBus) -> None:
