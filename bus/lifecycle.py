@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bus.closures import CLOSED_CACHE_SIZE, ClosedEvent, CloseListener
+from bus.closures import ClosedEvent, CloseListener
 from bus.errors import (
     BusError,
     ConcurrentUpdate,
@@ -71,6 +71,8 @@ IDLE_REASON = "idle"
 MAX_CAS_ATTEMPTS = 25
 #: Envelope depths remembered by each bus (for causation lookups).
 DEPTH_CACHE_SIZE = 100_000
+#: Sessions whose last timer write each bus remembers (for rate limiting).
+TIMER_CACHE_SIZE = 100_000
 #: Terminal tasks kept in a record; older ones are dropped (open ones never).
 MAX_TERMINAL_TASKS = 256
 #: The idle timer outlives the TTL by this fraction, which is what lets a
@@ -200,9 +202,10 @@ class Lifecycle:
                 entry = await kv.get(key)
             if entry is None:
                 raise SessionNotFound(session_id)
-            updated = change(decode(entry.value, SessionMetadata))
+            current = decode(entry.value, SessionMetadata)
+            updated = change(current)
             if updated is None:
-                return decode(entry.value, SessionMetadata), False
+                return current, False
             # Terminal records go away with the history they describe.
             ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
             try:
@@ -295,7 +298,7 @@ class Lifecycle:
         # Claim the refresh before awaiting, so a burst of sends writes once.
         self._timers[session_id] = now
         self._timers.move_to_end(session_id)
-        if len(self._timers) > CLOSED_CACHE_SIZE:
+        if len(self._timers) > TIMER_CACHE_SIZE:
             self._timers.popitem(last=False)
         try:
             with nats_errors(f"refreshing the timer of {session_id!r}"):
