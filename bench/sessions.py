@@ -248,7 +248,8 @@ async def main() -> None:
         ("send (awaited)", f"{env} (awaited)", ""),
         (f"send {conc}", f"raw js publish {conc}", ""),
         (f"send {conc}", f"{env} {conc}", ""),
-        ("close (awaited)", "raw kv create (awaited)", "close = get + CAS + broadcast + timer delete (unacked)"),
+        ("close (awaited)", "raw kv create (awaited)",
+         "close = get + CAS + broadcast + unacked timer delete"),
         ("close() -> other connection hears it", "raw core publish -> other connection",
          "includes the KV compare-and-set"),
     ]
