@@ -73,6 +73,9 @@ MAX_CAS_ATTEMPTS = 25
 DEPTH_CACHE_SIZE = 100_000
 #: Sessions whose last timer write each bus remembers (for rate limiting).
 TIMER_CACHE_SIZE = 100_000
+#: Sessions whose limits (record without its tasks) each bus remembers, so a
+#: fresh handle can send without reading the record first.
+LIMITS_CACHE_SIZE = 10_000
 #: Terminal tasks kept in a record; older ones are dropped (open ones never).
 MAX_TERMINAL_TASKS = 256
 #: The idle timer outlives the TTL by this fraction, which is what lets a
@@ -116,6 +119,7 @@ class Lifecycle:
         self.closures = CloseListener(bus)
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._timers: OrderedDict[str, float] = OrderedDict()
+        self._limits: OrderedDict[str, SessionMetadata] = OrderedDict()
         self._watcher: ExpiryWatcher | None = None
         self._feeds: set[Feed[Any]] = set()
 
@@ -169,6 +173,7 @@ class Lifecycle:
                 await self._bus.sessions_kv.create(key, encode(meta))
         except KeyConflict as e:
             raise SessionExists(meta.session_id) from e
+        self._keep(meta)
 
     async def load(self, session_id: str) -> SessionMetadata | None:
         """The stored record, or None."""
@@ -178,6 +183,7 @@ class Lifecycle:
         if entry is None:
             return None
         meta = decode(entry.value, SessionMetadata)
+        self._keep(meta)
         if meta.is_terminal():
             self.closures.note(ClosedEvent.of(meta))
         else:
@@ -205,6 +211,7 @@ class Lifecycle:
             current = decode(entry.value, SessionMetadata)
             updated = change(current)
             if updated is None:
+                self._keep(current)
                 return current, False
             # Terminal records go away with the history they describe.
             ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
@@ -215,6 +222,7 @@ class Lifecycle:
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 0.1)
                 continue
+            self._keep(updated)
             return updated, True
         raise ConcurrentUpdate(session_id, MAX_CAS_ATTEMPTS)
 
@@ -285,6 +293,21 @@ class Lifecycle:
         if not await self.expire_idle(meta.session_id):
             return meta
         return await self.load(meta.session_id) or meta
+
+    def limits(self, session_id: str) -> SessionMetadata | None:
+        """The session's record as this bus last saw it, without its tasks (no I/O).
+
+        Good for what rarely changes (``max_depth``, ``ttl_seconds``,
+        ``created_at``); closures are tracked by :attr:`closures`.
+        """
+        return self._limits.get(session_id)
+
+    def _keep(self, meta: SessionMetadata) -> None:
+        light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
+        self._limits[meta.session_id] = light
+        self._limits.move_to_end(meta.session_id)
+        if len(self._limits) > LIMITS_CACHE_SIZE:
+            self._limits.popitem(last=False)
 
     # -- idle timers ----------------------------------------------------------
 

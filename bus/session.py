@@ -157,8 +157,9 @@ class Session:
     """A participant's handle on one session.
 
     ``metadata`` is a snapshot: call :meth:`info` to refresh it. A handle
-    made by ``sb.session()`` starts unloaded (state PENDING); its first
-    :meth:`send` or :meth:`touch` loads it.
+    made by ``sb.session()`` starts unloaded (state PENDING); :meth:`send`
+    and :meth:`touch` then use what the bus last saw of the session, reading
+    the record once if it saw nothing.
     """
 
     def __init__(
@@ -219,11 +220,24 @@ class Session:
         if state.is_terminal:
             raise SessionTerminated(self.session_id, state.value)
 
-    async def _loaded_metadata(self) -> SessionMetadata:
-        if not self._loaded:
-            await self.info()
+    async def _limits(self) -> SessionMetadata:
+        """What sending needs (max_depth, ttl, state): the snapshot, the bus's
+        cached copy, or else one read of the record."""
         self._check_open()
-        return self._metadata
+        meta = self._metadata if self._loaded else self._bus.lifecycle.limits(self.session_id)
+        if meta is None:
+            meta = await self._load()
+        if meta.is_terminal():
+            raise SessionTerminated(self.session_id, meta.state.value)
+        self._check_open()
+        return meta
+
+    async def _load(self) -> SessionMetadata:
+        meta = await self._bus.lifecycle.load(self.session_id)
+        if meta is None:
+            raise SessionNotFound(self.session_id)
+        self._metadata, self._loaded = meta, True
+        return meta
 
     # -- sending ----------------------------------------------------------------
 
@@ -251,8 +265,7 @@ class Session:
         :class:`DepthLimitExceeded`, :class:`EnvelopeTooLarge`,
         :class:`InvalidEnvelope`.
         """
-        self._check_open()
-        meta = await self._loaded_metadata()
+        meta = await self._limits()
         sid = self.session_id
         hops = 0 if depth is None else _check_depth(depth, "depth")
         if causation_id is not None:
@@ -308,12 +321,8 @@ class Session:
 
     async def info(self) -> SessionMetadata:
         """Re-read the record (refreshing the snapshot); :class:`SessionNotFound` if gone."""
-        lifecycle = self._bus.lifecycle
-        meta = await lifecycle.load(self.session_id)
-        if meta is None:
-            raise SessionNotFound(self.session_id)
-        meta = await lifecycle.check_idle(meta)
-        self._metadata, self._loaded = meta, True
+        meta = await self._bus.lifecycle.check_idle(await self._load())
+        self._metadata = meta
         return meta
 
     async def close(self, reason: str = "") -> SessionMetadata:
@@ -324,7 +333,7 @@ class Session:
 
     async def touch(self) -> None:
         """Count as activity: push back the idle timer (rate-limited)."""
-        meta = await self._loaded_metadata()
+        meta = await self._limits()
         if meta.ttl_seconds is not None:
             await self._bus.lifecycle.refresh_timer(self.session_id, meta.ttl_seconds)
 
