@@ -33,6 +33,7 @@ from bus.kv import KVOp, wire_ttl
 from bus.names import decode_token
 from schemas import decode_map, encode
 from schemas.errors import DecodeError
+from workers._cancel import cancel_and_wait
 from workers.config import WorkerConfig
 
 __all__ = ["Lease", "Membership", "assign"]
@@ -179,11 +180,7 @@ class Membership:
     async def close(self) -> None:
         """Stop the background tasks without touching the lease (it expires)."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
 
     # -- own lease ----------------------------------------------------------
 
@@ -309,3 +306,4 @@ class Membership:
             if wid != self.worker_id:
                 out |= lease.claims
         return out
+

@@ -40,6 +40,7 @@ from nats.errors import Error as NatsError
 from bus.core import SessionBus
 from bus.errors import BusError, ConfigError, WorkerError
 from bus.names import decode_token, validate_id
+from workers._cancel import cancel_and_wait
 from workers.config import WorkerConfig
 from workers.control import DeadLetter, Drop, Retry
 from workers.delivery import Held, dead_letter
@@ -216,9 +217,7 @@ class Worker:
         membership, scheduler = self.membership, self.scheduler
         coordinator, self._coordinator = self._coordinator, None
         if coordinator is not None:
-            coordinator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await coordinator
+            await cancel_and_wait([coordinator])
         with contextlib.suppress(BusError, OSError):
             await membership.update(draining=True)  # others plan without this worker
         pullers = list(self._pullers.values())
@@ -234,11 +233,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         await membership.leave()
         if self._handle_signals:
             loop = asyncio.get_running_loop()

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from bus.errors import BusError, DecodeError, InvalidIdError, WorkerError
 from bus.names import Names
 from schemas import Envelope, decode
+from workers._cancel import RECANCEL_AFTER
 from workers.config import WorkerConfig
 from workers.delivery import Held, ack, touch
 
@@ -464,12 +465,17 @@ class Scheduler:
 
     async def cancel_partition(self, partition: int) -> None:
         """Cancel the turns running on ``partition``, leaving their envelopes held."""
-        runs = self.running_in(partition)
-        for run in runs:
+        runs = {r.task: r for r in self.running_in(partition) if r.task is not None}
+        for run in runs.values():
             run.cancel(CancelReason.HANDBACK)
-        tasks = [r.task for r in runs if r.task is not None]
-        if tasks:
-            await asyncio.wait(tasks)
+        pending = set(runs)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_AFTER)
+            for task in pending:
+                # A cancel can be lost (see workers._cancel): repeat it, but
+                # never cut an ack or dead-letter of a finished handler short.
+                if not runs[task].finished:
+                    task.cancel()
 
     def take_partition(self, partition: int) -> list[Held]:
         """Remove and return every message held for ``partition`` (no turn may run)."""

@@ -1,0 +1,133 @@
+"""Worker leases and rendezvous assignment: who pulls which partition, joins, leaves, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from worker_proc import FAST
+
+from bus import SessionBus
+from bus.errors import DecodeError, WorkerError
+from bus.server import NatsServer
+from bus.testing import BusFactory
+from workers import Lease, Membership, assign
+
+CONFIG = FAST.replace(lease_ttl=1)
+
+
+def test_assign_gives_every_partition_one_owner() -> None:
+    members = [f"w{i}" for i in range(5)]
+    shares = assign(256, members)
+    owned = [p for ps in shares.values() for p in ps]
+    assert sorted(owned) == list(range(256))
+    assert all(20 <= len(ps) <= 80 for ps in shares.values()), shares
+    assert assign(256, reversed(members)) == shares  # order of the view does not matter
+    assert assign(8, []) == {}
+
+
+def test_a_join_or_a_leave_moves_only_that_members_partitions() -> None:
+    before = assign(128, ["a", "b", "c"])
+    after = assign(128, ["a", "b", "c", "d"])
+    for member in ("a", "b", "c"):
+        assert after[member] <= before[member]  # nobody gains but the newcomer
+    assert after["d"] == set().union(*(before[m] - after[m] for m in ("a", "b", "c")))
+    left = assign(128, ["a", "c"])
+    assert left["a"] >= before["a"] and left["c"] >= before["c"]
+    assert left["a"] | left["c"] == set(range(128))
+
+
+def test_lease_round_trips_and_rejects_garbage() -> None:
+    lease = Lease(worker_id="w", node_id="n", claims=frozenset({3, 1}), draining=True,
+                  started_at=1.0, expires_at=2.0)
+    assert Lease.decode(lease.encode()) == lease
+    with pytest.raises(DecodeError):
+        Lease.decode(b"junk")
+
+
+@pytest.fixture
+async def sb(nats_server: NatsServer, bus_factory: BusFactory) -> SessionBus:
+    return await bus_factory(nats_server.url, partitions=8)
+
+
+@pytest.fixture
+async def member(sb: SessionBus) -> AsyncIterator[Callable[[str], Membership]]:
+    made: list[Membership] = []
+
+    def make(worker_id: str) -> Membership:
+        m = Membership(sb, group="g", worker_id=worker_id, config=CONFIG)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        await m.close()
+
+
+async def until(cond: Callable[[], bool], within: float = 10.0) -> float:
+    """Wait for ``cond`` (polled); return how long it took."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > within:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def test_members_see_each_other_claims_and_leaves(
+    member: Callable[[str], Membership]
+) -> None:
+    a, b = member("a"), member("b")
+    await a.join()
+    assert set(a.members()) == {"a"}
+    assert a.assigned(8) == set(range(8))
+    await b.join()
+    assert set(b.members()) == {"a", "b"}  # join loads the group before following it
+    await until(lambda: set(a.members()) == {"a", "b"})
+    expected = assign(8, ["a", "b"])
+    assert a.assigned(8) == expected["a"] and b.assigned(8) == expected["b"]
+    await a.update(claims={0, 1, 2})
+    await until(lambda: b.claimed_elsewhere() == {0, 1, 2})
+    await b.update(draining=True)
+    await until(lambda: a.assigned(8) == set(range(8)))
+    await a.leave()
+    await until(lambda: set(b.members()) == {"b"})
+
+
+async def test_a_member_that_stops_refreshing_expires(
+    member: Callable[[str], Membership]
+) -> None:
+    a, b = member("a"), member("b")
+    await a.join()
+    await b.join()
+    await until(lambda: "b" in a.members())
+    await b.update(claims={5})
+    await until(lambda: a.claimed_elsewhere() == {5})
+    await b.close()  # as if the process died: no delete, the TTL runs out
+    took = await until(lambda: "b" not in a.members(), within=CONFIG.lease_ttl + 5)
+    print(f"\nlease of a silent member gone after {took:.2f}s (lease_ttl {CONFIG.lease_ttl}s)")
+    assert a.claimed_elsewhere() == set()
+
+
+async def test_one_live_lease_per_worker_id(member: Callable[[str], Membership]) -> None:
+    await member("same").join()
+    with pytest.raises(WorkerError):
+        await member("same").join()
+
+
+async def test_a_lost_lease_is_noticed_and_can_be_rejoined(
+    sb: SessionBus, member: Callable[[str], Membership]
+) -> None:
+    a = member("a")
+    await a.join()
+    await a.update(claims={1})
+    await sb.workers_kv.delete(sb.names.worker_key("g", "a"))  # e.g. expired during a stall
+    await asyncio.wait_for(a.lost.wait(), CONFIG.refresh_interval + 5)
+    assert "a" not in a.members()
+    await a.rejoin()
+    assert not a.lost.is_set()
+    assert a.lease.claims == frozenset()
+    entry = await sb.workers_kv.get(sb.names.worker_key("g", "a"))
+    assert entry is not None and Lease.decode(entry.value).worker_id == "a"
