@@ -21,7 +21,7 @@ from cli_procs import Running, run_cli
 from bus import SessionBus
 from bus.server import NatsCluster, NatsServer
 from schemas import EV_TEXT
-from workers import Turn, Worker, WorkerConfig
+from workers import Turn, Worker, WorkerConfig, assign
 
 DOMAIN = "hub"
 PARTITIONS = 8
@@ -80,15 +80,20 @@ async def buses(site: Site) -> AsyncIterator[tuple[SessionBus, SessionBus]]:
 
 
 async def _settled(workers: list[Worker], partitions: int, within: float = 30.0) -> None:
-    """Wait until the workers own every partition between them, each some, none twice."""
+    """Wait until each worker pulls exactly the partitions the group assigns it."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        owned = [w.partitions for w in workers]
-        if (all(owned) and sum(len(o) for o in owned) == partitions
-                and frozenset().union(*owned) == frozenset(range(partitions))):
+        if all(
+            len(w.membership.members()) == len(workers) and w.partitions
+            and w.partitions == w.membership.assigned(partitions)
+            for w in workers
+        ) and frozenset().union(*(w.partitions for w in workers)) == frozenset(range(partitions)):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"partitions never settled: {[sorted(w.partitions) for w in workers]}")
+    raise AssertionError("partitions never settled: " + "; ".join(
+        f"{w.worker_id} pulls {sorted(w.partitions)}, assigned "
+        f"{sorted(w.membership.assigned(partitions))}, sees {sorted(w.membership.members())}"
+        for w in workers))
 
 
 def _session_in(sb: SessionBus, owned: frozenset[int], tag: str) -> str:
@@ -105,8 +110,14 @@ async def test_a_session_is_served_across_the_edge(
 ) -> None:
     core, edge = buses
     assert core.partitions == edge.partitions == PARTITIONS
-    cluster_worker = Worker(core, group="echo", handler=echo_as("cluster"), config=FAST)
-    edge_worker = Worker(edge, group="echo", handler=echo_as("edge"), config=FAST)
+    # Worker ids between which the group's rendezvous hashing splits the
+    # partitions (random ids could, rarely, give one worker all of them).
+    ids = next((f"cluster-{n}", f"edge-{n}") for n in range(100)
+               if all(assign(PARTITIONS, [f"cluster-{n}", f"edge-{n}"]).values()))
+    cluster_worker = Worker(core, group="echo", handler=echo_as("cluster"), config=FAST,
+                            worker_id=ids[0])
+    edge_worker = Worker(edge, group="echo", handler=echo_as("edge"), config=FAST,
+                         worker_id=ids[1])
     await cluster_worker.start()
     await edge_worker.start()
     await _settled([cluster_worker, edge_worker], PARTITIONS)
