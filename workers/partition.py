@@ -73,6 +73,7 @@ class PartitionPuller:
         self._priority_group = names.worker_priority_group
         self._puller: PinnedPuller | None = None
         self._task: asyncio.Task[None] | None = None
+        self._finishing: asyncio.Task[None] | None = None
         self._keepalive = False
         self._stopping = False
         self._wake = asyncio.Event()
@@ -210,7 +211,28 @@ class PartitionPuller:
     # -- handing back -------------------------------------------------------
 
     async def release(self, *, within: float) -> None:
-        """Hand the partition back gracefully: finish running turns, nak the rest, unpin."""
+        """Hand the partition back gracefully: finish running turns, nak the rest, unpin.
+
+        Joins a handback already under way instead of starting a second one.
+        """
+        if self._finishing is None:
+            self._finishing = asyncio.create_task(self._release(within),
+                                                  name=f"release:{self._consumer}")
+        await asyncio.shield(self._finishing)
+
+    async def abandon(self, *, unpin_after: bool = True) -> None:
+        """Hand the partition back now: cancel running turns, nak everything held.
+
+        During a graceful release, cuts its wait for running turns short.
+        """
+        if self._finishing is None:
+            self._finishing = asyncio.create_task(self._abandon(unpin_after),
+                                                  name=f"abandon:{self._consumer}")
+        else:
+            await self._scheduler.cancel_partition(self.partition)
+        await asyncio.shield(self._finishing)
+
+    async def _release(self, within: float) -> None:
         self._keepalive = True
         self._scheduler.freeze(self.partition)
         if not await self._scheduler.wait_idle(self.partition, within):
@@ -219,8 +241,7 @@ class PartitionPuller:
             await self._scheduler.cancel_partition(self.partition)
         await self._hand_back(unpin_after=True)
 
-    async def abandon(self, *, unpin_after: bool = True) -> None:
-        """Hand the partition back now: cancel running turns, nak everything held."""
+    async def _abandon(self, unpin_after: bool) -> None:
         self._keepalive = True
         self._scheduler.freeze(self.partition)
         await self._scheduler.cancel_partition(self.partition)

@@ -205,11 +205,10 @@ class Worker:
             return
         if self._shutdown_task is None:
             self._shutdown_task = asyncio.create_task(self._do_shutdown(graceful, within))
-        elif not graceful and self._state is WorkerState.DRAINING:
+        elif not graceful:
             # A stop during a drain: cut the wait for running turns short.
-            assert self._scheduler is not None
-            for p in list(self._pullers):
-                await self._scheduler.cancel_partition(p)
+            await asyncio.gather(*(p.abandon() for p in list(self._pullers.values())),
+                                 return_exceptions=True)
         await asyncio.shield(self._shutdown_task)
 
     async def _do_shutdown(self, graceful: bool, within: float) -> None:
@@ -220,14 +219,14 @@ class Worker:
             await cancel_and_wait([coordinator])
         with contextlib.suppress(BusError, OSError):
             await membership.update(draining=True)  # others plan without this worker
+        # A partition already being handed back joins that handback.
         pullers = list(self._pullers.values())
-        pending = [t for t in self._releasing.values() if not t.done()]
         if graceful:
-            await asyncio.gather(*(p.release(within=within) for p in pullers
-                                   if p.partition not in self._releasing), *pending,
+            await asyncio.gather(*(p.release(within=within) for p in pullers),
                                  return_exceptions=True)
         else:
             await asyncio.gather(*(p.abandon() for p in pullers), return_exceptions=True)
+        await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         self._pullers.clear()
         for sub in self._subs:
             with contextlib.suppress(Exception):
