@@ -283,6 +283,10 @@ class Worker:
         blocked = membership.claimed_elsewhere()
         new = sorted(p for p in wanted if p not in self._pullers and p not in blocked)
         if not new:
+            if membership.lease.claims != set(self._pullers):
+                # An earlier claim update failed (e.g. a timeout after a release):
+                # a stale claim would keep the new owner waiting.
+                await membership.update(claims=set(self._pullers))
             return
         await membership.update(claims=set(self._pullers) | set(new))
         started = await asyncio.gather(*(self._start_partition(p) for p in new),

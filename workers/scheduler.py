@@ -36,7 +36,7 @@ from bus.names import Names
 from schemas import Envelope, decode
 from workers._cancel import RECANCEL_AFTER
 from workers.config import WorkerConfig
-from workers.delivery import Held, ack, touch
+from workers.delivery import Held, ack, ack_info, touch
 
 __all__ = ["Scheduler"]
 
@@ -200,12 +200,11 @@ class Scheduler:
         self._pump()
 
     async def _offer_one(self, partition: int, msg: Msg, now: float) -> None:
-        try:
-            meta = msg.metadata
-        except Exception:  # not a JetStream delivery: nothing to ack
+        info = ack_info(msg.reply)
+        if info is None:  # not a JetStream delivery: nothing to ack
             logger.warning("ignoring a non-JetStream message on %s", msg.subject)
             return
-        seq = meta.sequence.stream
+        seq, delivered = info
         token = msg.subject.rsplit(".", 1)[-1]
         error: DecodeError | None = None
         envelope: Envelope | None = None
@@ -233,11 +232,11 @@ class Scheduler:
             self._by_partition.setdefault(partition, set()).add(sid)
         queue = session.queue
         if queue and queue[-1].seq >= seq:
-            await self._insert_or_replace(session, seq, msg, meta.num_delivered, now,
+            await self._insert_or_replace(session, seq, msg, delivered, now,
                                           envelope, error)
             return
         queue.append(Held(seq=seq, partition=partition, session_id=sid, msg=msg,
-                          envelope=envelope, error=error, delivered=meta.num_delivered,
+                          envelope=envelope, error=error, delivered=delivered,
                           touched=now))
         self._held += 1
         self._make_ready(session)

@@ -1,0 +1,312 @@
+"""Worker runtime end to end against a raw nats-py pull pipeline, on one embedded server.
+
+Measures, for 1 and 2 worker processes:
+
+* envelopes/s from the first publish until every envelope's handler has
+  returned and its ack reached the server (a trivial handler), over many
+  sessions at once;
+* turn-start latency p50/p99 on idle sessions: one envelope at a time into
+  a session with nothing queued, from just before the publish to the
+  handler's first line (clocks of one machine, reported back over core NATS);
+
+and, in the same run, the raw baseline: the same envelopes published to a
+plain stream, pulled in batches from one durable pull consumer shared by
+the same number of processes, decoded and acked one by one (no partitions,
+no pinning, no per-session order). Ratios are sessionbus / raw.
+
+    python bench/throughput.py [--quick] [--envelopes N] [--sessions S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+from nats.js import api
+
+from bus import SessionBus
+from bus.jsapi import consumer_info
+from bus.server import NatsServer, server_version
+from schemas import Envelope, decode, encode
+from workers import Lease, Turn, Worker, assign
+
+LATENCY_SUBJECT = "bench.latency"
+RAW_STREAM = "RAW"
+RAW_CONSUMER = "raw"
+PHASE_LIMIT = 180.0
+
+
+# -- the worker processes -------------------------------------------------------
+
+
+async def run_sessionbus_worker(url: str, prefix: str, worker_id: str) -> None:
+    """A worker process: trivial handler; envelopes marked ``lat`` report their start delay."""
+    async with SessionBus(url, prefix=prefix) as sb:
+        nc = sb.nc
+
+        async def handle(turn: Turn) -> None:
+            sent = turn.envelope.event_data.get("lat")
+            if sent is not None:
+                await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
+
+        worker = Worker(sb, group="bench", handler=handle, worker_id=worker_id,
+                        handle_signals=True, max_concurrency=128)
+        await worker.run()
+
+
+async def run_raw_worker(url: str) -> None:
+    """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(RAW_CONSUMER, RAW_STREAM)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(256, timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            env = decode(msg.data, Envelope)
+            sent = env.event_data.get("lat")
+            if sent is not None:
+                await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
+            await msg.ack()
+    await nc.close()
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One pipeline with one process count."""
+
+    rate: float
+    p50_us: float
+    p99_us: float
+
+
+class Procs:
+    """Child processes of one phase, stopped by PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str) -> None:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        ))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, limit: float) -> None:
+    """Poll ``check`` until true; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {limit:.0f}s")
+        await asyncio.sleep(0.02)
+
+
+def envelopes(count: int, sessions: int, tag: str) -> list[Envelope]:
+    """``count`` envelopes spread round-robin over ``sessions`` sessions."""
+    return [Envelope(session_id=f"{tag}-{i % sessions}", sender_id="bench",
+                     event_data={"text": "x" * 64}) for i in range(count)]
+
+
+async def measure_latency(nc: nats.NATS, publish: Callable[[Envelope], Awaitable[None]],
+                          samples: int, tag: str) -> tuple[float, float]:
+    """Send one envelope at a time into an idle session; p50/p99 start delay in us."""
+    got: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        got.put_nowait(float(msg.data))
+
+    sub = await nc.subscribe(LATENCY_SUBJECT, cb=on_msg)
+    await nc.flush()
+    delays: list[float] = []
+    try:
+        for i in range(samples):
+            env = Envelope(session_id=f"{tag}-idle-{i}", sender_id="bench",
+                           event_data={"lat": time.time()})
+            await publish(env)
+            delays.append(await asyncio.wait_for(got.get(), 30) * 1e6)
+            await asyncio.sleep(0.005)  # let the session go idle again
+    finally:
+        await sub.unsubscribe()
+    delays.sort()
+    return statistics.median(delays), delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+
+
+async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int,
+                           samples: int) -> Result:
+    prefix = f"bench{procs_count}"
+    procs = Procs()
+    async with SessionBus(url, prefix=prefix) as sb:
+        try:
+            ids = [f"w{i}" for i in range(procs_count)]
+            for wid in ids:
+                procs.spawn("--role", "worker", "--url", url, "--prefix", prefix, "--id", wid)
+            wanted = {m: frozenset(ps) for m, ps in assign(sb.partitions, ids).items()}
+
+            async def settled() -> bool:
+                entries = await sb.workers_kv.list(sb.names.worker_group_filter("bench"))
+                leases = [Lease.decode(e.value) for e in entries]
+                return {lease.worker_id: lease.claims for lease in leases} == wanted
+
+            await until(settled, "the workers to split the partitions", 60)
+            consumers = [sb.names.worker_consumer("bench", p) for p in range(sb.partitions)]
+
+            async def all_acked() -> bool:
+                for name in consumers:
+                    info = await consumer_info(sb.nc, stream=sb.names.envelope_stream,
+                                               consumer=name)
+                    if info["num_pending"] or info["num_ack_pending"]:
+                        return False
+                return True
+
+            batch = [(sb.names.inbound(e.session_id), encode(e), e.envelope_id)
+                     for e in envelopes(count, sessions, prefix)]
+            start = time.perf_counter()
+            futures = [await sb.js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
+                       for subject, data, eid in batch]
+            await asyncio.gather(*futures)
+            await until(all_acked, "every envelope acked", PHASE_LIMIT)
+            rate = count / (time.perf_counter() - start)
+
+            async def publish(env: Envelope) -> None:
+                await sb.js.publish(sb.names.inbound(env.session_id), encode(env),
+                                    headers={"Nats-Msg-Id": env.envelope_id})
+
+            p50, p99 = await measure_latency(sb.nc, publish, samples, prefix)
+        finally:
+            procs.stop()
+    return Result(rate, p50, p99)
+
+
+async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
+                    samples: int) -> Result:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_stream(RAW_STREAM)
+    await js.add_stream(name=RAW_STREAM, subjects=["raw.>"], storage=api.StorageType.FILE)
+    await js.add_consumer(RAW_STREAM, api.ConsumerConfig(
+        durable_name=RAW_CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=20_000,
+    ))
+    procs = Procs()
+    try:
+        for _ in range(procs_count):
+            procs.spawn("--role", "raw", "--url", url)
+
+        async def all_acked() -> bool:
+            info = await js.consumer_info(RAW_STREAM, RAW_CONSUMER)
+            return not info.num_pending and not info.num_ack_pending
+
+        async def pullers_ready() -> bool:
+            info = await js.consumer_info(RAW_STREAM, RAW_CONSUMER)
+            return (info.num_waiting or 0) >= procs_count
+
+        await until(pullers_ready, "raw pullers", 60)
+        batch = [(f"raw.{e.session_id}", encode(e), e.envelope_id)
+                 for e in envelopes(count, sessions, "raw")]
+        start = time.perf_counter()
+        futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
+                   for subject, data, eid in batch]
+        await asyncio.gather(*futures)
+        await until(all_acked, "every raw message acked", PHASE_LIMIT)
+        rate = count / (time.perf_counter() - start)
+
+        async def publish(env: Envelope) -> None:
+            await js.publish(f"raw.{env.session_id}", encode(env),
+                             headers={"Nats-Msg-Id": env.envelope_id})
+
+        p50, p99 = await measure_latency(nc, publish, samples, "raw")
+    finally:
+        procs.stop()
+        await js.delete_stream(RAW_STREAM)
+        await nc.close()
+    return Result(rate, p50, p99)
+
+
+async def bench(args: argparse.Namespace) -> None:
+    server = NatsServer(name="bench").start()
+    try:
+        print(f"nats-server {server_version()}, nats-py {version('nats-py')}, "
+              f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; "
+              f"{args.envelopes} envelopes over {args.sessions} sessions, "
+              f"{args.samples} latency samples")
+        rows = []
+        for n in (1, 2):
+            ours = await sessionbus_phase(server.url, n, args.envelopes, args.sessions,
+                                          args.samples)
+            raw = await raw_phase(server.url, n, args.envelopes, args.sessions, args.samples)
+            rows.append((n, ours, raw))
+        print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8}")
+        for n, ours, raw in rows:
+            print(f"{n:>7} | {'sessionbus':10} | {ours.rate:8.0f} | {ours.p50_us:8.0f} | "
+                  f"{ours.p99_us:8.0f}")
+            print(f"{'':>7} | {'raw nats-py':10} | {raw.rate:8.0f} | {raw.p50_us:8.0f} | "
+                  f"{raw.p99_us:8.0f}")
+            print(f"{'':>7} | {'ratio':10} | {ours.rate / raw.rate:8.2f} | "
+                  f"{ours.p50_us / raw.p50_us:8.2f} | {ours.p99_us / raw.p99_us:8.2f}")
+        print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r)}
+                          for n, o, r in rows}))
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    """Parse arguments; run the benchmark or, as a child, one worker process."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer envelopes and samples")
+    parser.add_argument("--envelopes", type=int, default=None)
+    parser.add_argument("--sessions", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--role", choices=("bench", "worker", "raw"), default="bench",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--id", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "worker":
+        asyncio.run(run_sessionbus_worker(args.url, args.prefix, args.id))
+        return
+    if args.role == "raw":
+        asyncio.run(run_raw_worker(args.url))
+        return
+    args.envelopes = args.envelopes or (10_000 if args.quick else 50_000)
+    args.sessions = args.sessions or (500 if args.quick else 5_000)
+    args.samples = args.samples or (50 if args.quick else 300)
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
