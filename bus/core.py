@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 MIN_SERVER_VERSION = (2, 11)
 
 _PARTITIONS_RE = re.compile(r"partition\((\d+),")
-_JS_NOT_READY = (10008, 10039)  # temporarily unavailable, not enabled for account
+# Temporarily unavailable, not enabled for account (yet), and no peers for a
+# replicated stream while a freshly started cluster's nodes become current.
+_JS_NOT_READY = (10008, 10039, 10005)
 
 
 async def _stop_reconnecting(nc: Client) -> None:
