@@ -31,7 +31,7 @@ from enum import StrEnum
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.errors import BusError, DecodeError, InvalidIdError, WorkerError
+from bus.errors import BusError, DecodeError, InvalidIdError
 from bus.names import Names
 from schemas import Envelope, decode
 from workers._cancel import RECANCEL_AFTER
@@ -61,6 +61,9 @@ class Outcome:
 
 
 ACKED = Outcome(Action.ACK)
+
+#: Seconds a handback keeps cancelling a turn that does not end.
+_GIVE_UP_CANCEL = 30.0
 
 
 class CancelReason(StrEnum):
@@ -311,6 +314,9 @@ class Scheduler:
                 await self._ack_queue(session)
         except Exception:
             logger.exception("settling stream sequence %d of %r failed", held.seq, session.sid)
+            if session.timer is None:  # try again later, not in a tight loop
+                loop = asyncio.get_running_loop()
+                session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
         finally:
             session.running = None
             self._running -= 1
@@ -353,8 +359,8 @@ class Scheduler:
             self._make_ready(session)
         self._pump()
 
-    def _forget(self, session: _Session) -> None:
-        if self._sessions.get(session.sid) is session and session.running is None:
+    def _forget(self, session: _Session, *, force: bool = False) -> None:
+        if self._sessions.get(session.sid) is session and (force or session.running is None):
             del self._sessions[session.sid]
             sids = self._by_partition.get(session.partition)
             if sids is not None:
@@ -463,29 +469,42 @@ class Scheduler:
         return not pending and not self.running_in(partition)
 
     async def cancel_partition(self, partition: int) -> None:
-        """Cancel the turns running on ``partition``, leaving their envelopes held."""
+        """Cancel the turns running on ``partition``, leaving their envelopes held.
+
+        Gives up after ``_GIVE_UP_CANCEL`` seconds on a handler that ignores
+        cancellation; :meth:`take_partition` then abandons its session.
+        """
         runs = {r.task: r for r in self.running_in(partition) if r.task is not None}
         for run in runs.values():
             run.cancel(CancelReason.HANDBACK)
         pending = set(runs)
-        while pending:
+        deadline = asyncio.get_running_loop().time() + _GIVE_UP_CANCEL
+        while pending and asyncio.get_running_loop().time() < deadline:
             _, pending = await asyncio.wait(pending, timeout=RECANCEL_AFTER)
             for task in pending:
                 # A cancel can be lost (see workers._cancel): repeat it, but
                 # never cut an ack or dead-letter of a finished handler short.
                 if not runs[task].finished:
                     task.cancel()
+        for task in pending:
+            logger.error("a turn of %r ignores cancellation; its session is abandoned",
+                         runs[task].held.session_id)
 
     def take_partition(self, partition: int) -> list[Held]:
-        """Remove and return every message held for ``partition`` (no turn may run)."""
+        """Remove and return every message held for ``partition``.
+
+        A session whose turn still runs (it ignored cancellation) is not
+        returned but forgotten: its messages get no more ``in_progress``, so
+        the server redelivers them, in order, before the partition's pin can
+        lapse to another worker.
+        """
         out: list[Held] = []
         for sid in list(self._by_partition.get(partition, ())):
             session = self._sessions[sid]
-            if session.running is not None:
-                raise WorkerError(f"take_partition({partition}) with a turn running on {sid!r}")
-            out.extend(session.queue)
             self._held -= len(session.queue)
+            if session.running is None:
+                out.extend(session.queue)
             session.queue = []
-            self._forget(session)
+            self._forget(session, force=True)
         return out
 
