@@ -335,7 +335,9 @@ def _summary(args: argparse.Namespace, tally: Tally, verdict: Verdict, progress:
                   f"{tally.elapsed():.1f} s: {tally.turns_per_second():.0f} turns/s "
                   f"(sends paced over ~{args.send_seconds:g} s)"),
         ("latency", f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 "
-                    f"{percentile(latencies, 0.99) * 1000:.1f} ms (send to turn done)"),
+                    f"{percentile(latencies, 0.99) * 1000:.1f} ms (send to turn done"
+                    + ("; includes the killed worker's failover)" if progress.events
+                       else ")")),
         ("redeliveries", f"{tally.redelivered} turns were redeliveries, {tally.repeated} "
                          "envelopes handled again (at-least-once)"),
     ]
