@@ -41,12 +41,13 @@ from bus.core import SessionBus
 from bus.errors import BusError, ConfigError, WorkerError
 from bus.names import decode_token, validate_id
 from workers._cancel import cancel_and_wait
+from workers._outcome import ACKED, Action, Outcome, Running
 from workers.config import WorkerConfig
 from workers.control import DeadLetter, Drop, Retry
 from workers.delivery import Held, dead_letter
 from workers.membership import Membership
 from workers.partition import PartitionPuller
-from workers.scheduler import ACKED, Action, Outcome, Running, Scheduler
+from workers.scheduler import Scheduler
 from workers.turn import Turn
 
 __all__ = ["Handler", "Worker", "WorkerState"]

@@ -25,8 +25,6 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -35,6 +33,7 @@ from bus.errors import BusError, DecodeError, InvalidIdError
 from bus.names import Names
 from schemas import Envelope, decode
 from workers._cancel import RECANCEL_AFTER
+from workers._outcome import ACKED, Action, CancelReason, Outcome, Running
 from workers.config import WorkerConfig
 from workers.delivery import Held, ack, ack_info, touch
 
@@ -42,60 +41,8 @@ __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 
-
-class Action(StrEnum):
-    """What to do with an envelope once its turn is over."""
-
-    ACK = "ack"
-    RETRY = "retry"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A turn's verdict: the action, a retry delay, and a reason for logs and dead letters."""
-
-    action: Action
-    delay: float = 0.0
-    reason: str = ""
-
-
-ACKED = Outcome(Action.ACK)
-
 #: Seconds a handback keeps cancelling a turn that does not end.
 _GIVE_UP_CANCEL = 30.0
-
-
-class CancelReason(StrEnum):
-    """Why a running turn was cancelled."""
-
-    INTERRUPT = "interrupt"
-    CLOSE = "close"
-    HANDBACK = "handback"
-
-
-class Running:
-    """A turn in progress: its held envelope, task and interrupt flag."""
-
-    __slots__ = ("cancel_reason", "finished", "held", "interrupted", "task")
-
-    def __init__(self, held: Held) -> None:
-        self.held = held
-        self.interrupted = asyncio.Event()
-        self.cancel_reason: CancelReason | None = None
-        #: Set once the handler returned: from then on only settling is left,
-        #: which is never cancelled by an interrupt or a close.
-        self.finished = False
-        self.task: asyncio.Task[None] | None = None
-
-    def cancel(self, reason: CancelReason) -> bool:
-        """Cancel the handler for ``reason``; False if it already finished."""
-        if self.finished or self.task is None or self.cancel_reason is not None:
-            return False
-        self.cancel_reason = reason
-        self.interrupted.set()
-        self.task.cancel()
-        return True
 
 
 class _Session:
