@@ -263,12 +263,6 @@ async def test_a_closed_session_starts_over_with_empty_history(bus: SessionBus) 
         assert meta is not None and not meta.is_terminal()
 
 
-@pytest.mark.xfail(
-    reason="bus.Session refuses sends into an id this bus heard closed, even once the id "
-    "was opened again: the session layer needs to compare a heard close with the record's "
-    "created_at",
-    strict=False,
-)
 async def test_a_reopened_session_accepts_sends(bus: SessionBus) -> None:
     store = SessionStore(storage=bus)
     async with store.session("s1") as stream:
