@@ -111,7 +111,9 @@ async def test_cluster_provisioning_with_replicas(nats_cluster: object,
     assert ack.seq == 1
 
 
-@pytest.mark.skipif(not shutil.which(DEBIAN_SERVER), reason="Debian's nats-server 2.9 not installed")
+@pytest.mark.skipif(
+    not shutil.which(DEBIAN_SERVER), reason="Debian's nats-server 2.9 not installed"
+)
 async def test_server_without_per_key_ttl_is_refused(
     nats_server_factory: ServerFactory,
 ) -> None:
