@@ -424,6 +424,12 @@ async def test_worker_arguments_are_checked(sb: SessionBus) -> None:
     assert worker.state is WorkerState.NEW
     with pytest.raises(WorkerError):
         _ = worker.scheduler
+    first = Worker(sb, group="g", handler=handle, worker_id="same", config=FAST)
+    await first.start()
+    second = Worker(sb, group="g", handler=handle, worker_id="same", config=FAST)
+    with pytest.raises(WorkerError, match="already has a live lease"):
+        await second.start()
+    await first.drain()
 
 
 async def test_drain_finishes_running_turns_and_hands_back_the_rest_in_order(

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import signal
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable
 from enum import StrEnum
 from typing import Protocol
@@ -40,6 +41,7 @@ from nats.errors import Error as NatsError
 from bus.core import SessionBus
 from bus.errors import BusError, ConfigError, WorkerError
 from bus.names import decode_token, validate_id
+from bus.session import Session
 from workers._cancel import cancel_and_wait
 from workers._outcome import ACKED, Action, Outcome, Running
 from workers.config import WorkerConfig
@@ -53,6 +55,9 @@ from workers.turn import Turn
 __all__ = ["Handler", "Worker", "WorkerState"]
 
 logger = logging.getLogger(__name__)
+
+#: Session handles kept for replies (each loads its record once).
+_SESSION_HANDLES = 1024
 
 class Handler(Protocol):
     """What a worker runs for each envelope: ``async def handle(turn: Turn) -> None``.
@@ -120,6 +125,7 @@ class Worker:
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._coordinator: asyncio.Task[None] | None = None
+        self._handles: OrderedDict[str, Session] = OrderedDict()
         self._signal_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -167,8 +173,16 @@ class Worker:
             await bus.nc.subscribe(bus.names.closed_all, cb=self._on_closed),
             await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt),
         ]
-        await bus.nc.flush()
-        await self._membership.join()
+        try:
+            await bus.nc.flush()
+            await self._membership.join()
+        except BaseException:
+            for sub in self._subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            self._subs.clear()
+            await self._membership.close()
+            raise
         self._state = WorkerState.RUNNING
         self._coordinator = asyncio.create_task(self._coordinate(),
                                                 name=f"coordinate:{self.worker_id}")
@@ -346,6 +360,7 @@ class Worker:
     async def _on_closed(self, msg: Msg) -> None:
         sid = _session_of_ctl(msg.subject)
         if sid is not None and self._scheduler is not None:
+            self._handles.pop(sid, None)
             await self._scheduler.close(sid)
 
     async def _on_interrupt(self, msg: Msg) -> None:
@@ -365,7 +380,8 @@ class Worker:
                          held.session_id)
             return ACKED
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
-                    worker_id=self.worker_id, interrupted=run.interrupted)
+                    worker_id=self.worker_id, interrupted=run.interrupted,
+                    handles=self._session_handle)
         try:
             await self._handler(turn)
         except Retry as r:
@@ -381,6 +397,18 @@ class Worker:
                            self.group, held.session_id, held.seq, held.attempt, e)
             return self._retry(held, None, f"handler raised {e!r}")
         return ACKED
+
+    def _session_handle(self, session_id: str) -> Session:
+        # Handles are kept, so a session's record is read once, not once a turn.
+        handle = self._handles.get(session_id)
+        if handle is None:
+            handle = self.bus.session(session_id, participant=self.agent)
+            self._handles[session_id] = handle
+            if len(self._handles) > _SESSION_HANDLES:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(session_id)
+        return handle
 
     def _retry(self, held: Held, delay: float | None, reason: str) -> Outcome:
         if held.attempt >= self.max_attempts:

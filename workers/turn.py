@@ -20,6 +20,7 @@ cancels the handler's task; a close of the session does the same.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bus.core import SessionBus
@@ -36,16 +37,18 @@ __all__ = ["Turn"]
 class Turn:
     """One envelope handed to a handler, with ways to answer into its session."""
 
-    __slots__ = ("_bus", "_held", "_session", "agent", "group", "interrupted", "worker_id")
+    __slots__ = ("_bus", "_handles", "_held", "_session", "agent", "group", "interrupted",
+                 "worker_id")
 
     def __init__(
         self, *, bus: SessionBus, held: Held, group: str, agent: str, worker_id: str,
-        interrupted: asyncio.Event,
+        interrupted: asyncio.Event, handles: Callable[[str], Session] | None = None,
     ) -> None:
         if held.envelope is None:
             raise WorkerError("a Turn needs a decoded envelope")
         self._bus = bus
         self._held = held
+        self._handles = handles
         self._session: Session | None = None
         self.group = group
         """The worker group handling the turn."""
@@ -87,7 +90,10 @@ class Turn:
     def session(self) -> Session:
         """A handle on the session, participating as :attr:`agent` (no I/O until used)."""
         if self._session is None:
-            self._session = self._bus.session(self.session_id, participant=self.agent)
+            if self._handles is not None:
+                self._session = self._handles(self.session_id)
+            else:
+                self._session = self._bus.session(self.session_id, participant=self.agent)
         return self._session
 
     async def history(self) -> list[Envelope]:
