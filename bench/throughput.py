@@ -35,6 +35,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -140,7 +141,7 @@ def envelopes(count: int, sessions: int, tag: str) -> list[Envelope]:
                      event_data={"text": "x" * 64}) for i in range(count)]
 
 
-async def measure_latency(nc: nats.NATS, publish: Callable[[Envelope], Awaitable[None]],
+async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[None]],
                           samples: int, tag: str) -> tuple[float, float]:
     """Send one envelope at a time into an idle session; p50/p99 start delay in us."""
     got: asyncio.Queue[float] = asyncio.Queue()
