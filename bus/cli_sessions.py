@@ -27,12 +27,12 @@ from bus.cli_common import (
     stop_event,
 )
 from bus.core import SessionBus
-from bus.errors import BusTimeout, ConnectionFailed, DecodeError
+from bus.errors import BusTimeout, ConnectionFailed
 from bus.history import LiveFeed
 from bus.session import Session
-from schemas import EV_TEXT, Envelope, SessionMetadata, SessionState, decode
+from schemas import EV_TEXT, Envelope, SessionMetadata, SessionState
 
-__all__ = ["add_parsers", "format_envelope", "list_sessions"]
+__all__ = ["add_parsers", "format_envelope"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,26 +110,6 @@ def add_parsers(commands: Commands) -> None:
     send.set_defaults(func=cmd_send)
 
 
-# -- listing ----------------------------------------------------------------------
-
-
-async def list_sessions(sb: SessionBus) -> list[SessionMetadata]:
-    """Every session record in the bus, oldest first (records that do not decode are skipped).
-
-    A server-side filtered listing of the sessions bucket; replace with the
-    session layer's own listing once it offers one.
-    """
-    entries = await sb.sessions_kv.list(sb.names.session_record_filter)
-    found = []
-    for entry in entries:
-        try:
-            found.append(decode(entry.value, SessionMetadata))
-        except DecodeError as e:
-            logger.warning("skipping session record %s: %s", entry.key, e)
-    found.sort(key=lambda m: (m.created_at, m.session_id))
-    return found
-
-
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -144,10 +124,9 @@ def _ttl(meta: SessionMetadata) -> str:
 
 async def cmd_ls(args: argparse.Namespace) -> int:
     """``sessions ls``."""
+    state = None if args.state == "all" else SessionState(args.state)
     async with open_bus(args) as sb:
-        metas = await list_sessions(sb)
-    if args.state != "all":
-        metas = [m for m in metas if m.state.value == args.state]
+        metas = await sb.list_sessions(state=state)
     if args.limit is not None:
         metas = metas[: max(0, args.limit)]
     if args.json:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from bus.feeds import QueueFeed
     from bus.lifecycle import Lifecycle
     from bus.session import Session
+    from schemas import SessionMetadata, SessionState
 
 __all__ = ["MIN_SERVER_VERSION", "SessionBus"]
 
@@ -310,6 +311,15 @@ class SessionBus:
         from bus.session import Session
 
         return Session.attach(self, session_id, participant=participant)
+
+    async def list_sessions(self, *, state: SessionState | None = None) -> list[SessionMetadata]:
+        """Every session's record, oldest first; only those in ``state`` if it is given.
+
+        Records that do not decode are skipped (and logged), so one bad
+        record does not hide the others. Closed and expired records are
+        listed until their TTL (``settings.envelope_max_age``) removes them.
+        """
+        return await self.lifecycle.list_sessions(state=state)
 
     @property
     def lifecycle(self) -> Lifecycle:

@@ -47,6 +47,7 @@ from bus.errors import (
     BusError,
     ConcurrentUpdate,
     ConfigError,
+    DecodeError,
     KeyConflict,
     SessionExists,
     SessionNotFound,
@@ -293,6 +294,28 @@ class Lifecycle:
         if not await self.expire_idle(meta.session_id):
             return meta
         return await self.load(meta.session_id) or meta
+
+    async def list_sessions(self, *, state: SessionState | None = None) -> list[SessionMetadata]:
+        """Every stored session record (only those in ``state`` if given), oldest first.
+
+        One server-side filtered listing of the record keys (idle timers are
+        not fetched). A record that does not decode is skipped with a warning
+        rather than failing the whole listing: one bad writer must not hide
+        every other session.
+        """
+        with nats_errors("listing sessions"):
+            entries = await self._bus.sessions_kv.list(self._bus.names.session_record_filter)
+        found: list[SessionMetadata] = []
+        for entry in entries:
+            try:
+                meta = decode(entry.value, SessionMetadata)
+            except DecodeError as e:
+                logger.warning("skipping undecodable session record %s: %s", entry.key, e)
+                continue
+            if state is None or meta.state is state:
+                found.append(meta)
+        found.sort(key=lambda m: (m.created_at, m.session_id))
+        return found
 
     def limits(self, session_id: str) -> SessionMetadata | None:
         """The session's record as this bus last saw it, without its tasks (no I/O).
