@@ -173,8 +173,8 @@ async def test_sigkill_one_of_three_workers_midway(sb: SessionBus, procs: Procs)
     assert len(owned) == 8
     publisher = asyncio.create_task(publish_rounds(sb, pause=0.03))
     await wait_lines(procs, TOTAL * 3 // 10, within=40)
-    assert not publisher.done(), "the kill must happen while envelopes flow"
     killed_at = procs.kill("w2")
+    assert procs.lines() < TOTAL * 7 // 10, "the kill must land midway"
     await wait_assigned(sb, {"w1", "w3"})
     moved_at = time.time()
     await publisher
@@ -220,7 +220,7 @@ async def test_worker_joins_midway_without_overlap_or_duplicates(
     joined_at = time.time()
     await wait_assigned(sb, {"w1", "w2", "w3"})
     settled_at = time.time()
-    assert not publisher.done(), "the join must happen while envelopes flow"
+    assert procs.lines() < TOTAL * 9 // 10, "the join must land midway"
     await publisher
     records = await wait_all_handled(procs, within=60)
     codes = procs.terminate_all()
