@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from importlib.metadata import version
 
 import nats
+from _common import Op, Rate, environment, measure, ratio
 from nats.js.kv import KeyValue
 
 from bus import SessionBus, SessionRegistry
@@ -32,42 +29,7 @@ from schemas.codec import encode
 SESSIONS_PER_CALL = 4
 
 
-@dataclass
-class Result:
-    """One measured phase."""
-
-    ops: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Operations per second."""
-        return self.ops / self.seconds if self.seconds else 0.0
-
-
-async def measure(
-    op: Callable[[int], Awaitable[object]], *, ops: int, concurrency: int, max_seconds: float
-) -> Result:
-    """Run ``op(i)`` for i in range(ops) with ``concurrency`` workers, bounded in time."""
-    next_i = 0
-    done = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal next_i, done
-        while next_i < ops and time.perf_counter() < deadline:
-            i = next_i
-            next_i += 1
-            await op(i)
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(done, time.perf_counter() - start)
-
-
-Row = tuple[str, int, Result, str, Result]
-Op = Callable[[int], Awaitable[object]]
+Row = tuple[str, int, Rate, str, Rate]
 
 
 async def phases(
@@ -109,7 +71,7 @@ async def phases(
         ("get_for_call", get_for_call, "kv.get", raw_get),
         ("update_metrics", update_metrics, "kv.put", raw_put),
     ]
-    raw_results: dict[str, Result] = {}
+    raw_results: dict[str, Rate] = {}
     rows: list[Row] = []
     for name, op, raw_name, raw_op in plan:
         ours = await measure(op, ops=ops, concurrency=conc, max_seconds=max_seconds)
@@ -143,14 +105,12 @@ async def run(ops: int, max_seconds: float) -> None:
     finally:
         server.stop()
 
-    print(f"SessionRegistry vs raw nats-py KV, {ops} ops per phase, loopback, "
-          f"Python {sys.version.split()[0]}, nats-py {version('nats-py')}")
+    print(f"SessionRegistry vs raw nats-py KV, {ops} ops per phase, loopback, {environment()}")
     print(f"{'operation':<16}{'conc':>5}{'ops':>7}{'ops/s':>10}   {'baseline':<8}"
           f"{'ops/s':>10}{'ratio':>8}")
     for name, conc, ours, raw_name, raw in rows:
-        ratio = ours.rate / raw.rate if raw.rate else 0.0
-        print(f"{name:<16}{conc:>5}{ours.ops:>7}{ours.rate:>10.0f}   {raw_name:<8}"
-              f"{raw.rate:>10.0f}{ratio:>8.2f}")
+        print(f"{name:<16}{conc:>5}{ours.ops:>7}{ours.per_second:>10.0f}   {raw_name:<8}"
+              f"{raw.per_second:>10.0f}{ratio(ours.per_second, raw.per_second):>8.2f}")
 
 
 def main() -> None:

@@ -20,67 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from importlib.metadata import version
+from collections.abc import Awaitable
 
 import nats
+from _common import Latency, Op, Rate, environment, format_ratio, measure
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import Session, SessionBus
 from bus.kv import bucket_config
 from bus.names import DEPTH_HEADER, MSG_ID_HEADER
-from bus.server import NatsServer, server_version
-
-
-@dataclass
-class Rate:
-    """One throughput phase."""
-
-    ops: int
-    seconds: float
-
-    @property
-    def per_second(self) -> float:
-        """Operations per second."""
-        return self.ops / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class Latency:
-    """One latency phase, in microseconds."""
-
-    samples: list[float]
-
-    def pct(self, q: float) -> float:
-        """The ``q`` quantile (0..1) in microseconds."""
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6 if ordered else 0.0
-
-
-async def rate(
-    op: Callable[[int], Awaitable[object]], *, ops: int, concurrency: int, max_seconds: float
-) -> Rate:
-    """Run ``op(i)`` for i < ops with ``concurrency`` in flight, stopping at ``max_seconds``."""
-    next_i = done = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal next_i, done
-        while next_i < ops and time.perf_counter() < deadline:
-            i = next_i
-            next_i += 1
-            await op(i)
-            done += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Rate(done, time.perf_counter() - start)
+from bus.server import NatsServer
 
 
 async def run(url: str, args: argparse.Namespace) -> tuple[dict[str, Rate | Latency],
@@ -109,9 +61,9 @@ async def run(url: str, args: argparse.Namespace) -> tuple[dict[str, Rate | Late
                 return js.publish(raw_subjects[i % 64], payload, stream=envelope_stream,
                                   headers={MSG_ID_HEADER: uuid.uuid4().hex, DEPTH_HEADER: "0"})
 
-            def bounded(op: Callable[[int], Awaitable[object]], *, ops: int,
-                        concurrency: int = 1) -> Awaitable[Rate]:
-                return rate(op, ops=ops, concurrency=concurrency, max_seconds=args.max_seconds)
+            def bounded(op: Op, *, ops: int, concurrency: int = 1) -> Awaitable[Rate]:
+                return measure(op, ops=ops, concurrency=concurrency,
+                               max_seconds=args.max_seconds)
 
             await sb.open(f"warm{run_id}", ttl=600)  # starts the expiry watcher untimed
             sessions: list[Session] = []
@@ -198,22 +150,22 @@ async def core_latency(nc: Client, sub_nc: Client, args: argparse.Namespace) -> 
 
 
 def show(results: dict[str, Rate | Latency]) -> None:
+    """One line per phase: a rate, or latency percentiles and mean."""
     for name, result in results.items():
         if isinstance(result, Rate):
             print(f"  {name:66s} {result.per_second:10,.0f} /s   ({result.ops} ops)")
         else:
             print(f"  {name:66s} p50 {result.pct(0.5):8,.0f} us  p99 {result.pct(0.99):8,.0f} us"
-                  f"  mean {statistics.fmean(result.samples) * 1e6 if result.samples else 0:,.0f}"
-                  f" us  ({len(result.samples)} samples)")
+                  f"  mean {result.mean_us:,.0f} us  ({len(result.samples)} samples)")
 
 
-def ratio(ours: Rate | Latency, raw: Rate | Latency) -> str:
+def compare(ours: Rate | Latency, raw: Rate | Latency) -> str:
+    """sessionbus / raw: of rates, or of latency p50 and p99."""
     if isinstance(ours, Rate) and isinstance(raw, Rate):
-        return f"{ours.per_second / raw.per_second:.2f}x" if raw.per_second else "-"
+        return format_ratio(ours.per_second, raw.per_second)
     if isinstance(ours, Latency) and isinstance(raw, Latency):
-        p50 = ours.pct(0.5) / raw.pct(0.5) if raw.pct(0.5) else 0
-        p99 = ours.pct(0.99) / raw.pct(0.99) if raw.pct(0.99) else 0
-        return f"p50 {p50:.1f}x, p99 {p99:.1f}x"
+        return (f"p50 {format_ratio(ours.pct(0.5), raw.pct(0.5))}, "
+                f"p99 {format_ratio(ours.pct(0.99), raw.pct(0.99))}")
     return "-"
 
 
@@ -229,9 +181,7 @@ async def main() -> None:
     args.latency_samples = 100 if args.quick else 500
     server = NatsServer(name="bench-sessions").start()
     try:
-        print(f"sessionbus bench: nats-server {server_version()}, "
-              f"nats-py {version('nats-py')}, python {sys.version.split()[0]}, "
-              f"{args.ops} ops per phase, loopback")
+        print(f"sessionbus bench: {environment()}, {args.ops} ops per phase, loopback")
         ours, raw = await run(server.url, args)
     finally:
         server.stop()
@@ -254,7 +204,7 @@ async def main() -> None:
          "includes the KV compare-and-set"),
     ]
     for a, b, note in pairs:
-        print(f"  {a:36s} vs {b:58s} {ratio(ours[a], raw[b]):>20s}  {note}")
+        print(f"  {a:36s} vs {b:58s} {compare(ours[a], raw[b]):>20s}  {note}")
 
 
 if __name__ == "__main__":

@@ -25,23 +25,22 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import nats
+from _common import environment, percentile, ratio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
 from bus import SessionBus
 from bus.jsapi import consumer_info
-from bus.server import NatsServer, server_version
+from bus.server import NatsServer
 from schemas import Envelope, decode, encode
 from workers import Lease, Turn, Worker, assign
 
@@ -161,8 +160,7 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
             await asyncio.sleep(0.005)  # let the session go idle again
     finally:
         await sub.unsubscribe()
-    delays.sort()
-    return statistics.median(delays), delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    return percentile(delays, 0.5), percentile(delays, 0.99)
 
 
 async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int,
@@ -259,8 +257,7 @@ async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
 async def bench(args: argparse.Namespace) -> None:
     server = NatsServer(name="bench").start()
     try:
-        print(f"nats-server {server_version()}, nats-py {version('nats-py')}, "
-              f"python {sys.version.split()[0]}, {os.cpu_count()} cpus; "
+        print(f"{environment()}, {os.cpu_count()} cpus; "
               f"{args.envelopes} envelopes over {args.sessions} sessions, "
               f"{args.samples} latency samples")
         rows = []
@@ -275,8 +272,9 @@ async def bench(args: argparse.Namespace) -> None:
                   f"{ours.p99_us:8.0f}")
             print(f"{'':>7} | {'raw nats-py':10} | {raw.rate:8.0f} | {raw.p50_us:8.0f} | "
                   f"{raw.p99_us:8.0f}")
-            print(f"{'':>7} | {'ratio':10} | {ours.rate / raw.rate:8.2f} | "
-                  f"{ours.p50_us / raw.p50_us:8.2f} | {ours.p99_us / raw.p99_us:8.2f}")
+            print(f"{'':>7} | {'ratio':10} | {ratio(ours.rate, raw.rate):8.2f} | "
+                  f"{ratio(ours.p50_us, raw.p50_us):8.2f} | "
+                  f"{ratio(ours.p99_us, raw.p99_us):8.2f}")
         print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r)}
                           for n, o, r in rows}))
     finally:
