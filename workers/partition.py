@@ -104,6 +104,7 @@ class PartitionPuller:
             group=self._priority_group, api_prefix=self._bus.api_prefix,
         )
         await self._puller.start()
+        self._scheduler.on_room(self._wake)
         self._task = asyncio.create_task(self._loop(), name=f"pull:{self._consumer}")
 
     async def _ensure_consumer(self) -> None:
@@ -133,8 +134,11 @@ class PartitionPuller:
             try:
                 if keep:
                     pause = last_request + keep_expires - loop.time()
-                    if pause > 0 and await self._sleep(pause):
-                        break
+                    if pause > 0:
+                        if await self._sleep(pause):
+                            break
+                        if not self._keepalive and self._scheduler.room() > 0:
+                            continue  # room freed up: pull normally
                     last_request = loop.time()
                     msgs = await self._fetch(1, keep_expires)
                     burst = False
@@ -176,10 +180,12 @@ class PartitionPuller:
         return msgs
 
     async def _sleep(self, seconds: float) -> bool:
-        """Sleep, waking early when stopping; True if stopping."""
+        """Sleep, waking early when stopping or when room frees up; True if stopping."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
+        if not self._stopping:
+            self._wake.clear()
         return self._stopping
 
     async def _pin_lost(self) -> None:
@@ -265,6 +271,7 @@ class PartitionPuller:
             with contextlib.suppress(BusError, NatsError, OSError):
                 await self._puller.stop()
         sched.unfreeze(self.partition)
+        sched.on_room(self._wake, listen=False)
         logger.debug("partition %d handed back (%d envelopes nak'd)", self.partition, len(held))
 
     async def _stop_loop(self) -> None:

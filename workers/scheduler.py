@@ -89,6 +89,8 @@ class Scheduler:
         self._running = 0
         self._held = 0
         self._reserved = 0
+        self._starved = False
+        self._room_events: set[asyncio.Event] = set()
         self._last_done: OrderedDict[str, int] = OrderedDict()
         self._closed: OrderedDict[str, float] = OrderedDict()
         self.completed = 0
@@ -125,11 +127,32 @@ class Scheduler:
         """
         grant = max(0, min(wanted, self._config.max_held - self._held - self._reserved))
         self._reserved += grant
+        if grant == 0:
+            self._starved = True
         return grant
 
     def unreserve(self, grant: int) -> None:
         """Return a grant from :meth:`reserve`."""
         self._reserved -= grant
+
+    def room(self) -> int:
+        """Messages that may still be pulled before the soft cap ``max_held``."""
+        return self._config.max_held - self._held - self._reserved
+
+    def on_room(self, event: asyncio.Event, *, listen: bool = True) -> None:
+        """Have ``event`` set when room frees up after a :meth:`reserve` came back empty."""
+        if listen:
+            self._room_events.add(event)
+        else:
+            self._room_events.discard(event)
+
+    def _freed(self) -> None:
+        # Pullers at the cap wait in keep-alive pulls; wake them once room
+        # frees, rather than after their next keep-alive.
+        if self._starved and self._held + self._reserved < self._config.max_held:
+            self._starved = False
+            for event in self._room_events:
+                event.set()
 
     def running_in(self, partition: int) -> list[Running]:
         """Turns running on sessions of ``partition``."""
@@ -292,6 +315,7 @@ class Scheduler:
             self._held -= 1
             self.completed += 1
             self._mark_done(session.sid, held.seq)
+            self._freed()
 
     def _wake(self, session: _Session) -> None:
         session.timer = None
@@ -380,6 +404,7 @@ class Scheduler:
     async def _ack_queue(self, session: _Session) -> None:
         queue, session.queue = session.queue, []
         self._held -= len(queue)
+        self._freed()
         for held in queue:
             await ack(self._nc, held)
             self.completed += 1
@@ -453,5 +478,6 @@ class Scheduler:
                 out.extend(session.queue)
             session.queue = []
             self._forget(session, force=True)
+        self._freed()
         return out
 
