@@ -152,6 +152,7 @@ class PartitionPuller:
                     burst = bool(msgs)
                 if msgs:
                     await self._scheduler.offer(self.partition, msgs)
+                    await asyncio.sleep(0)  # let the turns just queued start before pulling on
             except ConsumerNotFoundError:
                 await self._recover_consumer()
                 continue
