@@ -326,7 +326,7 @@ class Bucket:
                 entries.pop(event.key, None)
         return list(entries.values())
 
-    async def watch(
+    def watch(
         self, key_filter: str = ">", *, include_existing: bool = False, meta_only: bool = False,
         ready: asyncio.Event | None = None,
     ) -> AsyncIterator[KVEvent]:
@@ -336,10 +336,12 @@ class Bucket:
         comes first. Expiry markers arrive as :attr:`KVOp.EXPIRED`. ``ready``
         is set once the watch is subscribed: every change after that is seen.
         """
-        async for event in self._consume(
+        # Return the generator itself rather than re-yielding from it: on
+        # Python 3.11 a cancel delivered inside a nested async generator can
+        # be lost, leaving the watching task waiting forever.
+        return self._consume(
             key_filter, last_per_subject=include_existing, meta_only=meta_only, ready=ready
-        ):
-            yield event
+        )
 
     async def _consume(
         self, key_filter: str, *, last_per_subject: bool, until_caught_up: bool = False,
