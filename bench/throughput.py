@@ -136,7 +136,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, limit: float) -
 
 def envelopes(count: int, sessions: int, tag: str) -> list[Envelope]:
     """``count`` envelopes spread round-robin over ``sessions`` sessions."""
-    return [Envelope(session_id=f"{tag}-{i % sessions}", sender_id="bench",
+    return [Envelope(session_id=f"{tag}-{i % sessions}", sender_id="client",
                      event_data={"text": "x" * 64}) for i in range(count)]
 
 
@@ -153,7 +153,7 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
     delays: list[float] = []
     try:
         for i in range(samples):
-            env = Envelope(session_id=f"{tag}-idle-{i}", sender_id="bench",
+            env = Envelope(session_id=f"{tag}-idle-{i}", sender_id="client",
                            event_data={"lat": time.time()})
             await publish(env)
             delays.append(await asyncio.wait_for(got.get(), 30) * 1e6)

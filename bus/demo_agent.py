@@ -70,8 +70,8 @@ class TurnRecord:
 async def handle(turn: Turn) -> None:
     """Think for the envelope's think time, then report the turn."""
     envelope = turn.envelope
-    # Every envelope of the session reaches the group; only demo steps are work.
-    if envelope.event_type != DEMO_EVENT or not envelope.is_for(turn.agent):
+    # Only demo steps are work (the worker already skips what is not for us).
+    if envelope.event_type != DEMO_EVENT:
         return
     started = time.time()
     index = envelope.event_data.get("i")

@@ -29,9 +29,9 @@ AGENT = "echo"
 async def handle(turn: Turn) -> None:
     """Reply to the sender with the envelope's text."""
     envelope = turn.envelope
-    # A group sees every envelope of its sessions, its own replies included:
-    # answer only text addressed to this agent.
-    if envelope.event_type != EV_TEXT or not envelope.is_for(turn.agent):
+    # The worker hands over only envelopes addressed to this agent (never
+    # its own replies); answer the text ones.
+    if envelope.event_type != EV_TEXT:
         return
     await turn.reply(f"echo: {envelope.content}", audience=[envelope.sender_id])
 

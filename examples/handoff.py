@@ -35,7 +35,7 @@ _MONEY = ("invoice", "refund", "charge", "bill", "payment")
 async def triage(turn: Turn) -> None:
     """Answer general questions; hand anything about money to billing."""
     envelope = turn.envelope
-    if envelope.event_type != EV_TEXT or not envelope.is_for(turn.agent):
+    if envelope.event_type != EV_TEXT:
         return
     text = envelope.content
     if any(word in text.lower() for word in _MONEY):
@@ -51,7 +51,7 @@ async def triage(turn: Turn) -> None:
 async def billing(turn: Turn) -> None:
     """Answer what triage delegated, straight to the user who asked."""
     envelope = turn.envelope
-    if envelope.event_type != EV_DELEGATE or not envelope.is_for(turn.agent):
+    if envelope.event_type != EV_DELEGATE:
         return
     asker = str(envelope.event_data.get("reply_to") or USER)
     question = envelope.event_data.get("text", "")

@@ -59,7 +59,7 @@ def echo_as(label: str) -> Callable[[Turn], Awaitable[None]]:
 
     async def handle(turn: Turn) -> None:
         envelope = turn.envelope
-        if envelope.event_type != EV_TEXT or not envelope.is_for(turn.agent):
+        if envelope.event_type != EV_TEXT:
             return
         await turn.reply(f"{label}: {envelope.content}", audience=[envelope.sender_id])
 

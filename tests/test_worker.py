@@ -223,6 +223,68 @@ async def test_expired_envelope_is_acked_and_skipped(
     assert await settled(sb) == (0, 0)
 
 
+async def test_handler_replying_to_every_turn_does_not_see_its_own_replies(
+    sb: SessionBus, start_worker: WorkerFactory
+) -> None:
+    turns: list[str] = []
+
+    async def handle(turn: Turn) -> None:
+        turns.append(turn.envelope.sender_id)
+        await turn.reply(f"re: {turn.envelope.content}")  # to everyone, the group included
+
+    worker = await start_worker(handle)
+    session = await sb.open("loop", participant="client", participants=["g"])
+    for text in ("a", "b", "c"):
+        await session.send(text)
+
+    async def history() -> list[Envelope]:
+        return [e async for e in session.history()]
+
+    await poll(history, lambda h: len(h) >= 6)
+    assert await settled(sb) == (0, 0)  # the replies came back to the group and were acked
+    assert turns == ["client"] * 3
+    assert worker.skipped == 3
+    found = await history()
+    assert len(found) == 6
+    assert sorted(e.content for e in found) == ["a", "b", "c", "re: a", "re: b", "re: c"]
+
+
+async def test_envelope_for_another_agent_is_skipped_in_order(
+    sb: SessionBus, start_worker: WorkerFactory
+) -> None:
+    seen: list[int] = []
+
+    async def handle(turn: Turn) -> None:
+        seen.append(turn.envelope.event_data["idx"])
+
+    worker = await start_worker(handle)
+    await publish(sb, envelope("t", 0, audience=["other"]))
+    await publish(sb, envelope("t", 1, audience=["other", "g"]))
+    await publish(sb, envelope("t", 2, audience=["other"]))
+    await publish(sb, envelope("t", 3))
+    await wait_for(lambda: seen == [1, 3], "the addressed envelopes")
+    assert await settled(sb) == (0, 0)
+    assert worker.skipped == 2
+    assert seen == [1, 3]
+
+
+async def test_only_addressed_off_hands_over_every_envelope(
+    sb: SessionBus, start_worker: WorkerFactory
+) -> None:
+    seen: list[int] = []
+
+    async def handle(turn: Turn) -> None:
+        seen.append(turn.envelope.event_data["idx"])
+
+    worker = await start_worker(handle, only_addressed=False)
+    await publish(sb, envelope("t", 0, audience=["other"]))
+    await publish(sb, Envelope(session_id="t", sender_id="g", event_data={"idx": 1}))
+    await publish(sb, envelope("t", 2))
+    await wait_for(lambda: seen == [0, 1, 2], "every envelope")
+    assert await settled(sb) == (0, 0)
+    assert worker.skipped == 0
+
+
 async def test_priority_picks_the_next_session_at_the_concurrency_bound(
     sb: SessionBus, start_worker: WorkerFactory
 ) -> None:

@@ -87,6 +87,15 @@ class Worker:
     ``agent`` is the participant id replies are sent as (default: the
     group). ``handle_signals=True`` drains on SIGTERM/SIGINT (a second
     signal stops at once). Timings are in ``config`` (:class:`WorkerConfig`).
+
+    The group receives every envelope of its sessions, its own replies and
+    envelopes for other participants included. With ``only_addressed=True``
+    (the default) the handler sees only envelopes addressed to ``agent``
+    (:meth:`~schemas.Envelope.is_for`: in its ``audience``, or broadcast by
+    someone else); the rest are acked in stream order without a turn, like
+    expired envelopes, and counted in :attr:`skipped`. So a handler that
+    replies to every turn does not answer its own replies.
+    ``only_addressed=False`` hands the handler every envelope.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class Worker:
         max_concurrency: int = 64,
         max_attempts: int = 5,
         handle_signals: bool = False,
+        only_addressed: bool = True,
         config: WorkerConfig | None = None,
     ) -> None:
         self.group = validate_id(group, "group")
@@ -115,6 +125,8 @@ class Worker:
         self.config = config or WorkerConfig()
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
+        self.only_addressed = only_addressed
+        self._skipped = 0
         self._handler = handler
         self._handle_signals = handle_signals
         self._state = WorkerState.NEW
@@ -141,6 +153,11 @@ class Worker:
     def partitions(self) -> frozenset[int]:
         """Partitions this worker pulls now (including ones being handed back)."""
         return frozenset(self._pullers)
+
+    @property
+    def skipped(self) -> int:
+        """Envelopes acked without a turn: expired, or not addressed to :attr:`agent`."""
+        return self._skipped
 
     @property
     def scheduler(self) -> Scheduler:
@@ -375,9 +392,15 @@ class Worker:
             return Outcome(Action.DEAD, reason=f"malformed envelope: {held.error}")
         envelope = held.envelope
         assert envelope is not None
+        # Skipped envelopes still settle through the scheduler: acked in
+        # stream order and remembered for dedupe, like handled ones.
         if envelope.is_expired():
             logger.debug("skipping expired envelope %s of %r", envelope.envelope_id,
                          held.session_id)
+            self._skipped += 1
+            return ACKED
+        if self.only_addressed and not envelope.is_for(self.agent):
+            self._skipped += 1
             return ACKED
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
                     worker_id=self.worker_id, interrupted=run.interrupted,
