@@ -256,19 +256,10 @@ class Bucket:
         try:
             return await self.update(key, value, last=0, ttl=ttl)
         except KeyConflict:
-            last = await self._last_revision_if_gone(key)
-            if last is None:
+            head = await self.head(key)
+            if head is not None and head.op is KVOp.PUT:
                 raise
-            return await self.update(key, value, last=last, ttl=ttl)
-
-    async def _last_revision_if_gone(self, key: str) -> int | None:
-        try:
-            msg = await self.js.get_msg(self.stream, subject=self._pre + key, direct=True)
-        except nats.js.errors.NotFoundError:
-            return 0
-        if _op_of(msg.headers) is KVOp.PUT:
-            return None
-        return msg.seq
+            return await self.update(key, value, last=head.revision if head else 0, ttl=ttl)
 
     async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None) -> int:
         """Place a delete marker (only at revision ``last`` if given); return its revision.

@@ -311,17 +311,10 @@ class SessionManager:
         touches push it back), so this agrees with the expiry watcher and
         only catches what it missed.
         """
-        lifecycle, kv = self.bus.lifecycle, self.bus.sessions_kv
+        lifecycle = self.bus.lifecycle
         now = time.time()
-        with nats_errors("listing sessions"):
-            entries = await kv.list(self.bus.names.session_record_filter)
         expired: list[str] = []
-        for entry in entries:
-            try:
-                meta = decode(entry.value, SessionMetadata)
-            except BusError as e:
-                logger.warning("skipping unreadable session record %s: %s", entry.key, e)
-                continue
+        for meta in await lifecycle.list_sessions():
             if meta.is_terminal() or meta.ttl_seconds is None:
                 continue
             if now - meta.updated_at <= meta.ttl_seconds:
