@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY bus ./bus
 COPY workers ./workers
+COPY sessionbus ./sessionbus
 RUN python -m pip install .
 
 # `sessionbus worker examples.echo:handle` imports from the working directory.

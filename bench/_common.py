@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 
-from bus.server import server_version
+from sessionbus.bus._server import server_version
 
 __all__ = [
     "Latency",

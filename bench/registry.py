@@ -20,11 +20,10 @@ import time
 import nats
 from _common import Op, Rate, environment, measure, ratio
 from nats.js.kv import KeyValue
-
-from bus import SessionBus, SessionRegistry
-from bus.kv import bucket_config
-from bus.server import NatsServer
-from schemas.codec import encode
+from sessionbus.bus import SessionBus, SessionRegistry
+from sessionbus.bus._kv import bucket_config
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas.codec import encode
 
 SESSIONS_PER_CALL = 4
 

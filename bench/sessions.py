@@ -28,11 +28,10 @@ import nats
 from _common import Latency, Op, Rate, environment, format_ratio, measure
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-
-from bus import Session, SessionBus
-from bus.kv import bucket_config
-from bus.names import DEPTH_HEADER, MSG_ID_HEADER
-from bus.server import NatsServer
+from sessionbus.bus import Session, SessionBus
+from sessionbus.bus._kv import bucket_config
+from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
+from sessionbus.bus._server import NatsServer
 
 
 async def run(url: str, args: argparse.Namespace) -> tuple[dict[str, Rate | Latency],

@@ -37,12 +37,12 @@ from _common import environment, percentile, ratio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-
-from bus import SessionBus
-from bus.jsapi import consumer_info
-from bus.server import NatsServer
-from schemas import Envelope, decode, encode
-from workers import Lease, Turn, Worker, assign
+from sessionbus.bus import SessionBus
+from sessionbus.bus._jsapi import consumer_info
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas import Envelope, decode, encode
+from sessionbus.workers import Turn, Worker
+from sessionbus.workers._membership import Lease, assign
 
 LATENCY_SUBJECT = "bench.latency"
 RAW_STREAM = "RAW"

@@ -1,14 +1,16 @@
-"""Where a :class:`~bus.SessionRegistry` keeps its records: a JetStream bucket or a plain store.
+"""Where a :class:`~sessionbus.bus.SessionRegistry` keeps its records.
+
+A JetStream bucket or a plain store.
 
 Both backends offer the same few operations on encoded records, so the
 registry's logic is written once:
 
-* :class:`BucketBackend` (a :class:`~bus.SessionBus`'s registry bucket):
+* :class:`BucketBackend` (a :class:`~sessionbus.bus.SessionBus`'s registry bucket):
   writes are compare-and-set on the key's revision, a removal is a delete
   marker that expires on its own, a call's sessions are listed by a subject
   filter on the server, and close flags and expiry markers are pushed
   through :meth:`BucketBackend.watch`.
-* :class:`StoreBackend` (any :class:`~bus.SessionKVStore`): no revisions,
+* :class:`StoreBackend` (any :class:`~sessionbus.bus.SessionKVStore`): no revisions,
   so writes are plain upserts; a removal is a tombstone value with a TTL;
   there is no change feed (``watches`` is False) and the registry polls.
 """
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from bus.kv import Bucket, KVEvent, KVOp
-from bus.names import Names
-from bus.registry_store import SessionKVStore
-from schemas.codec import encode
+from sessionbus.bus._kv import Bucket, KVEvent, KVOp
+from sessionbus.bus._names import Names
+from sessionbus.bus.registry_store import SessionKVStore
+from sessionbus.schemas.codec import encode
 
 #: Concurrent reads one ``read_many`` keeps in flight.
 _READ_CONCURRENCY = 64
@@ -51,7 +53,7 @@ class Head:
 
 
 class RegistryBackend(Protocol):
-    """The operations :class:`~bus.SessionRegistry` needs from its storage."""
+    """The operations :class:`~sessionbus.bus.SessionRegistry` needs from its storage."""
 
     #: Whether :meth:`watch` pushes changes (else the registry polls).
     watches: bool
@@ -168,7 +170,10 @@ TOMBSTONE = encode({"removed": True})
 
 
 class StoreBackend:
-    """Registry records in a :class:`~bus.SessionKVStore` (no revisions, no change feed)."""
+    """Registry records in a :class:`~sessionbus.bus.SessionKVStore`.
+
+    No revisions, no change feed.
+    """
 
     watches = False
 

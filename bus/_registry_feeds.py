@@ -2,7 +2,7 @@
 
 On a JetStream bucket both are KV watches (one ordered consumer each,
 headers only): close flags on ``*.*.close`` and TTL markers on ``*.*``. On
-a plain :class:`~bus.SessionKVStore`, which has no change feed, they poll
+a plain :class:`~sessionbus.bus.SessionKVStore`, which has no change feed, they poll
 the sessions this node wrote. :func:`until_set` ends any of them when the
 registry stops, however long the feed would otherwise wait.
 """
@@ -16,11 +16,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from bus._registry_backends import HeadState, RegistryBackend
-from bus._registry_record import ExpiredSession, decode_record, is_alive
-from bus.errors import CorruptRecord, InvalidIdError
-from bus.kv import KVOp
-from bus.names import Names
+from sessionbus.bus._kv import KVOp
+from sessionbus.bus._names import Names
+from sessionbus.bus._registry_backends import HeadState, RegistryBackend
+from sessionbus.bus._registry_record import ExpiredSession, decode_record, is_alive
+from sessionbus.bus.errors import CorruptRecord, InvalidIdError
 
 logger = logging.getLogger(__name__)
 

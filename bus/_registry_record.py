@@ -1,4 +1,4 @@
-"""The registry's stored record: a :class:`~schemas.SessionInfo` plus its exact expiry.
+"""The registry's stored record: a :class:`~sessionbus.schemas.SessionInfo` plus its exact expiry.
 
 A record is the codec's msgpack map of the SessionInfo fields and
 ``expires_at``, the writer's wall-clock time at which the record stops
@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-
-from bus.errors import CorruptRecord, InvalidMetrics
-from schemas.codec import decode_map
-from schemas.errors import DecodeError
-from schemas.session import MetricValue, SessionInfo
+from sessionbus.bus.errors import CorruptRecord, InvalidMetrics
+from sessionbus.schemas.codec import decode_map
+from sessionbus.schemas.errors import DecodeError
+from sessionbus.schemas.session import MetricValue, SessionInfo
 
 Metrics = dict[str, MetricValue]
 

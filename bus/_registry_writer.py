@@ -10,7 +10,7 @@ writer reads the key's head and decides:
 * a live record: write over it at its revision;
 * an expired record (a marker, nothing at all, or a value whose
   ``expires_at`` has passed): write it again from what is known of it, or
-  raise :class:`~bus.errors.SessionExpired` if told not to re-create.
+  raise :class:`~sessionbus.bus.errors.SessionExpired` if told not to re-create.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import random
 import time
 from typing import Any
 
-from bus._registry_backends import HeadState, RegistryBackend
-from bus._registry_record import Metrics, decode_record, is_alive
-from bus.errors import ConcurrentUpdate, CorruptRecord, KeyConflict, SessionExpired
-from schemas.codec import encode
+from sessionbus.bus._registry_backends import HeadState, RegistryBackend
+from sessionbus.bus._registry_record import Metrics, decode_record, is_alive
+from sessionbus.bus.errors import ConcurrentUpdate, CorruptRecord, KeyConflict, SessionExpired
+from sessionbus.schemas.codec import encode
 
 logger = logging.getLogger(__name__)
 

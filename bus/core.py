@@ -19,19 +19,18 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-
-from bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
-from bus.kv import Bucket, bucket_config
-from bus.names import Names, validate_id
-from bus.server import NatsServer
-from bus.settings import BusSettings
+from sessionbus.bus._kv import Bucket, bucket_config
+from sessionbus.bus._names import Names, validate_id
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
+from sessionbus.bus.settings import BusSettings
 
 if TYPE_CHECKING:
-    from bus.closures import ClosedEvent
-    from bus.feeds import QueueFeed
-    from bus.lifecycle import Lifecycle
-    from bus.session import Session
-    from schemas import SessionMetadata, SessionState
+    from sessionbus.bus._closures import ClosedEvent
+    from sessionbus.bus._feeds import QueueFeed
+    from sessionbus.bus._lifecycle import Lifecycle
+    from sessionbus.bus.session import Session
+    from sessionbus.schemas import SessionMetadata, SessionState
 
 __all__ = ["MIN_SERVER_VERSION", "SessionBus"]
 
@@ -292,14 +291,14 @@ class SessionBus:
         max_depth: int | None = None,
         participant: str = "",
     ) -> Session:
-        """Open a new ACTIVE session and return its handle (see :class:`bus.Session`).
+        """Open a new ACTIVE session and return its handle (see :class:`sessionbus.bus.Session`).
 
         ``session_id`` None makes one up; a taken id raises SessionExists.
         ``ttl`` is the idle timeout in seconds (None: ``settings.session_ttl``);
         ``max_depth`` bounds delegation (None: ``settings.max_depth``);
         ``participant`` is who the returned handle sends as.
         """
-        from bus.session import open_session
+        from sessionbus.bus.session import open_session
 
         return await open_session(
             self, session_id, participants=participants, ttl=ttl, metadata=metadata,
@@ -308,7 +307,7 @@ class SessionBus:
 
     def session(self, session_id: str, *, participant: str = "") -> Session:
         """A handle on an existing session, without any I/O (call ``info()`` to load it)."""
-        from bus.session import Session
+        from sessionbus.bus.session import Session
 
         return Session.attach(self, session_id, participant=participant)
 
@@ -343,7 +342,7 @@ class SessionBus:
     # -- internals ----------------------------------------------------------
 
     async def _start_lifecycle(self) -> None:
-        from bus.lifecycle import Lifecycle
+        from sessionbus.bus._lifecycle import Lifecycle
 
         self._lifecycle = Lifecycle(self)
         await self._lifecycle.start()

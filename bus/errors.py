@@ -29,8 +29,7 @@
      ├── LockError                                .session_id
      │    ├── LockTimeout (TimeoutError)
      │    └── LockLost                            the lease ran out while held
-     └── WorkerError
-          └── HandlerError                        wraps what a handler raised
+     └── WorkerError                              the worker runtime cannot go on
 
 NATS client exceptions are translated at the boundary (``raise ... from e``,
 or inside ``with nats_errors("what was being done"):``) so callers catch
@@ -44,8 +43,7 @@ import contextlib
 from collections.abc import Iterator
 
 import nats.errors
-
-from schemas.errors import BusError, CodecError, DecodeError, EncodeError
+from sessionbus.schemas.errors import BusError, CodecError, DecodeError, EncodeError
 
 __all__ = [
     "BusClosedError",
@@ -61,7 +59,6 @@ __all__ = [
     "DepthLimitExceeded",
     "EncodeError",
     "EnvelopeTooLarge",
-    "HandlerError",
     "InvalidEnvelope",
     "InvalidIdError",
     "InvalidMetrics",
@@ -267,10 +264,6 @@ class LockLost(LockError):
 
 class WorkerError(BusError):
     """An error in the worker runtime."""
-
-
-class HandlerError(WorkerError):
-    """A handler raised; the original exception is ``__cause__``."""
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 The page's ``SessionManager`` kept sessions in a repository in one process
 and cancelled streaming agents through its runtime. Here the bus is both:
 every session is a bus session whose record
-(:class:`~schemas.SessionMetadata`, in the sessions bucket) holds its
+(:class:`~sessionbus.schemas.SessionMetadata`, in the sessions bucket) holds its
 participants and the agents streaming in it, always changed with
 compare-and-set. Two managers in two processes therefore see one truth,
 and an interrupt is the session's transient signal on
@@ -15,7 +15,7 @@ when their idle timer runs out, and :meth:`SessionManager.expire_old_sessions`
 sweeps for any whose timer ran out while no watcher was up.
 
 The page's ``Session`` model is :class:`ManagedSession` here (also
-importable as ``bus.manager.Session``): ``bus.Session`` is the
+importable as ``sessionbus.bus.manager.Session``): ``sessionbus.bus.Session`` is the
 per-participant handle.
 """
 
@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Self
 
 from pydantic import BaseModel, Field
-
-from bus.errors import (
+from sessionbus.bus._names import validate_id
+from sessionbus.bus.errors import (
     BusError,
     ConfigError,
     KeyConflict,
@@ -39,12 +39,11 @@ from bus.errors import (
     SessionTerminated,
     nats_errors,
 )
-from bus.names import validate_id
-from bus.session import Session as SessionHandle
-from schemas import SessionMetadata, SessionState, decode, encode
+from sessionbus.bus.session import Session as SessionHandle
+from sessionbus.schemas import SessionMetadata, SessionState, decode, encode
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 # ``Session`` (the seed's name for the model) and ``replace_session`` (shared
 # with the store) are importable from here but not re-exported from ``bus``.
@@ -122,7 +121,7 @@ class ManagedSession(BaseModel):
         return not self.state.is_terminal
 
 
-#: The seed's name for the model (``bus.Session`` is the session handle).
+#: The seed's name for the model (``sessionbus.bus.Session`` is the session handle).
 Session = ManagedSession
 
 

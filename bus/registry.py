@@ -7,7 +7,7 @@ hosting the session keeps it alive with :meth:`SessionRegistry.refresh` or
 :meth:`SessionRegistry.update_metrics`. Past the original:
 
 * A heartbeat that finds its record expired re-creates it (or, with
-  ``recreate_expired=False``, raises :class:`~bus.errors.SessionExpired`),
+  ``recreate_expired=False``, raises :class:`~sessionbus.bus.errors.SessionExpired`),
   where the original silently let the session vanish. Writes are
   compare-and-set on the record's revision, and :meth:`remove` leaves a
   delete marker for ``tombstone_ttl`` seconds, so a heartbeat racing or
@@ -23,7 +23,7 @@ hosting the session keeps it alive with :meth:`SessionRegistry.refresh` or
   TTL markers.
 * Sub-second TTLs hold: reads check the ``expires_at`` kept in the record.
 
-Any :class:`~bus.SessionKVStore` works as the store too, with weaker
+Any :class:`~sessionbus.bus.SessionKVStore` works as the store too, with weaker
 guarantees: no compare-and-set (a heartbeat racing a removal can re-create
 the record), and :meth:`close_requests` / :meth:`expired` poll this node's
 sessions every ``poll_interval`` seconds instead of being pushed.
@@ -40,8 +40,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from types import TracebackType
 from typing import Any, Self
 
-from bus._registry_backends import BucketBackend, RegistryBackend, StoreBackend
-from bus._registry_feeds import (
+from sessionbus.bus._names import Names, validate_id
+from sessionbus.bus._registry_backends import BucketBackend, RegistryBackend, StoreBackend
+from sessionbus.bus._registry_feeds import (
     poll_close_flags,
     poll_expiries,
     run_callback,
@@ -49,27 +50,26 @@ from bus._registry_feeds import (
     watch_close_flags,
     watch_expiries,
 )
-from bus._registry_record import (
+from sessionbus.bus._registry_record import (
     ExpiredSession,
     check_names,
     decode_record,
     is_alive,
     validate_metrics,
 )
-from bus._registry_writer import RecordWriter
-from bus.core import SessionBus
-from bus.errors import (
+from sessionbus.bus._registry_writer import RecordWriter
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import (
     BusClosedError,
     ConfigError,
     CorruptRecord,
     InvalidIdError,
     SessionExpired,
 )
-from bus.names import Names, validate_id
-from bus.registry_store import SessionKVStore
-from bus.settings import check_ttl
-from schemas.codec import encode
-from schemas.session import SessionInfo
+from sessionbus.bus.registry_store import SessionKVStore
+from sessionbus.bus.settings import check_ttl
+from sessionbus.schemas.codec import encode
+from sessionbus.schemas.session import SessionInfo
 
 __all__ = ["ExpiredSession", "SessionRegistry"]
 
@@ -84,15 +84,15 @@ _MIN_TOMBSTONE_TTL = 60.0
 class SessionRegistry:
     """A multi-node session registry over a shared KV store.
 
-    ``store`` is a started :class:`~bus.SessionBus` (records live in its
-    registry bucket), any :class:`~bus.SessionKVStore`, or None: then
+    ``store`` is a started :class:`~sessionbus.bus.SessionBus` (records live in its
+    registry bucket), any :class:`~sessionbus.bus.SessionKVStore`, or None: then
     :meth:`start` starts a ``SessionBus()`` of its own (the embedded server,
     or ``SESSIONBUS_URL``) and :meth:`stop` closes it. ``ttl`` is how long a
     record lives without a heartbeat (seconds, > 0, fractions honoured).
 
     With ``recreate_expired`` (the default) a heartbeat that finds its
     record expired writes it again; without, it raises
-    :class:`~bus.errors.SessionExpired`. ``tombstone_ttl`` is how long a
+    :class:`~sessionbus.bus.errors.SessionExpired`. ``tombstone_ttl`` is how long a
     removal is remembered so heartbeats do not undo it (default: the larger
     of 60 s and twice ``ttl``). ``poll_interval`` only matters for a
     SessionKVStore, which cannot push changes.
@@ -102,8 +102,8 @@ class SessionRegistry:
     (rather than fail) while a lost stream leader is replaced. Heartbeats
     are compare-and-set, so a stale read costs a retry, never a lost write.
 
-    Ids are validated before any I/O (:class:`~bus.errors.InvalidIdError`).
-    :meth:`get` raises :class:`~bus.errors.CorruptRecord` (a DecodeError,
+    Ids are validated before any I/O (:class:`~sessionbus.bus.errors.InvalidIdError`).
+    :meth:`get` raises :class:`~sessionbus.bus.errors.CorruptRecord` (a DecodeError,
     with ``.raw``) for a stored value it cannot decode; listings skip such
     values with a warning in the log.
     """
@@ -243,7 +243,7 @@ class SessionRegistry:
     async def get(self, call_id: str, session_id: str) -> SessionInfo | None:
         """The session's record, or None if absent, removed or past its ``expires_at``.
 
-        Raises :class:`~bus.errors.CorruptRecord` if the stored value is not a record.
+        Raises :class:`~sessionbus.bus.errors.CorruptRecord` if the stored value is not a record.
         """
         key = self._names.registry_key(call_id, session_id)
         raw = await self._storage().read(key)
@@ -280,7 +280,7 @@ class SessionRegistry:
     ) -> None:
         """Replace a session's metrics and restart its TTL.
 
-        Raises :class:`~bus.errors.InvalidMetrics` unless ``metrics`` is a
+        Raises :class:`~sessionbus.bus.errors.InvalidMetrics` unless ``metrics`` is a
         dict of str -> int | float | None. An expired record is re-created
         (or SessionExpired raised, see the class); a removed one is left alone.
         """

@@ -1,12 +1,12 @@
-"""The key-value interface a :class:`~bus.SessionRegistry` can run on, and an in-memory one.
+"""The key-value interface a :class:`~sessionbus.bus.SessionRegistry` runs on, and an in-memory one.
 
 :class:`SessionKVStore` is the storage interface of the multi-node
 registries this package is compatible with (a TTL key-value store: ``set``
 with a TTL, ``mset``, ``expire``, ``get``, ``mget``, ``keys(prefix)``,
 ``delete``), so a store written for them plugs in unchanged. Such a store
 has no compare-and-set and no change feed: the registry then polls for close
-requests and expiries (see :class:`~bus.SessionRegistry`). On a
-:class:`~bus.SessionBus` the registry uses the bus's JetStream bucket
+requests and expiries (see :class:`~sessionbus.bus.SessionRegistry`). On a
+:class:`~sessionbus.bus.SessionBus` the registry uses the bus's JetStream bucket
 directly instead, with compare-and-set and server-pushed changes.
 
 :class:`InMemorySessionKVStore` keeps everything in this process: for one
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from bus.settings import check_ttl
+from sessionbus.bus.settings import check_ttl
 
 __all__ = ["InMemorySessionKVStore", "SessionKVStore"]
 

@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
-
-from bus.closures import ClosedEvent
-from bus.errors import (
+from sessionbus.bus._closures import ClosedEvent
+from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus._history import LiveFeed, find_depth, replay_envelopes
+from sessionbus.bus._kv import wire_ttl
+from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
+from sessionbus.bus.errors import (
     CausationNotFound,
     ConfigError,
     DepthLimitExceeded,
@@ -46,12 +49,8 @@ from bus.errors import (
     SessionTerminated,
     nats_errors,
 )
-from bus.feeds import QueueFeed
-from bus.history import LiveFeed, find_depth, replay_envelopes
-from bus.kv import wire_ttl
-from bus.names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
-from bus.settings import check_ttl
-from schemas import (
+from sessionbus.bus.settings import check_ttl
+from sessionbus.schemas import (
     EV_TEXT,
     DecodeError,
     Envelope,
@@ -66,7 +65,7 @@ from schemas import (
 )
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["Interrupt", "Session", "open_session"]
 
@@ -104,7 +103,7 @@ class Interrupt:
 
     @classmethod
     def from_wire(cls, raw: bytes) -> Interrupt:
-        """Decode; :class:`~schemas.DecodeError` if it is not an interrupt."""
+        """Decode; :class:`~sessionbus.schemas.DecodeError` if it is not an interrupt."""
         body = decode_map(raw)
         fields = (body.get("session_id"), body.get("reason", ""), body.get("sender", ""))
         at = body.get("at")

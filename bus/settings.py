@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from bus.errors import ConfigError
-from bus.names import validate_prefix
+from sessionbus.bus._names import validate_prefix
+from sessionbus.bus.errors import ConfigError
 
 #: Environment variable holding the server URL; unset means the embedded server.
 URL_ENV = "SESSIONBUS_URL"
@@ -24,7 +24,7 @@ _FLOAT_FIELDS = ("duplicate_window", "envelope_max_age", "session_ttl", "connect
 
 @dataclass(frozen=True, kw_only=True)
 class BusSettings:
-    """Everything a :class:`~bus.SessionBus` needs to know, validated on creation.
+    """Everything a :class:`~sessionbus.bus.SessionBus` needs to know, validated on creation.
 
     ``servers`` empty means: start the embedded nats-server. Stream and
     bucket settings (``partitions``, ``replicas``, limits) apply when the bus

@@ -4,7 +4,7 @@ The API of AG2's MCP ``SessionStore``, on the bus. Each session id is bound
 to the session's envelope history in the bus's stream, so a replica in
 another process or on another machine reads the same turns back, and the
 turn lock :meth:`SessionStore.session` holds is the cluster-wide
-:class:`~bus.lock.TurnLock`: two replicas never run a turn of one session
+:class:`~sessionbus.bus._lock.TurnLock`: two replicas never run a turn of one session
 at the same time.
 
 Eviction (more than ``max_sessions`` known to this store, or idle longer
@@ -35,15 +35,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import nats.errors
-
-from bus.errors import BusClosedError, BusError, ConfigError, LockLost, SessionExists
-from bus.lock import TurnLock
-from bus.names import validate_id
-from schemas import Envelope, SessionMetadata
+from sessionbus.bus._lock import TurnLock
+from sessionbus.bus._names import validate_id
+from sessionbus.bus.errors import BusClosedError, BusError, ConfigError, LockLost, SessionExists
+from sessionbus.schemas import Envelope, SessionMetadata
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
-    from bus.session import Session
+    from sessionbus.bus.core import SessionBus
+    from sessionbus.bus.session import Session
 
 __all__ = ["SessionStore", "SessionStream"]
 
@@ -110,7 +109,7 @@ class _Entry:
 class SessionStore:
     """Bounded LRU registry mapping a session id to its persistent stream.
 
-    ``storage`` is a started :class:`~bus.SessionBus`; without one the store
+    ``storage`` is a started :class:`~sessionbus.bus.SessionBus`; without one the store
     makes its own (embedded server, or ``SESSIONBUS_URL``), started by
     :meth:`start`, ``async with`` or first use, and closed by :meth:`close`.
     ``ttl`` is the idle time, measured with ``clock``, after which a
@@ -156,7 +155,7 @@ class SessionStore:
             raise BusClosedError("this SessionStore was closed; create a new one")
         async with self._start_lock:
             if self._bus is None:
-                from bus.core import SessionBus
+                from sessionbus.bus.core import SessionBus
 
                 bus = SessionBus()
                 await bus.start()
@@ -196,7 +195,7 @@ class SessionStore:
         Holding the lock for the duration of the turn serializes calls on the
         same session, in this process and in every other one, so their
         accumulated history cannot interleave. Raises
-        :class:`~bus.errors.LockLost` at the end of the turn if the lock's
+        :class:`~sessionbus.bus.errors.LockLost` at the end of the turn if the lock's
         lease was lost during it.
         """
         entry = await self._entry(session_id)
@@ -318,8 +317,8 @@ class SessionStore:
 
     async def _ensure_session(self, session_id: str) -> Session:
         """A loaded handle on the session, opening it afresh if it is absent or ended."""
-        from bus.manager import replace_session
-        from bus.session import Session
+        from sessionbus.bus.manager import replace_session
+        from sessionbus.bus.session import Session
 
         bus = await self.start()
         lifecycle = bus.lifecycle

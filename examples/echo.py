@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bus import SessionBus
-from schemas import EV_TEXT
-from workers import Turn, Worker
+from sessionbus.bus import SessionBus
+from sessionbus.schemas import EV_TEXT
+from sessionbus.workers import Turn, Worker
 
 #: The worker group, and the participant id its replies are sent as.
 AGENT = "echo"

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bus import SessionBus
-from schemas import EV_DELEGATE, EV_TEXT, Envelope
-from workers import Turn, Worker
+from sessionbus.bus import SessionBus
+from sessionbus.schemas import EV_DELEGATE, EV_TEXT, Envelope
+from sessionbus.workers import Turn, Worker
 
 TRIAGE = "triage"
 BILLING = "billing"

@@ -1,44 +1,34 @@
 """Wire models and codec of sessionbus. Imports nothing else of ours."""
 
-from schemas.codec import FORMAT_VERSION as FORMAT_VERSION
-from schemas.codec import decode as decode
-from schemas.codec import decode_map as decode_map
-from schemas.codec import encode as encode
-from schemas.envelope import MAX_PRIORITY as MAX_PRIORITY
-from schemas.envelope import Envelope as Envelope
-from schemas.envelope import idempotent_envelope_id as idempotent_envelope_id
-from schemas.envelope import new_envelope_id as new_envelope_id
-from schemas.errors import BusError as BusError
-from schemas.errors import CodecError as CodecError
-from schemas.errors import DecodeError as DecodeError
-from schemas.errors import EncodeError as EncodeError
-from schemas.events import CONTROL_EVENTS as CONTROL_EVENTS
-from schemas.events import EV_DELEGATE as EV_DELEGATE
-from schemas.events import EV_ERROR as EV_ERROR
-from schemas.events import EV_INTERRUPT as EV_INTERRUPT
-from schemas.events import EV_SESSION_CLOSED as EV_SESSION_CLOSED
-from schemas.events import EV_SESSION_EXPIRED as EV_SESSION_EXPIRED
-from schemas.events import EV_SESSION_OPENED as EV_SESSION_OPENED
-from schemas.events import EV_TEXT as EV_TEXT
-from schemas.events import EV_TOOL_CALL as EV_TOOL_CALL
-from schemas.events import EV_TOOL_RESULT as EV_TOOL_RESULT
-from schemas.session import MetricValue as MetricValue
-from schemas.session import SessionInfo as SessionInfo
-from schemas.session import SessionMetadata as SessionMetadata
-from schemas.session import TaskInfo as TaskInfo
-from schemas.states import TERMINAL_SESSION_STATES as TERMINAL_SESSION_STATES
-from schemas.states import TERMINAL_TASK_STATES as TERMINAL_TASK_STATES
-from schemas.states import SessionState as SessionState
-from schemas.states import TaskState as TaskState
+from sessionbus.schemas.codec import FORMAT_VERSION as FORMAT_VERSION
+from sessionbus.schemas.codec import decode as decode
+from sessionbus.schemas.codec import decode_map as decode_map
+from sessionbus.schemas.codec import encode as encode
+from sessionbus.schemas.envelope import MAX_PRIORITY as MAX_PRIORITY
+from sessionbus.schemas.envelope import Envelope as Envelope
+from sessionbus.schemas.envelope import idempotent_envelope_id as idempotent_envelope_id
+from sessionbus.schemas.envelope import new_envelope_id as new_envelope_id
+from sessionbus.schemas.errors import BusError as BusError
+from sessionbus.schemas.errors import CodecError as CodecError
+from sessionbus.schemas.errors import DecodeError as DecodeError
+from sessionbus.schemas.errors import EncodeError as EncodeError
+from sessionbus.schemas.events import EV_DELEGATE as EV_DELEGATE
+from sessionbus.schemas.events import EV_ERROR as EV_ERROR
+from sessionbus.schemas.events import EV_TEXT as EV_TEXT
+from sessionbus.schemas.events import EV_TOOL_CALL as EV_TOOL_CALL
+from sessionbus.schemas.events import EV_TOOL_RESULT as EV_TOOL_RESULT
+from sessionbus.schemas.session import MetricValue as MetricValue
+from sessionbus.schemas.session import SessionInfo as SessionInfo
+from sessionbus.schemas.session import SessionMetadata as SessionMetadata
+from sessionbus.schemas.session import TaskInfo as TaskInfo
+from sessionbus.schemas.states import TERMINAL_SESSION_STATES as TERMINAL_SESSION_STATES
+from sessionbus.schemas.states import TERMINAL_TASK_STATES as TERMINAL_TASK_STATES
+from sessionbus.schemas.states import SessionState as SessionState
+from sessionbus.schemas.states import TaskState as TaskState
 
 __all__ = [
-    "CONTROL_EVENTS",
     "EV_DELEGATE",
     "EV_ERROR",
-    "EV_INTERRUPT",
-    "EV_SESSION_CLOSED",
-    "EV_SESSION_EXPIRED",
-    "EV_SESSION_OPENED",
     "EV_TEXT",
     "EV_TOOL_CALL",
     "EV_TOOL_RESULT",

@@ -11,8 +11,7 @@ from typing import Any, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ValidationError
-
-from schemas.errors import DecodeError, EncodeError
+from sessionbus.schemas.errors import DecodeError, EncodeError
 
 #: The format version written by this codec.
 FORMAT_VERSION = 1

@@ -7,8 +7,7 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from schemas.events import EV_TEXT
+from sessionbus.schemas.events import EV_TEXT
 
 #: Upper bound for priorities; 0 is the default, higher runs first.
 MAX_PRIORITY = 9

@@ -1,6 +1,6 @@
 """The root of every error sessionbus raises, and the codec's errors.
 
-The whole tree is drawn in :mod:`bus.errors`; the part that lives here is
+The whole tree is drawn in :mod:`sessionbus.bus.errors`; the part that lives here is
 the part ``schemas`` needs without importing anything else of ours::
 
     BusError

@@ -6,8 +6,7 @@ import time
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from schemas.states import SessionState, TaskState
+from sessionbus.schemas.states import SessionState, TaskState
 
 MetricValue = int | float | None
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "bus.cli"]
+CLI = [sys.executable, "-m", "sessionbus.cli"]
 
 
 def env(url: str | None = None) -> dict[str, str]:

@@ -6,11 +6,11 @@ import os
 import shutil
 
 import pytest
+from sessionbus.bus._server import NatsServer, free_port
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
 
-from bus.core import SessionBus
-from bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
-from bus.server import NatsServer, free_port
-from bus.testing import BusFactory, ServerFactory
+from sessionbus.testing import BusFactory, ServerFactory
 
 DEBIAN_SERVER = "/usr/sbin/nats-server"
 
@@ -101,7 +101,7 @@ def test_bad_options_are_config_errors() -> None:
 
 async def test_cluster_provisioning_with_replicas(nats_cluster: object,
                                                   bus_factory: BusFactory) -> None:
-    from bus.server import NatsCluster
+    from sessionbus.bus._server import NatsCluster
 
     assert isinstance(nats_cluster, NatsCluster)
     sb = await bus_factory(nats_cluster.urls, replicas=3)

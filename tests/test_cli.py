@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 from cli_procs import CLI, ROOT, Running, assert_one_line_error, env, run_cli
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer, free_port
 
-from bus import SessionBus
-from bus.cli import build_parser, main
-from bus.server import NatsServer, free_port
-from bus.testing import ServerFactory
+from sessionbus.cli import build_parser, main
+from sessionbus.testing import ServerFactory
 
 COMMANDS = ["demo", "server", "worker", "sessions", "send"]
 SESSION_COMMANDS = ["open", "ls", "show", "close", "tail"]

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bus.server import find_server_binary
+from sessionbus.bus._server import find_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -218,7 +217,7 @@ def test_workers_and_demo_run_the_project_image(compose: dict[str, Any]) -> None
 
 def test_worker_commands_name_an_importable_handler(compose: dict[str, Any]) -> None:
     # The image's working directory holds examples/, as the repository root does here.
-    from bus.cli_worker import load_handler
+    from sessionbus._cli_worker import load_handler
 
     for name in ("worker", "edge-worker"):
         command = compose["services"][name]["command"]

@@ -1,4 +1,4 @@
-"""bus.jsapi against a real nats-server: pinned pulls, acks, multi_last Direct Get."""
+"""sessionbus.bus._jsapi against a real nats-server: pinned pulls, acks, multi_last Direct Get."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-
-from bus import jsapi
-from bus.errors import ConfigError
-from bus.server import NatsServer
+from sessionbus.bus import _jsapi as jsapi
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import ConfigError
 
 Connect = Callable[[], Awaitable[Client]]
 

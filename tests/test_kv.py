@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable
 import nats
 import nats.errors
 import pytest
+from sessionbus.bus._kv import Bucket, KVEvent, KVOp, wire_ttl
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConnectionFailed, KeyConflict
 
-from bus.core import SessionBus
-from bus.errors import ConnectionFailed, KeyConflict
-from bus.kv import Bucket, KVEvent, KVOp, wire_ttl
-from bus.server import NatsServer
-from bus.testing import LeafTopology
+from sessionbus.testing import LeafTopology
 
 BusFactory = Callable[..., Awaitable[SessionBus]]
 ServerFactory = Callable[..., NatsServer]

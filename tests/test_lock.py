@@ -11,20 +11,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-
-from bus.core import SessionBus
-from bus.errors import ConfigError, LockError, LockLost, LockTimeout
-from bus.lock import TurnLock, read_lock
-from bus.server import NatsServer
-from bus.settings import BusSettings
+from sessionbus.bus._lock import TurnLock, read_lock
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConfigError, LockError, LockLost, LockTimeout
+from sessionbus.bus.settings import BusSettings
 
 BusFactory = Callable[..., Awaitable[SessionBus]]
 
 # Holds a session's turn lock in a separate process until killed.
 _HOLDER = """
 import asyncio, sys
-from bus.core import SessionBus
-from bus.lock import TurnLock
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus._lock import TurnLock
 
 async def main():
     async with SessionBus(sys.argv[1]) as sb:

@@ -10,14 +10,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-
-import bus as bus_pkg
-from bus.core import SessionBus
-from bus.errors import ConfigError, InvalidIdError, SessionNotFound, SessionTerminated
-from bus.manager import ManagedSession, Session, SessionManager
-from bus.server import NatsServer
-from bus.session import Session as SessionHandle
-from schemas import SessionState
+import sessionbus.bus as bus_pkg
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConfigError, InvalidIdError, SessionNotFound, SessionTerminated
+from sessionbus.bus.manager import ManagedSession, Session, SessionManager
+from sessionbus.bus.session import Session as SessionHandle
+from sessionbus.schemas import SessionState
 
 BusFactory = Callable[..., Awaitable[SessionBus]]
 
@@ -25,8 +24,8 @@ BusFactory = Callable[..., Awaitable[SessionBus]]
 # hears the interrupt, then stops streaming.
 _AGENT = """
 import asyncio, sys
-from bus.core import SessionBus
-from bus.manager import SessionManager
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.manager import SessionManager
 
 async def main():
     async with SessionBus(sys.argv[1]) as sb:
@@ -64,7 +63,7 @@ async def _history_count(bus: SessionBus, session_id: str) -> int:
 def test_the_model_is_the_seeds() -> None:
     assert Session is ManagedSession
     assert bus_pkg.ManagedSession is ManagedSession
-    assert bus_pkg.Session is SessionHandle  # bus.Session is the per-participant handle
+    assert bus_pkg.Session is SessionHandle  # sessionbus.bus.Session is the per-participant handle
     model = ManagedSession(session_id="s1")
     before = model.last_updated
     model.mark_agent_streaming("a1")

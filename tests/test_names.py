@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from bus.errors import InvalidIdError
-from bus.names import MAX_ID_BYTES, Names, decode_token, encode_token, fnv1a_32
+from sessionbus.bus._names import MAX_ID_BYTES, Names, decode_token, encode_token, fnv1a_32
+from sessionbus.bus.errors import InvalidIdError
 
 HOSTILE = ["a.b", "*", ">", "a b", "tab\there", "ünïcødé-会话", "=looks-encoded", "x" * 1024,
            "é" * 512, "a/b", "$KV", "", "\x00"]

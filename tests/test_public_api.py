@@ -1,50 +1,128 @@
-"""Each package exports its public names through ``__init__`` with a sorted ``__all__``."""
+"""The public surface of each package is pinned: adding a name is a deliberate act."""
 
 from __future__ import annotations
 
+import ast
 import importlib
-import pkgutil
+import pathlib
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
-PACKAGES = ["bus", "workers", "schemas"]
+BUS = [
+    "BusSettings", "SessionBus",
+    "ClosedEvent", "Feed", "Interrupt", "LiveFeed", "Session",
+    "ExpiredSession", "InMemorySessionKVStore", "ManagedSession", "SessionKVStore",
+    "SessionManager", "SessionRegistry", "SessionStore", "SessionStream", "TurnLock",
+]
+ERRORS = [
+    "BusClosedError", "BusError", "BusTimeout", "CausationNotFound", "CodecError",
+    "ConcurrentUpdate", "ConfigError", "ConnectionFailed", "CorruptRecord", "DecodeError",
+    "DepthLimitExceeded", "EncodeError", "EnvelopeTooLarge", "InvalidEnvelope",
+    "InvalidIdError", "InvalidMetrics", "KeyConflict", "LockError", "LockLost",
+    "LockTimeout", "ServerTooOld", "SessionError", "SessionExists", "SessionExpired",
+    "SessionNotFound", "SessionTerminated", "TaskNotFound", "WorkerError",
+]
+WORKERS = [
+    "Handler", "Turn", "Worker", "WorkerConfig", "WorkerState",
+    "DeadLetter", "Drop", "Retry", "TurnControl",
+]
+DEAD_HEADERS = [
+    "DEAD_ATTEMPTS_HEADER", "DEAD_GROUP_HEADER", "DEAD_REASON_HEADER",
+    "DEAD_SEQUENCE_HEADER", "DEAD_SUBJECT_HEADER",
+]
+WIRE = [
+    "EV_DELEGATE", "EV_ERROR", "EV_TEXT", "EV_TOOL_CALL", "EV_TOOL_RESULT",
+    "Envelope", "SessionInfo", "SessionMetadata", "SessionState", "TaskInfo", "TaskState",
+]
+SCHEMAS = [
+    "EV_DELEGATE", "EV_ERROR", "EV_TEXT", "EV_TOOL_CALL", "EV_TOOL_RESULT",
+    "FORMAT_VERSION", "MAX_PRIORITY", "TERMINAL_SESSION_STATES", "TERMINAL_TASK_STATES",
+    "BusError", "CodecError", "DecodeError", "EncodeError", "Envelope", "MetricValue",
+    "SessionInfo", "SessionMetadata", "SessionState", "TaskInfo", "TaskState",
+    "decode", "decode_map", "encode", "idempotent_envelope_id", "new_envelope_id",
+]
+
+PUBLIC = {
+    "sessionbus": BUS + WORKERS + WIRE + ERRORS,
+    "sessionbus.bus": BUS + ERRORS,
+    "sessionbus.workers": WORKERS + DEAD_HEADERS,
+    "sessionbus.schemas": SCHEMAS,
+}
 
 
-def _isort_key(name: str) -> tuple[int, str]:
-    """Constants, then classes, then functions: the order ruff's RUF022 keeps."""
-    if name.isupper():
-        return (0, name)
-    return (1 if name[0].isupper() else 2, name)
-
-
-@pytest.mark.parametrize("package", PACKAGES)
-def test_all_is_sorted_unique_and_resolves(package: str) -> None:
+@pytest.mark.parametrize("package", sorted(PUBLIC))
+def test_all_is_exactly_the_pinned_list(package: str) -> None:
     mod = importlib.import_module(package)
-    names = list(mod.__all__)
-    assert names == sorted(names, key=_isort_key), f"{package}.__all__ is not sorted"
-    assert len(names) == len(set(names)), f"{package}.__all__ has duplicates"
-    for name in names:
+    assert sorted(mod.__all__) == sorted(PUBLIC[package])
+    assert len(mod.__all__) == len(set(mod.__all__)), f"{package}.__all__ has duplicates"
+    for name in mod.__all__:
         assert hasattr(mod, name), f"{package}.{name} is listed but missing"
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_every_module_all_is_exported(package: str) -> None:
-    mod = importlib.import_module(package)
-    exported = set(mod.__all__)
-    for info in pkgutil.iter_modules(mod.__path__):
-        if info.name.startswith("_") or info.name in ("testing", "cli", "__main__"):
-            continue
-        if info.name.startswith(("cli_", "demo")):  # the command line's parts, not the library
-            continue
-        sub = importlib.import_module(f"{package}.{info.name}")
-        missing = sorted(set(getattr(sub, "__all__", ())) - exported)
-        assert not missing, f"{package}.{info.name} names not exported from {package}: {missing}"
-
-
-@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("package", sorted(PUBLIC))
 def test_public_names_have_docstrings(package: str) -> None:
     mod = importlib.import_module(package)
+    assert (mod.__doc__ or "").strip()
     for name in mod.__all__:
         obj = getattr(mod, name)
         if isinstance(obj, type) or callable(obj):
             assert (obj.__doc__ or "").strip(), f"{package}.{name} has no docstring"
+
+
+def test_top_level_names_are_the_same_objects() -> None:
+    top = importlib.import_module("sessionbus")
+    for package in ("sessionbus.bus", "sessionbus.workers", "sessionbus.schemas"):
+        mod = importlib.import_module(package)
+        for name in set(top.__all__) & set(mod.__all__):
+            assert getattr(top, name) is getattr(mod, name), f"{name} differs in {package}"
+
+
+def test_no_top_level_bus_workers_or_schemas_is_installed(tmp_path: pathlib.Path) -> None:
+    # Run from an empty folder so that this checkout is not on sys.path.
+    probe = (
+        "import importlib.util, sessionbus.bus, sessionbus.workers, sessionbus.schemas;"
+        "print([n for n in ('bus', 'workers', 'schemas') if importlib.util.find_spec(n)])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_wheel_holds_only_the_sessionbus_package(tmp_path: pathlib.Path) -> None:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                    str(root)], capture_output=True, timeout=300, check=True)
+    (wheel,) = tmp_path.glob("sessionbus-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist()}
+        names = zf.namelist()
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"sessionbus"}
+    for sub in ("bus", "workers", "schemas"):
+        assert f"sessionbus/{sub}/__init__.py" in names
+        assert f"sessionbus/{sub}/py.typed" in names
+
+
+def test_core_packages_never_import_the_application_layer() -> None:
+    """schemas imports nothing of ours, bus never the worker runtime, none the app layer."""
+    allowed = {"schemas": {"schemas"}, "bus": {"bus", "schemas"},
+               "workers": {"bus", "workers", "schemas"}}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for folder, ok in allowed.items():
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    targets = [node.module]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                for target in targets:
+                    parts = target.split(".")
+                    if parts[0] != "sessionbus":
+                        continue
+                    assert len(parts) > 1 and parts[1] in ok, (
+                        f"{path.relative_to(root)} imports {target}"
+                    )

@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-
-from bus import (
+from sessionbus.bus import (
     ExpiredSession,
     InMemorySessionKVStore,
     SessionBus,
     SessionKVStore,
     SessionRegistry,
 )
-from bus.errors import (
+from sessionbus.bus._kv import KVOp
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import (
     BusClosedError,
     ConfigError,
     CorruptRecord,
@@ -27,9 +28,7 @@ from bus.errors import (
     InvalidMetrics,
     SessionExpired,
 )
-from bus.kv import KVOp
-from bus.server import NatsServer
-from schemas.codec import encode
+from sessionbus.schemas.codec import encode
 
 T = TypeVar("T")
 
@@ -177,7 +176,7 @@ async def test_heartbeat_recreates_an_expired_record(
             return all(h is not None and h.op is KVOp.EXPIRED for h in heads)
 
         await _poll(both_gone, within=5.0)
-        with caplog.at_level(logging.INFO, logger="bus._registry_writer"):
+        with caplog.at_level(logging.INFO, logger="sessionbus.bus._registry_writer"):
             await reg.refresh({"s1": "c"})
             await reg.update_metrics("c", "s2", {"n": 1})
         assert "had expired" in caplog.text
@@ -470,7 +469,7 @@ async def test_undecodable_records_are_reported_or_skipped(
     for sid in ("shape", "lies"):
         with pytest.raises(CorruptRecord):
             await reg.get("c", sid)
-    with caplog.at_level(logging.WARNING, logger="bus.registry"):
+    with caplog.at_level(logging.WARNING, logger="sessionbus.bus.registry"):
         infos = await reg.get_for_call("c")
     assert [i.session_id for i in infos] == ["good"]
     assert caplog.text.count("skipping registry record") == 3

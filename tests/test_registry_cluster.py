@@ -6,9 +6,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from bus import ExpiredSession, SessionBus, SessionRegistry
-from bus.server import NatsCluster, NatsServer
-from bus.testing import LeafTopology
+from sessionbus.bus import ExpiredSession, SessionBus, SessionRegistry
+from sessionbus.bus._server import NatsCluster, NatsServer
+
+from sessionbus.testing import LeafTopology
 
 BusFactory = Callable[..., Awaitable[SessionBus]]
 ServerFactory = Callable[..., NatsServer]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-
-from schemas import (
+from sessionbus.schemas import (
     FORMAT_VERSION,
     DecodeError,
     Envelope,

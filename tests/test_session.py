@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from bus import Session, SessionBus
-from bus.errors import (
+from sessionbus.bus import Session, SessionBus
+from sessionbus.bus._names import MSG_ID_HEADER, TTL_HEADER
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import (
     BusTimeout,
     ConfigError,
     ConnectionFailed,
@@ -19,10 +20,9 @@ from bus.errors import (
     SessionTerminated,
     TaskNotFound,
 )
-from bus.names import MSG_ID_HEADER, TTL_HEADER
-from bus.server import NatsServer
-from bus.testing import BusFactory, ServerFactory
-from schemas import Envelope, SessionState, TaskState, encode
+from sessionbus.schemas import Envelope, SessionState, TaskState, encode
+
+from sessionbus.testing import BusFactory, ServerFactory
 
 HOSTILE_IDS = [
     "a.b.c",
@@ -167,7 +167,7 @@ async def test_priority_and_ttl_are_carried(bus: SessionBus) -> None:
     assert raw.headers is not None
     assert raw.headers[MSG_ID_HEADER] == envelope_id
     assert raw.headers[TTL_HEADER] == "1"  # whole seconds, rounded up
-    from schemas import decode
+    from sessionbus.schemas import decode
 
     envelope = decode(raw.data or b"", Envelope)
     assert (envelope.priority, envelope.ttl_seconds, envelope.trace_id) == (7, 0.4, "t-1")

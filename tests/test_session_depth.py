@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from sessionbus.bus import SessionBus
+from sessionbus.bus._names import MSG_ID_HEADER
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import CausationNotFound, DepthLimitExceeded
+from sessionbus.schemas import Envelope, encode
 
-from bus import SessionBus
-from bus.errors import CausationNotFound, DepthLimitExceeded
-from bus.names import MSG_ID_HEADER
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from schemas import Envelope, encode
+from sessionbus.testing import BusFactory
 
 
 async def depths(sb: SessionBus, session_id: str) -> dict[str, int]:

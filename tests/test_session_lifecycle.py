@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 import nats
 import pytest
 from nats.aio.msg import Msg
+from sessionbus.bus import ClosedEvent, SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import BusClosedError
+from sessionbus.schemas import SessionState, TaskState
 
-from bus import ClosedEvent, SessionBus
-from bus.errors import BusClosedError
-from bus.server import NatsServer
-from bus.testing import BusFactory, LeafTopology
-from schemas import SessionState, TaskState
+from sessionbus.testing import BusFactory, LeafTopology
 
 
 async def until(

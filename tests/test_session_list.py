@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas import SessionState
 
-from bus import SessionBus
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from schemas import SessionState
+from sessionbus.testing import BusFactory
 
 
 async def test_lists_every_session_oldest_first(bus: SessionBus) -> None:
@@ -53,7 +53,7 @@ async def test_undecodable_record_is_skipped(
     await bus.open("good")
     bad_key = bus.names.session_key("bad")
     await bus.sessions_kv.put(bad_key, b"\xc1 not msgpack")
-    with caplog.at_level(logging.WARNING, logger="bus.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="sessionbus.bus._lifecycle"):
         metas = await bus.list_sessions()
     assert [m.session_id for m in metas] == ["good"]
     assert any(bad_key in r.getMessage() for r in caplog.records)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from bus.errors import ConfigError
-from bus.settings import BusSettings, check_ttl
+from sessionbus.bus.errors import ConfigError
+from sessionbus.bus.settings import BusSettings, check_ttl
 
 
 def test_from_url_parses_auth_hosts_and_options() -> None:

@@ -11,13 +11,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-
-from bus.core import SessionBus
-from bus.errors import ConfigError
-from bus.lock import TurnLock
-from bus.server import NatsServer
-from bus.store import SessionStore, SessionStream
-from schemas import Envelope
+from sessionbus.bus._lock import TurnLock
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConfigError
+from sessionbus.bus.store import SessionStore, SessionStream
+from sessionbus.schemas import Envelope
 
 BusFactory = Callable[..., Awaitable[SessionBus]]
 
@@ -26,8 +25,8 @@ BusFactory = Callable[..., Awaitable[SessionBus]]
 # each turn's start and end (wall clock) as JSON lines.
 _REPLICA = """
 import asyncio, json, sys, time
-from bus.core import SessionBus
-from bus.store import SessionStore
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.store import SessionStore
 
 URL, TAG, LOG, TURNS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 

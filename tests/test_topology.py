@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import pytest
 from cli_procs import Running, run_cli
-
-from bus import SessionBus
-from bus.server import NatsCluster, NatsServer
-from schemas import EV_TEXT
-from workers import Turn, Worker, WorkerConfig, assign
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsCluster, NatsServer
+from sessionbus.schemas import EV_TEXT
+from sessionbus.workers import Turn, Worker, WorkerConfig
+from sessionbus.workers._membership import assign
 
 DOMAIN = "hub"
 PARTITIONS = 8

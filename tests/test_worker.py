@@ -10,15 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from worker_proc import FAST, envelope, poll, publish, publish_many
-
-from bus import SessionBus
-from bus.errors import ConfigError, WorkerError
-from bus.jsapi import consumer_info
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from schemas import Envelope, decode
-from workers import (
+from sessionbus.bus import SessionBus
+from sessionbus.bus._jsapi import consumer_info
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import ConfigError, WorkerError
+from sessionbus.schemas import Envelope, decode
+from sessionbus.workers import (
     DEAD_ATTEMPTS_HEADER,
     DEAD_GROUP_HEADER,
     DEAD_REASON_HEADER,
@@ -30,6 +27,9 @@ from workers import (
     WorkerConfig,
     WorkerState,
 )
+from worker_proc import FAST, envelope, poll, publish, publish_many
+
+from sessionbus.testing import BusFactory
 
 WorkerFactory = Callable[..., Awaitable[Worker]]
 

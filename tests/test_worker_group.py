@@ -8,12 +8,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.workers import Handler, Turn, Worker
+from sessionbus.workers._membership import assign
 from worker_proc import FAST, envelope, poll, publish_many
 
-from bus import SessionBus
-from bus.server import NatsServer
-from bus.testing import BusFactory, LeafTopology
-from workers import Handler, Turn, Worker, assign
+from sessionbus.testing import BusFactory, LeafTopology
 
 Span = tuple[int, float, float, str, int]  # idx, start, end, worker, attempt
 

@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import DecodeError, WorkerError
+from sessionbus.workers._membership import Lease, Membership, assign
 from worker_proc import FAST
 
-from bus import SessionBus
-from bus.errors import DecodeError, WorkerError
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from workers import Lease, Membership, assign
+from sessionbus.testing import BusFactory
 
 CONFIG = FAST.replace(lease_ttl=1)
 

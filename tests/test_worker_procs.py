@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.workers._membership import Lease, assign
 from worker_proc import (
     FAST,
     Record,
@@ -29,10 +32,7 @@ from worker_proc import (
     read_records,
 )
 
-from bus import SessionBus
-from bus.server import NatsServer
-from bus.testing import BusFactory
-from workers import Lease, assign
+from sessionbus.testing import BusFactory
 
 SCRIPT = str(Path(__file__).with_name("worker_proc.py"))
 SESSIONS = 1000

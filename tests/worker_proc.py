@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bus import SessionBus
-from schemas import Envelope, encode
-from workers import Turn, Worker, WorkerConfig
+from sessionbus.bus import SessionBus
+from sessionbus.schemas import Envelope, encode
+from sessionbus.workers import Turn, Worker, WorkerConfig
 
 #: Timings for tests: a dead worker's partitions move within ~5.5 s.
 FAST = WorkerConfig(

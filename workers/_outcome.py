@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 
-from workers.delivery import Held
+from sessionbus.workers._delivery import Held
 
 
 class Action(StrEnum):

@@ -24,15 +24,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bus.errors import ConfigError
-from bus.kv import wire_ttl
+from sessionbus.bus._kv import wire_ttl
+from sessionbus.bus.errors import ConfigError
 
 __all__ = ["WorkerConfig"]
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    """How a :class:`~workers.Worker` paces leases, pulls, acks and shutdown.
+    """How a :class:`~sessionbus.workers.Worker` paces leases, pulls, acks and shutdown.
 
     The defaults suit production: a dead worker's partitions move within
     about 14 s. Tests use shorter timings (``lease_ttl=2, ack_wait=1,

@@ -14,14 +14,14 @@ something else on purpose::
         if not valid(turn.envelope):
             raise DeadLetter("bad payload")  # park it with the reason, ack it
 
-They derive from :class:`TurnControl`, not from :class:`bus.BusError`, so
+They derive from :class:`TurnControl`, not from :class:`sessionbus.bus.BusError`, so
 an ``except BusError`` in a handler never swallows them and a failing
 handler is never mistaken for one that asked for a retry.
 """
 
 from __future__ import annotations
 
-from bus.errors import ConfigError
+from sessionbus.bus.errors import ConfigError
 
 __all__ = ["DeadLetter", "Drop", "Retry", "TurnControl"]
 

@@ -12,9 +12,9 @@ A *group* is an agent type. Any number of worker processes join it, on any
 machine or leaf node (a leaf client passes ``domain=`` to its bus). They
 share the envelope stream's partitions: each partition has one durable
 pinned pull consumer per group, pulled by the one worker that owns it
-(:mod:`workers.membership`, :mod:`workers.partition`). Inside a worker,
+(:mod:`sessionbus.workers._membership`, :mod:`sessionbus.workers._partition`). Inside a worker,
 sessions run one turn at a time, many sessions at once
-(:mod:`workers.scheduler`).
+(:mod:`sessionbus.workers._scheduler`).
 
 Shutdown has one order: stop fetching, finish running turns under a
 deadline, hand back the rest (nak'd in order, then unpinned), leave the
@@ -37,20 +37,19 @@ from typing import Protocol
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-
-from bus.core import SessionBus
-from bus.errors import BusError, ConfigError, WorkerError
-from bus.names import decode_token, validate_id
-from bus.session import Session
-from workers._cancel import cancel_and_wait
-from workers._outcome import ACKED, Action, Outcome, Running
-from workers.config import WorkerConfig
-from workers.control import DeadLetter, Drop, Retry
-from workers.delivery import Held, dead_letter
-from workers.membership import Membership
-from workers.partition import PartitionPuller
-from workers.scheduler import Scheduler
-from workers.turn import Turn
+from sessionbus.bus._names import decode_token, validate_id
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusError, ConfigError, WorkerError
+from sessionbus.bus.session import Session
+from sessionbus.workers._cancel import cancel_and_wait
+from sessionbus.workers._delivery import Held, dead_letter
+from sessionbus.workers._membership import Membership
+from sessionbus.workers._outcome import ACKED, Action, Outcome, Running
+from sessionbus.workers._partition import PartitionPuller
+from sessionbus.workers._scheduler import Scheduler
+from sessionbus.workers.config import WorkerConfig
+from sessionbus.workers.control import DeadLetter, Drop, Retry
+from sessionbus.workers.turn import Turn
 
 __all__ = ["Handler", "Worker", "WorkerState"]
 
@@ -63,7 +62,7 @@ class Handler(Protocol):
     """What a worker runs for each envelope: ``async def handle(turn: Turn) -> None``.
 
     Return to have the envelope acked; raise to have it retried (or see
-    :mod:`workers.control`).
+    :mod:`sessionbus.workers.control`).
     """
 
     def __call__(self, turn: Turn, /) -> Awaitable[None]:
@@ -91,7 +90,7 @@ class Worker:
     The group receives every envelope of its sessions, its own replies and
     envelopes for other participants included. With ``only_addressed=True``
     (the default) the handler sees only envelopes addressed to ``agent``
-    (:meth:`~schemas.Envelope.is_for`: in its ``audience``, or broadcast by
+    (:meth:`~sessionbus.schemas.Envelope.is_for`: in its ``audience``, or broadcast by
     someone else); the rest are acked in stream order without a turn, like
     expired envelopes, and counted in :attr:`skipped`. So a handler that
     replies to every turn does not answer its own replies.

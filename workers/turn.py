@@ -11,7 +11,7 @@
         await turn.reply(answer)
 
 The handler returns to have the envelope acked; it raises to have it
-retried (an ordinary exception) or to steer it (see :mod:`workers.control`).
+retried (an ordinary exception) or to steer it (see :mod:`sessionbus.workers.control`).
 While it runs, no other turn of the same session runs anywhere in the
 group. An interrupt of the session sets :attr:`Turn.interrupted` and
 cancels the handler's task; a close of the session does the same.
@@ -23,13 +23,13 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bus.core import SessionBus
-from bus.errors import WorkerError
-from schemas import EV_TEXT, Envelope
-from workers.delivery import Held
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import WorkerError
+from sessionbus.schemas import EV_TEXT, Envelope
+from sessionbus.workers._delivery import Held
 
 if TYPE_CHECKING:
-    from bus.session import Session
+    from sessionbus.bus.session import Session
 
 __all__ = ["Turn"]
 

@@ -28,14 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-
-from bus.errors import BusError, DecodeError, InvalidIdError
-from bus.names import Names
-from schemas import Envelope, decode
-from workers._cancel import RECANCEL_AFTER
-from workers._outcome import ACKED, Action, CancelReason, Outcome, Running
-from workers.config import WorkerConfig
-from workers.delivery import Held, ack, ack_info, touch
+from sessionbus.bus._names import Names
+from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError
+from sessionbus.schemas import Envelope, decode
+from sessionbus.workers._cancel import RECANCEL_AFTER
+from sessionbus.workers._delivery import Held, ack, ack_info, touch
+from sessionbus.workers._outcome import ACKED, Action, CancelReason, Outcome, Running
+from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["Scheduler"]
 
@@ -454,7 +453,7 @@ class Scheduler:
         while pending and asyncio.get_running_loop().time() < deadline:
             _, pending = await asyncio.wait(pending, timeout=RECANCEL_AFTER)
             for task in pending:
-                # A cancel can be lost (see workers._cancel): repeat it, but
+                # A cancel can be lost (see sessionbus.workers._cancel): repeat it, but
                 # never cut an ack or dead-letter of a finished handler short.
                 if not runs[task].finished:
                     task.cancel()

@@ -17,7 +17,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from bus.errors import InvalidIdError
+from sessionbus.bus.errors import InvalidIdError
 
 #: Longest id accepted, in UTF-8 bytes. Encoded, two of these still fit in
 #: nats-server's default 4 KiB control line together with the prefix.
@@ -225,10 +225,6 @@ class Names:
     def output(self, session_id: str, agent: str) -> str:
         """The transient token stream of an agent's running turn."""
         return f"{self.prefix}.out.{encode_token(session_id)}.{encode_token(agent, 'agent id')}"
-
-    def output_all(self, session_id: str) -> str:
-        """Every agent's token stream in one session."""
-        return f"{self.prefix}.out.{encode_token(session_id)}.*"
 
     def agent_output_all(self, agent: str) -> str:
         """One agent's token streams in every session."""

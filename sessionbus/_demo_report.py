@@ -1,7 +1,7 @@
 """What ``sessionbus demo`` measures and checks, kept apart from how it drives the run.
 
 A :class:`Tally` receives the send time of every envelope and the
-:class:`~bus.demo_agent.TurnRecord` of every turn the workers ran. From them
+:class:`~sessionbus._demo_agent.TurnRecord` of every turn the workers ran. From them
 it derives the figures (turns/s, latency percentiles, redeliveries) and the
 verdict: every envelope handled, each session's envelopes handled in send
 order (a redelivered envelope may repeat right after itself, never after a
@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from bus.demo_agent import TurnRecord
+from sessionbus._demo_agent import TurnRecord
 
 __all__ = ["CLOCK_TOLERANCE", "Tally", "Verdict", "percentile"]
 

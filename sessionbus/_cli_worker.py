@@ -1,6 +1,6 @@
 """``sessionbus worker MODULE:HANDLER --group NAME``: run a user's handler as a worker.
 
-The handler is ``async def handle(turn) -> None`` (see :class:`workers.Turn`).
+The handler is ``async def handle(turn) -> None`` (see :class:`sessionbus.workers.Turn`).
 ``MODULE`` is imported with the current directory on ``sys.path`` (as
 ``python -m`` would), so ``sessionbus worker examples.echo:handle`` works
 from a checkout. The worker joins its group and runs until SIGTERM or
@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bus.cli_common import Commands, add_command, checked_id, note, open_bus
-from bus.errors import ConfigError
+from sessionbus._cli_common import Commands, add_command, checked_id, note, open_bus
+from sessionbus.bus.errors import ConfigError
 
 __all__ = ["add_parser", "load_handler"]
 
@@ -47,7 +47,7 @@ def add_parser(commands: Commands) -> None:
     p.add_argument("--max-attempts", type=int, default=5, metavar="N",
                    help="runs of one envelope before it is dead-lettered (default: %(default)s)")
     timing = p.add_argument_group(
-        "timing", "Failover pacing (seconds; see workers.WorkerConfig). Every worker of a "
+        "timing", "Failover pacing (seconds; see sessionbus.WorkerConfig). Every worker of a "
                   "group should use the same values. Defaults move a dead worker's sessions "
                   "within about 14 s.")
     for name in _TIMINGS:
@@ -97,7 +97,7 @@ def load_handler(spec: str, *, search_path: str | None = None) -> Callable[..., 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Run the worker until a signal drains it."""
-    from workers import Worker, WorkerConfig
+    from sessionbus.workers import Worker, WorkerConfig
 
     handler = load_handler(args.handler)
     group = checked_id(args.group, "group")

@@ -1,9 +1,9 @@
 """The expiry watcher: turns idle-timer TTL markers into EXPIRED sessions.
 
 Each session with a TTL has a timer key in the sessions bucket whose
-per-key TTL is pushed back on activity (see :mod:`bus.lifecycle`). When it
+per-key TTL is pushed back on activity (see :mod:`sessionbus.bus._lifecycle`). When it
 runs out, the server replaces it with a marker (``Nats-Marker-Reason:
-MaxAge``); this watcher sees the marker as :attr:`~bus.kv.KVOp.EXPIRED` and
+MaxAge``); this watcher sees the marker as :attr:`~sessionbus.bus._kv.KVOp.EXPIRED` and
 asks the lifecycle to expire the session. Many buses may run a watcher at
 once: the compare-and-set on the record lets exactly one of them win, and
 only the winner broadcasts.
@@ -17,12 +17,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from bus.errors import SessionNotFound
-from bus.kv import KVOp
-from bus.names import Names
+from sessionbus.bus._kv import KVOp
+from sessionbus.bus._names import Names
+from sessionbus.bus.errors import SessionNotFound
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["ExpiryWatcher"]
 

@@ -6,14 +6,14 @@ test ends, and temporary data directories are removed.
 
 Fixtures:
 
-* ``nats_server``: one JetStream server.
-* ``nats_server_factory``: call it to start more (``jetstream=``, ``domain=``...).
-* ``nats_cluster``: a 3-node JetStream cluster (:class:`~bus.server.NatsCluster`).
-* ``nats_leaf``: a :class:`LeafTopology`: a JetStream hub (domain ``hub``)
+* ``sessionbus_server``: one JetStream server.
+* ``sessionbus_server_factory``: call it to start more (``jetstream=``, ``domain=``...).
+* ``sessionbus_cluster``: a 3-node JetStream cluster (:class:`~sessionbus.bus._server.NatsCluster`).
+* ``sessionbus_leaf``: a :class:`LeafTopology`: a JetStream hub (domain ``hub``)
   and a leaf node without JetStream connected to it.
-* ``bus_factory``: ``await bus_factory(url, **options)`` gives a started
-  :class:`~bus.SessionBus`, closed at teardown.
-* ``bus``: a started bus on ``nats_server``.
+* ``sessionbus_bus_factory``: ``await sessionbus_bus_factory(url, **options)`` gives a started
+  :class:`~sessionbus.bus.SessionBus`, closed at teardown.
+* ``sessionbus_bus``: a started bus on ``sessionbus_server``.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from typing import Any
 
 import pytest
 
-from bus.core import SessionBus
-from bus.server import NatsCluster, NatsServer
+from sessionbus.bus._server import NatsCluster, NatsServer
+from sessionbus.bus.core import SessionBus
 
 try:
     from pytest_asyncio import fixture as _async_fixture
 except ImportError:  # pragma: no cover - the dev extra installs it
     _async_fixture = pytest.fixture  # type: ignore[assignment]
 
-__all__ = ["LeafTopology", "ServerFactory"]
+__all__ = ["BusFactory", "LeafTopology", "ServerFactory"]
 
-#: JetStream domain of the hub in :func:`nats_leaf`.
+#: JetStream domain of the hub in :func:`sessionbus_leaf`.
 HUB_DOMAIN = "hub"
 
 ServerFactory = Callable[..., NatsServer]
@@ -51,7 +51,7 @@ class LeafTopology:
 
 
 @pytest.fixture
-def nats_server_factory() -> Iterator[ServerFactory]:
+def sessionbus_server_factory() -> Iterator[ServerFactory]:
     """Start nats-servers on demand; all are stopped by PID at teardown."""
     started: list[NatsServer] = []
 
@@ -66,13 +66,13 @@ def nats_server_factory() -> Iterator[ServerFactory]:
 
 
 @pytest.fixture
-def nats_server(nats_server_factory: ServerFactory) -> NatsServer:
+def sessionbus_server(sessionbus_server_factory: ServerFactory) -> NatsServer:
     """One JetStream-enabled nats-server on a free loopback port."""
-    return nats_server_factory(name="single")
+    return sessionbus_server_factory(name="single")
 
 
 @pytest.fixture
-def nats_cluster() -> Iterator[NatsCluster]:
+def sessionbus_cluster() -> Iterator[NatsCluster]:
     """A 3-node JetStream cluster on loopback."""
     cluster = NatsCluster(size=3)
     try:
@@ -83,10 +83,10 @@ def nats_cluster() -> Iterator[NatsCluster]:
 
 
 @pytest.fixture
-def nats_leaf(nats_server_factory: ServerFactory) -> LeafTopology:
+def sessionbus_leaf(sessionbus_server_factory: ServerFactory) -> LeafTopology:
     """A JetStream hub in domain ``hub`` and a leaf node (no JetStream) joined to it."""
-    hub = nats_server_factory(name="hub", domain=HUB_DOMAIN, leaf_listen_port=0)
-    leaf = nats_server_factory(
+    hub = sessionbus_server_factory(name="hub", domain=HUB_DOMAIN, leaf_listen_port=0)
+    leaf = sessionbus_server_factory(
         name="leaf", jetstream=False,
         leaf_remotes=[f"nats-leaf://127.0.0.1:{hub.leaf_listen_port}"],
     )
@@ -95,8 +95,8 @@ def nats_leaf(nats_server_factory: ServerFactory) -> LeafTopology:
 
 
 @_async_fixture
-async def bus_factory() -> AsyncIterator[BusFactory]:
-    """``await bus_factory(url, **options)``: a started SessionBus, closed at teardown."""
+async def sessionbus_bus_factory() -> AsyncIterator[BusFactory]:
+    """``await sessionbus_bus_factory(url, **options)``: a started bus, closed at teardown."""
     buses: list[SessionBus] = []
 
     async def make(servers: Any = None, **options: Any) -> SessionBus:
@@ -111,6 +111,8 @@ async def bus_factory() -> AsyncIterator[BusFactory]:
 
 
 @_async_fixture
-async def bus(nats_server: NatsServer, bus_factory: BusFactory) -> SessionBus:
+async def sessionbus_bus(
+    sessionbus_server: NatsServer, sessionbus_bus_factory: BusFactory
+) -> SessionBus:
     """A started SessionBus on a fresh single server."""
-    return await bus_factory(nats_server.url)
+    return await sessionbus_bus_factory(sessionbus_server.url)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.errors import ConfigError, ConnectionFailed
+from sessionbus.bus.errors import ConfigError, ConnectionFailed
 
 __all__ = [
     "BINARY_ENV",
@@ -76,12 +77,26 @@ def server_version(binary: str | None = None) -> str:
     return out.strip().rsplit("v", 1)[-1]
 
 
+#: Ports handed out by :func:`free_port`: below Linux's ephemeral range
+#: (32768-60999), so that an outgoing connection (a route, a leaf link, a
+#: client) cannot take a port picked for a server that has not started yet.
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago."""
+    for _ in range(200):
+        port = random.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 @dataclass
@@ -285,13 +300,6 @@ class NatsServer:
         """Start again on the same ports and data after :meth:`kill` or a stop."""
         self.process = None
         self.start(timeout=timeout)
-
-    def check_config(self, path: str) -> subprocess.CompletedProcess[str]:
-        """Run ``nats-server -t -c path`` (config test) and return the result."""
-        return subprocess.run(
-            [self.binary or find_server_binary(), "-t", "-c", path],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
 
 
 @dataclass

@@ -23,10 +23,10 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from bus import cli_server, cli_sessions, cli_worker
-from bus.cli_common import global_options
-from bus.errors import BusError
-from bus.settings import URL_ENV
+from sessionbus import _cli_server, _cli_sessions, _cli_worker, _demo
+from sessionbus._cli_common import global_options
+from sessionbus.bus.errors import BusError
+from sessionbus.bus.settings import URL_ENV
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -54,12 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sessionbus {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from bus import demo  # the demo imports the worker runtime: only when parsing
-
-    demo.add_parser(commands)
-    cli_server.add_parser(commands)
-    cli_worker.add_parser(commands)
-    cli_sessions.add_parsers(commands)
+    _demo.add_parser(commands)
+    _cli_server.add_parser(commands)
+    _cli_worker.add_parser(commands)
+    _cli_sessions.add_parsers(commands)
     return parser
 
 

@@ -2,7 +2,7 @@
 and drive sessions on a running bus.
 
 Every command validates the session id before connecting, reads through
-the public :class:`~bus.Session` API, prints results on stdout and notes on
+the public :class:`~sessionbus.bus.Session` API, prints results on stdout and notes on
 stderr. ``tail`` follows a session live (optionally from its first
 envelope) until Ctrl-C, or until the session is closed.
 """
@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bus.cli_common import (
+from sessionbus._cli_common import (
     Commands,
     add_command,
     checked_id,
@@ -26,11 +26,11 @@ from bus.cli_common import (
     open_bus,
     stop_event,
 )
-from bus.core import SessionBus
-from bus.errors import BusTimeout, ConnectionFailed
-from bus.history import LiveFeed
-from bus.session import Session
-from schemas import EV_TEXT, Envelope, SessionMetadata, SessionState
+from sessionbus.bus._history import LiveFeed
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusTimeout, ConnectionFailed
+from sessionbus.bus.session import Session
+from sessionbus.schemas import EV_TEXT, Envelope, SessionMetadata, SessionState
 
 __all__ = ["add_parsers", "format_envelope"]
 

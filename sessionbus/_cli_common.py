@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO, TypeAlias
 from urllib.parse import urlsplit
 
-from bus.core import SessionBus
-from bus.errors import ConnectionFailed
-from bus.names import validate_id
-from bus.settings import URL_ENV, BusSettings
+from sessionbus.bus._names import validate_id
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConnectionFailed
+from sessionbus.bus.settings import URL_ENV, BusSettings
 
 __all__ = [
     "PROBE_TIMEOUT",

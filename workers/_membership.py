@@ -12,7 +12,7 @@ leave moves only the partitions that hash to that member.
 Assignment says who *should* pull a partition; claims say who still does.
 A worker starts pulling a partition it is assigned only once no other live
 lease claims it, and a worker giving one up keeps its claim until it has
-finished its turns and handed the rest back (see :mod:`workers.partition`).
+finished its turns and handed the rest back (see :mod:`sessionbus.workers._partition`).
 A dead worker's claims vanish with its lease when the TTL runs out.
 """
 
@@ -27,14 +27,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bus.core import SessionBus
-from bus.errors import BusError, KeyConflict, WorkerError
-from bus.kv import KVOp, wire_ttl
-from bus.names import decode_token
-from schemas import decode_map, encode
-from schemas.errors import DecodeError
-from workers._cancel import cancel_and_wait
-from workers.config import WorkerConfig
+from sessionbus.bus._kv import KVOp, wire_ttl
+from sessionbus.bus._names import decode_token
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusError, KeyConflict, WorkerError
+from sessionbus.schemas import decode_map, encode
+from sessionbus.schemas.errors import DecodeError
+from sessionbus.workers._cancel import cancel_and_wait
+from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["Lease", "Membership", "assign"]
 

@@ -10,7 +10,7 @@ each session's envelopes were handled in send order, one turn at a time.
 It lives in the package (not in ``examples/``) so that an installed
 sessionbus can run the demo from any directory::
 
-    sessionbus worker bus.demo_agent:handle --group demo
+    sessionbus worker sessionbus._demo_agent:handle --group demo
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import DecodeError, decode_map, encode
-from workers import Turn
+from sessionbus.schemas import DecodeError, decode_map, encode
+from sessionbus.workers import Turn
 
 __all__ = ["DEMO_EVENT", "DEMO_GROUP", "TurnRecord", "demo_event_data", "handle"]
 
@@ -57,7 +57,7 @@ class TurnRecord:
 
     @classmethod
     def from_wire(cls, raw: bytes) -> TurnRecord:
-        """Decode; :class:`~schemas.DecodeError` if it is not a turn record."""
+        """Decode; :class:`~sessionbus.schemas.DecodeError` if it is not a turn record."""
         body = decode_map(raw)
         try:
             record = cls(str(body["sid"]), int(body["i"]), int(body["attempt"]),

@@ -1,6 +1,6 @@
 """``sessionbus server``: the embedded nats-server with JetStream, in the foreground.
 
-It runs :class:`~bus.server.NatsServer` with a generated config: a client
+It runs :class:`~sessionbus.bus._server.NatsServer` with a generated config: a client
 port, a data directory, and optionally a cluster (``--cluster-name``,
 ``--cluster-port``, ``--routes``), leaf node connections accepted from edge
 sites (``--leaf-port``), or a connection to a hub as a leaf node
@@ -19,10 +19,10 @@ import threading
 import types
 from collections.abc import Iterator
 
-from bus.cli_common import Commands, add_command
-from bus.errors import ConfigError, ConnectionFailed
-from bus.server import NatsServer, server_version
-from bus.settings import URL_ENV
+from sessionbus._cli_common import Commands, add_command
+from sessionbus.bus._server import NatsServer, server_version
+from sessionbus.bus.errors import ConfigError, ConnectionFailed
+from sessionbus.bus.settings import URL_ENV
 
 __all__ = ["add_parser", "run_server"]
 

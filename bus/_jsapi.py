@@ -24,8 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-
-from bus.errors import BusError, BusTimeout, ConfigError
+from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
 """API prefix outside any domain; a domain ``hub`` uses ``$JS.hub.API``."""

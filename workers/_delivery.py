@@ -20,9 +20,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JsError
-
-from bus.errors import DecodeError, WorkerError
-from schemas import Envelope
+from sessionbus.bus.errors import DecodeError, WorkerError
+from sessionbus.schemas import Envelope
 
 __all__ = [
     "DEAD_ATTEMPTS_HEADER",

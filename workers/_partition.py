@@ -30,18 +30,17 @@ import logging
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-
-from bus.core import SessionBus
-from bus.errors import BusError
-from bus.jsapi import (
+from sessionbus.bus._jsapi import (
     ConsumerNotFoundError,
     PinnedPuller,
     create_pinned_consumer,
     unpin,
 )
-from workers.config import WorkerConfig
-from workers.delivery import nak_in_order
-from workers.scheduler import Scheduler
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusError
+from sessionbus.workers._delivery import nak_in_order
+from sessionbus.workers._scheduler import Scheduler
+from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["PartitionPuller"]
 

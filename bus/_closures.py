@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-
-from bus.errors import BusClosedError, BusError, nats_errors
-from bus.feeds import QueueFeed
-from schemas import DecodeError, SessionMetadata, SessionState, decode_map, encode
+from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus.errors import BusClosedError, BusError, nats_errors
+from sessionbus.schemas import DecodeError, SessionMetadata, SessionState, decode_map, encode
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["CloseListener", "ClosedEvent"]
 
@@ -66,7 +65,7 @@ class ClosedEvent:
 
     @classmethod
     def from_wire(cls, raw: bytes) -> ClosedEvent:
-        """Decode a broadcast; :class:`~schemas.DecodeError` if it is not one."""
+        """Decode a broadcast; :class:`~sessionbus.schemas.DecodeError` if it is not one."""
         body = decode_map(raw)
         try:
             session_id, reason, at = body["session_id"], body.get("reason", ""), body["at"]

@@ -10,7 +10,7 @@ So:
   removes the key about ``lock_lease`` seconds later;
 * a refresh that finds another revision means someone else wrote the key:
   the lock was lost, :attr:`TurnLock.lost` is set and :meth:`TurnLock.release`
-  raises :class:`~bus.errors.LockLost`;
+  raises :class:`~sessionbus.bus.errors.LockLost`;
 * a holder that cannot reach the server gives the lock up locally when its
   lease runs out, before the server can hand it to anyone else (the
   server's TTL is counted from a later instant and rounded up);
@@ -40,8 +40,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import nats.errors
-
-from bus.errors import (
+from sessionbus.bus._kv import Bucket, KVOp
+from sessionbus.bus.errors import (
     BusError,
     ConfigError,
     DecodeError,
@@ -50,12 +50,11 @@ from bus.errors import (
     LockLost,
     LockTimeout,
 )
-from bus.kv import Bucket, KVOp
-from bus.settings import check_lock_timing
-from schemas.codec import decode_map, encode
+from sessionbus.bus.settings import check_lock_timing
+from sessionbus.schemas.codec import decode_map, encode
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["LockState", "TurnLock", "read_lock"]
 
@@ -177,7 +176,7 @@ class TurnLock:
     async def acquire(self, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Wait for the lock (at most ``timeout`` seconds) and return the fencing token.
 
-        Raises :class:`~bus.errors.LockTimeout` when the time runs out.
+        Raises :class:`~sessionbus.bus.errors.LockTimeout` when the time runs out.
         """
         limit = _check_timeout(timeout)
         if self._held:
@@ -297,7 +296,7 @@ class TurnLock:
     async def check(self) -> int:
         """Confirm with the server that the lock is still ours; return the token.
 
-        Raises :class:`~bus.errors.LockLost` if another owner holds it, or
+        Raises :class:`~sessionbus.bus.errors.LockLost` if another owner holds it, or
         nobody does. Call it before a write that must not come from a stale
         holder.
         """
@@ -320,7 +319,7 @@ class TurnLock:
     async def release(self) -> None:
         """Give the lock back.
 
-        Raises :class:`~bus.errors.LockLost` if it was lost while held (the
+        Raises :class:`~sessionbus.bus.errors.LockLost` if it was lost while held (the
         work done under it may have overlapped another holder's).
         """
         if not self._held:

@@ -32,15 +32,14 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-
-from bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
-from bus.jsapi import (
+from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     TooManyResultsError,
     direct_get_last_for_subjects,
 )
-from bus.names import kv_subject
+from sessionbus.bus._names import kv_subject
+from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
 __all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
 

@@ -4,7 +4,7 @@ It starts an embedded nats-server (JetStream, data in a temporary
 directory) unless ``--url``/``SESSIONBUS_URL`` names one, then:
 
 1. starts ``--workers`` worker processes (``sessionbus worker
-   bus.demo_agent:handle --group demo``) with fast failover timings;
+   sessionbus._demo_agent:handle --group demo``) with fast failover timings;
 2. opens ``--sessions`` sessions and sends ``--envelopes`` envelopes into
    each, round by round, paced over a few seconds;
 3. part-way, kills one worker with SIGKILL and starts it again: its
@@ -39,13 +39,13 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from bus.cli_common import Commands, add_command, checked_id, open_bus
-from bus.core import SessionBus
-from bus.demo_agent import DEMO_EVENT, DEMO_GROUP, TurnRecord, demo_event_data
-from bus.demo_report import Tally, Verdict, percentile
-from bus.errors import BusError, BusTimeout, ConfigError, WorkerError, nats_errors
-from bus.session import Session
-from bus.settings import URL_ENV
+from sessionbus._cli_common import Commands, add_command, checked_id, open_bus
+from sessionbus._demo_agent import DEMO_EVENT, DEMO_GROUP, TurnRecord, demo_event_data
+from sessionbus._demo_report import Tally, Verdict, percentile
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, WorkerError, nats_errors
+from sessionbus.bus.session import Session
+from sessionbus.bus.settings import URL_ENV
 
 __all__ = ["DEMO_WORKER_TIMINGS", "add_parser", "run_demo"]
 
@@ -139,10 +139,10 @@ class Workers:
 
 
 def _worker_command(args: argparse.Namespace, url: str) -> list[str]:
-    command = [sys.executable, "-m", "bus.cli", "--url", url]
+    command = [sys.executable, "-m", "sessionbus.cli", "--url", url]
     if args.prefix:
         command += ["--prefix", args.prefix]
-    command += ["worker", "bus.demo_agent:handle", "--group", DEMO_GROUP]
+    command += ["worker", "sessionbus._demo_agent:handle", "--group", DEMO_GROUP]
     for name, value in DEMO_WORKER_TIMINGS.items():
         command += ["--" + name.replace("_", "-"), str(value)]
     return command

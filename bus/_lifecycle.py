@@ -1,10 +1,10 @@
 """Session lifecycle in KV: records, idle timers, tasks, expiry and the close broadcast.
 
-A session's record (:class:`~schemas.SessionMetadata`) lives in the sessions
+A session's record (:class:`~sessionbus.schemas.SessionMetadata`) lives in the sessions
 bucket under ``names.session_key(sid)`` and is only ever written with
 compare-and-set: read, change, write at the revision read, retry on
-:class:`~bus.errors.KeyConflict`, give up with
-:class:`~bus.errors.ConcurrentUpdate`. Whoever wins the write that moves a
+:class:`~sessionbus.bus.errors.KeyConflict`, give up with
+:class:`~sessionbus.bus.errors.ConcurrentUpdate`. Whoever wins the write that moves a
 session to CLOSED or EXPIRED is the one process that publishes the close
 broadcast on ``names.closed(sid)``, so a session is announced closed exactly
 once however many nodes race to close or expire it. A terminal record is
@@ -27,7 +27,7 @@ as one such bus is up, sessions expire on time; several watchers are safe
 (one CAS wins). A timer that ran out while no watcher was up is caught the
 next time anyone reads the record with ``Session.info()``.
 
-The close broadcast and what each bus heard of it are in :mod:`bus.closures`.
+The close broadcast and what each bus heard of it are in :mod:`sessionbus.bus._closures`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bus.closures import ClosedEvent, CloseListener
-from bus.errors import (
+from sessionbus.bus._closures import ClosedEvent, CloseListener
+from sessionbus.bus._expiry import ExpiryWatcher
+from sessionbus.bus._feeds import Feed
+from sessionbus.bus.errors import (
     BusError,
     ConcurrentUpdate,
     ConfigError,
@@ -55,12 +57,18 @@ from bus.errors import (
     TaskNotFound,
     nats_errors,
 )
-from bus.expiry import ExpiryWatcher
-from bus.feeds import Feed
-from schemas import Envelope, SessionMetadata, SessionState, TaskInfo, TaskState, decode, encode
+from sessionbus.schemas import (
+    Envelope,
+    SessionMetadata,
+    SessionState,
+    TaskInfo,
+    TaskState,
+    decode,
+    encode,
+)
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["IDLE_REASON", "Lifecycle", "task_id_for"]
 
@@ -109,14 +117,14 @@ def _prune_tasks(tasks: dict[str, TaskInfo]) -> dict[str, TaskInfo]:
 class Lifecycle:
     """One bus's view of session lifecycles: records, timers, tasks and closures.
 
-    Created and started by :class:`~bus.SessionBus` (``sb.lifecycle``) and
+    Created and started by :class:`~sessionbus.bus.SessionBus` (``sb.lifecycle``) and
     stopped with it. Sessions use it; the worker runtime and the session
     manager may too (``add_task``, ``update_task``, ``remember``).
     """
 
     def __init__(self, bus: SessionBus) -> None:
         self._bus = bus
-        #: The close broadcasts this bus heard (see :mod:`bus.closures`).
+        #: The close broadcasts this bus heard (see :mod:`sessionbus.bus._closures`).
         self.closures = CloseListener(bus)
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._timers: OrderedDict[str, float] = OrderedDict()

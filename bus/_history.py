@@ -25,15 +25,14 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-
-from bus.errors import nats_errors
-from bus.feeds import QueueFeed
-from bus.names import DEPTH_HEADER, MSG_ID_HEADER
-from schemas import DecodeError, Envelope, decode
+from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
+from sessionbus.bus.errors import nats_errors
+from sessionbus.schemas import DecodeError, Envelope, decode
 
 if TYPE_CHECKING:
-    from bus.core import SessionBus
-    from bus.lifecycle import Lifecycle
+    from sessionbus.bus._lifecycle import Lifecycle
+    from sessionbus.bus.core import SessionBus
 
 __all__ = ["LiveFeed", "find_depth", "replay_envelopes", "replay_messages"]
 

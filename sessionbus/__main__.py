@@ -1,0 +1,5 @@
+"""``python -m sessionbus``: the command line."""
+
+from sessionbus.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Short fixture names for the project's own tests.
+
+The installed pytest plugin (:mod:`sessionbus.testing`) names its fixtures
+``sessionbus_*`` so that nothing it injects shadows a user's own; these
+aliases keep this suite readable.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sessionbus.bus._server import NatsCluster, NatsServer
+from sessionbus.bus.core import SessionBus
+
+from sessionbus.testing import BusFactory, LeafTopology, ServerFactory
+
+
+@pytest.fixture
+def nats_server_factory(sessionbus_server_factory: ServerFactory) -> ServerFactory:
+    """Start nats-servers on demand (see ``sessionbus_server_factory``)."""
+    return sessionbus_server_factory
+
+
+@pytest.fixture
+def nats_server(sessionbus_server: NatsServer) -> NatsServer:
+    """One JetStream server (see ``sessionbus_server``)."""
+    return sessionbus_server
+
+
+@pytest.fixture
+def nats_cluster(sessionbus_cluster: NatsCluster) -> NatsCluster:
+    """A 3-node JetStream cluster (see ``sessionbus_cluster``)."""
+    return sessionbus_cluster
+
+
+@pytest.fixture
+def nats_leaf(sessionbus_leaf: LeafTopology) -> LeafTopology:
+    """A hub and a leaf node (see ``sessionbus_leaf``)."""
+    return sessionbus_leaf
+
+
+@pytest.fixture
+def bus_factory(sessionbus_bus_factory: BusFactory) -> BusFactory:
+    """Started buses, closed at teardown (see ``sessionbus_bus_factory``)."""
+    return sessionbus_bus_factory
+
+
+@pytest.fixture
+def bus(sessionbus_bus: SessionBus) -> SessionBus:
+    """A started bus on a fresh server (see ``sessionbus_bus``)."""
+    return sessionbus_bus
