@@ -10,13 +10,15 @@ beside it and the ratio sessionbus / raw.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any, TypeVar
 
 from sessionbus.bus._server import server_version
 
@@ -24,12 +26,16 @@ __all__ = [
     "Latency",
     "Op",
     "Rate",
+    "add_loop_option",
     "environment",
     "format_ratio",
     "measure",
     "percentile",
     "ratio",
+    "run_loop",
 ]
+
+T = TypeVar("T")
 
 #: One benchmarked operation: called with the operation's index.
 Op = Callable[[int], Awaitable[object]]
@@ -106,6 +112,23 @@ async def measure(op: Op, *, ops: int, concurrency: int = 1, max_seconds: float)
 
 
 def environment() -> str:
-    """``nats-server X, nats-py Y, python Z``: the versions a run's figures depend on."""
+    """``nats-server X, nats-py Y, python Z, loop L``: what a run's figures depend on."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     return (f"nats-server {server_version()}, nats-py {version('nats-py')}, "
-            f"python {sys.version.split()[0]}")
+            f"python {sys.version.split()[0]}, loop {loop}")
+
+
+def add_loop_option(parser: argparse.ArgumentParser) -> None:
+    """``--loop asyncio|uvloop``: the event loop every process of the run uses."""
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="event loop of this process and its children")
+
+
+def run_loop(main: Coroutine[Any, Any, T], loop: str) -> T:
+    """Run ``main`` on the asyncio loop or on uvloop (which must be installed)."""
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)

@@ -14,11 +14,10 @@ on a bucket with the same settings. get_for_call is one filtered listing
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 
 import nats
-from _common import Op, Rate, environment, measure, ratio
+from _common import Op, Rate, add_loop_option, environment, measure, ratio, run_loop
 from nats.js.kv import KeyValue
 from sessionbus.bus import SessionBus, SessionRegistry
 from sessionbus.bus._kv import bucket_config
@@ -119,9 +118,10 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=2000, help="operations per phase")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="time bound of each phase")
+    add_loop_option(parser)
     args = parser.parse_args()
     ops = 300 if args.quick else max(1, min(args.ops, 100_000))
-    asyncio.run(run(ops, args.max_seconds))
+    run_loop(run(ops, args.max_seconds), args.loop)
 
 
 if __name__ == "__main__":

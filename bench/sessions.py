@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable
 
 import nats
-from _common import Latency, Op, Rate, environment, format_ratio, measure
+from _common import Latency, Op, Rate, add_loop_option, environment, format_ratio, measure, run_loop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sessionbus.bus import Session, SessionBus
@@ -168,13 +168,7 @@ def compare(ours: Rate | Latency, raw: Rate | Latency) -> str:
     return "-"
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer operations")
-    parser.add_argument("--ops", type=int, default=None, help="operations per phase")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--max-seconds", type=float, default=10.0)
-    args = parser.parse_args()
+async def main(args: argparse.Namespace) -> None:
     if args.ops is None:
         args.ops = 300 if args.quick else 2000
     args.latency_samples = 100 if args.quick else 500
@@ -207,4 +201,11 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer operations")
+    parser.add_argument("--ops", type=int, default=None, help="operations per phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=10.0)
+    add_loop_option(parser)
+    cli_args = parser.parse_args()
+    run_loop(main(cli_args), cli_args.loop)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-from _common import environment, percentile, ratio
+from _common import add_loop_option, environment, percentile, ratio, run_loop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -78,8 +78,8 @@ async def run_raw_worker(url: str) -> None:
     while not stop.is_set():
         try:
             msgs = await sub.fetch(256, timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue  # fetch() raises either when nothing arrived in time
         for msg in msgs:
             env = decode(msg.data, Envelope)
             sent = env.event_data.get("lat")
@@ -104,12 +104,13 @@ class Result:
 class Procs:
     """Child processes of one phase, stopped by PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: str) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.loop = loop
 
     def spawn(self, *args: str) -> None:
         self.procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *args],
+            [sys.executable, str(Path(__file__).resolve()), "--loop", self.loop, *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))
 
@@ -164,9 +165,9 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
 
 
 async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int,
-                           samples: int) -> Result:
+                           samples: int, loop: str) -> Result:
     prefix = f"bench{procs_count}"
-    procs = Procs()
+    procs = Procs(loop)
     async with SessionBus(url, prefix=prefix) as sb:
         try:
             ids = [f"w{i}" for i in range(procs_count)]
@@ -210,7 +211,7 @@ async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int
 
 
 async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
-                    samples: int) -> Result:
+                    samples: int, loop: str) -> Result:
     nc = await nats.connect(url)
     js = nc.jetstream()
     with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -219,7 +220,7 @@ async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
     await js.add_consumer(RAW_STREAM, api.ConsumerConfig(
         durable_name=RAW_CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=20_000,
     ))
-    procs = Procs()
+    procs = Procs(loop)
     try:
         for _ in range(procs_count):
             procs.spawn("--role", "raw", "--url", url)
@@ -263,8 +264,9 @@ async def bench(args: argparse.Namespace) -> None:
         rows = []
         for n in (1, 2):
             ours = await sessionbus_phase(server.url, n, args.envelopes, args.sessions,
-                                          args.samples)
-            raw = await raw_phase(server.url, n, args.envelopes, args.sessions, args.samples)
+                                          args.samples, args.loop)
+            raw = await raw_phase(server.url, n, args.envelopes, args.sessions, args.samples,
+                                  args.loop)
             rows.append((n, ours, raw))
         print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8}")
         for n, ours, raw in rows:
@@ -294,17 +296,18 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--id", help=argparse.SUPPRESS)
+    add_loop_option(parser)
     args = parser.parse_args()
     if args.role == "worker":
-        asyncio.run(run_sessionbus_worker(args.url, args.prefix, args.id))
+        run_loop(run_sessionbus_worker(args.url, args.prefix, args.id), args.loop)
         return
     if args.role == "raw":
-        asyncio.run(run_raw_worker(args.url))
+        run_loop(run_raw_worker(args.url), args.loop)
         return
     args.envelopes = args.envelopes or (10_000 if args.quick else 50_000)
     args.sessions = args.sessions or (500 if args.quick else 5_000)
     args.samples = args.samples or (50 if args.quick else 300)
-    asyncio.run(bench(args))
+    run_loop(bench(args), args.loop)
 
 
 if __name__ == "__main__":
