@@ -61,16 +61,32 @@ def encode_token(value: str, kind: str = "session id") -> str:
 
 
 def decode_token(token: str, kind: str = "session id") -> str:
-    """Invert :func:`encode_token`."""
+    """Invert :func:`encode_token`, refusing every token it would not have produced.
+
+    Each id has exactly one token: a plain id is never accepted in encoded
+    form, padding and non-zero trailing bits are refused, and the decoded id
+    must itself be valid. So two subjects can never name the same session.
+    """
     if not token.startswith(_ENCODED_MARK):
         if not _PLAIN.fullmatch(token):
             raise InvalidIdError(kind, token, "is not an encoded token")
+        if len(token.encode("utf-8")) > MAX_ID_BYTES:
+            raise InvalidIdError(kind, token, "is longer than any id")
         return token
     body = token[1:]
+    if not _PLAIN.fullmatch(body) or len(body) % 4 == 1:
+        raise InvalidIdError(kind, token, "is not an encoded token")
     try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("utf-8")
+        value = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
         raise InvalidIdError(kind, token, "is not an encoded token") from e
+    try:
+        canonical = encode_token(value, kind)
+    except InvalidIdError as e:
+        raise InvalidIdError(kind, token, f"does not encode a valid id: {e.reason}") from e
+    if canonical != token:
+        raise InvalidIdError(kind, token, f"is not the canonical token of its id ({canonical})")
+    return value
 
 
 def validate_prefix(prefix: object) -> str:

@@ -118,6 +118,8 @@ class NatsServer:
     cluster_port: int = 0
     routes: Sequence[str] = ()
     leaf_listen_port: int | None = None
+    #: URLs of the hub this server joins as a leaf node: one remote, several
+    #: URLs (the nodes of one hub cluster), one connection at a time.
     leaf_remotes: Sequence[str] = ()
     max_payload: int | None = None
     extra_config: str = ""
@@ -180,8 +182,11 @@ class NatsServer:
             if self.leaf_listen_port is not None:
                 block.append(f"  listen: {self.host}:{self.leaf_listen_port}")
             if self.leaf_remotes:
-                remotes = ", ".join("{ url: " + json.dumps(r) + " }" for r in self.leaf_remotes)
-                block.append(f"  remotes: [{remotes}]")
+                # One remote listing every URL: the server keeps a single leaf
+                # connection and fails over between the URLs (several remotes
+                # would each connect, and duplicate every message).
+                urls = ", ".join(json.dumps(r) for r in self.leaf_remotes)
+                block.append(f"  remotes: [{{ urls: [{urls}] }}]")
             block.append("}")
             lines.append("\n".join(block))
         if self.extra_config:

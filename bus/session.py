@@ -53,6 +53,7 @@ from sessionbus.bus.settings import check_ttl
 from sessionbus.schemas import (
     EV_TEXT,
     DecodeError,
+    EncodeError,
     Envelope,
     SessionMetadata,
     SessionState,
@@ -302,7 +303,11 @@ class Session:
         return envelope_id
 
     async def _publish(self, envelope: Envelope) -> None:
-        data = encode(envelope)
+        try:
+            data = encode(envelope)
+        except EncodeError as e:
+            raise InvalidEnvelope(envelope.session_id, f"invalid envelope for "
+                                  f"{envelope.session_id!r}: {e}") from e
         limit = self._bus.settings.max_envelope_bytes
         if len(data) > limit:
             raise EnvelopeTooLarge(envelope.session_id, len(data), limit)

@@ -22,8 +22,9 @@ M = TypeVar("M", bound=BaseModel)
 
 def encode(value: BaseModel | dict[str, Any]) -> bytes:
     """Encode a model or a mapping as ``[FORMAT_VERSION, body]``."""
-    body = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
     try:
+        # pydantic refuses a too deeply nested value with a plain ValueError.
+        body = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         packed: bytes = msgpack.packb([FORMAT_VERSION, body], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise EncodeError(f"cannot encode {type(value).__name__}: {e}") from e

@@ -61,8 +61,9 @@ def add_parser(commands: Commands) -> None:
     leaf.add_argument("--leaf-port", type=int, default=None,
                       help="accept leaf node connections on this port (hub side)")
     leaf.add_argument("--leaf-remote", action="append", default=[], metavar="URL",
-                      help="connect to a hub as a leaf node, e.g. nats-leaf://hub:7422 "
-                           "(repeat for several)")
+                      help="connect to a hub as a leaf node, e.g. nats-leaf://hub:7422; "
+                           "repeat (or comma-separate) for the nodes of one hub cluster: "
+                           "one leaf connection that fails over between them")
     p.set_defaults(func=run_server, needs_bus=False)
 
 
