@@ -10,7 +10,8 @@ top, kept here so every component does it the same way:
   caller keeps an exact ``expires_at`` in the value when it matters;
 * a watcher that reports server-placed TTL markers (``Nats-Marker-Reason:
   MaxAge``) as :attr:`KVOp.EXPIRED`, distinct from deletes;
-* listing by a subject filter on the server (Direct Get ``multi_last``),
+* listing by a subject filter on the server (Direct Get ``multi_last``,
+  or past its 1,024 subjects a one-shot consumer deleted when done),
   never a client-side scan of every key.
 """
 
@@ -39,6 +40,7 @@ from sessionbus.bus._jsapi import (
     direct_get_last_for_subjects,
 )
 from sessionbus.bus._names import kv_subject
+from sessionbus.bus._reads import last_per_subject
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
 __all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
@@ -282,8 +284,9 @@ class Bucket:
 
         A Direct Get ``multi_last`` on the filter: no consumer, and only
         matching keys cross the network. The server answers at most 1024
-        subjects (markers included) per filter; past that the listing falls
-        back to an ordered consumer delivering the last message per subject.
+        subjects (markers included) per filter; past that the listing reads
+        the last message per subject through a one-shot consumer, deleted
+        when the listing is done.
         """
         retry = _ReadRetry(self.timeout)
         while True:
@@ -295,7 +298,7 @@ class Bucket:
                     )
                 break
             except TooManyResultsError:
-                return await self._list_by_consumer(key_filter)
+                return await self._list_by_consumer(key_filter, retry)
             except (TimeoutError, JetStreamAPIError) as e:
                 if isinstance(e, JetStreamAPIError) and e.code != 503:
                     raise
@@ -307,14 +310,26 @@ class Bucket:
             if _op_of(m.headers) is KVOp.PUT
         ]
 
-    async def _list_by_consumer(self, key_filter: str) -> builtins.list[KVEntry]:
-        entries: dict[str, KVEntry] = {}
-        async for event in self._consume(key_filter, last_per_subject=True, until_caught_up=True):
-            if event.op is KVOp.PUT:
-                entries[event.key] = KVEntry(event.key, event.value, event.revision)
-            else:
-                entries.pop(event.key, None)
-        return list(entries.values())
+    async def _list_by_consumer(self, key_filter: str, retry: _ReadRetry
+                                ) -> builtins.list[KVEntry]:
+        while True:
+            try:
+                found = await last_per_subject(
+                    self.nc, stream=self.stream, subject_filter=self._pre + key_filter,
+                    api_prefix=self._api_prefix,
+                )
+                break
+            except (BusTimeout, JetStreamAPIError) as e:
+                if isinstance(e, JetStreamAPIError) and e.code != 503:
+                    raise
+                cause = TimeoutError() if isinstance(e, BusTimeout) else e
+                if not await retry.again(cause):
+                    raise retry.error(cause, f"list {self.name}/{key_filter}") from e
+        return [
+            KVEntry(key=m.subject[len(self._pre):], value=m.data or b"", revision=m.seq)
+            for m in found
+            if _op_of(m.headers) is KVOp.PUT
+        ]
 
     def watch(
         self, key_filter: str = ">", *, include_existing: bool = False, meta_only: bool = False,
@@ -334,8 +349,8 @@ class Bucket:
         )
 
     async def _consume(
-        self, key_filter: str, *, last_per_subject: bool, until_caught_up: bool = False,
-        meta_only: bool = False, ready: asyncio.Event | None = None,
+        self, key_filter: str, *, last_per_subject: bool, meta_only: bool = False,
+        ready: asyncio.Event | None = None,
     ) -> AsyncIterator[KVEvent]:
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
@@ -350,10 +365,6 @@ class Bucket:
         if ready is not None:
             ready.set()
         try:
-            if until_caught_up:
-                info = await sub.consumer_info()
-                if info.num_pending == 0 and sub.delivered == 0:
-                    return
             while True:
                 msg = await queue.get()
                 meta = msg.metadata
@@ -363,8 +374,6 @@ class Bucket:
                     value=msg.data or b"",
                     revision=meta.sequence.stream,
                 )
-                if until_caught_up and meta.num_pending == 0:
-                    return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

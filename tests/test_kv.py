@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import nats
 import nats.errors
 import pytest
+from nats.js import api
 from sessionbus.bus._kv import Bucket, KVEvent, KVOp, wire_ttl
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
@@ -75,6 +76,26 @@ async def test_list_past_the_multi_last_limit_falls_back(bus: SessionBus) -> Non
     await kv.put("small.s", b"y")
     assert len(await kv.list("big.*")) == 1100
     assert [e.key for e in await kv.list("small.*")] == ["small.s"]
+
+
+async def test_big_listings_leave_no_consumer_behind(bus: SessionBus) -> None:
+    # A bucket-shaped stream that allows 2 consumers: a listing that left one
+    # behind would fail by the third call.
+    name = "leaky"
+    await bus.js.add_stream(api.StreamConfig(
+        name=f"KV_{name}", subjects=[f"$KV.{name}.>"], max_msgs_per_subject=1,
+        allow_direct=True, allow_rollup_hdrs=True, max_consumers=2,
+    ))
+    kv = Bucket(nc=bus.nc, js=bus.js, name=name)
+    await asyncio.gather(*(kv.put(f"call.s{i}", str(i).encode()) for i in range(1500)))
+    await kv.delete("call.s7")
+    for _ in range(5):
+        entries = await kv.list("call.*")
+        assert len(entries) == 1499
+        assert {e.key for e in entries} == {f"call.s{i}" for i in range(1500)} - {"call.s7"}
+    info = await bus.js.stream_info(f"KV_{name}")
+    assert info.state.consumer_count == 0
+    assert await kv.list("none.*") == []
 
 
 async def test_bare_kv_subject_gets_no_responders_through_a_leaf(nats_leaf: LeafTopology,
