@@ -23,7 +23,12 @@ from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
-from sessionbus.bus.settings import BusSettings
+from sessionbus.bus.settings import (
+    DEFAULT_PARTITIONS,
+    DEFAULT_REPLICAS,
+    BusSettings,
+    parse_servers,
+)
 
 if TYPE_CHECKING:
     from sessionbus.bus._closures import ClosedEvent
@@ -72,9 +77,14 @@ class SessionBus:
     and stops it on :meth:`close`. Use ``async with SessionBus() as sb:`` or
     ``sb = await SessionBus.connect(...)``.
 
-    ``options`` are fields of :class:`BusSettings` (``partitions``,
-    ``replicas``, ``domain``, ``user``, ``password``, ``token``,
-    ``creds_file``, ``tls``...), applied over ``settings``.
+    ``servers`` is a URL (``nats://h1:4222,h2:4222?replicas=3&prefix=x``)
+    or a list of them; the URL's options are read as in
+    :meth:`BusSettings.from_url`, and unknown ones are refused. ``options``
+    are fields of :class:`BusSettings` (``partitions``, ``replicas``,
+    ``domain``, ``user``, ``password``, ``token``, ``creds_file``, ``tls``...),
+    applied over the URL's and over ``settings``. ``repr(bus)`` shows the
+    settings it runs with (no secrets); after :meth:`start`, ``partitions``
+    and ``replicas`` are the envelope stream's actual ones.
     """
 
     def __init__(
@@ -89,9 +99,11 @@ class SessionBus:
         if prefix is not None:
             options["prefix"] = prefix
         if servers is not None:
-            options["servers"] = (servers,) if isinstance(servers, str) else tuple(servers)
+            # A URL's own options (?replicas=3&prefix=x) apply; keywords win over them.
+            options = {**parse_servers(servers), **options}
         if settings is None:
-            settings = BusSettings.from_env(**options)
+            settings = (BusSettings.from_env(**options) if servers is None
+                        else BusSettings.from_mapping(options))
         elif options:
             try:
                 settings = settings.replace(**options)
@@ -100,7 +112,8 @@ class SessionBus:
         self.settings = settings
         self.names = Names(settings.prefix)
         self.node_id = validate_id(node_id, "node id") if node_id else uuid.uuid4().hex[:12]
-        self.partitions = settings.partitions
+        self.partitions = settings.partitions or DEFAULT_PARTITIONS
+        self.replicas = settings.replicas or DEFAULT_REPLICAS
         self.embedded: NatsServer | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -378,12 +391,12 @@ class SessionBus:
             delay = min(delay * 2, 1.0)
 
     async def _provision_once(self) -> None:
-        s, n = self.settings, self.names
+        n = self.names
         await self._ensure_envelope_stream()
         await self._ensure_stream(api.StreamConfig(
             name=n.dead_letter_stream, subjects=[n.dead_letter_all],
             retention=api.RetentionPolicy.LIMITS, storage=api.StorageType.FILE,
-            max_age=14 * 24 * 3600.0, num_replicas=s.replicas, allow_direct=True,
+            max_age=14 * 24 * 3600.0, num_replicas=self.replicas, allow_direct=True,
         ))
         for name in (n.sessions_bucket, n.registry_bucket, n.workers_bucket, n.locks_bucket):
             await self._ensure_bucket(name)
@@ -392,10 +405,10 @@ class SessionBus:
         s, n = self.settings, self.names
         config = api.StreamConfig(
             name=n.envelope_stream,
-            description=f"sessionbus envelopes, {s.partitions} partitions",
+            description=f"sessionbus envelopes, {self.partitions} partitions",
             subjects=[n.inbound_all],
             subject_transform=api.SubjectTransform(
-                src=n.inbound_all, dest=n.partition_transform(s.partitions)
+                src=n.inbound_all, dest=n.partition_transform(self.partitions)
             ),
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
@@ -404,10 +417,10 @@ class SessionBus:
             max_age=s.envelope_max_age,
             max_msg_size=s.max_envelope_bytes + 4096,
             duplicate_window=s.duplicate_window,
-            num_replicas=s.replicas,
+            num_replicas=self.replicas,
             allow_direct=True,
             allow_msg_ttl=True,
-            max_consumers=s.partitions * 16 + 4096,
+            max_consumers=self.partitions * 16 + 4096,
         )
         info = await self._ensure_stream(config)
         transform = info.config.subject_transform
@@ -417,33 +430,51 @@ class SessionBus:
                 f"stream {n.envelope_stream} exists without a partition transform; "
                 "it was not created by sessionbus"
             )
-        # An existing stream keeps the partition count it was created with.
-        self.partitions = int(match.group(1))
+        # An existing stream keeps the partition count it was created with;
+        # asking for another one explicitly is an error, not a silent change.
+        found = int(match.group(1))
+        if s.partitions is not None and s.partitions != found:
+            raise ConfigError(
+                f"stream {n.envelope_stream} exists with {found} partitions, "
+                f"not the {s.partitions} asked for (partitions are fixed at creation: "
+                "drop the option to use it as it is, or use another prefix)"
+            )
+        self.partitions = found
+        self.replicas = info.config.num_replicas or DEFAULT_REPLICAS
 
     async def _ensure_stream(self, config: api.StreamConfig) -> api.StreamInfo:
         assert config.name is not None
         try:
-            return await self.js.stream_info(config.name)
+            return self._checked(await self.js.stream_info(config.name))
         except nats.js.errors.NotFoundError:
             pass
         try:
             return await self.js.add_stream(config)
         except nats.js.errors.BadRequestError as e:
             if e.err_code == 10058:  # created concurrently by another node
-                return await self.js.stream_info(config.name)
+                return self._checked(await self.js.stream_info(config.name))
             raise
+
+    def _checked(self, info: api.StreamInfo) -> api.StreamInfo:
+        """An existing stream, unless it has other replicas than explicitly asked for."""
+        asked, found = self.settings.replicas, info.config.num_replicas or 1
+        if asked is not None and asked != found:
+            raise ConfigError(
+                f"stream {info.config.name} exists with {found} replica(s), not the "
+                f"{asked} asked for (change it with 'nats stream edit', or drop the option)"
+            )
+        return info
 
     async def _ensure_bucket(self, name: str) -> None:
         try:
-            await self.js.stream_info(f"KV_{name}")
+            self._checked(await self.js.stream_info(f"KV_{name}"))
         except nats.js.errors.NotFoundError:
             try:
-                await self.js.create_key_value(
-                    bucket_config(name, replicas=self.settings.replicas)
-                )
+                await self.js.create_key_value(bucket_config(name, replicas=self.replicas))
             except nats.js.errors.BadRequestError as e:
                 if e.err_code != 10058:
                     raise
+                self._checked(await self.js.stream_info(f"KV_{name}"))
         self._buckets[name] = Bucket(
             nc=self.nc, js=self.js, name=name, domain=self.settings.domain,
             timeout=self.settings.request_timeout,
@@ -462,4 +493,9 @@ class SessionBus:
 
     def __repr__(self) -> str:
         state = "started" if self.started else "closed" if self._closed else "new"
-        return f"<SessionBus prefix={self.settings.prefix!r} node={self.node_id} {state}>"
+        s = self.settings
+        where = ("embedded " + (self.embedded.url if self.embedded else "server")
+                 if s.embedded else ",".join(s.describe()["servers"]))
+        domain = f" domain={s.domain!r}" if s.domain else ""
+        return (f"<SessionBus {state} {where} prefix={s.prefix!r}{domain} "
+                f"partitions={self.partitions} replicas={self.replicas} node={self.node_id}>")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 from sessionbus.bus._names import validate_prefix
 from sessionbus.bus.errors import ConfigError
@@ -16,10 +16,138 @@ from sessionbus.bus.errors import ConfigError
 #: Environment variable holding the server URL; unset means the embedded server.
 URL_ENV = "SESSIONBUS_URL"
 
-_INT_FIELDS = ("partitions", "replicas", "max_envelope_bytes", "max_envelopes_per_session",
-               "max_depth")
-_FLOAT_FIELDS = ("duplicate_window", "envelope_max_age", "session_ttl", "connect_timeout",
-                 "request_timeout", "lock_lease", "lock_refresh")
+#: Partitions of a new envelope stream when none are asked for.
+DEFAULT_PARTITIONS = 64
+#: Replicas of new streams and buckets when none are asked for.
+DEFAULT_REPLICAS = 1
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("", "none") else float(text)
+
+
+@dataclass(frozen=True)
+class UrlOption:
+    """How one URL query option is read: the settings field it sets and its parser."""
+
+    field: str
+    parse: Callable[[str], Any] = str
+    #: Hidden in ``repr`` and :meth:`BusSettings.describe`.
+    secret: bool = False
+
+
+def _table(*options: UrlOption, **aliases: str) -> dict[str, UrlOption]:
+    table = {o.field: o for o in options}
+    for alias, name in aliases.items():
+        table[alias] = table[name]
+    return table
+
+
+#: Every option a URL (``?name=value&...``) may carry, by its name in the URL.
+#: This is the one place to add an option: the constructor, ``connect()``,
+#: ``SESSIONBUS_URL`` and the CLI's ``--url`` all read URLs through it, and
+#: refuse any name not listed here.
+URL_OPTIONS: dict[str, UrlOption] = _table(
+    UrlOption("prefix"),
+    UrlOption("domain"),
+    UrlOption("name"),
+    UrlOption("partitions", int),
+    UrlOption("replicas", int),
+    UrlOption("max_envelope_bytes", int),
+    UrlOption("max_envelopes_per_session", int),
+    UrlOption("max_depth", int),
+    UrlOption("envelope_max_age", float),
+    UrlOption("duplicate_window", float),
+    UrlOption("session_ttl", _optional_float),
+    UrlOption("lock_lease", float),
+    UrlOption("lock_refresh", _optional_float),
+    UrlOption("connect_timeout", float),
+    UrlOption("request_timeout", float),
+    UrlOption("data_dir"),
+    UrlOption("user"),
+    UrlOption("password", secret=True),
+    UrlOption("token", secret=True),
+    UrlOption("creds_file"),
+    UrlOption("tls_ca_file"),
+    UrlOption("tls_cert_file"),
+    UrlOption("tls_key_file"),
+)
+
+_SECRET_FIELDS = frozenset(o.field for o in URL_OPTIONS.values() if o.secret)
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """The settings a URL names, typed: ``servers`` plus its credentials and query options.
+
+    ``nats://[user:pass@|token@]host:port[,[nats://]host:port...][?option=value&...]``;
+    a server without a scheme takes the one before it (``nats://`` first).
+    Unknown or repeated options, and values that do not parse, raise
+    :class:`ConfigError` (naming the option, never echoing a secret).
+    """
+    base, _, query = url.strip().partition("?")
+    if "#" in url:
+        raise ConfigError("a server URL takes no #fragment")
+    options: dict[str, Any] = {}
+    servers: list[str] = []
+    scheme = "nats"
+    for piece in base.split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if "://" in piece:
+            scheme, piece = piece.split("://", 1)
+        if scheme not in ("nats", "tls", "ws", "wss"):
+            raise ConfigError(f"unsupported URL scheme {scheme!r} (use nats, tls, ws or wss)")
+        if "@" in piece:
+            auth, piece = piece.rsplit("@", 1)
+            user, colon, password = auth.partition(":")
+            found = ({"user": unquote(user), "password": unquote(password)} if colon
+                     else {"token": unquote(auth)})
+            for key, value in found.items():
+                if options.setdefault(key, value) != value:
+                    raise ConfigError(f"server URLs disagree on their {key}")
+        piece = piece.rstrip("/")
+        if not piece or "/" in piece:
+            raise ConfigError(f"no host in server URL {_redact(url)!r}")
+        servers.append(f"{scheme}://{piece}")
+    if not servers:
+        raise ConfigError(f"no host in server URL {_redact(url)!r}")
+    options["servers"] = tuple(servers)
+    seen: set[str] = set()
+    for key, text in parse_qsl(query, keep_blank_values=True):
+        option = URL_OPTIONS.get(key)
+        if option is None:
+            raise ConfigError(
+                f"unknown URL option {key!r}; known: {', '.join(sorted(URL_OPTIONS))}"
+            )
+        if option.field in seen or option.field in options:
+            raise ConfigError(f"URL option {key!r} given twice")
+        seen.add(option.field)
+        options[option.field] = _parse(option, key, text)
+    return options
+
+
+def parse_servers(servers: str | Sequence[str]) -> dict[str, Any]:
+    """:func:`parse_url` over one URL or several; their options must agree."""
+    urls = [servers] if isinstance(servers, str) else list(servers)
+    merged: dict[str, Any] = {"servers": ()}
+    for url in urls:
+        if not isinstance(url, str):
+            raise ConfigError(f"a server URL must be a string, got {type(url).__name__}")
+        for key, value in parse_url(url).items():
+            if key == "servers":
+                merged["servers"] += value
+            elif merged.setdefault(key, value) != value:
+                raise ConfigError(f"server URLs disagree on option {key!r}")
+    if not merged["servers"]:
+        raise ConfigError("no server URL given")
+    return merged
+
+
+def _redact(url: str) -> str:
+    """``url`` without its credentials, for messages."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if "@" in rest else url
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,17 +156,24 @@ class BusSettings:
 
     ``servers`` empty means: start the embedded nats-server. Stream and
     bucket settings (``partitions``, ``replicas``, limits) apply when the bus
-    creates them; an existing stream keeps its recorded partition count.
+    creates them. ``partitions`` and ``replicas`` left as None take what an
+    existing stream has (or 64 and 1 when the bus creates it); when given,
+    a stream or bucket that already exists with other values is refused
+    with :class:`ConfigError` instead of being used silently.
+
+    ``repr()`` and :meth:`describe` show the settings without secrets.
     """
 
     servers: tuple[str, ...] = ()
     prefix: str = "sb"
     #: JetStream domain to reach (e.g. ``"hub"`` from a leaf node).
     domain: str | None = None
-    #: Partitions of the envelope stream, fixed when the stream is created.
-    partitions: int = 64
-    #: Replicas of the stream and buckets (3 on a 3-node cluster).
-    replicas: int = 1
+    #: Partitions of the envelope stream, fixed when the stream is created
+    #: (None: the existing stream's, or 64 for a new one).
+    partitions: int | None = None
+    #: Replicas of the stream and buckets, e.g. 3 on a 3-node cluster
+    #: (None: whatever exists, or 1 for new ones).
+    replicas: int | None = None
     #: Largest encoded envelope accepted, checked before publishing.
     max_envelope_bytes: int = 256 * 1024
     #: Envelopes kept per session; older ones are dropped from history first.
@@ -72,11 +207,20 @@ class BusSettings:
 
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
-        if isinstance(self.servers, str):
-            object.__setattr__(self, "servers", tuple(s for s in self.servers.split(",") if s))
-        if not 1 <= self.partitions <= 4096:
+        servers: Any = self.servers
+        if isinstance(servers, str):
+            servers = servers.split(",")
+        servers = tuple(str(s).strip() for s in servers if str(s).strip())
+        for server in servers:
+            if "?" in server:
+                raise ConfigError(
+                    "URL options belong in BusSettings.from_url() or SessionBus(url), "
+                    "not in BusSettings(servers=...)"
+                )
+        object.__setattr__(self, "servers", servers)
+        if self.partitions is not None and not 1 <= self.partitions <= 4096:
             raise ConfigError(f"partitions must be in 1..4096, got {self.partitions}")
-        if self.replicas not in (1, 3, 5):
+        if self.replicas is not None and self.replicas not in (1, 3, 5):
             raise ConfigError(f"replicas must be 1, 3 or 5, got {self.replicas}")
         if self.max_envelope_bytes < 1024:
             raise ConfigError(f"max_envelope_bytes must be >= 1024, got {self.max_envelope_bytes}")
@@ -91,32 +235,15 @@ class BusSettings:
         check_lock_timing(self.lock_lease, self.lock_refresh)
 
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> BusSettings:
+    def from_url(cls, url: str | Sequence[str], **overrides: Any) -> BusSettings:
         """Parse ``nats://[user:pass@]host:port[,host:port][?option=value&...]``.
 
-        Query options name fields of this class (``prefix``, ``partitions``,
-        ``replicas``, ``domain``, ``token``, ``creds_file``, ...); ``overrides``
-        win over the URL.
+        Query options are the names in :data:`URL_OPTIONS` (``prefix``,
+        ``partitions``, ``replicas``, ``domain``, ``token``, ``creds_file``,
+        ...); an unknown one raises :class:`ConfigError`. Every server of a
+        comma list is kept. ``overrides`` (typed values) win over the URL.
         """
-        parts = urlsplit(url)
-        if parts.scheme not in ("nats", "tls", "ws", "wss"):
-            raise ConfigError(f"unsupported URL scheme {parts.scheme!r} in {url!r}")
-        netloc = parts.netloc
-        options: dict[str, Any] = {}
-        if "@" in netloc:
-            auth, netloc = netloc.rsplit("@", 1)
-            if ":" in auth:
-                user, password = auth.split(":", 1)
-                options["user"], options["password"] = unquote(user), unquote(password)
-            else:
-                options["token"] = unquote(auth)
-        if not netloc:
-            raise ConfigError(f"no host in {url!r}")
-        options["servers"] = tuple(f"{parts.scheme}://{h}" for h in netloc.split(",") if h)
-        for key, value in parse_qsl(parts.query):
-            options[key] = value
-        options.update(overrides)
-        return cls.from_mapping(options)
+        return cls.from_mapping({**parse_servers(url), **overrides})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BusSettings:
@@ -129,27 +256,45 @@ class BusSettings:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> BusSettings:
-        """Build from loosely typed options (strings from a URL or a CLI)."""
+        """Build from field names and values; text values are parsed as in a URL."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         values: dict[str, Any] = {}
         for key, value in options.items():
-            if isinstance(value, str):
-                if key in _INT_FIELDS:
-                    value = _parse(int, key, value)
-                elif key in _FLOAT_FIELDS:
-                    value = None if value.lower() in ("", "none") else _parse(float, key, value)
-                elif key == "servers":
-                    value = tuple(s for s in value.split(",") if s)
-            elif key == "servers" and isinstance(value, Sequence):
-                value = tuple(value)
+            option = URL_OPTIONS.get(key)
+            if isinstance(value, str) and option is not None:
+                value = _parse(option, key, value)
             values[key] = value
         try:
             return cls(**values)
         except TypeError as e:
             raise ConfigError(str(e)) from e
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values, secrets replaced by ``"***"`` (for logs and ``info``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value is not None:
+                value = "***"
+            elif f.name == "servers":
+                value = [_redact(s) for s in value]
+            elif f.name == "tls":
+                value = None if value is None else "SSLContext"
+            out[f.name] = value
+        return out
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, and never a secret.
+        described = self.describe()
+        shown = []
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.name == "servers" or getattr(self, f.name) != default:
+                shown.append(f"{f.name}={described[f.name]!r}")
+        return f"BusSettings({', '.join(shown)})"
 
     def replace(self, **changes: Any) -> BusSettings:
         """A copy with ``changes`` applied and validated."""
@@ -212,8 +357,9 @@ def check_lock_timing(lease: object, refresh: object = None) -> tuple[float, flo
     return lease_s, refresh_s
 
 
-def _parse(kind: type[Any], key: str, value: str) -> Any:
+def _parse(option: UrlOption, key: str, text: str) -> Any:
     try:
-        return kind(value)
+        return option.parse(text)
     except ValueError as e:
-        raise ConfigError(f"setting {key}={value!r} is not a valid {kind.__name__}") from e
+        shown = "***" if option.secret else repr(text)
+        raise ConfigError(f"setting {key}={shown} is not valid: {e}") from e

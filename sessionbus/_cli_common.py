@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -39,6 +40,8 @@ __all__ = [
     "settings_from_args",
     "stop_event",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: The subparsers action commands are added to.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -142,11 +145,13 @@ async def open_bus(
 ) -> AsyncIterator[SessionBus]:
     """A started bus for one command, closed when it ends."""
     settings = settings_from_args(args, **overrides)
+    logger.debug("settings: %r", settings)
     if settings.servers:
         await probe_servers(settings.servers)
     elif not quiet_embedded:
         note(f"note: no --url and no {URL_ENV}: using a new embedded nats-server")
     async with SessionBus(settings=settings) as sb:
+        logger.debug("running with %r", sb)
         yield sb
 
 

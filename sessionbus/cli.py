@@ -7,6 +7,7 @@
     sessionbus worker examples.echo:handle --group echo
     sessionbus sessions ls | show ID | close ID | tail ID
     sessionbus send ID "hello" --wait 5
+    sessionbus info                                 # the settings in effect
 
 Commands that talk to a bus use ``--url`` (or ``SESSIONBUS_URL``), else
 they start an embedded nats-server for their own run. Errors are one line
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from sessionbus import _cli_server, _cli_sessions, _cli_worker, _demo
+from sessionbus import _cli_info, _cli_server, _cli_sessions, _cli_worker, _demo
 from sessionbus._cli_common import global_options
 from sessionbus.bus.errors import BusError
 from sessionbus.bus.settings import URL_ENV
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_server.add_parser(commands)
     _cli_worker.add_parser(commands)
     _cli_sessions.add_parsers(commands)
+    _cli_info.add_parser(commands)
     return parser
 
 

@@ -58,7 +58,7 @@ async def test_provisioning_is_idempotent_and_keeps_recorded_partitions(
     nats_server: NatsServer, bus_factory: BusFactory
 ) -> None:
     first = await bus_factory(nats_server.url, partitions=16)
-    second = await bus_factory(nats_server.url, partitions=256)
+    second = await bus_factory(nats_server.url)
     assert first.partitions == second.partitions == 16
     info = await second.js.stream_info(second.names.envelope_stream)
     assert info.config.max_consumers and info.config.max_consumers >= 16
@@ -122,3 +122,43 @@ async def test_server_without_per_key_ttl_is_refused(
         await SessionBus.connect(old.url)
     assert info.value.version.startswith("2.9")
     assert "2.11" in str(info.value)
+
+
+async def test_existing_stream_with_other_partitions_or_replicas_is_refused(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    await bus_factory(f"{nats_server.url}?partitions=16&prefix=asked")
+    with pytest.raises(ConfigError, match="exists with 16 partitions, not the 256 asked for"):
+        await bus_factory(f"{nats_server.url}?partitions=256&prefix=asked")
+    # The stream exists with 1 replica; asking for 3 must not silently run on 1.
+    with pytest.raises(ConfigError, match=r"exists with 1 replica\(s\), not the 3 asked for"):
+        await bus_factory(nats_server.url, prefix="asked", replicas=3)
+    same = await bus_factory(nats_server.url, prefix="asked", replicas=1, partitions=16)
+    assert (same.partitions, same.replicas) == (16, 1)
+
+
+async def test_url_options_reach_the_bus_from_the_constructor(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(f"{nats_server.url},nats://127.0.0.1:1?prefix=viaurl&partitions=7")
+    assert sb.settings.servers == (nats_server.url, "nats://127.0.0.1:1")
+    assert (sb.settings.prefix, sb.partitions) == ("viaurl", 7)
+    info = await sb.js.stream_info(sb.names.envelope_stream)
+    assert info.config.subjects == ["viaurl.in.*"]
+    text = repr(sb)
+    assert "prefix='viaurl'" in text and "partitions=7" in text and "replicas=1" in text
+
+
+async def test_connect_and_env_read_url_options(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = await SessionBus.connect(f"{nats_server.url}?prefix=conn&partitions=5")
+    try:
+        assert (sb.settings.prefix, sb.partitions) == ("conn", 5)
+    finally:
+        await sb.close()
+    monkeypatch.setenv("SESSIONBUS_URL", f"{nats_server.url}?prefix=fromenv&partitions=3")
+    async with SessionBus() as env_bus:
+        assert (env_bus.settings.prefix, env_bus.partitions) == ("fromenv", 3)
+    with pytest.raises(ConfigError, match="unknown URL option 'bogus'"):
+        SessionBus(f"{nats_server.url}?bogus=1")

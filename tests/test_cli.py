@@ -28,7 +28,7 @@ from sessionbus.bus._server import NatsServer, free_port
 from sessionbus.cli import build_parser, main
 from sessionbus.testing import ServerFactory
 
-COMMANDS = ["demo", "server", "worker", "sessions", "send"]
+COMMANDS = ["demo", "server", "worker", "sessions", "send", "info"]
 SESSION_COMMANDS = ["open", "ls", "show", "close", "tail"]
 
 
@@ -101,6 +101,7 @@ def test_no_server_is_one_line_and_fails_fast(command: list[str]) -> None:
     (["send", "s1", "hi", "--sender", ""], "invalid participant"),
     (["--prefix", "a.b", "sessions", "ls"], "invalid prefix"),
     (["--url", "http://x:1", "sessions", "ls"], "unsupported URL scheme"),
+    (["--url", "nats://x:1?replicas=3&bogus=1", "info"], "unknown URL option 'bogus'"),
     (["worker", "no_colon", "--group", "g"], "expected MODULE:HANDLER"),
     (["worker", "no_such_module:handle", "--group", "g"], "no module named"),
     (["worker", "examples.echo:nope", "--group", "g"], "has no attribute"),
@@ -118,6 +119,22 @@ def test_debug_shows_the_traceback() -> None:
     result = run_cli("--debug", "worker", "no_colon", "--group", "g")
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+async def test_info_shows_the_settings_in_effect_without_secrets(
+    nats_server: NatsServer,
+) -> None:
+    url = f"{nats_server.url}?prefix=inf&partitions=6&password=hunter2&user=u"
+    result = await asyncio.to_thread(run_cli, "info", "--json", url=url)
+    # The test server has no auth; nats-server ignores credentials it does not need.
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["prefix"] == "inf" and report["partitions"] == 6
+    assert report["replicas"] == 1 and report["streams"]["inf_envelopes"]["replicas"] == 1
+    assert report["settings"]["password"] == "***" and "hunter2" not in result.stdout
+    debug = await asyncio.to_thread(run_cli, "--debug", "info", url=url)
+    assert "running with <SessionBus started" in debug.stderr and "partitions=6" in debug.stderr
+    assert "hunter2" not in debug.stderr + debug.stdout
 
 
 async def test_unknown_session_is_one_line(nats_server: NatsServer) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 from sessionbus.bus.errors import ConfigError
-from sessionbus.bus.settings import BusSettings, check_ttl
+from sessionbus.bus.settings import URL_OPTIONS, BusSettings, check_ttl
 
 
 def test_from_url_parses_auth_hosts_and_options() -> None:
@@ -40,3 +43,51 @@ def test_bad_ttls(ttl: object) -> None:
 def test_ttl_accepts_fractions() -> None:
     assert check_ttl(0.25) == 0.25
     assert check_ttl(None, optional=True) is None
+
+
+def test_every_server_of_a_comma_list_is_kept_and_bare_hosts_get_a_scheme() -> None:
+    s = BusSettings.from_url("h1:4222, h2:4222,h3")
+    assert s.servers == ("nats://h1:4222", "nats://h2:4222", "nats://h3")
+    both = BusSettings.from_url(["nats://a:1?prefix=x", "nats://b:2?prefix=x"])
+    assert both.servers == ("nats://a:1", "nats://b:2") and both.prefix == "x"
+    with pytest.raises(ConfigError, match="disagree on option 'prefix'"):
+        BusSettings.from_url(["nats://a:1?prefix=x", "nats://b:2?prefix=y"])
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("nats://h:1?bogus=1", "unknown URL option 'bogus'; known: "),
+    ("nats://h:1?prefix=a&prefix=b", "URL option 'prefix' given twice"),
+    ("nats://h:1?partitions=7.5", "setting partitions='7.5' is not valid"),
+    ("nats://h:1?replicas=2", "replicas must be 1, 3 or 5"),
+    ("http://h:1", "unsupported URL scheme 'http'"),
+])
+def test_url_errors_name_the_option(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BusSettings.from_url(url)
+
+
+def test_url_options_and_overrides_are_typed() -> None:
+    s = BusSettings.from_url("nats://h:1?session_ttl=none&lock_refresh=2&duplicate_window=30",
+                             partitions=9)
+    assert (s.session_ttl, s.lock_refresh, s.duplicate_window, s.partitions) == (None, 2.0, 30.0, 9)
+    assert s.replicas is None  # not asked: whatever exists (1 for a new stream)
+
+
+def test_url_options_table_covers_only_real_fields() -> None:
+    fields = {f.name for f in dataclasses.fields(BusSettings)}
+    assert {o.field for o in URL_OPTIONS.values()} <= fields
+
+
+def test_repr_and_describe_hide_secrets() -> None:
+    s = BusSettings.from_url("nats://alice:hunter2@h1:4222,h2:4222?replicas=3&prefix=x")
+    text = repr(s)
+    assert "hunter2" not in text and "password='***'" in text
+    assert "replicas=3" in text and "prefix='x'" in text and "h2:4222" in text
+    assert "hunter2" not in str(s.describe())
+    token = BusSettings(servers=("nats://sekrit@h:1",), token="sekrit")
+    assert "sekrit" not in repr(token) and "sekrit" not in str(token.describe())
+
+
+def test_options_are_refused_in_plain_server_lists() -> None:
+    with pytest.raises(ConfigError, match="from_url"):
+        BusSettings(servers=("nats://h:1?replicas=3",))
