@@ -1,0 +1,156 @@
+"""NatsSessionKVStore: Vision Agents' registry storage on the bus's KV."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+
+from sessionbus.integrations.vision_agents import NatsSessionKVStore, decode_key, encode_key
+from sessionbus.testing import BusFactory
+
+
+@pytest.fixture
+async def store(bus: SessionBus) -> NatsSessionKVStore:
+    s = NatsSessionKVStore(bus=bus)
+    await s.start()
+    return s
+
+
+@pytest.mark.parametrize("key", [
+    "sessions/call-1/s1", "", "/", "a//b", "sessions/*/>", "x.y/z w", "=odd/ünï", "a/",
+])
+def test_keys_of_any_characters_round_trip_to_valid_tokens(key: str) -> None:
+    stored = encode_key(key)
+    assert decode_key(stored) == key
+    assert all(tok and "*" not in tok and ">" not in tok and " " not in tok
+               for tok in stored.split("."))
+
+
+async def test_set_get_overwrite_delete(store: NatsSessionKVStore) -> None:
+    await store.set("k", b"one", 10)
+    await store.set("k", b"two", 10)
+    assert await store.get("k") == b"two"
+    await store.delete(["k", "never"])
+    await store.delete([])
+    assert await store.get("k") is None
+
+
+async def test_sub_second_ttl_is_exact(store: NatsSessionKVStore) -> None:
+    await store.set("short", b"v", 0.3)
+    await store.set("long", b"v", 5)
+    assert await store.get("short") == b"v"
+    await asyncio.sleep(0.45)
+    assert await store.get("short") is None
+    assert await store.mget(["short", "long"]) == [None, b"v"]
+    assert await store.keys("") == ["long"]
+
+
+async def test_only_if_exists_never_creates_or_revives(store: NatsSessionKVStore) -> None:
+    await store.set("ghost", b"x", 10, only_if_exists=True)
+    assert await store.get("ghost") is None
+    await store.set("k", b"a", 0.2)
+    await asyncio.sleep(0.3)  # expired by its own deadline, still stored on the server
+    await store.set("k", b"b", 10, only_if_exists=True)
+    assert await store.get("k") is None
+    await store.set("live", b"a", 10)
+    await store.set("live", b"b", 10, only_if_exists=True)
+    assert await store.get("live") == b"b"
+
+
+async def test_expire_takes_keys_positionally_and_skips_absent(store: NatsSessionKVStore) -> None:
+    await store.mset([("m1", b"a", 0.5), ("m2", b"b", 0.5)])
+    await store.expire("m1", "m2", "absent", ttl=5)
+    await asyncio.sleep(0.7)
+    assert await store.mget(["m1", "m2", "absent"]) == [b"a", b"b", None]
+    await store.set("k", b"v", 0.5)
+    await store.expire("k", ttl=5)  # one key: refreshed, not iterated as characters
+    await asyncio.sleep(0.7)
+    assert await store.get("k") == b"v"
+    with pytest.raises(TypeError):
+        await store.expire(["k"], ttl=5)  # type: ignore[arg-type]
+
+
+async def test_concurrent_conditional_writes_lose_nothing(store: NatsSessionKVStore) -> None:
+    await store.set("k", b"0", 10)
+    await asyncio.gather(*(store.set("k", str(i).encode(), 10, only_if_exists=True)
+                           for i in range(20)), store.expire("k", ttl=20))
+    assert await store.get("k") is not None
+
+
+async def test_mget_keeps_order_duplicates_and_pages(store: NatsSessionKVStore) -> None:
+    items = [(f"p/{i}", str(i).encode(), 10.0) for i in range(600)]
+    await store.mset(items)
+    keys = ["p/599", "nope", "p/0", "p/599", *[f"p/{i}" for i in range(600)]]
+    values = await store.mget(keys)
+    assert values[:4] == [b"599", None, b"0", b"599"]
+    assert values[4:] == [str(i).encode() for i in range(600)]
+    assert await store.mget([]) == []
+
+
+async def test_keys_prefix_is_exact_for_wildcard_like_ids(store: NatsSessionKVStore) -> None:
+    await store.mset([
+        ("sessions/*/s1", b"", 10), ("sessions/>/s2", b"", 10), ("sessions/c1/s3", b"", 10),
+        ("sessions/c1x/s4", b"", 10), ("close_requests/c1/s3", b"", 10),
+    ])
+    assert await store.keys("sessions/*/") == ["sessions/*/s1"]
+    assert await store.keys("sessions/>/") == ["sessions/>/s2"]
+    assert await store.keys("sessions/c1/") == ["sessions/c1/s3"]
+    assert sorted(await store.keys("sessions/c1")) == ["sessions/c1/s3", "sessions/c1x/s4"]
+    assert len(await store.keys("")) == 5
+
+
+async def test_bad_ttl_and_values_are_refused_before_io(store: NatsSessionKVStore) -> None:
+    for ttl in (0, -1, "5", True):
+        with pytest.raises(ValueError):
+            await store.set("k", b"v", ttl)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.set("k", "text", 5)  # type: ignore[arg-type]
+    assert await store.get("k") is None
+
+
+async def test_own_bus_restarts_and_nodes_share_data(nats_server: NatsServer) -> None:
+    a = NatsSessionKVStore(nats_server.url, bucket="shared")
+    b = NatsSessionKVStore(nats_server.url, bucket="shared")
+    await a.set("k", b"v", 10)  # first use starts it
+    assert await b.get("k") == b"v"
+    await a.close()
+    await a.start()  # start, stop, start: same data
+    assert await a.get("k") == b"v"
+    await a.close()
+    await b.close()
+
+
+async def test_vision_agents_registry_runs_on_it(bus_factory: BusFactory,
+                                                 nats_server: NatsServer) -> None:
+    registry_mod = pytest.importorskip(
+        "vision_agents.core.agents.session_registry",
+        reason="vision-agents is not installed (pip install 'sessionbus[vision-agents]')",
+    )
+    agent_mod = pytest.importorskip("vision_agents.core.observability.agent")
+    node_a = registry_mod.SessionRegistry(store=NatsSessionKVStore(nats_server.url), ttl=0.8,
+                                          node_id="a")
+    node_b = registry_mod.SessionRegistry(store=NatsSessionKVStore(nats_server.url), node_id="b")
+    async with node_a, node_b:
+        await node_a.register("call-1", "s1")
+        await node_b.register("call-1", "s2")
+        await node_b.register("call-10", "s3")
+        metrics = agent_mod.AgentMetrics()
+        metrics.llm_latency_ms__avg.update(12.0)
+        await node_a.update_metrics("call-1", "s1", metrics)
+        infos = {i.session_id: i for i in await node_b.get_for_call("call-1")}
+        assert set(infos) == {"s1", "s2"}
+        assert infos["s1"].node_id == "a"
+        assert infos["s1"].metrics.llm_latency_ms__avg.value() == 12.0
+        await node_b.request_close("call-1", "s1")
+        assert await node_a.get_close_requests({"s1": "call-1", "s2": "call-1"}) == ["s1"]
+        started = time.monotonic()
+        while await node_a.get("call-1", "s1") is not None:  # ttl 0.8 s, not rounded up
+            assert time.monotonic() - started < 1.5
+            await asyncio.sleep(0.05)
+        raw = await node_b._store.get("sessions/call-1/s2")
+        assert json.loads(raw)["node_id"] == "b"
