@@ -79,7 +79,7 @@ async def ensure_bucket(bus: SessionBus, name: str) -> Bucket:
         await bus.js.stream_info(f"KV_{name}")
     except nats.js.errors.NotFoundError:
         try:
-            await bus.js.create_key_value(bucket_config(name, replicas=bus.settings.replicas))
+            await bus.js.create_key_value(bucket_config(name, replicas=bus.replicas))
         except nats.js.errors.BadRequestError as e:
             if e.err_code != 10058:  # created concurrently by another node
                 raise
