@@ -1,9 +1,16 @@
 """Reading a session's envelopes back: history replay, live feeds, causation lookups.
 
 A session's envelopes are stored under ``<prefix>.p.<partition>.<sid>``;
-``names.history_filter(sid)`` matches them whatever the partition. Every
-reader here is an ephemeral *ordered* consumer on that filter (ARCHITECTURE:
-ordered consumers are for readers, never one per session for workers):
+``names.history_filter(sid)`` matches them whatever the partition.
+
+* :func:`read_history` reads what is stored in a range of stream
+  sequences with Direct Get batches (no consumer, a few thousand envelopes
+  per request): the history, a cursor's next page, or the gap in front of
+  a worker's cached history;
+
+The other readers are ephemeral *ordered* consumers on that filter
+(ARCHITECTURE: ordered consumers are for readers, never one per session
+for workers):
 
 * :func:`replay_messages` delivers everything stored, in stream order, and ends when
   caught up;
@@ -20,21 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
-from sessionbus.bus.errors import nats_errors
+from sessionbus.bus._reads import direct_get_range
+from sessionbus.bus.errors import ConnectionFailed, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, decode
 
 if TYPE_CHECKING:
     from sessionbus.bus._lifecycle import Lifecycle
     from sessionbus.bus.core import SessionBus
 
-__all__ = ["LiveFeed", "find_depth", "replay_envelopes", "replay_messages"]
+__all__ = ["LiveFeed", "find_depth", "read_history", "replay_envelopes", "replay_messages"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +101,49 @@ def decode_envelope(bus: SessionBus, msg: Msg) -> Envelope | None:
     return envelope
 
 
+async def read_history(
+    bus: SessionBus, session_id: str, *, after: int = 0, up_to: int | None = None,
+) -> list[tuple[int, Envelope]]:
+    """``(stream sequence, envelope)`` of the session with ``after < seq <= up_to``, in order.
+
+    Everything stored, expired envelopes included (readers filter them at
+    the time they read); undecodable ones are logged and left out. Direct
+    Get batches: any replica answers, no consumer is created.
+    """
+    with nats_errors(f"reading the history of {session_id!r}"):
+        try:
+            found = await direct_get_range(
+                bus.nc, stream=bus.names.envelope_stream,
+                subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
+                api_prefix=bus.api_prefix,
+            )
+        except JetStreamAPIError as e:
+            if e.code == 503:
+                raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
+            raise
+    out: list[tuple[int, Envelope]] = []
+    remember = bus.lifecycle.remember
+    for stored in found:
+        try:
+            envelope = decode(stored.data, Envelope)
+        except DecodeError as e:
+            logger.warning("skipping an undecodable envelope on %s: %s", stored.subject, e)
+            continue
+        remember(envelope)
+        out.append((stored.seq, envelope))
+    return out
+
+
 async def replay_envelopes(
-    bus: SessionBus, session_id: str, *, participant: str | None = None
+    bus: SessionBus, session_id: str, *, participant: str | None = None, after: int = 0,
 ) -> AsyncIterator[Envelope]:
-    """The session's envelopes in stream order (those ``participant`` receives, if given)."""
-    async for msg in replay_messages(bus, session_id):
-        envelope = decode_envelope(bus, msg)
-        if envelope is None or envelope.is_expired():
+    """The session's envelopes in stream order (those ``participant`` receives, if given).
+
+    Only those stored after stream sequence ``after`` when it is given.
+    """
+    now = time.time()
+    for _, envelope in await read_history(bus, session_id, after=after):
+        if envelope.is_expired(now):
             continue
         if participant is None or envelope.is_for(participant):
             yield envelope

@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
-from sessionbus.bus._history import LiveFeed, find_depth, replay_envelopes
+from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
 from sessionbus.bus.errors import (
@@ -364,9 +364,32 @@ class Session:
 
     # -- reading ----------------------------------------------------------------
 
-    def history(self, participant: str | None = None) -> AsyncIterator[Envelope]:
-        """Replay the stored envelopes in order (those ``participant`` receives, if given)."""
-        return replay_envelopes(self._bus, self.session_id, participant=participant)
+    def history(
+        self, participant: str | None = None, *, after: int = 0,
+    ) -> AsyncIterator[Envelope]:
+        """Replay the stored envelopes in order (those ``participant`` receives, if given).
+
+        ``after`` is a stream sequence (a cursor from :meth:`history_page`
+        or a turn's ``sequence``): only envelopes stored after it come.
+        """
+        return replay_envelopes(self._bus, self.session_id, participant=participant,
+                                after=after)
+
+    async def history_page(
+        self, *, after: int = 0, participant: str | None = None,
+    ) -> tuple[list[Envelope], int]:
+        """The envelopes stored after stream sequence ``after``, and the cursor for the next call.
+
+        Pass the returned cursor as ``after`` next time to read only what is
+        new: a reader that polls its session costs the new envelopes, not
+        the whole history. The cursor is ``after`` when nothing is new.
+        """
+        found = await read_history(self._bus, self.session_id, after=after)
+        cursor = found[-1][0] if found else after
+        now = time.time()
+        envelopes = [e for _, e in found if not e.is_expired(now)
+                     and (participant is None or e.is_for(participant))]
+        return envelopes, cursor
 
     def live(self, participant: str | None = None, *, replay: bool = False) -> LiveFeed:
         """A feed of new envelopes as ``participant`` receives them (all if None).

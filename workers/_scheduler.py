@@ -34,6 +34,7 @@ from sessionbus.schemas import Envelope, decode
 from sessionbus.workers._cancel import RECANCEL_AFTER
 from sessionbus.workers._delivery import Held, ack, ack_info, touch
 from sessionbus.workers._outcome import ACKED, Action, CancelReason, Outcome, Running
+from sessionbus.workers._recent import RecentHistory, delivery_seq
 from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["Scheduler"]
@@ -73,8 +74,10 @@ class Scheduler:
         dead_letter: DeadLetter,
         max_concurrency: int,
         config: WorkerConfig,
+        recent: RecentHistory | None = None,
     ) -> None:
         self._nc = nc
+        self._recent = recent
         self._names = names
         self._execute = execute
         self._dead_letter = dead_letter
@@ -190,6 +193,13 @@ class Scheduler:
                 envelope = decode(msg.data, Envelope)
             except DecodeError as e:
                 error = e
+        if self._recent is not None:
+            # Every delivery, whatever becomes of it: the cache mirrors the stream.
+            dseq = delivery_seq(msg.reply)
+            if error is None or envelope is not None:
+                self._recent.observe(partition, dseq, seq, sid, envelope)
+            else:
+                self._recent.observe_delivery(partition, dseq)
         if self._is_closed(sid, now):
             await self._nc.publish(msg.reply, b"+ACK")
             self._mark_done(sid, seq)
@@ -470,6 +480,8 @@ class Scheduler:
         lapse to another worker.
         """
         out: list[Held] = []
+        if self._recent is not None:
+            self._recent.drop_partition(partition)
         for sid in list(self._by_partition.get(partition, ())):
             session = self._sessions[sid]
             self._held -= len(session.queue)

@@ -67,8 +67,16 @@ class WorkerConfig:
     closed_size: int = 4096
     #: Seconds a closed session is remembered.
     closed_ttl: float = 120.0
+    #: Envelopes of one session kept for ``turn.history()`` (0: read the stream each time).
+    history_per_session: int = 2048
+    #: Envelopes kept for ``turn.history()`` over all sessions (least recently used go).
+    history_total: int = 32_768
 
     def __post_init__(self) -> None:
+        for name in ("history_per_session", "history_total"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("lease_ttl", "ack_wait", "priority_timeout", "poll_interval",
                      "retry_backoff", "retry_backoff_max", "drain_timeout",
                      "handover_timeout", "closed_ttl"):

@@ -46,6 +46,7 @@ from sessionbus.workers._delivery import Held, dead_letter
 from sessionbus.workers._membership import Membership
 from sessionbus.workers._outcome import ACKED, Action, Outcome, Running
 from sessionbus.workers._partition import PartitionPuller
+from sessionbus.workers._recent import RecentHistory
 from sessionbus.workers._scheduler import Scheduler
 from sessionbus.workers.config import WorkerConfig
 from sessionbus.workers.control import DeadLetter, Drop, Retry
@@ -131,6 +132,8 @@ class Worker:
         self._state = WorkerState.NEW
         self._membership: Membership | None = None
         self._scheduler: Scheduler | None = None
+        self._recent = RecentHistory(per_session=self.config.history_per_session,
+                                     total=self.config.history_total)
         self._pullers: dict[int, PartitionPuller] = {}
         self._releasing: dict[int, asyncio.Task[None]] = {}
         self._subs: list[Subscription] = []
@@ -182,6 +185,7 @@ class Worker:
         self._scheduler = Scheduler(
             nc=bus.nc, names=bus.names, execute=self._execute, dead_letter=self._dead_letter,
             max_concurrency=self.max_concurrency, config=self.config,
+            recent=self._recent if self._recent.enabled else None,
         )
         self._membership = Membership(bus, group=self.group, worker_id=self.worker_id,
                                       config=self.config)
@@ -403,7 +407,8 @@ class Worker:
             return ACKED
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
                     worker_id=self.worker_id, interrupted=run.interrupted,
-                    handles=self._session_handle)
+                    handles=self._session_handle,
+                    recent=self._recent if self._recent.enabled else None)
         try:
             await self._handler(turn)
         except Retry as r:

@@ -20,13 +20,16 @@ cancels the handler's task; a close of the session does the same.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sessionbus.bus._history import read_history
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import WorkerError
 from sessionbus.schemas import EV_TEXT, Envelope
 from sessionbus.workers._delivery import Held
+from sessionbus.workers._recent import RecentHistory
 
 if TYPE_CHECKING:
     from sessionbus.bus.session import Session
@@ -37,18 +40,20 @@ __all__ = ["Turn"]
 class Turn:
     """One envelope handed to a handler, with ways to answer into its session."""
 
-    __slots__ = ("_bus", "_handles", "_held", "_session", "agent", "group", "interrupted",
-                 "worker_id")
+    __slots__ = ("_bus", "_handles", "_held", "_recent", "_session", "agent", "group",
+                 "interrupted", "worker_id")
 
     def __init__(
         self, *, bus: SessionBus, held: Held, group: str, agent: str, worker_id: str,
         interrupted: asyncio.Event, handles: Callable[[str], Session] | None = None,
+        recent: RecentHistory | None = None,
     ) -> None:
         if held.envelope is None:
             raise WorkerError("a Turn needs a decoded envelope")
         self._bus = bus
         self._held = held
         self._handles = handles
+        self._recent = recent
         self._session: Session | None = None
         self.group = group
         """The worker group handling the turn."""
@@ -97,8 +102,18 @@ class Turn:
         return self._session
 
     async def history(self) -> list[Envelope]:
-        """The session's envelopes so far, in order (an ordered-consumer replay)."""
-        return [envelope async for envelope in self.session.history()]
+        """The session so far: every envelope stored up to and including this turn's own.
+
+        In stream order, nothing stored after this turn's envelope (expired
+        envelopes left out). The worker keeps recent history from what it
+        pulls, so this reads the stream only for what it has not seen. Do
+        not modify the returned envelopes: later turns get the same objects.
+        """
+        if self._recent is not None:
+            return await self._recent.history(self._bus, self.session_id, self.sequence)
+        now = time.time()
+        return [e for _, e in await read_history(self._bus, self.session_id,
+                                                 up_to=self.sequence) if not e.is_expired(now)]
 
     async def reply(
         self,

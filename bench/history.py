@@ -1,0 +1,163 @@
+"""Reading a session's history: turn.history() warm and cold, Session.history(), raw replay.
+
+For sessions of 10 / 1,000 / 10,000 stored envelopes (``--sizes``), on one
+embedded server:
+
+* ``turn.history() warm``: a worker that pulled the session's envelopes
+  itself serves the history from memory; timed inside the handler over
+  ``--probes`` turns, each one envelope after the previous;
+* ``turn.history() cold``: the same with the worker's history cache off
+  (``WorkerConfig(history_total=0)``): every call reads the stream;
+* ``Session.history()``: a client replaying the whole session;
+* ``raw ordered consumer``: nats-py's ordered consumer on the session's
+  subject, delivering everything stored, ending when caught up (the
+  baseline: one consumer per read, one message at a time).
+
+Figures are the median milliseconds per call; ratios are sessionbus / raw.
+
+    python bench/history.py [--sizes 10,1000,10000] [--probes 20] [--loop uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import statistics
+import time
+
+from _common import add_loop_option, environment, format_ratio, run_loop
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas import Envelope, encode
+from sessionbus.workers import Turn, Worker, WorkerConfig
+
+
+async def fill(sb: SessionBus, sid: str, count: int) -> None:
+    """Open ``sid`` and store ``count`` envelopes in it, pipelined."""
+    await sb.open(sid, participant="client", participants=["g"])
+    futures = []
+    for i in range(count):
+        env = Envelope(session_id=sid, sender_id="client", event_data={"text": f"m{i} " + "x" * 64})
+        futures.append(await sb.js.publish_async(sb.names.inbound(sid), encode(env),
+                                                 headers={"Nats-Msg-Id": env.envelope_id}))
+    await asyncio.gather(*futures)
+
+
+async def turn_history(sb: SessionBus, sizes: list[int], probes: int, *, warm: bool,
+                       tag: str) -> dict[int, float]:
+    """Median ms of ``turn.history()`` per size, timed in the handler."""
+    timings: dict[str, list[float]] = {}
+    lengths: dict[str, list[int]] = {}
+    handled = 0
+    progressed = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        nonlocal handled
+        if turn.envelope.event_data.get("probe"):
+            start = time.perf_counter()
+            history = await turn.history()
+            timings.setdefault(turn.session_id, []).append(time.perf_counter() - start)
+            lengths.setdefault(turn.session_id, []).append(len(history))
+        handled += 1
+        progressed.set()
+
+    config = WorkerConfig()
+    if not warm:
+        if "history_total" not in {f.name for f in dataclasses.fields(WorkerConfig)}:
+            config = WorkerConfig()  # an older sessionbus: every read is cold anyway
+        else:
+            config = dataclasses.replace(config, history_total=0)
+    worker = Worker(sb, group="g", handler=handle, config=config, max_concurrency=64)
+    await worker.start()
+    out: dict[int, float] = {}
+    try:
+        for size in sizes:
+            sid = f"{tag}-{size}"
+            target = handled + size
+            await fill(sb, sid, size)
+            while handled < target:
+                progressed.clear()
+                await asyncio.wait_for(progressed.wait(), 60)
+            session = sb.session(sid, participant="client")
+            for i in range(probes):
+                target = handled + 1
+                await session.send(f"probe {i}", event_data={"probe": True})
+                while handled < target:
+                    progressed.clear()
+                    await asyncio.wait_for(progressed.wait(), 60)
+            assert lengths[sid] == [size + i + 1 for i in range(probes)], lengths[sid][:3]
+            out[size] = statistics.median(timings[sid]) * 1e3
+    finally:
+        await worker.stop()
+    return out
+
+
+async def session_history(sb: SessionBus, sid: str, repeats: int) -> float:
+    """Median ms of a client's full ``Session.history()`` replay."""
+    session = sb.session(sid, participant="client")
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        found = [e async for e in session.history()]
+        samples.append(time.perf_counter() - start)
+    assert found
+    return statistics.median(samples) * 1e3
+
+
+async def raw_replay(sb: SessionBus, sid: str, repeats: int) -> float:
+    """Median ms of a nats-py ordered consumer delivering the session, until caught up."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sub = await sb.js.subscribe(sb.names.history_filter(sid),
+                                    stream=sb.names.envelope_stream, ordered_consumer=True)
+        while True:
+            msg = await sub.next_msg(timeout=30)
+            if msg.metadata.num_pending == 0:
+                break
+        await sub.unsubscribe()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+async def bench(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    server = NatsServer(name="bench-history").start()
+    try:
+        async with SessionBus(server.url, partitions=16) as sb:
+            print(f"{environment()}; sizes {sizes}, {args.probes} probes each")
+            warm = await turn_history(sb, sizes, args.probes, warm=True, tag="warm")
+            cold = await turn_history(sb, sizes, args.probes, warm=False, tag="cold")
+            rows = []
+            for size in sizes:
+                sid = f"cold-{size}"
+                client = await session_history(sb, sid, args.repeats)
+                raw = await raw_replay(sb, sid, args.repeats)
+                rows.append((size, warm[size], cold[size], client, raw))
+    finally:
+        server.stop()
+    print(f"{'envelopes':>9} | {'turn warm ms':>12} | {'turn cold ms':>12} | "
+          f"{'Session.history ms':>18} | {'raw replay ms':>13} | cold/raw | client/raw")
+    for size, w, c, cl, raw in rows:
+        print(f"{size:>9} | {w:12.3f} | {c:12.3f} | {cl:18.3f} | {raw:13.3f} | "
+              f"{format_ratio(c, raw):>8} | {format_ratio(cl, raw):>10}")
+    base = rows[0][1]
+    for size, w, *_ in rows[1:]:
+        print(f"warm turn.history() at {size} envelopes / at {sizes[0]}: "
+              f"{format_ratio(w, base)}")
+
+
+def main() -> None:
+    """Parse arguments and run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,1000,10000")
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    add_loop_option(parser)
+    args = parser.parse_args()
+    run_loop(bench(args), args.loop)
+
+
+if __name__ == "__main__":
+    main()

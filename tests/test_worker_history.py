@@ -1,0 +1,90 @@
+"""turn.history(): exactly what was stored up to the turn's own envelope, served from the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas import Envelope
+from sessionbus.workers import Turn, Worker
+from sessionbus.workers._recent import RecentHistory, delivery_seq
+from worker_proc import FAST
+
+from sessionbus.testing import BusFactory
+
+
+async def _until(cond: Callable[[], bool], what: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_each_turn_sees_the_session_up_to_its_own_envelope(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    sb: SessionBus = await bus_factory(nats_server.url, partitions=4)
+    seen: dict[str, list[str]] = {}
+
+    async def handle(turn: Turn) -> None:
+        seen[turn.envelope.content] = [e.content for e in await turn.history()]
+        await asyncio.sleep(0.005)  # let later envelopes queue behind this turn
+
+    session = await sb.open("hist", participant="client", participants=["g"])
+    other = await sb.open("other", participant="client", participants=["g"])
+    for i in range(3):  # stored before any worker of the group existed
+        await session.send(f"m{i}")
+        await other.send(f"o{i}")
+
+    first = Worker(sb, group="g", handler=handle, config=FAST)
+    await first.start()
+    try:
+        await _until(lambda: len(seen) == 6, "the stored envelopes handled")
+        for i in range(3, 6):  # a burst: queued while earlier turns run
+            await session.send(f"m{i}")
+        await _until(lambda: len(seen) == 9, "the burst handled")
+    finally:
+        await first.stop()
+    # A new worker of the group starts after m0..m5 were handled elsewhere:
+    # what it serves from memory lacks them, and its turns must still see them.
+    second = Worker(sb, group="g", handler=handle, config=FAST)
+    await second.start()
+    try:
+        for i in range(6, 10):
+            await session.send(f"m{i}")
+        await _until(lambda: len(seen) == 13, "the second worker's turns")
+        warm_before = second._recent.cold_reads
+        await session.send("m10")
+        await _until(lambda: "m10" in seen, "a turn of a session the worker has seen")
+        assert second._recent.cold_reads == warm_before  # served from memory
+    finally:
+        await second.stop()
+    for i in range(11):
+        assert seen[f"m{i}"] == [f"m{j}" for j in range(i + 1)], i
+    assert seen["o2"] == ["o0", "o1", "o2"]
+
+
+def test_a_delivery_gap_drops_the_partitions_cached_sessions() -> None:
+    recent = RecentHistory(per_session=4, total=100)
+
+    def env(sid: str) -> Envelope:
+        return Envelope(session_id=sid, sender_id="c", event_data={"text": "x"})
+
+    recent.observe(0, 1, 10, "a", env("a"))
+    recent.observe(0, 2, 11, "a", env("a"))
+    recent.observe(1, 1, 12, "b", env("b"))
+    assert recent.size == 3
+    recent.observe(0, 5, 13, "a", env("a"))  # deliveries 3 and 4 went elsewhere
+    assert recent.size == 2  # partition 0 dropped (a starts again at 13), partition 1 kept
+    for seq in range(20, 30):
+        recent.observe(1, seq - 18, seq, "b", env("b"))
+    assert recent.size == 5  # b at its per-session bound of 4
+    recent.drop_partition(1)
+    assert recent.size == 1
+    assert delivery_seq("$JS.ACK.S.C.1.42.7.1700000000.3") == 7
+    assert delivery_seq("$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == 9
+    assert delivery_seq("_INBOX.x") is None
