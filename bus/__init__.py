@@ -9,6 +9,7 @@ from sessionbus.bus._feeds import Feed as Feed
 from sessionbus.bus._history import LiveFeed as LiveFeed
 from sessionbus.bus._lock import TurnLock as TurnLock
 from sessionbus.bus.core import SessionBus as SessionBus
+from sessionbus.bus.errors import AuthenticationFailed as AuthenticationFailed
 from sessionbus.bus.errors import BusClosedError as BusClosedError
 from sessionbus.bus.errors import BusError as BusError
 from sessionbus.bus.errors import BusTimeout as BusTimeout
@@ -29,6 +30,7 @@ from sessionbus.bus.errors import KeyConflict as KeyConflict
 from sessionbus.bus.errors import LockError as LockError
 from sessionbus.bus.errors import LockLost as LockLost
 from sessionbus.bus.errors import LockTimeout as LockTimeout
+from sessionbus.bus.errors import PermissionDenied as PermissionDenied
 from sessionbus.bus.errors import ServerTooOld as ServerTooOld
 from sessionbus.bus.errors import SessionError as SessionError
 from sessionbus.bus.errors import SessionExists as SessionExists
@@ -70,6 +72,7 @@ __all__ = [
     "SessionStream",
     "TurnLock",
     # Errors
+    "AuthenticationFailed",
     "BusClosedError",
     "BusError",
     "BusTimeout",
@@ -90,6 +93,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockTimeout",
+    "PermissionDenied",
     "ServerTooOld",
     "SessionError",
     "SessionExists",

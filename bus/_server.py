@@ -35,6 +35,7 @@ __all__ = [
     "BINARY_ENV",
     "NatsCluster",
     "NatsServer",
+    "ServerTls",
     "find_server_binary",
     "free_port",
     "server_version",
@@ -99,6 +100,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return found
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS files of a server: its certificate and key, and the CA it trusts.
+
+    The same certificate serves clients, routes and leaf nodes (it names
+    every host the server is reached by). Routes always verify the peer's
+    certificate; clients and leaf nodes must present one when
+    ``verify_clients`` is set.
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    verify_clients: bool = False
+
+    def block(self, *, verify: bool) -> str:
+        """A ``tls { ... }`` block for a listener."""
+        return json.dumps({"cert_file": self.cert_file, "key_file": self.key_file,
+                           "ca_file": self.ca_file, "verify": verify, "timeout": 2})
+
+    def remote(self) -> dict[str, Any]:
+        """The ``tls`` entry of an outgoing leaf connection."""
+        return {"cert_file": self.cert_file, "key_file": self.key_file, "ca_file": self.ca_file}
+
+
 @dataclass
 class NatsServer:
     """One nats-server process with a generated config.
@@ -122,6 +148,17 @@ class NatsServer:
     #: URLs (the nodes of one hub cluster), one connection at a time.
     leaf_remotes: Sequence[str] = ()
     max_payload: int | None = None
+    #: Client, route and leaf listeners (and leaf remotes) use TLS with these files.
+    tls: ServerTls | None = None
+    #: An ``accounts`` block (tenants and users, e.g. from ``sessionbus users``):
+    #: with it, every client connection must authenticate.
+    accounts_config: str = ""
+    #: Routes must present these credentials (and route URLs carry them).
+    cluster_auth: tuple[str, str] | None = None
+    #: Leaf connections accepted only with one of these (user, password, account).
+    leaf_users: Sequence[tuple[str, str, str]] = ()
+    #: The local account the leaf remotes bind (the hub's account is the remote user's).
+    leaf_account: str | None = None
     extra_config: str = ""
     binary: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -129,8 +166,8 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        """Client URL of this server."""
-        return f"nats://{self.host}:{self.port}"
+        """Client URL of this server (``tls://`` when it requires TLS)."""
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -163,6 +200,10 @@ class NatsServer:
         ]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")
+        if self.tls:
+            lines.append(f"tls {self.tls.block(verify=self.tls.verify_clients)}")
+        if self.accounts_config:
+            lines.append(self.accounts_config.strip())
         if self.jetstream:
             js = [f"store_dir: {json.dumps(self._store())}"]
             if self.domain:
@@ -170,23 +211,42 @@ class NatsServer:
             lines.append("jetstream {\n  " + "\n  ".join(js) + "\n}")
         if self.cluster_name:
             routes = ", ".join(json.dumps(r) for r in self.routes)
-            lines.append(
-                "cluster {\n"
-                f"  name: {json.dumps(self.cluster_name)}\n"
-                f"  listen: {self.host}:{self.cluster_port}\n"
-                f"  routes: [{routes}]\n"
-                "}"
-            )
+            block = [
+                "cluster {",
+                f"  name: {json.dumps(self.cluster_name)}",
+                f"  listen: {self.host}:{self.cluster_port}",
+                f"  routes: [{routes}]",
+            ]
+            if self.cluster_auth:
+                user, password = self.cluster_auth
+                block.append(f"  authorization {{ user: {json.dumps(user)}, "
+                             f"password: {json.dumps(password)}, timeout: 2 }}")
+            if self.tls:
+                block.append(f"  tls {self.tls.block(verify=True)}")
+            block.append("}")
+            lines.append("\n".join(block))
         if self.leaf_listen_port is not None or self.leaf_remotes:
             block = ["leafnodes {"]
             if self.leaf_listen_port is not None:
                 block.append(f"  listen: {self.host}:{self.leaf_listen_port}")
+                if self.leaf_users:
+                    users = ", ".join(
+                        json.dumps({"user": u, "password": p, "account": a})
+                        for u, p, a in self.leaf_users
+                    )
+                    block.append(f"  authorization {{ users: [{users}], timeout: 2 }}")
+                if self.tls:
+                    block.append(f"  tls {self.tls.block(verify=self.tls.verify_clients)}")
             if self.leaf_remotes:
                 # One remote listing every URL: the server keeps a single leaf
                 # connection and fails over between the URLs (several remotes
                 # would each connect, and duplicate every message).
-                urls = ", ".join(json.dumps(r) for r in self.leaf_remotes)
-                block.append(f"  remotes: [{{ urls: [{urls}] }}]")
+                remote: dict[str, Any] = {"urls": list(self.leaf_remotes)}
+                if self.leaf_account:
+                    remote["account"] = self.leaf_account
+                if self.tls:
+                    remote["tls"] = self.tls.remote()
+                block.append(f"  remotes: [{json.dumps(remote)}]")
             block.append("}")
             lines.append("\n".join(block))
         if self.extra_config:

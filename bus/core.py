@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -22,7 +23,14 @@ from nats.js import JetStreamContext, api
 from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._server import NatsServer
-from sessionbus.bus.errors import BusClosedError, ConfigError, ConnectionFailed, ServerTooOld
+from sessionbus.bus.errors import (
+    AuthenticationFailed,
+    BusClosedError,
+    ConfigError,
+    ConnectionFailed,
+    PermissionDenied,
+    ServerTooOld,
+)
 from sessionbus.bus.settings import (
     DEFAULT_PARTITIONS,
     DEFAULT_REPLICAS,
@@ -48,6 +56,23 @@ _PARTITIONS_RE = re.compile(r"partition\((\d+),")
 # Temporarily unavailable, not enabled for account (yet), and no peers for a
 # replicated stream while a freshly started cluster's nodes become current.
 _JS_NOT_READY = (10008, 10039, 10005)
+#: What the server says when it refuses a connection's credentials or its TLS.
+_AUTH_REFUSALS = ("authorization violation", "authentication", "user revoked",
+                  "tls required", "secure connection")
+_DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.I)
+
+
+def _refusal(e: BaseException) -> str | None:
+    """Why the server refused to let this client in, or None for any other error."""
+    if isinstance(e, nats.errors.AuthorizationError):
+        return "authorization violation"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {getattr(e, 'reason', None) or e}"
+    text = str(e).lower()
+    for marker in _AUTH_REFUSALS:
+        if marker in text:
+            return str(e).removeprefix("nats: ").strip("'")
+    return None
 
 
 async def _stop_reconnecting(nc: Client) -> None:
@@ -121,6 +146,10 @@ class SessionBus:
         self._services: list[Any] = []
         self._lifecycle: Lifecycle | None = None
         self._closed = False
+        # Set when the server refuses the credentials, or a JetStream API call
+        # while provisioning (with the subject, lowercased by nats-py).
+        self._refused: asyncio.Future[str] | None = None
+        self._denial: asyncio.Future[str] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -160,11 +189,12 @@ class SessionBus:
             await asyncio.to_thread(self.embedded.start)
             servers = [self.embedded.url]
         nc = Client()
+        self._refused = asyncio.get_running_loop().create_future()
         try:
             # nats-py retries the first connect forever when reconnects are
-            # unlimited; bound it so a dead server is an error, not a hang.
-            await asyncio.wait_for(
-                nc.connect(
+            # unlimited; bound it so a dead server is an error, not a hang,
+            # and stop at the first refusal of the credentials.
+            await self._first_connect(nc, servers, nc.connect(
                     servers=servers,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -175,9 +205,18 @@ class SessionBus:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                     **self.settings.connect_options(),
-                ),
-                timeout=self.settings.connect_timeout * 2,
-            )
+                ))
+        except ImportError as e:
+            await self._stop_embedded()
+            raise ConfigError(
+                f"NKey and .creds authentication need the nkeys package ({e})"
+            ) from None
+        except ConnectionFailed:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            await _stop_reconnecting(nc)
+            await self._stop_embedded()
+            raise
         except (TimeoutError, OSError, nats.errors.Error) as e:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -196,6 +235,25 @@ class SessionBus:
         except BaseException:
             await self._abort()
             raise
+
+    async def _first_connect(self, nc: Client, servers: list[str], connecting: Any) -> None:
+        """Await ``connecting``; raise AuthenticationFailed as soon as a server refuses us."""
+        assert self._refused is not None
+        task = asyncio.ensure_future(connecting)
+        done, _ = await asyncio.wait({task, self._refused},
+                                     timeout=self.settings.connect_timeout * 2,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if self._refused in done:
+            raise AuthenticationFailed(
+                f"NATS at {', '.join(servers)} refused the connection: {self._refused.result()}"
+            )
+        raise TimeoutError
 
     async def close(self) -> None:
         """Stop services started on this bus, drain the connection, stop the embedded server."""
@@ -376,7 +434,7 @@ class SessionBus:
         delay = 0.05
         while True:
             try:
-                await self._provision_once()
+                await self._denial_or(self._provision_once())
                 return
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                     nats.js.errors.ServiceUnavailableError) as e:
@@ -389,6 +447,31 @@ class SessionBus:
                 raise ConnectionFailed(f"JetStream not available: {err}") from err
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _denial_or(self, work: Any) -> None:
+        """Run ``work``; a permission refusal of the API while it runs ends it at once.
+
+        A refused request gets no answer, only an error on the connection:
+        without this, provisioning as a non-admin user would wait out its
+        request timeout before saying why.
+        """
+        loop = asyncio.get_running_loop()
+        self._denial = loop.create_future()
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, self._denial}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if task.done() and not task.cancelled():
+            task.result()
+            return
+        raise PermissionDenied(
+            self._denial.result(), "provisioning streams and buckets (an admin user creates "
+            "them once; other roles only bind to them)"
+        )
 
     async def _provision_once(self) -> None:
         n = self.names
@@ -481,8 +564,17 @@ class SessionBus:
         )
 
     async def _on_error(self, e: Exception) -> None:
-        if self._nc is not None:  # first-connect failures are reported by start()
-            logger.warning("NATS error: %s", e)
+        if self._nc is None:  # first-connect failures are reported by start()
+            reason = _refusal(e)
+            if reason is not None and self._refused is not None and not self._refused.done():
+                self._refused.set_result(reason)
+            return
+        denied = _DENIED.search(str(e))
+        if denied and self._denial is not None and not self._denial.done():
+            subject = denied.group(1)
+            if subject.startswith(self.api_prefix.lower() + "."):
+                self._denial.set_result(subject)
+        logger.warning("NATS error: %s", e)
 
     async def _on_disconnect(self) -> None:
         if not self._closed:

@@ -11,7 +11,9 @@
      ├── InvalidIdError (ValueError)              .kind, .value: an id that cannot be used
      ├── InvalidMetrics (ValueError)              .metrics: not a dict of str -> int|float|None
      ├── ConnectionFailed (OSError)               no server, lost server, embedded start failed
+     │    ├── AuthenticationFailed                missing, wrong or revoked credentials; TLS refused
      │    └── ServerTooOld                        .version: lacks per-key TTL
+     ├── PermissionDenied (PermissionError)      .subject: the user's role may not do this
      ├── BusClosedError                           the bus was used after close()
      ├── BusTimeout (TimeoutError)                the server did not answer in time
      ├── KeyConflict                              .key: a compare-and-set lost to a newer write
@@ -46,6 +48,7 @@ import nats.errors
 from sessionbus.schemas.errors import BusError, CodecError, DecodeError, EncodeError
 
 __all__ = [
+    "AuthenticationFailed",
     "BusClosedError",
     "BusError",
     "BusTimeout",
@@ -66,6 +69,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockTimeout",
+    "PermissionDenied",
     "ServerTooOld",
     "SessionError",
     "SessionExists",
@@ -120,6 +124,27 @@ class CorruptRecord(DecodeError):
 
 class ConnectionFailed(BusError, OSError):
     """The NATS server could not be reached, or the embedded one not started."""
+
+
+class AuthenticationFailed(ConnectionFailed):
+    """The server refused the connection's credentials (or their absence), or its TLS.
+
+    Raised at once by :meth:`SessionBus.start`, not after a reconnect loop;
+    the message never holds a secret.
+    """
+
+
+class PermissionDenied(BusError, builtins.PermissionError):
+    """The server refused a publish or subscription that the user's role does not allow.
+
+    ``subject`` is the subject it was refused on.
+    """
+
+    def __init__(self, subject: str, what: str = "") -> None:
+        self.subject = subject
+        doing = f"{what}: " if what else ""
+        super().__init__(f"{doing}permission denied on {subject!r} (the user's role does not "
+                         "allow it; see the README's Security section)")
 
 
 class ServerTooOld(ConnectionFailed):

@@ -198,6 +198,7 @@ class BusSettings:
     password: str | None = None
     token: str | None = None
     creds_file: str | None = None
+    nkey_seed_file: str | None = None
     tls: ssl.SSLContext | None = field(default=None, compare=False)
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -317,6 +318,8 @@ class BusSettings:
             opts["token"] = self.token
         if self.creds_file is not None:
             opts["user_credentials"] = self.creds_file
+        if self.nkey_seed_file is not None:
+            opts["nkeys_seed"] = self.nkey_seed_file
         tls = self.tls
         if tls is None and (self.tls_ca_file or self.tls_cert_file):
             tls = ssl.create_default_context(cafile=self.tls_ca_file)

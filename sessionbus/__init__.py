@@ -17,6 +17,7 @@ into other frameworks.
 __path__ = __import__("pkgutil").extend_path(__path__, __name__)
 
 
+from sessionbus.bus import AuthenticationFailed as AuthenticationFailed
 from sessionbus.bus import BusClosedError as BusClosedError
 from sessionbus.bus import BusError as BusError
 from sessionbus.bus import BusSettings as BusSettings
@@ -45,6 +46,7 @@ from sessionbus.bus import LockError as LockError
 from sessionbus.bus import LockLost as LockLost
 from sessionbus.bus import LockTimeout as LockTimeout
 from sessionbus.bus import ManagedSession as ManagedSession
+from sessionbus.bus import PermissionDenied as PermissionDenied
 from sessionbus.bus import ServerTooOld as ServerTooOld
 from sessionbus.bus import Session as Session
 from sessionbus.bus import SessionBus as SessionBus
@@ -125,6 +127,7 @@ __all__ = [
     "SessionStream",
     "TurnLock",
     # Errors
+    "AuthenticationFailed",
     "BusClosedError",
     "BusError",
     "BusTimeout",
@@ -145,6 +148,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockTimeout",
+    "PermissionDenied",
     "ServerTooOld",
     "SessionError",
     "SessionExists",

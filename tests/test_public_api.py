@@ -18,11 +18,13 @@ BUS = [
     "SessionManager", "SessionRegistry", "SessionStore", "SessionStream", "TurnLock",
 ]
 ERRORS = [
-    "BusClosedError", "BusError", "BusTimeout", "CausationNotFound", "CodecError",
-    "ConcurrentUpdate", "ConfigError", "ConnectionFailed", "CorruptRecord", "DecodeError",
+    "AuthenticationFailed", "BusClosedError", "BusError", "BusTimeout", "CausationNotFound",
+    "CodecError", "ConcurrentUpdate", "ConfigError", "ConnectionFailed", "CorruptRecord",
+    "DecodeError",
     "DepthLimitExceeded", "EncodeError", "EnvelopeTooLarge", "InvalidEnvelope",
     "InvalidIdError", "InvalidMetrics", "KeyConflict", "LockError", "LockLost",
-    "LockTimeout", "ServerTooOld", "SessionError", "SessionExists", "SessionExpired",
+    "LockTimeout", "PermissionDenied", "ServerTooOld", "SessionError", "SessionExists",
+    "SessionExpired",
     "SessionNotFound", "SessionTerminated", "TaskNotFound", "WorkerError",
 ]
 WORKERS = [

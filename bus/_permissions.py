@@ -1,0 +1,180 @@
+"""Least-privilege subject permissions of each role, generated from :class:`Names`.
+
+A tenant is a NATS account: nothing of one account is reachable from
+another, whatever a user of it publishes. Inside a tenant, each user has a
+role, and the role's permissions are built here from the same
+:class:`~sessionbus.bus._names.Names` every other module uses to name its
+subjects, streams and buckets, so they cannot drift apart:
+
+``client``
+    Opens sessions, sends into them, reads their history and token
+    streams, closes and interrupts them (any session of its tenant: see
+    the README's Security section). It writes the session and registry
+    records through the library and takes turn locks. It cannot pull or ack
+    the workers' consumers, write a worker lease, publish a token stream or
+    a dead letter, create, change or delete streams or durable consumers,
+    purge history, or reach a subject of another prefix.
+``worker``
+    Everything a client may do (a handler opens, sends and replies), plus:
+    create, pull, ack and unpin its group's pinned consumers (every group,
+    or one group and its partitions when bound to it), write its group's
+    leases, publish token streams and dead letters, and drop a session's
+    history (the store and manager facades run on workers). It cannot
+    create or delete streams or buckets.
+``admin``
+    Everything inside the tenant's account: provisioning, repairs, reading
+    the dead letters.
+
+Every JetStream API subject is allowed under ``$JS.API`` and, for each
+domain given, ``$JS.<domain>.API`` (clients at an edge site reach the hub's
+JetStream through its domain).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sessionbus.bus._names import Names, validate_id
+
+__all__ = ["Permissions", "Role", "role_permissions"]
+
+INBOX_PREFIX = "_INBOX"
+
+
+class Role(enum.StrEnum):
+    """What a user of a tenant may do; see the module docstring."""
+
+    CLIENT = "client"
+    WORKER = "worker"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a user may publish and subscribe to (nats-server's ``permissions`` block)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``permissions`` block, as a JSON-compatible mapping for a server config."""
+        return {"publish": {"allow": list(self.publish)},
+                "subscribe": {"allow": list(self.subscribe)}}
+
+    def allows_publish(self, subject: str) -> bool:
+        """Whether a publish on the literal ``subject`` is allowed (NATS wildcard rules)."""
+        return any(_matches(pattern, subject) for pattern in self.publish)
+
+    def allows_subscribe(self, subject: str) -> bool:
+        """Whether a subscription on the literal ``subject`` is allowed."""
+        return any(_matches(pattern, subject) for pattern in self.subscribe)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    ptoks, stoks = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(ptoks):
+        if tok == ">":
+            return len(stoks) > i
+        if i >= len(stoks) or (tok != "*" and tok != stoks[i]):
+            return False
+    return len(ptoks) == len(stoks)
+
+
+def _api_prefixes(domains: Iterable[str]) -> list[str]:
+    return ["$JS.API", *(f"$JS.{validate_id(d, 'domain')}.API" for d in domains)]
+
+
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _kv_write(bucket: str, keys: str, apis: Sequence[str]) -> list[str]:
+    """A bucket's write subjects: ``$KV.<bucket>.<keys>`` and its cross-domain forms."""
+    return [f"$KV.{bucket}.{keys}",
+            *(f"{api}.$KV.{bucket}.{keys}" for api in apis if api != "$JS.API")]
+
+
+def _client(n: Names, apis: Sequence[str]) -> tuple[list[str], list[str]]:
+    streams = [n.envelope_stream, n.dead_letter_stream,
+               *(f"KV_{b}" for b in (n.sessions_bucket, n.registry_bucket,
+                                     n.workers_bucket, n.locks_bucket))]
+    kv_streams = streams[2:]
+    pub = [
+        n.inbound_all,
+        n.closed_all,
+        n.interrupt_all,
+        *_kv_write(n.sessions_bucket, ">", apis),
+        *_kv_write(n.registry_bucket, ">", apis),
+        *_kv_write(n.locks_bucket, ">", apis),
+    ]
+    for api in apis:
+        pub.append(f"{api}.INFO")
+        for stream in streams:
+            pub += [f"{api}.STREAM.INFO.{stream}", f"{api}.DIRECT.GET.{stream}",
+                    f"{api}.DIRECT.GET.{stream}.>"]
+        pub.append(f"{api}.STREAM.MSG.GET.{n.envelope_stream}")
+        # Ordered consumers only: the subject without a consumer name makes
+        # the server refuse a durable one, so a worker's consumer cannot be
+        # created, changed or deleted from here.
+        for stream in (n.envelope_stream, *kv_streams):
+            pub += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.INFO.{stream}.*"]
+    pub += [f"$JS.FC.{stream}.>" for stream in (n.envelope_stream, *kv_streams)]
+    sub = [f"{INBOX_PREFIX}.>", n.closed_all, n.interrupt_all, f"{n.prefix}.out.>"]
+    return pub, sub
+
+
+def _worker(n: Names, apis: Sequence[str], group: str | None,
+            partitions: int | None) -> tuple[list[str], list[str]]:
+    pub, sub = _client(n, apis)
+    if group is None:
+        consumers = ["*"]
+        lease_keys = ">"
+        dead = f"{n.prefix}.dead.*.*"
+    else:
+        if not partitions:
+            raise ValueError("a worker bound to a group needs the partition count")
+        consumers = [n.worker_consumer(group, p) for p in range(partitions)]
+        lease_keys = n.worker_group_filter(group)
+        dead = f"{n.prefix}.dead.{n.dead_letter(group, 'x').split('.')[2]}.*"
+    stream = n.envelope_stream
+    pub += [f"{n.prefix}.out.*.*", dead, *_kv_write(n.workers_bucket, lease_keys, apis)]
+    for api in apis:
+        pub.append(f"{api}.STREAM.PURGE.{stream}")
+        for c in consumers:
+            pub += [f"{api}.CONSUMER.CREATE.{stream}.{c}.>",
+                    f"{api}.CONSUMER.MSG.NEXT.{stream}.{c}", f"{api}.CONSUMER.UNPIN.{stream}.{c}"]
+    pub += [f"$JS.ACK.{stream}.{c}.>" for c in consumers]
+    return pub, sub
+
+
+def role_permissions(
+    role: Role | str,
+    *,
+    prefixes: Sequence[str] = ("sb",),
+    domains: Sequence[str] = (),
+    group: str | None = None,
+    partitions: int | None = None,
+) -> Permissions:
+    """The permissions of ``role`` on the buses of ``prefixes`` in one tenant.
+
+    ``group`` (workers only) binds a worker to one group: its leases, and the
+    pinned consumers of its ``partitions`` partitions, named one by one.
+    """
+    role = Role(role)
+    if role is Role.ADMIN:
+        return Permissions(publish=(">",), subscribe=(">",))
+    if group is not None and role is not Role.WORKER:
+        raise ValueError("only a worker is bound to a group")
+    apis = _api_prefixes(domains)
+    pub: list[str] = []
+    sub: list[str] = []
+    for prefix in prefixes:
+        names = Names(prefix)
+        p, s = (_client(names, apis) if role is Role.CLIENT
+                else _worker(names, apis, group, partitions))
+        pub += p
+        sub += s
+    return Permissions(publish=_unique(pub), subscribe=_unique(sub))

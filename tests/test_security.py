@@ -1,0 +1,315 @@
+"""Authentication, tenants and roles against a real nats-server with generated accounts.
+
+Two tenants (NATS accounts) ``acme`` and ``beta``, each with an admin, a
+client and a worker whose permissions come from ``bus/_permissions.py``.
+Every refusal is the server's: a raw nats-py client is told "permissions
+violation" on its error callback before the PONG of the flush that follows
+the attempt, so each check is deterministic without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus
+from sessionbus.bus._names import Names
+from sessionbus.bus._permissions import Role, role_permissions
+from sessionbus.bus._server import NatsServer
+from sessionbus.schemas import SessionState
+from sessionbus.workers import Turn, Worker
+from worker_proc import FAST
+
+from sessionbus._auth import AuthDir, new_user_seed
+from sessionbus.testing import BusFactory
+
+PARTS = 4
+N = Names("sb")
+
+
+@dataclass
+class Secured:
+    server: NatsServer
+    auth: AuthDir
+
+    def seed(self, tenant: str, user: str) -> str:
+        return str(self.auth.seed_file(tenant, user))
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    auth = AuthDir.init(tmp_path / "auth")
+    for tenant in ("acme", "beta"):
+        auth.add_tenant(tenant)
+        auth.add_user(tenant, "admin", Role.ADMIN)
+        auth.add_user(tenant, "client", Role.CLIENT)
+        auth.add_user(tenant, "worker", Role.WORKER)
+    auth.add_tenant("gamma")  # never provisioned by an admin
+    auth.add_user("gamma", "worker", Role.WORKER)
+    server = NatsServer(name="secured", accounts_config=auth.accounts_config())
+    server.start()
+    try:
+        yield Secured(server, auth)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def provisioned(secured: Secured, bus_factory: BusFactory) -> Secured:
+    """Both tenants' streams and buckets, created by their admins."""
+    for tenant in ("acme", "beta"):
+        admin = await bus_factory(secured.server.url, partitions=PARTS,
+                                  nkey_seed_file=secured.seed(tenant, "admin"))
+        await admin.close()
+    return secured
+
+
+class Raw:
+    """A raw nats-py connection that collects the server's refusals."""
+
+    def __init__(self) -> None:
+        self.nc = Client()
+        self.errors: list[str] = []
+        self.sentinels = 0
+
+    async def connect(self, url: str, seed: str) -> Raw:
+        async def on_error(e: Exception) -> None:
+            self.errors.append(str(e).lower())
+
+        await self.nc.connect(url, nkeys_seed=seed, error_cb=on_error,
+                              allow_reconnect=False)
+        return self
+
+    async def _refused(self, attempt: Any, subject: str) -> bool:
+        """Run ``attempt``, then publish a sentinel no role may publish, and wait for its
+        refusal: the server reports violations in order, so ``subject``'s refusal, if
+        any, has arrived by then."""
+        self.sentinels += 1
+        sentinel = f"never-allowed.{self.sentinels}"
+        before = len(self.errors)
+        await attempt
+        await self.nc.publish(sentinel, b"")
+        await self.nc.flush()
+        deadline = time.monotonic() + 5
+        while not any(sentinel in e for e in self.errors[before:]):
+            assert time.monotonic() < deadline, "the sentinel was not refused"
+            await asyncio.sleep(0.005)
+        return any(f'"{subject.lower()}"' in e for e in self.errors[before:])
+
+    async def denied(self, subject: str, payload: bytes = b"{}") -> bool:
+        """Whether the server refuses a publish on ``subject``."""
+        return await self._refused(
+            self.nc.publish(subject, payload, reply=self.nc.new_inbox()), subject)
+
+    async def sub_denied(self, subject: str) -> bool:
+        """Whether the server refuses a subscription to ``subject``."""
+        return await self._refused(self.nc.subscribe(subject), subject)
+
+
+@pytest.fixture
+async def raw(provisioned: Secured) -> AsyncIterator[Any]:
+    conns: list[Raw] = []
+
+    async def make(tenant: str, user: str) -> Raw:
+        conn = await Raw().connect(provisioned.server.url, provisioned.seed(tenant, user))
+        conns.append(conn)
+        return conn
+
+    yield make
+    for conn in conns:
+        await conn.nc.close()
+
+
+async def test_connections_without_valid_credentials_are_refused_at_once(
+    secured: Secured, tmp_path: Path
+) -> None:
+    stranger = tmp_path / "stranger.nk"
+    stranger.write_bytes(new_user_seed())
+    for options in ({}, {"nkey_seed_file": str(stranger)}, {"user": "acme", "password": "x"},
+                    {"token": "guess"}):
+        started = time.monotonic()
+        with pytest.raises(AuthenticationFailed) as caught:
+            await SessionBus(secured.server.url, **options).start()
+        assert time.monotonic() - started < 2.0, options
+        message = str(caught.value)
+        assert "\n" not in message and "Authorization Violation" in message
+        assert "guess" not in message and "password" not in message.lower()
+
+
+async def test_a_tenant_reaches_nothing_of_another(
+    provisioned: Secured, bus_factory: BusFactory, raw: Any
+) -> None:
+    url = provisioned.server.url
+    acme = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "client"))
+    beta = await bus_factory(url, nkey_seed_file=provisioned.seed("beta", "client"))
+    spy = await raw("beta", "admin")  # everything beta's account allows
+    overheard: list[str] = []
+    sentinel_heard = asyncio.Event()
+
+    async def hear(msg: Any) -> None:
+        overheard.append(msg.subject)
+        if msg.subject == "sentinel":
+            sentinel_heard.set()
+
+    await spy.nc.subscribe(">", cb=hear)
+    await spy.nc.flush()
+
+    session = await acme.open("shared-id", participant="alice")
+    await session.send("acme's secret")
+
+    assert "shared-id" not in [m.session_id for m in await beta.list_sessions()]
+    assert [e async for e in beta.session("shared-id").history()] == []
+    # Sending into and closing "shared-id" from beta acts on beta's own
+    # namespace: acme's session is untouched.
+    other = await beta.open("shared-id", participant="mallory")
+    await other.send("from beta")
+    await other.close("beta closes its own")
+    await spy.nc.publish(N.closed("shared-id"), b"forged")
+    await spy.nc.flush()
+    record = await acme.lifecycle.load("shared-id")
+    assert record is not None and record.state is SessionState.ACTIVE
+    texts = [e.content for e in [e async for e in session.history()]]
+    assert texts == ["acme's secret"]
+    # Nothing acme does reaches beta's account: after acme's traffic, beta's
+    # spy hears only its own sentinel.
+    mark = len(overheard)
+    await acme.session("shared-id").send("still open")
+    await (await acme.open("another", participant="alice")).close()
+    await spy.nc.publish("sentinel", b"")
+    await asyncio.wait_for(sentinel_heard.wait(), 5)
+    assert overheard[mark:] == ["sentinel"]
+
+
+async def test_a_client_cannot_touch_the_control_plane_it_is_not_entitled_to(
+    raw: Any,
+) -> None:
+    client = await raw("acme", "client")
+    consumer = N.worker_consumer("g", 0)
+    stream = N.envelope_stream
+    forbidden = [
+        f"$KV.{N.workers_bucket}.{N.worker_key('g', 'forged')}",  # a worker lease
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",          # pull a worker's partition
+        f"$JS.ACK.{stream}.{consumer}.1.1.1.0.0",                  # ack a worker's message
+        f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.sb.p.0.*",   # create/change it
+        f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.UNPIN.{stream}.{consumer}",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.DELETE.{stream}",
+        f"$JS.API.STREAM.PURGE.{stream}",
+        f"$JS.API.STREAM.UPDATE.KV_{N.sessions_bucket}",
+        N.output("s1", "agent"),                                   # forge a token stream
+        N.dead_letter("g", "s1"),
+        "other.ctl.s1.closed",                                     # another prefix
+        "other.in.s1",
+    ]
+    for subject in forbidden:
+        assert await client.denied(subject), subject
+    assert await client.sub_denied(N.inbound_all)
+    # The ephemeral-only create subject refuses a durable (a worker's) name.
+    reply = await client.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        json.dumps({"stream_name": stream, "config": {
+            "durable_name": consumer, "ack_policy": "explicit",
+            "filter_subject": "sb.p.0.*"}}).encode(), timeout=2)
+    assert "error" in json.loads(reply.data)
+    reply = await client.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        json.dumps({"stream_name": stream, "config": {
+            "name": consumer, "ack_policy": "explicit", "filter_subject": "sb.p.0.*"}}).encode(),
+        timeout=2)
+    assert "error" in json.loads(reply.data) or not json.loads(reply.data)["config"].get(
+        "durable_name")
+    # What a client does through the library is allowed.
+    for subject in (N.inbound("s1"), N.closed("s1"), N.interrupt("s1"),
+                    f"$KV.{N.sessions_bucket}.{N.session_key('s1')}"):
+        assert not await client.denied(subject), subject
+
+
+async def test_a_worker_runs_turns_and_cannot_provision(
+    provisioned: Secured, bus_factory: BusFactory, raw: Any
+) -> None:
+    url = provisioned.server.url
+    wbus = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "worker"))
+    cbus = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "client"))
+    seen: list[str] = []
+
+    async def handle(turn: Turn) -> None:
+        if turn.envelope.sender_id == "alice":
+            seen.append(turn.envelope.content)
+            await turn.stream("tok")
+            await turn.reply(f"echo {turn.envelope.content}")
+
+    worker = Worker(wbus, group="g", handler=handle, config=FAST)
+    await worker.start()
+    try:
+        session = await cbus.open(participant="alice")
+        await session.send("hello")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            history = [e.content async for e in session.history()]
+            if "echo hello" in history:
+                break
+            await asyncio.sleep(0.05)
+        assert history == ["hello", "echo hello"]
+        await session.close()
+    finally:
+        await worker.stop()
+
+    w = await raw("acme", "worker")
+    for subject in (f"$JS.API.STREAM.CREATE.{N.envelope_stream}",
+                    f"$JS.API.STREAM.DELETE.{N.envelope_stream}",
+                    f"$JS.API.STREAM.CREATE.KV_{N.workers_bucket}",
+                    f"$JS.API.STREAM.UPDATE.{N.envelope_stream}",
+                    f"$JS.API.CONSUMER.DELETE.{N.envelope_stream}.{N.worker_consumer('g', 0)}",
+                    "other.in.s1"):
+        assert await w.denied(subject), subject
+    # A worker of a tenant no admin has provisioned: a typed refusal, at once.
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as caught:
+        await SessionBus(url, nkey_seed_file=provisioned.seed("gamma", "worker")).start()
+    assert time.monotonic() - started < 3.0
+    assert caught.value.subject == f"$js.api.stream.create.{N.envelope_stream}"
+    # And one of another prefix than its permissions name.
+    with pytest.raises(PermissionDenied):
+        await SessionBus(url, prefix="fresh",
+                         nkey_seed_file=provisioned.seed("acme", "worker")).start()
+
+
+def test_a_worker_bound_to_a_group_may_only_take_that_groups_partitions() -> None:
+    perms = role_permissions(Role.WORKER, group="echo", partitions=PARTS)
+    stream = N.envelope_stream
+    for p in range(PARTS):
+        assert perms.allows_publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{N.worker_consumer('echo', p)}")
+    assert not perms.allows_publish(
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{N.worker_consumer('other', 0)}")
+    assert perms.allows_publish(f"$KV.{N.workers_bucket}.{N.worker_key('echo', 'w1')}")
+    assert not perms.allows_publish(f"$KV.{N.workers_bucket}.{N.worker_key('other', 'w1')}")
+    assert perms.allows_publish(N.dead_letter("echo", "s"))
+    assert not perms.allows_publish(N.dead_letter("other", "s"))
+    client = role_permissions(Role.CLIENT, domains=["hub"])
+    assert client.allows_publish(f"$JS.hub.API.STREAM.INFO.{stream}")
+    assert client.allows_publish(f"$JS.hub.API.$KV.{N.sessions_bucket}.s.x")
+    assert not client.allows_publish(f"$JS.hub.API.$KV.{N.workers_bucket}.g.x")
+
+
+async def test_rotating_a_user_refuses_its_old_seed(secured: Secured, tmp_path: Path) -> None:
+    old = tmp_path / "old.nk"
+    await asyncio.to_thread(shutil.copyfile, secured.seed("acme", "client"), old)
+    secured.auth.rotate_user("acme", "client")
+    secured.server.stop()
+    secured.server.accounts_config = secured.auth.accounts_config()
+    secured.server.start()
+    with pytest.raises(AuthenticationFailed):
+        await SessionBus(secured.server.url, nkey_seed_file=str(old)).start()
+    nc = await nats.connect(secured.server.url, nkeys_seed=secured.seed("acme", "client"))
+    await nc.close()
