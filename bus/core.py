@@ -35,6 +35,7 @@ from sessionbus.bus.settings import (
     DEFAULT_PARTITIONS,
     DEFAULT_REPLICAS,
     BusSettings,
+    env_credentials,
     parse_servers,
 )
 
@@ -124,8 +125,9 @@ class SessionBus:
         if prefix is not None:
             options["prefix"] = prefix
         if servers is not None:
-            # A URL's own options (?replicas=3&prefix=x) apply; keywords win over them.
-            options = {**parse_servers(servers), **options}
+            # A URL's own options (?replicas=3&prefix=x) apply; keywords win over
+            # them, and credentials from the environment fill in missing ones.
+            options = env_credentials({**parse_servers(servers), **options})
         if settings is None:
             settings = (BusSettings.from_env(**options) if servers is None
                         else BusSettings.from_mapping(options))

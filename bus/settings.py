@@ -16,6 +16,30 @@ from sessionbus.bus.errors import ConfigError
 #: Environment variable holding the server URL; unset means the embedded server.
 URL_ENV = "SESSIONBUS_URL"
 
+#: Credentials and TLS files read from the environment (``SESSIONBUS_<FIELD>``),
+#: used with any server URL that carries no credentials of its own.
+CREDENTIAL_FIELDS = ("user", "password", "token", "creds_file", "nkey_seed_file",
+                     "tls_ca_file", "tls_cert_file", "tls_key_file")
+_AUTH_FIELDS = ("user", "password", "token", "creds_file", "nkey_seed_file")
+
+
+def env_credentials(
+    options: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``options`` with credentials and TLS files from the environment filled in.
+
+    ``SESSIONBUS_USER``/``SESSIONBUS_PASSWORD``, ``SESSIONBUS_TOKEN``,
+    ``SESSIONBUS_CREDS_FILE``, ``SESSIONBUS_NKEY_SEED_FILE`` apply only when
+    ``options`` (a URL's, a caller's) name no credentials themselves; the
+    ``SESSIONBUS_TLS_*_FILE`` ones fill in each TLS file not given.
+    """
+    env = os.environ if environ is None else environ
+    found = {f: env[f"SESSIONBUS_{f.upper()}"] for f in CREDENTIAL_FIELDS
+             if env.get(f"SESSIONBUS_{f.upper()}")}
+    if any(options.get(f) is not None for f in _AUTH_FIELDS):
+        found = {f: v for f, v in found.items() if f not in _AUTH_FIELDS}
+    return {**found, **{k: v for k, v in options.items() if v is not None or k not in found}}
+
 #: Partitions of a new envelope stream when none are asked for.
 DEFAULT_PARTITIONS = 64
 #: Replicas of new streams and buckets when none are asked for.
@@ -68,6 +92,7 @@ URL_OPTIONS: dict[str, UrlOption] = _table(
     UrlOption("password", secret=True),
     UrlOption("token", secret=True),
     UrlOption("creds_file"),
+    UrlOption("nkey_seed_file"),
     UrlOption("tls_ca_file"),
     UrlOption("tls_cert_file"),
     UrlOption("tls_key_file"),
@@ -247,12 +272,17 @@ class BusSettings:
         return cls.from_mapping({**parse_servers(url), **overrides})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BusSettings:
-        """Settings from ``SESSIONBUS_URL`` if set, else the embedded server's."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, url: str | None = None,
+                 **overrides: Any) -> BusSettings:
+        """Settings from ``url`` or ``SESSIONBUS_URL``, else the embedded server's.
+
+        With a URL, credentials and TLS files missing from it (and from
+        ``overrides``) come from the environment: see :func:`env_credentials`.
+        """
         env = os.environ if environ is None else environ
-        url = env.get(URL_ENV, "").strip()
+        url = url or env.get(URL_ENV, "").strip()
         if url:
-            return cls.from_url(url, **overrides)
+            return cls.from_mapping(env_credentials({**parse_servers(url), **overrides}, env))
         return cls.from_mapping(overrides)
 
     @classmethod
@@ -307,7 +337,18 @@ class BusSettings:
         return not self.servers
 
     def connect_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``nats.connect``: authentication passes through."""
+        """Keyword arguments for ``nats.connect``: authentication passes through.
+
+        Files named by the settings must be readable, else :class:`ConfigError`
+        (before any connection is tried).
+        """
+        for name in ("creds_file", "nkey_seed_file", "tls_ca_file", "tls_cert_file",
+                     "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name} {path!r} is not a readable file")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ConfigError("tls_key_file needs tls_cert_file")
         opts: dict[str, Any] = {"connect_timeout": self.connect_timeout}
         if self.name:
             opts["name"] = self.name

@@ -96,10 +96,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BusSetting
     options: dict[str, Any] = dict(overrides)
     if getattr(args, "prefix", None):
         options["prefix"] = args.prefix
-    url = getattr(args, "url", None)
-    if url:
-        return BusSettings.from_url(url, **options)
-    return BusSettings.from_env(**options)
+    return BusSettings.from_env(url=getattr(args, "url", None), **options)
 
 
 async def probe_servers(servers: Sequence[str], *, within: float = PROBE_TIMEOUT) -> None:
