@@ -3,7 +3,10 @@
 Run as a script it joins a group and logs one JSON line per handled
 envelope, ``{sid, seq, idx, start, end, worker, attempt}``, written with
 one ``os.write`` on an ``O_APPEND`` descriptor so every line that was
-logged survives a SIGKILL::
+logged survives a SIGKILL. With ``--log-starts`` it also logs a line
+``{"ev": "start", ...}`` when a turn starts and ``{"ev": "cancel", ...}``
+when one is cancelled, so a turn cut by a kill shows as a start without an
+end (:func:`read_records` skips those lines; the fault suite reads them)::
 
     python tests/worker_proc.py --url nats://127.0.0.1:4222 --prefix t1 \\
         --group g --worker-id w1 --log /tmp/w1.jsonl
@@ -34,6 +37,9 @@ FAST = WorkerConfig(
     lease_ttl=2, ack_wait=1.0, poll_interval=0.5, priority_timeout=2.5,
     retry_backoff=0.05, drain_timeout=10.0, handover_timeout=10.0,
 )
+
+#: ``--timings`` choices: the test timings above, or the defaults users run with.
+TIMINGS = {"fast": FAST, "default": WorkerConfig()}
 
 
 T = TypeVar("T")
@@ -96,7 +102,9 @@ def read_records(paths: Iterable[str]) -> list[Record]:
             for line in f:
                 if not line.endswith("\n"):
                     continue
-                out.append(Record(**json.loads(line)))
+                data = json.loads(line)
+                if "ev" not in data:
+                    out.append(Record(**data))
     return out
 
 
@@ -142,21 +150,35 @@ def duplicates(records: list[Record]) -> dict[tuple[str, int], list[Record]]:
 async def _main(args: argparse.Namespace) -> None:
     fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
+    def log(**fields: Any) -> None:
+        os.write(fd, (json.dumps(fields) + "\n").encode())
+
     async def handle(turn: Turn) -> None:
         start = time.time()
-        if args.sleep > 0:
-            await asyncio.sleep(args.sleep)
-        end = time.time()
-        line = json.dumps({
-            "sid": turn.session_id, "seq": turn.sequence,
-            "idx": turn.envelope.event_data["idx"], "start": start, "end": end,
-            "worker": args.worker_id, "attempt": turn.attempt,
-        })
-        os.write(fd, (line + "\n").encode())
+        idx = turn.envelope.event_data["idx"]
+        base = {"sid": turn.session_id, "seq": turn.sequence, "idx": idx,
+                "worker": args.worker_id, "attempt": turn.attempt}
+        if args.log_starts:
+            log(ev="start", t=start, **base)
+        try:
+            if args.sleep > 0:
+                await asyncio.sleep(args.sleep)
+            if args.reply:
+                await turn.reply(f"done {idx}", event_data={"reply_to": idx,
+                                                            "worker": args.worker_id})
+        except asyncio.CancelledError:
+            if args.log_starts:
+                log(ev="cancel", t=time.time(), **base)
+            raise
+        log(start=start, end=time.time(), **base)
 
-    async with SessionBus(args.url, prefix=args.prefix) as sb:
+    options: dict[str, Any] = {"prefix": args.prefix}
+    if args.domain:
+        options["domain"] = args.domain
+    async with SessionBus(args.url.split(","), **options) as sb:
         worker = Worker(sb, group=args.group, handler=handle, worker_id=args.worker_id,
-                        handle_signals=True, config=FAST, max_concurrency=args.concurrency)
+                        handle_signals=True, config=TIMINGS[args.timings],
+                        max_concurrency=args.concurrency)
         await worker.run()
     os.close(fd)
 
@@ -171,6 +193,12 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--timings", choices=sorted(TIMINGS), default="fast")
+    parser.add_argument("--domain", default="")
+    parser.add_argument("--reply", action="store_true",
+                        help="reply into the session at the end of each turn")
+    parser.add_argument("--log-starts", action="store_true",
+                        help="also log turn starts and cancellations")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s {args.worker_id} %(name)s %(levelname)s %(message)s")

@@ -1,0 +1,125 @@
+"""Soak form of the fault suite: run each fault scenario N times and print its figures.
+
+The scenarios are those of ``tests/faults/scenarios.py`` (real nats-server
+and worker processes on loopback). Per scenario and repetition it prints
+lost, reordered, overlapping turns, stale effects (a paused worker's late
+replies stored after its successor's), duplicates (turn re-runs, and
+completed re-runs), envelopes stored twice, longest stall and failover
+time (seconds), then a summary with min / median / max::
+
+    python bench/soak.py --repeat 20                      # every scenario
+    python bench/soak.py --scenario worker_paused --repeat 5
+    python bench/soak.py --list
+
+It stops by itself: each run is bounded (``--run-timeout``), and no new
+run starts once ``--max-minutes`` have passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests")]
+
+from _common import environment  # noqa: E402
+from scenarios import SCENARIOS, Outcome  # noqa: E402
+
+FIGURES = ("lost", "reordered", "overlaps", "stale", "dups", "dups_done", "stored_dups", "retried",
+           "stall", "failover")
+
+
+async def _one(name: str, run_timeout: float) -> Outcome | str:
+    with tempfile.TemporaryDirectory(prefix=f"soak-{name}-") as tmp:
+        try:
+            return await asyncio.wait_for(SCENARIOS[name](Path(tmp)), timeout=run_timeout)
+        except TimeoutError:
+            return f"timed out after {run_timeout:.0f}s"
+        except Exception as e:  # a scenario's own wait failed: report it, go on
+            first = str(e).splitlines()[0] if str(e) else ""
+            return f"{type(e).__name__}: {first}"
+
+
+def _row(values: dict[str, float | int | None]) -> str:
+    return " ".join(f"{k}={values.get(k)}" for k in FIGURES)
+
+
+def _summary(name: str, outcomes: list[Outcome], errors: int) -> str:
+    lines = [f"== {name}: {len(outcomes)} runs, {errors} errors, "
+             f"{sum(1 for o in outcomes if o.report.ok and o.finished)} clean"]
+    for key in FIGURES:
+        vals = [v for o in outcomes if (v := o.report.figures().get(key)) is not None]
+        if not vals:
+            lines.append(f"   {key:<12} -")
+            continue
+        lines.append(f"   {key:<12} min {min(vals):<8g} median {statistics.median(vals):<8g} "
+                     f"max {max(vals):<8g} total {sum(vals):g}")
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    names = args.scenario or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; try --list", file=sys.stderr)
+        return 2
+    print(environment())
+    stop_at = time.monotonic() + args.max_minutes * 60
+    results: dict[str, list[Outcome]] = {n: [] for n in names}
+    errors: dict[str, int] = dict.fromkeys(names, 0)
+    for name in names:
+        for i in range(args.repeat):
+            if time.monotonic() > stop_at:
+                print(f"{name} #{i + 1}: skipped, --max-minutes reached", flush=True)
+                break
+            outcome = await _one(name, args.run_timeout)
+            if isinstance(outcome, str):
+                errors[name] += 1
+                print(f"{name} #{i + 1}: ERROR {outcome}", flush=True)
+                continue
+            results[name].append(outcome)
+            r = outcome.report
+            status = "ok" if r.ok and outcome.finished else "FAIL"
+            extra = " ".join(f"{k}={v}" for k, v in outcome.notes.items())
+            print(f"{name} #{i + 1}: {status} {outcome.elapsed:.1f}s {_row(r.figures())} "
+                  f"{extra}".rstrip(), flush=True)
+            if args.verbose and r.problems:
+                print("   " + "\n   ".join(r.problems[:10]), flush=True)
+    print()
+    for name in names:
+        print(_summary(name, results[name], errors[name]))
+    bad = any(errors[n] or any(not (o.report.ok and o.finished) for o in results[n])
+              for n in names)
+    return 1 if bad else 0
+
+
+def main() -> None:
+    """Parse arguments, run the soak, exit 1 if any run broke a guarantee."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", action="append", help="run only this one (repeatable)")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--run-timeout", type=float, default=180.0,
+                        help="seconds one run may take before it is abandoned")
+    parser.add_argument("--max-minutes", type=float, default=120.0,
+                        help="no new run starts after this long")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print violations")
+    args = parser.parse_args()
+    # The bus in this process reconnects through the faults; keep its warnings out.
+    logging.basicConfig(level=logging.ERROR)
+    if args.list:
+        print("\n".join(SCENARIOS))
+        return
+    sys.exit(asyncio.run(_main(args)))
+
+
+if __name__ == "__main__":
+    main()
