@@ -10,6 +10,7 @@ time (seconds), then a summary with min / median / max::
     python bench/soak.py --repeat 20                      # every scenario
     python bench/soak.py --scenario worker_paused --repeat 5
     python bench/soak.py --list
+    python bench/soak.py --scenario leaf_link_cut --repeat 1 --keep /tmp/soak  # keep logs
 
 It stops by itself: each run is bounded (``--run-timeout``), and no new
 run starts once ``--max-minutes`` have passed.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import statistics
 import sys
@@ -36,10 +38,15 @@ FIGURES = ("lost", "reordered", "overlaps", "stale", "dups", "dups_done", "store
            "stall", "failover")
 
 
-async def _one(name: str, run_timeout: float) -> Outcome | str:
-    with tempfile.TemporaryDirectory(prefix=f"soak-{name}-") as tmp:
+async def _one(name: str, run_timeout: float, keep: Path | None, index: int) -> Outcome | str:
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"soak-{name}-")))
+        else:
+            tmp = keep / f"{name}-{index}"
+            tmp.mkdir(parents=True, exist_ok=True)
         try:
-            return await asyncio.wait_for(SCENARIOS[name](Path(tmp)), timeout=run_timeout)
+            return await asyncio.wait_for(SCENARIOS[name](tmp), timeout=run_timeout)
         except TimeoutError:
             return f"timed out after {run_timeout:.0f}s"
         except Exception as e:  # a scenario's own wait failed: report it, go on
@@ -79,7 +86,7 @@ async def _main(args: argparse.Namespace) -> int:
             if time.monotonic() > stop_at:
                 print(f"{name} #{i + 1}: skipped, --max-minutes reached", flush=True)
                 break
-            outcome = await _one(name, args.run_timeout)
+            outcome = await _one(name, args.run_timeout, args.keep, i + 1)
             if isinstance(outcome, str):
                 errors[name] += 1
                 print(f"{name} #{i + 1}: ERROR {outcome}", flush=True)
@@ -111,6 +118,8 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=120.0,
                         help="no new run starts after this long")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each run's process logs under this directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="print violations")
     args = parser.parse_args()
     # The bus in this process reconnects through the faults; keep its warnings out.

@@ -43,6 +43,9 @@ def assert_guarantees(outcome: Outcome) -> None:
     assert r.acked > 0 and r.turns >= r.acked
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "order breaks when the only worker is killed and a new one takes over: 2 of 2 runs, "
+    "16 of 20 sessions, e.g. 0@w0 1@w0 2@w0(cut) 4@w1 2@w1 3@w1 4@w1 (issue 9, finding 1)"))
 @pytest.mark.timeout(150)
 async def test_only_worker_killed_mid_turn_restarted_with_a_new_id(tmp_path: Path) -> None:
     outcome = await only_worker_restart(tmp_path, same_id=False)
@@ -51,6 +54,9 @@ async def test_only_worker_killed_mid_turn_restarted_with_a_new_id(tmp_path: Pat
     assert outcome.report.failover <= WorkerConfig().failover_bound + 3.0
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a worker restarted with the killed one's id exits at once: 'worker id w0 already has "
+    "a live lease in group g'; 69 of 100 envelopes never ran (2 of 2 runs, issue 9)"))
 @pytest.mark.timeout(150)
 async def test_only_worker_killed_mid_turn_restarted_with_the_same_id(tmp_path: Path) -> None:
     outcome = await only_worker_restart(tmp_path, same_id=True)
@@ -67,6 +73,9 @@ async def test_one_of_three_workers_killed_then_one_joins_under_load(tmp_path: P
     assert outcome.report.failover <= FAST.failover_bound + 3.0
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "intermittent, 1 of 2 runs: 2 envelopes acked on a retry after the kill (s0034#9, "
+    "s0042#9) never ran while later ones of their sessions did (issue 9, finding 2)"))
 @pytest.mark.timeout(150)
 async def test_nats_server_killed_and_restarted_on_its_data_dir_twice(tmp_path: Path) -> None:
     outcome = await server_restart(tmp_path, cycles=2)
@@ -79,6 +88,9 @@ async def test_stream_leader_of_an_r3_cluster_killed_and_restarted(tmp_path: Pat
     assert_guarantees(outcome)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the edge worker never rejoins its group after the leaf link is restored (not within "
+    "30 s, 2 of 2 runs); the hub worker serves every partition meanwhile"))
 @pytest.mark.timeout(150)
 async def test_leaf_link_cut_past_the_failover_bound_and_restored(tmp_path: Path) -> None:
     outcome = await leaf_link_cut(tmp_path)
@@ -86,6 +98,10 @@ async def test_leaf_link_cut_past_the_failover_bound_and_restored(tmp_path: Path
     assert outcome.notes["edge_rejoined_s"] != "never", outcome.line()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "2 of 2 runs: the successor re-runs envelopes out of order (22 reorders, e.g. "
+    "0@w1 1@w1 3@w2 1@w2 2@w2 3@w2) and stale replies land after the successor's "
+    "(40; the paused worker's reply to #1 stored after the reply to #7) (issue 9, finding 4)"))
 @pytest.mark.timeout(150)
 async def test_worker_paused_past_the_failover_bound_then_resumed(tmp_path: Path) -> None:
     outcome = await worker_paused(tmp_path)
