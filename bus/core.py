@@ -20,6 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
+from sessionbus.bus._headers import install as install_header_parser
 from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._server import NatsServer
@@ -137,6 +138,7 @@ class SessionBus:
             except TypeError as e:
                 raise ConfigError(str(e)) from e
         self.settings = settings
+        install_header_parser()  # same results as nats-py's, several times faster
         self.names = Names(settings.prefix)
         self.node_id = validate_id(node_id, "node id") if node_id else uuid.uuid4().hex[:12]
         self.partitions = settings.partitions or DEFAULT_PARTITIONS
