@@ -27,7 +27,10 @@ as one such bus is up, sessions expire on time; several watchers are safe
 (one CAS wins). A timer that ran out while no watcher was up is caught the
 next time anyone reads the record with ``Session.info()``.
 
-The close broadcast and what each bus heard of it are in :mod:`sessionbus.bus._closures`.
+What this process knows about each session (the records read and written
+here, close and open hints, envelope depths) is kept by one owner,
+:class:`~sessionbus.bus._states.SessionStates` (``lifecycle.states``): every
+read and write below feeds it.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sessionbus.bus._closures import ClosedEvent, CloseListener
 from sessionbus.bus._expiry import ExpiryWatcher
 from sessionbus.bus._feeds import Feed
+from sessionbus.bus._states import SessionStates
 from sessionbus.bus.errors import (
     BusError,
     ConcurrentUpdate,
@@ -78,13 +81,8 @@ logger = logging.getLogger(__name__)
 IDLE_REASON = "idle"
 #: Compare-and-set attempts on a session record before ConcurrentUpdate.
 MAX_CAS_ATTEMPTS = 25
-#: Envelope depths remembered by each bus (for causation lookups).
-DEPTH_CACHE_SIZE = 100_000
 #: Sessions whose last timer write each bus remembers (for rate limiting).
 TIMER_CACHE_SIZE = 100_000
-#: Sessions whose limits (record without its tasks) each bus remembers, so a
-#: fresh handle can send without reading the record first.
-LIMITS_CACHE_SIZE = 10_000
 #: Terminal tasks kept in a record; older ones are dropped (open ones never).
 MAX_TERMINAL_TASKS = 256
 #: The idle timer outlives the TTL by this fraction, which is what lets a
@@ -124,17 +122,15 @@ class Lifecycle:
 
     def __init__(self, bus: SessionBus) -> None:
         self._bus = bus
-        #: The close broadcasts this bus heard (see :mod:`sessionbus.bus._closures`).
-        self.closures = CloseListener(bus)
-        self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        #: What this process knows about each session (see :mod:`sessionbus.bus._states`).
+        self.states = SessionStates(bus)
         self._timers: OrderedDict[str, float] = OrderedDict()
-        self._limits: OrderedDict[str, SessionMetadata] = OrderedDict()
         self._watcher: ExpiryWatcher | None = None
         self._feeds: set[Feed[Any]] = set()
 
     async def start(self) -> None:
-        """Subscribe to every session's close broadcast."""
-        await self.closures.start()
+        """Subscribe to every session's close and open hints."""
+        await self.states.start()
 
     async def stop(self) -> None:
         """End the open feeds, stop the expiry watcher and the close listener."""
@@ -146,7 +142,7 @@ class Lifecycle:
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
-        await self.closures.stop()
+        await self.states.stop()
 
     def adopt(self, feed: Feed[Any]) -> None:
         """End ``feed`` when the bus closes (a reader must not wait on a closed bus)."""
@@ -179,27 +175,24 @@ class Lifecycle:
         key = self._bus.names.session_key(meta.session_id)
         try:
             with nats_errors(f"creating session {meta.session_id!r}"):
-                await self._bus.sessions_kv.create(key, encode(meta))
+                revision = await self._bus.sessions_kv.create(key, encode(meta))
         except KeyConflict as e:
             raise SessionExists(meta.session_id) from e
-        self._keep(meta)
+        # The id may have been used before (its old record expired): processes
+        # that knew it ended must read it again.
+        await self.states.announce_opened(meta, revision)
 
     async def load(self, session_id: str) -> SessionMetadata | None:
         """The stored record, or None."""
+        started = time.time()
         key = self._bus.names.session_key(session_id)
         with nats_errors(f"reading session {session_id!r}"):
             entry = await self._bus.sessions_kv.get(key)
         if entry is None:
+            self.states.note_missing(session_id, read_at=started)
             return None
         meta = decode(entry.value, SessionMetadata)
-        self._keep(meta)
-        if meta.is_terminal():
-            self.closures.note(ClosedEvent.of(meta))
-        else:
-            heard = self.closures.get(session_id)
-            if heard is not None and heard.at <= meta.created_at:
-                # The id was opened again after the close this bus heard.
-                self.closures.forget(session_id)
+        self.states.note(meta, entry.revision, read_at=started)
         return meta
 
     async def modify(
@@ -210,29 +203,40 @@ class Lifecycle:
         ``change`` returns None to leave the record as it is; it may raise to
         abort. It can run several times, against fresher records each time.
         """
+        meta, _, wrote = await self._modify(session_id, change)
+        return meta, wrote
+
+    async def _modify(
+        self, session_id: str, change: Callable[[SessionMetadata], SessionMetadata | None]
+    ) -> tuple[SessionMetadata, int, bool]:
         kv, key = self._bus.sessions_kv, self._bus.names.session_key(session_id)
         backoff = 0.002
         for _ in range(MAX_CAS_ATTEMPTS):
+            started = time.time()
             with nats_errors(f"reading session {session_id!r}"):
                 entry = await kv.get(key)
             if entry is None:
+                self.states.note_missing(session_id, read_at=started)
                 raise SessionNotFound(session_id)
             current = decode(entry.value, SessionMetadata)
             updated = change(current)
             if updated is None:
-                self._keep(current)
-                return current, False
+                self.states.note(current, entry.revision, read_at=started)
+                return current, entry.revision, False
             # Terminal records go away with the history they describe.
             ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
             try:
                 with nats_errors(f"updating session {session_id!r}"):
-                    await kv.update(key, encode(updated), last=entry.revision, ttl=ttl)
+                    revision = await kv.update(key, encode(updated), last=entry.revision,
+                                               ttl=ttl)
             except KeyConflict:
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 0.1)
                 continue
-            self._keep(updated)
-            return updated, True
+            if not updated.is_terminal():
+                # A terminal record is noted by terminate(), which announces it.
+                self.states.note(updated, revision)
+            return updated, revision, True
         raise ConcurrentUpdate(session_id, MAX_CAS_ATTEMPTS)
 
     async def terminate(
@@ -253,14 +257,12 @@ class Lifecycle:
                 return None
             return meta.terminated(state, reason)
 
-        meta, won = await self.modify(session_id, change)
+        meta, revision, won = await self._modify(session_id, change)
         if not won:
-            if meta.is_terminal():
-                self.closures.note(ClosedEvent.of(meta))
             return meta, False
         self._timers.pop(session_id, None)
         # Announce first: the broadcast is what every node waits for.
-        await self.closures.publish(ClosedEvent.of(meta))
+        await self.states.announce_closed(meta, revision)
         if not idle and meta.ttl_seconds is not None:
             await self._drop_timer(session_id)
         return meta, True
@@ -326,19 +328,8 @@ class Lifecycle:
         return found
 
     def limits(self, session_id: str) -> SessionMetadata | None:
-        """The session's record as this bus last saw it, without its tasks (no I/O).
-
-        Good for what rarely changes (``max_depth``, ``ttl_seconds``,
-        ``created_at``); closures are tracked by :attr:`closures`.
-        """
-        return self._limits.get(session_id)
-
-    def _keep(self, meta: SessionMetadata) -> None:
-        light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
-        self._limits[meta.session_id] = light
-        self._limits.move_to_end(meta.session_id)
-        if len(self._limits) > LIMITS_CACHE_SIZE:
-            self._limits.popitem(last=False)
+        """The session's record as this bus last saw it, without its tasks (no I/O)."""
+        return self.states.meta(session_id)
 
     # -- idle timers ----------------------------------------------------------
 
@@ -409,30 +400,20 @@ class Lifecycle:
         await self.modify(session_id, change)
         return found[0]
 
-    # -- delegation depths ----------------------------------------------------
+    # -- delegation depths (kept by the states owner) ----------------------------
 
     def remember(self, envelope: Envelope) -> None:
-        """Note an envelope's depth, so replies to it need no history scan.
-
-        Everything that reads envelopes off the stream (history, live feeds,
-        the worker runtime) should pass them here.
-        """
-        self.remember_depth(envelope.session_id, envelope.envelope_id, envelope.depth)
+        """Note an envelope's depth, so replies to it need no history scan."""
+        self.states.remember(envelope)
 
     def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
         """Note the depth of ``envelope_id`` in ``session_id``."""
-        self._depths[envelope_id] = (session_id, depth)
-        self._depths.move_to_end(envelope_id)
-        if len(self._depths) > DEPTH_CACHE_SIZE:
-            self._depths.popitem(last=False)
+        self.states.remember_depth(session_id, envelope_id, depth)
 
     def known_depth(self, session_id: str, envelope_id: str) -> int | None:
         """The remembered depth of ``envelope_id`` if it belongs to ``session_id``."""
-        entry = self._depths.get(envelope_id)
-        if entry is None or entry[0] != session_id:
-            return None
-        return entry[1]
+        return self.states.known_depth(session_id, envelope_id)
 
     def __repr__(self) -> str:
-        return (f"<Lifecycle {self._bus.node_id} heard_closed={len(self.closures)} "
+        return (f"<Lifecycle {self._bus.node_id} known={len(self.states)} "
                 f"watching={self.watching}>")

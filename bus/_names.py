@@ -229,6 +229,20 @@ class Names:
         """Every session's close broadcast: subscribe once per node."""
         return f"{self.prefix}.ctl.*.closed"
 
+    def opened(self, session_id: str) -> str:
+        """The hint that a session's record was created or replaced (an id opened again)."""
+        return f"{self.prefix}.ctl.{encode_token(session_id)}.opened"
+
+    @property
+    def opened_all(self) -> str:
+        """Every session's open hint: subscribe once per node."""
+        return f"{self.prefix}.ctl.*.opened"
+
+    def worker_ping(self, group: str, worker_id: str) -> str:
+        """Where a live worker answers pings from its own connection."""
+        return (f"{self.prefix}.wk.{encode_token(group, 'group')}."
+                f"{encode_token(worker_id, 'worker id')}")
+
     def interrupt(self, session_id: str) -> str:
         """The transient interrupt signal of one session (not stored)."""
         return f"{self.prefix}.ctl.{encode_token(session_id)}.interrupt"

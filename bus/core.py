@@ -412,7 +412,7 @@ class SessionBus:
 
     def closed_events(self) -> QueueFeed[ClosedEvent]:
         """A feed of the session closes and expiries this bus hears (``async with`` it)."""
-        return self.lifecycle.closures.feed()
+        return self.lifecycle.states.closed_feed()
 
     # -- internals ----------------------------------------------------------
 
@@ -583,8 +583,12 @@ class SessionBus:
     async def _on_disconnect(self) -> None:
         if not self._closed:
             logger.warning("disconnected from NATS")
+        if self._lifecycle is not None:
+            self._lifecycle.states.stale()  # hints may be missed from now on
 
     async def _on_reconnect(self) -> None:
+        if self._lifecycle is not None:
+            self._lifecycle.states.stale()
         logger.info("reconnected to NATS at %s", self._nc.connected_url if self._nc else "?")
 
     def __repr__(self) -> str:

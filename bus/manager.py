@@ -161,7 +161,7 @@ async def replace_session(
         try:
             with nats_errors(f"replacing session {session_id!r}"):
                 if entry is None:
-                    await kv.create(key, encode(meta))
+                    revision = await kv.create(key, encode(meta))
                 else:
                     current = decode(entry.value, SessionMetadata)
                     if not current.is_terminal() and current.created_at >= started:
@@ -170,9 +170,10 @@ async def replace_session(
                         # Re-opened by someone between our close and now.
                         await lifecycle.terminate(session_id, SessionState.CLOSED, reason)
                         continue
-                    await kv.update(key, encode(meta), last=entry.revision)
+                    revision = await kv.update(key, encode(meta), last=entry.revision)
         except KeyConflict:
             continue
+        await lifecycle.states.announce_opened(meta, revision)
         break
     else:
         raise SessionExists(session_id)

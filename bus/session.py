@@ -16,7 +16,8 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 * ``ttl_seconds`` becomes a per-message ``Nats-TTL``: the server drops the
   envelope, and readers skip it once expired;
 * the encoded size is checked before publishing;
-* a session heard closed refuses sends without a KV read.
+* a session the bus knows closed (its record, read or confirmed after a close
+  broadcast) refuses sends without a KV read.
 """
 
 from __future__ import annotations
@@ -194,11 +195,12 @@ class Session:
     @property
     def state(self) -> SessionState:
         """The snapshot's state, or how the session ended if this bus heard it."""
-        heard = self._bus.lifecycle.closures.get(self.session_id)
-        # A closure heard before the snapshot's session was created belongs to
-        # an earlier session under the same id.
-        if heard is not None and (not self._loaded or heard.at >= self._metadata.created_at):
-            return heard.state
+        known = self._bus.lifecycle.states.meta(self.session_id)
+        # What the bus knows of an earlier session under the same id does not
+        # apply to this snapshot.
+        if known is not None and (not self._loaded
+                                  or known.created_at >= self._metadata.created_at):
+            return known.state
         return self._metadata.state
 
     @property
@@ -345,7 +347,7 @@ class Session:
         """Wait until the session is closed or expires (bound it with ``asyncio.timeout``)."""
         if self._metadata.is_terminal():
             return ClosedEvent.of(self._metadata)
-        return await self._bus.lifecycle.closures.wait(self.session_id)
+        return await self._bus.lifecycle.states.wait_closed(self.session_id)
 
     # -- tasks ------------------------------------------------------------------
 

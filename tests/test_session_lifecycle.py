@@ -39,9 +39,11 @@ async def wait_for_interest(publisher: SessionBus, listener: SessionBus) -> None
     probe = f"probe-{uuid.uuid4().hex}"
     wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
 
+    before = listener.lifecycle.states.hints
+
     async def heard() -> bool:
         await publisher.nc.publish(publisher.names.closed(probe), wire)
-        return listener.lifecycle.closures.get(probe) is not None
+        return listener.lifecycle.states.hints > before
 
     await until(heard, every=0.1)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sessionbus.bus import SessionBus
-from sessionbus.schemas import Envelope, encode
+from sessionbus.bus.errors import SessionExists
+from sessionbus.schemas import Envelope, SessionMetadata, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
 
 #: Timings for tests: a dead worker's partitions move within ~5.5 s.
@@ -62,14 +64,31 @@ def envelope(sid: str, idx: int, **fields: Any) -> Envelope:
     return Envelope(session_id=sid, sender_id="client", event_data={"idx": idx}, **fields)
 
 
+async def ensure_sessions(sb: SessionBus, session_ids: Iterable[str]) -> None:
+    """Create the records of sessions this bus does not know yet (workers run no others)."""
+
+    limit = asyncio.Semaphore(128)
+
+    async def create(sid: str) -> None:
+        async with limit:
+            with contextlib.suppress(SessionExists):
+                await sb.lifecycle.create(SessionMetadata(session_id=sid, ttl_seconds=None))
+
+    todo = {sid for sid in session_ids if sb.lifecycle.states.meta(sid) is None}
+    await asyncio.gather(*(create(sid) for sid in todo))
+
+
 async def publish(sb: SessionBus, env: Envelope) -> None:
     """Store an envelope the way ``Session.send`` does, without the registry round trips."""
+    await ensure_sessions(sb, [env.session_id])
     await sb.js.publish(sb.names.inbound(env.session_id), encode(env),
                         headers={"Nats-Msg-Id": env.envelope_id})
 
 
 async def publish_many(sb: SessionBus, envs: Iterable[Envelope]) -> None:
     """Store many envelopes with pipelined publishes, in order per session."""
+    envs = list(envs)
+    await ensure_sessions(sb, [env.session_id for env in envs])
     futures = []
     for env in envs:
         futures.append(await sb.js.publish_async(

@@ -15,6 +15,9 @@ bounded LRU that recognises redeliveries of work already done.
 Cancelling a running turn has three causes, recorded before the task is
 cancelled: an interrupt (ack, run the next), a close (ack, discard the
 rest), and a handback (leave it queued: the partition naks everything).
+Whether a session is closed is not decided here: the worker asks the bus's
+session states before each turn, and calls :meth:`Scheduler.close` when
+they confirm a close.
 """
 
 from __future__ import annotations
@@ -94,7 +97,6 @@ class Scheduler:
         self._starved = False
         self._room_events: set[asyncio.Event] = set()
         self._last_done: OrderedDict[str, int] = OrderedDict()
-        self._closed: OrderedDict[str, float] = OrderedDict()
         self.completed = 0
         """Envelopes settled (acked after a turn, dropped, dead-lettered) since start."""
 
@@ -187,7 +189,8 @@ class Scheduler:
             sid = self._names.session_of_subject(msg.subject)
         except InvalidIdError:
             sid = token  # published around the bus: keep it apart, dead-letter it
-            error = DecodeError(f"subject token {token!r} is not an encoded session id", msg.data)
+            error = DecodeError(f"subject token {token!r} is not the canonical encoding of "
+                                f"a session id", msg.data)
         if error is None:
             try:
                 envelope = decode(msg.data, Envelope)
@@ -200,10 +203,6 @@ class Scheduler:
                 self._recent.observe(partition, dseq, seq, sid, envelope)
             else:
                 self._recent.observe_delivery(partition, dseq)
-        if self._is_closed(sid, now):
-            await self._nc.publish(msg.reply, b"+ACK")
-            self._mark_done(sid, seq)
-            return
         last = self._last_done.get(sid)
         if last is not None and seq <= last:
             await self._nc.publish(msg.reply, b"+ACK")  # a redelivery of finished work
@@ -390,13 +389,12 @@ class Scheduler:
             return False
         return session.running.cancel(CancelReason.INTERRUPT)
 
+    def session_ids(self) -> list[str]:
+        """Sessions with something held (queued or running)."""
+        return list(self._sessions)
+
     async def close(self, sid: str) -> None:
         """The session closed: cancel its turn, ack and forget everything queued."""
-        now = asyncio.get_running_loop().time()
-        self._closed[sid] = now
-        self._closed.move_to_end(sid)
-        while len(self._closed) > self._config.closed_size:
-            self._closed.popitem(last=False)
         session = self._sessions.get(sid)
         if session is None:
             return
@@ -418,15 +416,6 @@ class Scheduler:
             await ack(self._nc, held)
             self.completed += 1
             self._mark_done(session.sid, held.seq)
-
-    def _is_closed(self, sid: str, now: float) -> bool:
-        closed_at = self._closed.get(sid)
-        if closed_at is None:
-            return False
-        if now - closed_at > self._config.closed_ttl:
-            del self._closed[sid]
-            return False
-        return True
 
     # -- handing partitions back --------------------------------------------
 

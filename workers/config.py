@@ -63,10 +63,6 @@ class WorkerConfig:
     handover_timeout: float = 30.0
     #: Sessions whose last completed stream sequence is remembered for dedupe.
     dedupe_size: int = 65_536
-    #: Closed sessions remembered, so late envelopes of them are discarded.
-    closed_size: int = 4096
-    #: Seconds a closed session is remembered.
-    closed_ttl: float = 120.0
     #: Envelopes of one session kept for ``turn.history()`` (0: read the stream each time).
     history_per_session: int = 2048
     #: Envelopes kept for ``turn.history()`` over all sessions (least recently used go).
@@ -79,11 +75,11 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("lease_ttl", "ack_wait", "priority_timeout", "poll_interval",
                      "retry_backoff", "retry_backoff_max", "drain_timeout",
-                     "handover_timeout", "closed_ttl"):
+                     "handover_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name in ("fetch_batch", "max_ack_pending", "max_held", "dedupe_size", "closed_size"):
+        for name in ("fetch_batch", "max_ack_pending", "max_held", "dedupe_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -37,10 +37,12 @@ from typing import Protocol
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._names import decode_token, validate_id
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, ConfigError, WorkerError
 from sessionbus.bus.session import Session
+from sessionbus.workers._admission import Verdict, admit
 from sessionbus.workers._cancel import cancel_and_wait
 from sessionbus.workers._delivery import Held, dead_letter
 from sessionbus.workers._membership import Membership
@@ -127,6 +129,8 @@ class Worker:
         self.max_attempts = max_attempts
         self.only_addressed = only_addressed
         self._skipped = 0
+        self._settled_closed = 0
+        self._state_tasks: set[asyncio.Task[None]] = set()
         self._handler = handler
         self._handle_signals = handle_signals
         self._state = WorkerState.NEW
@@ -162,6 +166,11 @@ class Worker:
         return self._skipped
 
     @property
+    def settled_closed(self) -> int:
+        """Envelopes of closed or expired sessions acked without a turn."""
+        return self._settled_closed
+
+    @property
     def scheduler(self) -> Scheduler:
         """The per-session scheduler (for metrics: ``held``, ``running``, ``session_count``)."""
         if self._scheduler is None:
@@ -189,14 +198,15 @@ class Worker:
         )
         self._membership = Membership(bus, group=self.group, worker_id=self.worker_id,
                                       config=self.config)
-        self._subs = [
-            await bus.nc.subscribe(bus.names.closed_all, cb=self._on_closed),
-            await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt),
-        ]
+        self._subs = [await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt)]
+        # Closes come from the bus's session states, confirmed by the record.
+        bus.lifecycle.states.on_closed(self._on_closed)
+        bus.lifecycle.states.on_stale(self._on_stale)
         try:
             await bus.nc.flush()
             await self._membership.join()
         except BaseException:
+            self._unlisten()
             for sub in self._subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -263,11 +273,12 @@ class Worker:
             await asyncio.gather(*(p.abandon() for p in pullers), return_exceptions=True)
         await asyncio.gather(*self._releasing.values(), return_exceptions=True)
         self._pullers.clear()
+        self._unlisten()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait([*self._tasks, *self._state_tasks])
         await membership.leave()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
@@ -377,11 +388,40 @@ class Worker:
 
     # -- broadcasts ---------------------------------------------------------
 
-    async def _on_closed(self, msg: Msg) -> None:
-        sid = _session_of_ctl(msg.subject)
-        if sid is not None and self._scheduler is not None:
-            self._handles.pop(sid, None)
-            await self._scheduler.close(sid)
+    def _on_closed(self, event: ClosedEvent) -> None:
+        # The record says the session ended: cancel its turn, settle what is queued.
+        self._handles.pop(event.session_id, None)
+        if self._scheduler is not None and self._state is WorkerState.RUNNING:
+            self._spawn(self._scheduler.close(event.session_id))
+
+    def _on_stale(self) -> None:
+        # Closes may have been missed while disconnected: once connected again,
+        # read the record of every session held here (confirmed closes cancel).
+        if self._scheduler is not None and self.bus.nc.is_connected:
+            self._spawn(self._recheck(self._scheduler.session_ids()))
+
+    async def _recheck(self, session_ids: list[str]) -> None:
+        states = self.bus.lifecycle.states
+        for sid in session_ids:
+            try:
+                await states.read(sid)
+            except BusError as e:
+                logger.warning("could not re-read session %r: %s", sid, e)
+                return
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._state_tasks.add(task)
+        task.add_done_callback(self._state_tasks.discard)
+
+    def _unlisten(self) -> None:
+        with contextlib.suppress(BusError):
+            states = self.bus.lifecycle.states
+            states.on_closed(self._on_closed, listen=False)
+            states.on_stale(self._on_stale, listen=False)
 
     async def _on_interrupt(self, msg: Msg) -> None:
         sid = _session_of_ctl(msg.subject)
@@ -391,8 +431,13 @@ class Worker:
     # -- turns --------------------------------------------------------------
 
     async def _execute(self, held: Held, run: Running) -> Outcome:
-        if held.error is not None:
-            return Outcome(Action.DEAD, reason=f"malformed envelope: {held.error}")
+        admission = await admit(self.bus, held)
+        if admission.verdict is Verdict.DEAD:
+            return Outcome(Action.DEAD, reason=admission.reason)
+        if admission.verdict is Verdict.SETTLE:
+            logger.debug("settling seq %d without a turn: %s", held.seq, admission.reason)
+            self._settled_closed += 1
+            return ACKED
         envelope = held.envelope
         assert envelope is not None
         # Skipped envelopes still settle through the scheduler: acked in

@@ -131,6 +131,8 @@ class Turn:
         ``priority``, ``ttl_seconds``, ``idempotency_key``). Returns the new
         envelope's id.
         """
+        # The depth this worker holds for the causing envelope: no history scan.
+        self._bus.lifecycle.states.remember(self.envelope)
         envelope_id: str = await self.session.send(
             content, audience=audience, causation_id=self.envelope.envelope_id,
             event_type=event_type, event_data=event_data, **options,

@@ -1,0 +1,424 @@
+"""What this process knows about each session, with one rule: the record decides.
+
+Every bus has one :class:`SessionStates` (``sb.states``). It is the only
+place a process keeps what it learned about a session: the record as last
+read or written (state, revision, limits), the delegation depth of recent
+envelopes, and who waits for a close. Session handles, the lifecycle, the
+manager, the store and workers ask it; nobody else caches session state.
+
+The session record in KV is the authority. Broadcasts are *hints*:
+
+* a close hint on ``names.closed(sid)`` makes the owner read the record
+  again (only for a session it knows or someone waits on); nothing is
+  marked closed, and nothing dropped, unless the record says so. A forged
+  hint costs one read and changes nothing;
+* an open hint on ``names.opened(sid)`` (published whenever a record is
+  created or replaced) drops what is known, so a reopened id is read afresh;
+* a disconnect or reconnect makes everything known *stale*: it is read
+  again the next time it matters, because hints may have been missed.
+
+A worker asks :meth:`SessionStates.admit` before each turn. That answers
+from memory for a session known active (no round trip per envelope), and
+reads the record on first sight, after a hint, after a reconnect, and when
+a session known ended or missing gets an envelope stored after that was
+read (it may have been opened again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from sessionbus.bus._closures import ClosedEvent
+from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus._names import decode_token
+from sessionbus.bus.errors import BusClosedError, BusError, nats_errors
+from sessionbus.schemas import DecodeError, Envelope, SessionMetadata, decode
+
+if TYPE_CHECKING:
+    from sessionbus.bus.core import SessionBus
+
+__all__ = ["Known", "SessionStates"]
+
+logger = logging.getLogger(__name__)
+
+#: Sessions whose record each process remembers.
+KNOWN_SIZE = 100_000
+#: Envelope depths each process remembers (for causation lookups).
+DEPTH_SIZE = 100_000
+#: An envelope stored less than this before a record read showed the session
+#: ended or missing may have been sent after a reopen: read the record again.
+CLOCK_MARGIN = 0.25
+#: Shortest interval between two such re-reads of one session.
+REREAD_INTERVAL = 0.2
+
+CloseListener = Callable[[ClosedEvent], None]
+StaleListener = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A session's record as this process last read or wrote it.
+
+    ``meta`` is None when the record did not exist; it never holds tasks.
+    ``generation`` tells whether it was read before the last disconnect;
+    ``read_at`` is the wall-clock time the read started.
+    """
+
+    session_id: str
+    meta: SessionMetadata | None
+    revision: int
+    generation: int
+    read_at: float
+
+    @property
+    def exists(self) -> bool:
+        """Whether the record existed."""
+        return self.meta is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether the record existed and was not CLOSED or EXPIRED."""
+        return self.meta is not None and not self.meta.is_terminal()
+
+
+class SessionStates:
+    """One process's knowledge of sessions, fed by their records (see the module doc)."""
+
+    def __init__(self, bus: SessionBus, *, size: int = KNOWN_SIZE) -> None:
+        self._bus = bus
+        self._size = size
+        self._known: OrderedDict[str, Known] = OrderedDict()
+        self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._reading: dict[str, asyncio.Future[Known]] = {}
+        self._last_reread: dict[str, float] = {}
+        self._generation = 0
+        self._waiters: dict[str, list[asyncio.Future[ClosedEvent]]] = {}
+        self._feeds: set[QueueFeed[ClosedEvent]] = set()
+        self._close_listeners: list[CloseListener] = []
+        self._stale_listeners: list[StaleListener] = []
+        self._confirming: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
+        self.hints = 0
+        """Close and open hints received (for tests and metrics)."""
+        self.reads = 0
+        """Records read by this owner."""
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    # -- start and stop ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to the close and open hints; returns once the server holds them."""
+        nc, names = self._bus.nc, self._bus.names
+        with nats_errors("subscribing to session hints"):
+            self._subs = [
+                await nc.subscribe(names.closed_all, cb=self._on_closed_hint),
+                await nc.subscribe(names.opened_all, cb=self._on_opened_hint),
+            ]
+            await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+
+    async def stop(self) -> None:
+        """Unsubscribe, end the feeds and fail the waiters with BusClosedError."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                await sub.unsubscribe()
+        for task in list(self._confirming):
+            task.cancel()
+        for feed in list(self._feeds):
+            await feed.aclose()
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(BusClosedError("the bus was closed"))
+        self._waiters.clear()
+
+    # -- what is known (no I/O) -------------------------------------------------
+
+    def get(self, session_id: str) -> Known | None:
+        """What is known of ``session_id``, stale or not."""
+        return self._known.get(session_id)
+
+    def fresh(self, session_id: str) -> Known | None:
+        """What is known of ``session_id`` if read since the last disconnect."""
+        known = self._known.get(session_id)
+        if known is None or known.generation != self._generation:
+            return None
+        return known
+
+    def meta(self, session_id: str) -> SessionMetadata | None:
+        """The record as last seen (without tasks), None if unknown or missing."""
+        known = self._known.get(session_id)
+        return None if known is None else known.meta
+
+    def stale(self) -> None:
+        """Hints may have been missed (disconnect, reconnect): re-read before trusting."""
+        self._generation += 1
+        for listener in list(self._stale_listeners):
+            try:
+                listener()
+            except Exception:
+                logger.exception("a stale-state listener failed")
+
+    # -- feeding it -------------------------------------------------------------
+
+    def note(self, meta: SessionMetadata, revision: int, *, read_at: float | None = None) -> Known:
+        """Record what a read or a write of the record showed; fires close events."""
+        light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
+        known = Known(meta.session_id, light, revision, self._generation,
+                      time.time() if read_at is None else read_at)
+        return self._put(known)
+
+    def note_missing(self, session_id: str, *, read_at: float | None = None) -> Known:
+        """Record that the session's record did not exist."""
+        known = Known(session_id, None, 0, self._generation,
+                      time.time() if read_at is None else read_at)
+        return self._put(known)
+
+    def _put(self, known: Known) -> Known:
+        sid = known.session_id
+        before = self._known.get(sid)
+        if (before is not None and known.meta is not None and before.meta is not None
+                and before.revision > known.revision):
+            # An older read finishing late: keep the newer record, refresh the stamp.
+            if known.generation != before.generation:
+                before = Known(sid, before.meta, before.revision, known.generation,
+                               before.read_at)
+                self._known[sid] = before
+            return before
+        self._known[sid] = known
+        self._known.move_to_end(sid)
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
+        meta = known.meta
+        if meta is not None and meta.is_terminal():
+            old = before.meta if before is not None else None
+            if old is None or not old.is_terminal() or old.created_at != meta.created_at:
+                self._announce(ClosedEvent.of(meta, revision=known.revision))
+        return known
+
+    def forget(self, session_id: str) -> None:
+        """Drop what is known of ``session_id`` (read afresh next time)."""
+        self._known.pop(session_id, None)
+
+    # -- reading the authority --------------------------------------------------
+
+    async def read(self, session_id: str) -> Known:
+        """Read the record now (concurrent reads of one session share one round trip)."""
+        pending = self._reading.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Known] = asyncio.get_running_loop().create_future()
+        self._reading[session_id] = fut
+        try:
+            known = await self._read(session_id)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        else:
+            fut.set_result(known)
+            return known
+        finally:
+            self._reading.pop(session_id, None)
+
+    async def _read(self, session_id: str) -> Known:
+        started = time.time()
+        key = self._bus.names.session_key(session_id)
+        self.reads += 1
+        with nats_errors(f"reading session {session_id!r}"):
+            entry = await self._bus.sessions_kv.get(key)
+        if entry is None:
+            return self.note_missing(session_id, read_at=started)
+        meta = decode(entry.value, SessionMetadata)
+        return self.note(meta, entry.revision, read_at=started)
+
+    async def current(self, session_id: str) -> Known:
+        """What is known if fresh, else one read of the record."""
+        known = self.fresh(session_id)
+        if known is not None:
+            return known
+        return await self.read(session_id)
+
+    async def admit(self, session_id: str, stored_at: Callable[[], float]) -> Known:
+        """The session's state for running an envelope stored at ``stored_at()`` (wall clock).
+
+        Active and fresh: answered from memory. Unknown or stale: one read.
+        Ended or missing: trusted for envelopes stored well before that was
+        read; a later envelope may belong to the id opened again, so the
+        record is read again (at most every ``REREAD_INTERVAL`` s per session).
+        """
+        known = self.fresh(session_id)
+        if known is None:
+            return await self.read(session_id)
+        if known.active or stored_at() < known.read_at - CLOCK_MARGIN:
+            return known
+        loop = asyncio.get_running_loop()
+        last = self._last_reread.get(session_id)
+        if last is not None and loop.time() - last < REREAD_INTERVAL:
+            await asyncio.sleep(REREAD_INTERVAL - (loop.time() - last))
+            known = self.fresh(session_id)
+            if known is not None and (known.active or stored_at() < known.read_at - CLOCK_MARGIN):
+                return known
+        self._last_reread[session_id] = loop.time()
+        if len(self._last_reread) > self._size:
+            self._last_reread.clear()
+        return await self.read(session_id)
+
+    # -- hints ------------------------------------------------------------------
+
+    async def announce_closed(self, meta: SessionMetadata, revision: int) -> None:
+        """Note a terminal record this process wrote, then hint every process.
+
+        A failed broadcast is only logged: the record already says it, and
+        every process reads it before acting.
+        """
+        self.note(meta, revision)
+        event = ClosedEvent.of(meta, revision=revision)
+        try:
+            with nats_errors(f"broadcasting the close of {meta.session_id!r}"):
+                await self._bus.nc.publish(self._bus.names.closed(meta.session_id),
+                                           event.to_wire())
+        except BusError as e:
+            logger.error("session %r is %s but its broadcast failed: %s",
+                         meta.session_id, meta.state.value, e)
+
+    async def announce_opened(self, meta: SessionMetadata, revision: int) -> None:
+        """Note a record this process created (or replaced), then hint every process."""
+        self.note(meta, revision)
+        try:
+            with nats_errors(f"broadcasting the open of {meta.session_id!r}"):
+                await self._bus.nc.publish(self._bus.names.opened(meta.session_id), b"")
+        except BusError as e:
+            logger.warning("the open hint of %r failed: %s", meta.session_id, e)
+
+    def _session_of(self, msg: Msg) -> str | None:
+        parts = msg.subject.split(".")
+        if len(parts) != 4:
+            return None
+        try:
+            return decode_token(parts[2])
+        except BusError:
+            return None
+
+    async def _on_closed_hint(self, msg: Msg) -> None:
+        self.hints += 1
+        sid = self._session_of(msg)
+        if sid is None:
+            return
+        with contextlib.suppress(DecodeError):
+            # A hint that names the revision this process already knows is done.
+            event = ClosedEvent.from_wire(msg.data)
+            known = self.fresh(sid)
+            if (event.session_id == sid and known is not None and known.meta is not None
+                    and known.meta.is_terminal() and known.revision >= event.revision):
+                return
+        if sid not in self._known and sid not in self._waiters and not self._feeds:
+            return  # nothing here depends on it; a later use reads the record
+        task = asyncio.get_running_loop().create_task(self._confirm(sid))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    async def _confirm(self, session_id: str) -> None:
+        try:
+            await self.read(session_id)
+        except BusError as e:
+            # Not confirmed: mark it stale so its next use reads the record.
+            logger.warning("could not confirm the close of %r: %s", session_id, e)
+            self.forget(session_id)
+
+    async def _on_opened_hint(self, msg: Msg) -> None:
+        self.hints += 1
+        sid = self._session_of(msg)
+        if sid is not None:
+            self.forget(sid)
+
+    # -- who hears closes -------------------------------------------------------
+
+    def _announce(self, event: ClosedEvent) -> None:
+        for fut in self._waiters.pop(event.session_id, ()):
+            if not fut.done():
+                fut.set_result(event)
+        for feed in self._feeds:
+            feed.push(event)
+        for listener in list(self._close_listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("a close listener failed on %r", event.session_id)
+
+    def on_closed(self, listener: CloseListener, *, listen: bool = True) -> None:
+        """Call ``listener`` (synchronously) for every close the record confirms."""
+        if listen:
+            self._close_listeners.append(listener)
+        elif listener in self._close_listeners:
+            self._close_listeners.remove(listener)
+
+    def on_stale(self, listener: StaleListener, *, listen: bool = True) -> None:
+        """Call ``listener`` whenever what is known turns stale (disconnect, reconnect)."""
+        if listen:
+            self._stale_listeners.append(listener)
+        elif listener in self._stale_listeners:
+            self._stale_listeners.remove(listener)
+
+    async def wait_closed(self, session_id: str) -> ClosedEvent:
+        """Wait until the record of ``session_id`` is seen CLOSED or EXPIRED."""
+        known = self._known.get(session_id)
+        if known is not None and known.meta is not None and known.meta.is_terminal():
+            return ClosedEvent.of(known.meta, revision=known.revision)
+        fut: asyncio.Future[ClosedEvent] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(session_id, [])
+        waiters.append(fut)
+        try:
+            return await fut
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters and self._waiters.get(session_id) is waiters:
+                del self._waiters[session_id]
+
+    def closed_feed(self, *, maxsize: int = 10_000) -> QueueFeed[ClosedEvent]:
+        """A feed of every close the record confirms, from the moment it is opened."""
+
+        async def on_open(feed: QueueFeed[ClosedEvent]) -> None:
+            self._feeds.add(feed)
+
+        async def on_close(feed: QueueFeed[ClosedEvent]) -> None:
+            self._feeds.discard(feed)
+
+        return QueueFeed(on_open=on_open, on_close=on_close, maxsize=maxsize,
+                         name="close events")
+
+    # -- delegation depths ------------------------------------------------------
+
+    def remember(self, envelope: Envelope) -> None:
+        """Note an envelope's depth, so replies to it need no history scan."""
+        self.remember_depth(envelope.session_id, envelope.envelope_id, envelope.depth)
+
+    def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
+        """Note the depth of ``envelope_id`` in ``session_id``."""
+        self._depths[envelope_id] = (session_id, depth)
+        self._depths.move_to_end(envelope_id)
+        if len(self._depths) > DEPTH_SIZE:
+            self._depths.popitem(last=False)
+
+    def known_depth(self, session_id: str, envelope_id: str) -> int | None:
+        """The remembered depth of ``envelope_id`` if it belongs to ``session_id``."""
+        entry = self._depths.get(envelope_id)
+        if entry is None or entry[0] != session_id:
+            return None
+        return entry[1]
+
+    def __repr__(self) -> str:
+        return f"<SessionStates known={len(self._known)} generation={self._generation}>"
