@@ -60,7 +60,7 @@ def _row(values: dict[str, float | int | None]) -> str:
 
 def _summary(name: str, outcomes: list[Outcome], errors: int) -> str:
     lines = [f"== {name}: {len(outcomes)} runs, {errors} errors, "
-             f"{sum(1 for o in outcomes if o.report.ok and o.finished)} clean"]
+             f"{sum(1 for o in outcomes if o.ok)} clean"]
     for key in FIGURES:
         vals = [v for o in outcomes if (v := o.report.figures().get(key)) is not None]
         if not vals:
@@ -93,17 +93,16 @@ async def _main(args: argparse.Namespace) -> int:
                 continue
             results[name].append(outcome)
             r = outcome.report
-            status = "ok" if r.ok and outcome.finished else "FAIL"
+            status = "ok" if outcome.ok else "FAIL"
             extra = " ".join(f"{k}={v}" for k, v in outcome.notes.items())
             print(f"{name} #{i + 1}: {status} {outcome.elapsed:.1f}s {_row(r.figures())} "
                   f"{extra}".rstrip(), flush=True)
-            if args.verbose and r.problems:
-                print("   " + "\n   ".join(r.problems[:10]), flush=True)
+            if args.verbose and (r.problems or outcome.failures):
+                print("   " + "\n   ".join([*outcome.failures, *r.problems[:10]]), flush=True)
     print()
     for name in names:
         print(_summary(name, results[name], errors[name]))
-    bad = any(errors[n] or any(not (o.report.ok and o.finished) for o in results[n])
-              for n in names)
+    bad = any(errors[n] or any(not o.ok for o in results[n]) for n in names)
     return 1 if bad else 0
 
 

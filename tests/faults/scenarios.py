@@ -44,12 +44,21 @@ class Outcome:
     elapsed: float
     finished: bool  # every acked envelope was handled within the bound
     notes: dict[str, float | int | str] = field(default_factory=dict)
+    #: Scenario-specific failures beyond the recorder's (e.g. a worker that never rejoined).
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Finished, the recorder found no violation, and no scenario-specific failure."""
+        return self.finished and self.report.ok and not self.failures
 
     def line(self) -> str:
         """One printable line of figures."""
         extra = " ".join(f"{k}={v}" for k, v in self.notes.items())
         state = "" if self.finished else " UNFINISHED"
-        return f"{self.name}: {self.elapsed:.1f}s{state} {self.report.summary()} {extra}".strip()
+        failed = "".join(f"\n{f}" for f in self.failures)
+        return (f"{self.name}: {self.elapsed:.1f}s{state} {self.report.summary()} "
+                f"{extra}".strip() + failed)
 
     def problems(self) -> str:
         """Everything a failing assertion should show."""
@@ -80,6 +89,13 @@ def _acked(run: Run) -> int:
     return len(run.acks())
 
 
+def _expect_cut(run: Run, outcome: Outcome, worker: str, killed_at: float) -> None:
+    """The kill must land mid-turn: some turn of ``worker`` started before it and never ended."""
+    if not any(t.worker == worker and t.end is None and t.start < killed_at
+               for t in run.turns()):
+        outcome.failures.append(f"the kill of {worker} cut no turn")
+
+
 # -- the only worker, killed mid-turn and restarted ------------------------------
 
 async def only_worker_restart(tmp: Path, *, same_id: bool) -> Outcome:
@@ -98,8 +114,10 @@ async def only_worker_restart(tmp: Path, *, same_id: bool) -> Outcome:
             killed_at = run.kill("w0")
             await asyncio.sleep(1.0)
             run.spawn_worker("w0" if same_id else "w1", server.url, timings="default", sleep=0.3)
-            return await _finish(run, sb, name, t0, within=DEFAULT.failover_bound + 30,
-                                 fault_at=killed_at)
+            outcome = await _finish(run, sb, name, t0, within=DEFAULT.failover_bound + 30,
+                                    fault_at=killed_at)
+            _expect_cut(run, outcome, "w0", killed_at)
+            return outcome
         finally:
             await sb.close()
     finally:
@@ -131,11 +149,14 @@ async def kill_one_of_three_and_join(tmp: Path) -> Outcome:
             await wait_members(sb, run, {"w1", "w3", "w4"}, claimed=32)
             settled = time.time() - joined
             acked_at_join = _acked(run)
-            return await _finish(run, sb, "kill_one_of_three_and_join", t0, within=60,
-                                 fault_at=killed_at,
-                                 notes={"leases_moved": round(moved, 2),
-                                        "join_settled": round(settled, 2),
-                                        "acked_at_join": acked_at_join})
+            outcome = await _finish(run, sb, "kill_one_of_three_and_join", t0, within=60,
+                                    fault_at=killed_at,
+                                    notes={"leases_moved": round(moved, 2),
+                                           "join_settled": round(settled, 2),
+                                           "acked_at_join": acked_at_join})
+            if acked_at_join >= sessions * per:
+                outcome.failures.append("the join landed after the last send, not under load")
+            return outcome
         finally:
             await sb.close()
     finally:
@@ -255,6 +276,9 @@ async def leaf_link_cut(tmp: Path, *, cut_for: float | None = None) -> Outcome:
             outcome = await _finish(run, sb, "leaf_link_cut", t0, within=60, fault_at=at,
                                     settle=rejoin, notes={"cut_s": round(hold, 1)})
             outcome.notes["edge_rejoined_s"] = round(rejoined[0], 1) if rejoined else "never"
+            if not rejoined:
+                outcome.failures.append("the edge worker did not rejoin within 30 s of the "
+                                        "link's restore")
             return outcome
         finally:
             await sb.close()
@@ -337,8 +361,11 @@ async def sender_cut(tmp: Path, *, cut_for: float = 2.0) -> Outcome:
             run.faults.append(("cut sender link", at))
             await asyncio.sleep(cut_for)
             await asyncio.to_thread(proxy.restore)
-            return await _finish(run, sb, "sender_cut", t0, within=60, fault_at=at,
-                                 notes={"cut_s": cut_for})
+            outcome = await _finish(run, sb, "sender_cut", t0, within=60, fault_at=at,
+                                    notes={"cut_s": cut_for})
+            if not outcome.report.retried_sends:
+                outcome.failures.append("the cut landed on no send in flight")
+            return outcome
         finally:
             await sb.close()
     finally:
