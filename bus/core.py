@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from sessionbus.bus._headers import install as install_header_parser
 from sessionbus.bus._kv import Bucket, bucket_config
+from sessionbus.bus._loop import check_running_loop
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import (
@@ -187,6 +188,7 @@ class SessionBus:
             return
         if self._closed:
             raise BusClosedError("this bus was closed; create a new one")
+        check_running_loop(self.settings.event_loop)
         servers = list(self.settings.servers)
         if not servers:
             self.embedded = NatsServer(name="sessionbus", store_dir=self.settings.data_dir)

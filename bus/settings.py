@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from sessionbus.bus._loop import check_choice as check_loop_choice
 from sessionbus.bus._names import validate_prefix
 from sessionbus.bus.errors import ConfigError
 
@@ -230,9 +231,14 @@ class BusSettings:
     tls_key_file: str | None = None
     connect_timeout: float = 5.0
     request_timeout: float = 5.0
+    #: Event loop: ``auto`` (uvloop when installed), ``uvloop`` (required:
+    #: a bus on another loop refuses to start) or ``asyncio``. The CLI
+    #: starts its loop with it; a program picks its own loop at start.
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
+        check_loop_choice(self.event_loop)
         servers: Any = self.servers
         if isinstance(servers, str):
             servers = servers.split(",")

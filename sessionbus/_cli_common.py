@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TextIO, TypeAlias
 from urllib.parse import urlsplit
 
+from sessionbus.bus._loop import LOOP_CHOICES, LOOP_ENV
 from sessionbus.bus._names import validate_id
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import ConnectionFailed
@@ -52,7 +53,7 @@ _DEFAULT_PORTS = {"nats": 4222, "tls": 4222}
 
 
 def global_options(*, on_command: bool) -> argparse.ArgumentParser:
-    """``--url``, ``--prefix`` and ``--debug``, accepted before or after the command.
+    """``--url``, ``--prefix``, ``--loop`` and ``--debug``, before or after the command.
 
     On a command they default to "not given", so a value given before the
     command name is not overwritten.
@@ -64,6 +65,9 @@ def global_options(*, on_command: bool) -> argparse.ArgumentParser:
                              f"nats://a:4222,b:4222?domain=hub (default: ${URL_ENV})")
     parser.add_argument("--prefix", default=unset,
                         help="subject and bucket prefix (default: sb)")
+    parser.add_argument("--loop", choices=LOOP_CHOICES, default=unset,
+                        help="event loop: auto (uvloop when installed, the default), "
+                             f"uvloop or asyncio (default: ${LOOP_ENV} or auto)")
     parser.add_argument("--debug", action="store_true",
                         default=argparse.SUPPRESS if on_command else False,
                         help="debug logging, and tracebacks on errors")
@@ -96,6 +100,8 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BusSetting
     options: dict[str, Any] = dict(overrides)
     if getattr(args, "prefix", None):
         options["prefix"] = args.prefix
+    if getattr(args, "loop", None):
+        options["event_loop"] = args.loop
     return BusSettings.from_env(url=getattr(args, "url", None), **options)
 
 

@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 
 from sessionbus import _cli_info, _cli_server, _cli_sessions, _cli_worker, _demo
 from sessionbus._cli_common import global_options
+from sessionbus.bus._loop import LOOP_ENV
+from sessionbus.bus._loop import run as run_loop
 from sessionbus.bus.errors import BusError
 from sessionbus.bus.settings import URL_ENV
 
@@ -87,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            choice = getattr(args, "loop", None) or os.environ.get(LOOP_ENV) or "auto"
+            result = run_loop(result, event_loop=choice)
         return int(result or 0)
     except KeyboardInterrupt:
         if args.debug:

@@ -91,3 +91,34 @@ def test_repr_and_describe_hide_secrets() -> None:
 def test_options_are_refused_in_plain_server_lists() -> None:
     with pytest.raises(ConfigError, match="from_url"):
         BusSettings(servers=("nats://h:1?replicas=3",))
+
+
+def test_event_loop_setting_and_choice() -> None:
+    import asyncio
+
+    from sessionbus.bus._loop import loop_factory, run
+
+    assert BusSettings().event_loop == "auto"
+    with pytest.raises(ConfigError):
+        BusSettings(event_loop="trio")
+    assert loop_factory("asyncio") is None
+
+    async def kind() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert run(kind(), event_loop="asyncio") == "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError):
+            loop_factory("uvloop")
+    else:
+        assert run(kind(), event_loop="auto") == "uvloop"
+
+
+async def test_a_bus_asked_for_uvloop_refuses_another_loop() -> None:
+    from sessionbus.bus import SessionBus
+
+    bus = SessionBus("nats://127.0.0.1:1", event_loop="uvloop")
+    with pytest.raises(ConfigError, match="uvloop"):
+        await bus.start()
