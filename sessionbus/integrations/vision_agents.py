@@ -34,10 +34,7 @@ store is a subclass of its ``SessionKVStore``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import random
-import re
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -49,6 +46,7 @@ from sessionbus.bus._kv import Bucket
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusClosedError, ConcurrentUpdate, KeyConflict
 from sessionbus.integrations._bus import BusLink, ensure_bucket
+from sessionbus.integrations._keys import decode_key, encode_key, token
 
 if TYPE_CHECKING:
     _Base = object
@@ -66,7 +64,6 @@ _T = TypeVar("_T")
 #: clock seconds), then the caller's bytes.
 _MAGIC = b"SBKV\x01"
 _HEAD = struct.Struct(">d")
-_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 #: Writes (or reads) one call keeps in flight.
 _CONCURRENCY = 64
 #: Keys per Direct Get request of ``mget``.
@@ -75,35 +72,6 @@ _MGET_PAGE = 256
 _CAS_ATTEMPTS = 64
 #: How long a delete marker stays before the server removes it.
 _DELETE_MARKER_TTL = 60.0
-
-
-def _token(segment: str) -> str:
-    if _PLAIN.fullmatch(segment):
-        return segment
-    raw = base64.urlsafe_b64encode(segment.encode()).rstrip(b"=").decode()
-    return "=" + raw
-
-
-def _untoken(token: str) -> str:
-    if not token.startswith("="):
-        return token
-    body = token[1:]
-    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-
-
-def encode_key(key: str) -> str:
-    """The bucket key (dot-separated tokens) a store key is kept under."""
-    if not isinstance(key, str):
-        raise TypeError(f"a key must be a str, not {type(key).__name__}")
-    return ".".join(_token(s) for s in key.split("/"))
-
-
-def decode_key(stored: str) -> str:
-    """The store key a bucket key holds; ValueError if it is not one of ours."""
-    try:
-        return "/".join(_untoken(t) for t in stored.split("."))
-    except (binascii.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"not a store key: {stored!r}") from e
 
 
 def _check_ttl(ttl: object) -> float:
@@ -293,7 +261,7 @@ class NatsSessionKVStore(_Base):
         if not isinstance(prefix, str):
             raise TypeError(f"a prefix must be a str, not {type(prefix).__name__}")
         *whole, _partial = prefix.split("/")
-        key_filter = ".".join([*(_token(s) for s in whole), ">"])
+        key_filter = ".".join([*(token(s) for s in whole), ">"])
         now = time.time()
         out: list[str] = []
         for entry in await (await self._ready()).list(key_filter):

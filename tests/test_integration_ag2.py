@@ -1,0 +1,172 @@
+"""AG2 on the bus: NatsStorage (history) and the multi-node MCP SessionStore."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+
+pytest.importorskip("ag2", reason="ag2 is not installed (pip install 'sessionbus[ag2]')")
+
+from ag2.context import ConversationContext
+from ag2.events import ModelRequest, TextInput, ToolCallEvent
+from ag2.stream import MemoryStream
+
+from sessionbus.integrations.ag2 import NatsStorage
+
+
+def _mcp_store() -> type:
+    try:
+        from sessionbus.integrations.ag2 import SessionStore
+    except ImportError as e:  # ag2.mcp needs mcp>=2.2, which vision-agents 0.6 excludes
+        pytest.skip(f"ag2.mcp is not importable here ({e}); install 'sessionbus[ag2]'")
+    return SessionStore  # type: ignore[no-any-return]
+
+
+def _text(event: object) -> str:
+    assert isinstance(event, ModelRequest)
+    parts = event.parts if isinstance(event.parts, list) else [event.parts]
+    part = parts[0]
+    assert isinstance(part, TextInput)
+    return part.content
+
+
+async def test_storage_appends_replaces_and_drops(bus: SessionBus) -> None:
+    storage = NatsStorage(bus=bus)
+    stream = MemoryStream(storage)
+    ctx = ConversationContext(stream=stream)
+    for word in ("a", "b", "c"):
+        await stream.send(ModelRequest([TextInput(word)]), ctx)
+    assert [_text(e) for e in await stream.history.get_events()] == ["a", "b", "c"]
+    other = MemoryStream(NatsStorage(bus=bus), id=stream.id)  # another reader, same history
+    assert [_text(e) for e in await other.history.get_events()] == ["a", "b", "c"]
+    await stream.history.replace([ModelRequest([TextInput("z")])])
+    await stream.send(ModelRequest([TextInput("after")]), ctx)
+    assert [_text(e) for e in await other.history.get_events()] == ["z", "after"]
+    await storage.set_history(stream.id, [])
+    assert list(await storage.get_history(stream.id)) == []
+    await stream.send(ModelRequest([TextInput("again")]), ctx)
+    await storage.drop_history(stream.id)
+    assert list(await storage.get_history(stream.id)) == []
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+async def test_storage_reads_long_histories_in_order(bus: SessionBus, serializer: str) -> None:
+    storage = NatsStorage(bus=bus, serializer=serializer)  # type: ignore[arg-type]
+    stream_id = uuid.uuid4()
+    events = [ToolCallEvent(name=f"f{i}", arguments=str(i)) for i in range(2500)]
+    await storage.set_history(stream_id, events[:1000])
+    ctx = ConversationContext(stream=MemoryStream(storage, id=stream_id))
+    await asyncio.gather(*(storage.save_event(e, ctx) for e in events[1000:1001]))
+    for e in events[1001:]:
+        await storage.save_event(e, ctx)
+    got = list(await storage.get_history(stream_id))
+    assert [e.name for e in got] == [e.name for e in events]
+
+
+async def test_storage_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        NatsStorage(serializer="yaml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        NatsStorage(max_age=0)
+
+
+async def test_session_store_replicas_share_conversations(nats_server: NatsServer) -> None:
+    store_cls = _mcp_store()
+    from ag2.mcp.errors import UnknownConversationError
+
+    a = store_cls(servers=nats_server.url, ttl=60)
+    b = store_cls(servers=nats_server.url, ttl=60)
+    try:
+        async with a.fresh(principal="alice") as minted:
+            ctx = ConversationContext(stream=minted.stream)
+            await minted.stream.send(ModelRequest([TextInput("hello")]), ctx)
+            handle, stream_id = minted.handle, minted.stream.id
+        assert isinstance(minted.stream, MemoryStream)
+        async with b.by_handle(handle, principal="alice") as continued:  # the other replica
+            assert continued.stream.id == stream_id
+            assert [_text(e) for e in await continued.stream.history.get_events()] == ["hello"]
+        with pytest.raises(UnknownConversationError):
+            async with b.by_handle(handle, principal="mallory"):
+                pass
+        assert b.bounds.ttl == 60
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_lru_of_one_replica_keeps_what_another_just_used(nats_server: NatsServer) -> None:
+    store_cls = _mcp_store()
+    a = store_cls(servers=nats_server.url, max_sessions=1)
+    b = store_cls(servers=nats_server.url)
+    evicted: list[str] = []
+    a.on_evict = evicted.append
+    try:
+        first = (await a.acquire("s1")).id
+        async with b.session("s1") as conv:  # replica B writes to s1
+            await conv.stream.send(ModelRequest([TextInput("from b")]),
+                                   ConversationContext(stream=conv.stream))
+        await a.acquire("s2")  # A's LRU overflows on s1, which B used since
+        assert evicted == []
+        async with b.session("s1") as conv:
+            assert conv.stream.id == first
+            assert [_text(e) for e in await conv.stream.history.get_events()] == ["from b"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+_WORKER = textwrap.dedent("""
+    import asyncio, os, sys
+    from ag2.context import ConversationContext
+    from ag2.events import ModelRequest, TextInput
+    from sessionbus.integrations.ag2 import SessionStore
+
+    async def main():
+        store = SessionStore(servers=sys.argv[1])
+        name = sys.argv[2]
+        for i in range(int(sys.argv[3])):
+            async with store.session("shared") as conv:
+                ctx = ConversationContext(stream=conv.stream)
+                await conv.stream.send(ModelRequest([TextInput(f"{name}:{i}:start")]), ctx)
+                seen = len(list(await conv.stream.history.get_events()))
+                await asyncio.sleep(0.005)
+                await conv.stream.send(ModelRequest([TextInput(f"{name}:{i}:end:{seen}")]), ctx)
+        await store.close()
+
+    asyncio.run(main())
+""")
+
+
+async def test_two_processes_serve_one_session_one_turn_at_a_time(
+        nats_server: NatsServer) -> None:
+    _mcp_store()
+    turns = 15
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WORKER, nats_server.url, name, str(turns),
+            env={**os.environ}, stderr=subprocess.PIPE,
+        )
+        for name in ("p1", "p2")
+    ]
+    for proc in procs:
+        _, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    store = _mcp_store()(servers=nats_server.url)
+    try:
+        history = [_text(e) for e in await (await store.acquire("shared")).history.get_events()]
+    finally:
+        await store.close()
+    assert len(history) == 4 * turns  # nothing lost
+    for i in range(0, len(history), 2):  # every turn's end follows its own start
+        start, end = history[i], history[i + 1]
+        assert start.endswith(":start") and end.startswith(start[: -len("start")] + "end:")
+        assert int(end.rsplit(":", 1)[1]) == i + 1  # it saw every earlier turn's events
+    assert {h.split(":")[0] for h in history} == {"p1", "p2"}
