@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Ack", "Report", "Stored", "TurnRun", "check", "read_acks", "read_turns"]
 
-#: Violations listed in full per report; the counts are always complete.
-_MAX_LISTED = 30
+#: Violations of each kind listed in full per report; the counts are always complete.
+_MAX_LISTED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,7 @@ class Report:
     longest_stall: float = 0.0
     failover: float | None = None
     problems: list[str] = field(default_factory=list)
+    _listed: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +96,10 @@ class Report:
                     or self.stored_duplicates)
 
     def note(self, text: str) -> None:
-        """Keep a violation's description (the first few are kept in full)."""
-        if len(self.problems) < _MAX_LISTED:
+        """Keep a violation's description (the first few of each kind are kept)."""
+        kind = text.split(":", 1)[0]
+        self._listed[kind] = self._listed.get(kind, 0) + 1
+        if self._listed[kind] <= _MAX_LISTED:
             self.problems.append(text)
 
     def figures(self) -> dict[str, float | int | None]:
