@@ -290,6 +290,16 @@ class NatsServer:
             self.wait_healthy(timeout=timeout)
         return self
 
+    def reload(self) -> None:
+        """Rewrite the config (e.g. after ``accounts_config`` changed) and make the
+        running server reload it (SIGHUP); connections whose user is gone are closed."""
+        conf = os.path.join(self._workdir(), f"{self.name}.conf")
+        with open(conf, "w", encoding="utf-8") as f:
+            f.write(self.config_text())
+        if self.running:
+            assert self.process is not None
+            os.kill(self.process.pid, signal.SIGHUP)
+
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the server wrote to its log."""
         path = os.path.join(self._workdir(), f"{self.name}.log")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -19,8 +20,9 @@ import threading
 import types
 from collections.abc import Iterator
 
+from sessionbus._auth import STATE_FILE, AuthDir
 from sessionbus._cli_common import Commands, add_command
-from sessionbus.bus._server import NatsServer, server_version
+from sessionbus.bus._server import NatsServer, ServerTls, server_version
 from sessionbus.bus.errors import ConfigError, ConnectionFailed
 from sessionbus.bus.settings import URL_ENV
 
@@ -64,6 +66,16 @@ def add_parser(commands: Commands) -> None:
                       help="connect to a hub as a leaf node, e.g. nats-leaf://hub:7422; "
                            "repeat (or comma-separate) for the nodes of one hub cluster: "
                            "one leaf connection that fails over between them")
+    secure = p.add_argument_group("security")
+    secure.add_argument("--auth", metavar="DIR",
+                        help="require credentials: the tenants and users of this auth "
+                             "directory ('sessionbus tenants add'); reloaded when it changes")
+    secure.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+    secure.add_argument("--tls-key", metavar="FILE", help="... and this key")
+    secure.add_argument("--tls-ca", metavar="FILE",
+                        help="the CA that signs routes' and leaf nodes' certificates")
+    secure.add_argument("--tls-verify", action="store_true",
+                        help="clients must present a certificate signed by --tls-ca")
     p.set_defaults(func=run_server, needs_bus=False)
 
 
@@ -76,11 +88,25 @@ def build_server(args: argparse.Namespace) -> NatsServer:
     routes = _split(args.routes)
     if routes and not args.cluster_name:
         raise ConfigError("--routes needs --cluster-name")
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            raise ConfigError("TLS needs --tls-cert, --tls-key and --tls-ca")
+        tls = ServerTls(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
+                        verify_clients=args.tls_verify)
+    accounts = ""
+    if args.auth:
+        auth = AuthDir(args.auth)
+        if not auth.exists:
+            raise ConfigError(f"{args.auth} is not an auth directory "
+                              "(create it with 'sessionbus tenants add NAME --auth DIR')")
+        accounts = auth.accounts_config(jetstream=not args.no_jetstream)
     return NatsServer(
         name=args.name, host=args.host, port=args.port, http_port=args.http_port,
         jetstream=not args.no_jetstream, store_dir=args.data_dir, domain=args.domain,
         cluster_name=args.cluster_name, cluster_port=args.cluster_port, routes=routes,
         leaf_listen_port=args.leaf_port, leaf_remotes=_split(args.leaf_remote),
+        tls=tls, accounts_config=accounts,
     )
 
 
@@ -119,19 +145,37 @@ def run_server(args: argparse.Namespace) -> int:
             raise error from None
         try:
             _announce(server)
+            watched = _auth_stamp(args)
             while not stop.wait(_POLL):
                 if not server.running:
                     raise _failure(server, "nats-server exited")
+                stamp = _auth_stamp(args)
+                if stamp != watched:
+                    watched = stamp
+                    server.accounts_config = AuthDir(args.auth).accounts_config(
+                        jetstream=not args.no_jetstream)
+                    server.reload()
+                    print("accounts changed: nats-server reloaded", file=sys.stderr, flush=True)
         finally:
             print("stopping nats-server", file=sys.stderr, flush=True)
             server.stop(grace=10.0)
     return 0
 
 
+def _auth_stamp(args: argparse.Namespace) -> float | None:
+    """When the auth directory's state last changed (None without ``--auth``)."""
+    if not args.auth:
+        return None
+    try:
+        return os.stat(os.path.join(args.auth, STATE_FILE)).st_mtime_ns / 1e9
+    except OSError:
+        return None
+
+
 def _announce(server: NatsServer) -> None:
     print(f"nats-server {server_version(server.binary)} running, pid {server.pid}")
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
-    url = f"nats://{host}:{server.port}"
+    url = f"{'tls' if server.tls else 'nats'}://{host}:{server.port}"
     print(f"  client URL:  {url}")
     print(f"  monitoring:  http://{server.host}:{server.http_port}")
     if server.jetstream:
@@ -143,4 +187,6 @@ def _announce(server: NatsServer) -> None:
         print(f"  leaf nodes:  nats-leaf://{server.host}:{server.leaf_listen_port}")
     for remote in server.leaf_remotes:
         print(f"  leaf of:     {remote}")
+    if server.accounts_config:
+        print("  auth:        credentials required (tenants and users of --auth)")
     print(f"Use it with: export {URL_ENV}={url}   (Ctrl-C to stop)", flush=True)

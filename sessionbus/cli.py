@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from sessionbus import _cli_info, _cli_server, _cli_sessions, _cli_worker, _demo
+from sessionbus import _cli_auth, _cli_info, _cli_server, _cli_sessions, _cli_worker, _demo
 from sessionbus._cli_common import global_options
 from sessionbus.bus._loop import LOOP_ENV
 from sessionbus.bus._loop import run as run_loop
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_server.add_parser(commands)
     _cli_worker.add_parser(commands)
     _cli_sessions.add_parsers(commands)
+    _cli_auth.add_parsers(commands)
     _cli_info.add_parser(commands)
     return parser
 
