@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_server.add_parser(commands)
     _cli_worker.add_parser(commands)
     _cli_sessions.add_parsers(commands)
-    _cli_auth.add_parsers(commands)
     _cli_info.add_parser(commands)
+    _cli_auth.add_parsers(commands)
     return parser
 
 

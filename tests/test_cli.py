@@ -29,6 +29,8 @@ from sessionbus.cli import build_parser, main
 from sessionbus.testing import ServerFactory
 
 COMMANDS = ["demo", "server", "worker", "sessions", "send", "info"]
+#: Commands that only write files (tested in test_security_cli.py).
+AUTH_COMMANDS = ["tenants", "users", "tls", "deploy"]
 SESSION_COMMANDS = ["open", "ls", "show", "close", "tail"]
 
 
@@ -56,7 +58,7 @@ def test_sessionbus_help_lists_every_command() -> None:
                             env=env(), check=False)
     assert result.returncode == 0, result.stderr
     listed = re.findall(r"^    (\w+)\s", result.stdout, re.M)
-    assert listed == COMMANDS
+    assert listed == COMMANDS + AUTH_COMMANDS
     assert "open | ls | show ID | close ID | tail ID" in result.stdout
 
 
