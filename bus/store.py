@@ -16,6 +16,15 @@ while its history is dropped. A busy candidate is skipped for the next
 one; if every candidate is busy the store stays over its bound until one
 is free.
 
+Every use (a lookup, the end of a turn) rewrites the session's use mark in
+a KV bucket shared by all replicas. A replica evicts a session only if its
+own write is still the last mark: if another replica used the session
+since, the session is neither idle nor least recently used cluster-wide,
+and this replica only forgets it locally, keeping its history. A session
+idle past ``ttl`` is judged before the use that asks for it refreshes it,
+so asking for it by its own id starts it over, as asking for any other
+would have.
+
 Sessions the store opens have no idle TTL on the bus: the store's own
 bound and ``ttl`` decide when they go, as in the original. The bus's
 envelope retention (``envelope_max_age``) still bounds their history.
@@ -35,8 +44,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import nats.errors
+import nats.js.errors
+from sessionbus.bus._kv import Bucket, KVOp, bucket_config
 from sessionbus.bus._lock import TurnLock
-from sessionbus.bus._names import validate_id
+from sessionbus.bus._names import encode_token, validate_id
 from sessionbus.bus.errors import BusClosedError, BusError, ConfigError, LockLost, SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata
 
@@ -50,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 #: How long the delete markers of an evicted session's records stay.
 _MARKER_TTL = 60.0
+#: Use marks of a store without ``ttl`` never expire; with one, at least this long.
+_MIN_MARK_TTL = 3600.0
 
 
 class SessionStream:
@@ -104,6 +117,8 @@ class _Entry:
     users: int = 0
     #: Set while the entry is being evicted; done when that finished.
     evicting: asyncio.Future[bool] | None = None
+    #: Revision of this store's last write of the session's use mark.
+    seen: int = 0
 
 
 class SessionStore:
@@ -136,6 +151,9 @@ class SessionStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._start_lock = asyncio.Lock()
         self._closed = False
+        self._uses_kv: Bucket | None = None
+        # A use mark outlives any idle period this store could still judge.
+        self._mark_ttl = max(_MIN_MARK_TTL, 2 * ttl) if ttl is not None else None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -166,6 +184,7 @@ class SessionStore:
         """Forget every session (their history stays on the bus) and close an own bus."""
         self._closed = True
         self._entries.clear()
+        self._uses_kv = None
         bus, self._bus = self._bus, None
         if bus is not None and self._owns_bus:
             await bus.close()
@@ -202,7 +221,11 @@ class SessionStore:
         try:
             async with entry.turn, entry.lock:
                 handle = await self._ensure_session(session_id)
-                yield SessionStream(handle, lock=entry.lock)
+                try:
+                    yield SessionStream(handle, lock=entry.lock)
+                finally:
+                    with contextlib.suppress(BusError, nats.errors.Error):
+                        await self._mark_used(entry)  # the turn's writes are a use too
         finally:
             entry.users -= 1
             entry.last_used = self._clock()
@@ -238,6 +261,10 @@ class SessionStore:
             # Being dropped right now: wait, then start over with a new entry.
             await asyncio.shield(entry.evicting)
         now = self._clock()
+        if (entry is not None and self._ttl is not None and now - entry.last_used > self._ttl
+                and await self._try_evict(entry)):
+            # Idle past ttl itself: judged before this use refreshes it.
+            entry = self._entries.get(session_id)
         if entry is None:
             entry = _Entry(session_id=session_id, lock=TurnLock(bus, session_id), last_used=now)
             self._entries[session_id] = entry
@@ -246,11 +273,39 @@ class SessionStore:
             entry.last_used = now
         entry.users += 1
         try:
+            await self._mark_used(entry)
             await self._evict_overdue(now)
         except BaseException:
             entry.users -= 1
             raise
         return entry
+
+    async def _uses(self) -> Bucket:
+        """The bucket of use marks: one key per session, rewritten on every use."""
+        if self._uses_kv is None:
+            bus = await self.start()
+            name = f"{bus.names.prefix}_store_uses"
+            try:
+                await bus.js.stream_info(f"KV_{name}")
+            except nats.js.errors.NotFoundError:
+                try:
+                    await bus.js.create_key_value(bucket_config(name, replicas=bus.replicas))
+                except nats.js.errors.BadRequestError as e:
+                    if e.err_code != 10058:  # created concurrently
+                        raise
+            self._uses_kv = Bucket(nc=bus.nc, js=bus.js, name=name, domain=bus.settings.domain,
+                                   timeout=bus.settings.request_timeout)
+        return self._uses_kv
+
+    async def _mark_used(self, entry: _Entry) -> None:
+        """Record a use of the session by this store, for every replica to see."""
+        kv = await self._uses()
+        entry.seen = await kv.put(encode_token(entry.session_id), b"", ttl=self._mark_ttl)
+
+    async def _used_elsewhere(self, entry: _Entry) -> bool:
+        """Whether another store used the session since this one last did."""
+        head = await (await self._uses()).head(encode_token(entry.session_id))
+        return head is not None and head.op is KVOp.PUT and head.revision != entry.seen
 
     def _idle(self, entry: _Entry) -> bool:
         return entry.users == 0 and not entry.turn.locked() and entry.evicting is None
@@ -288,7 +343,12 @@ class SessionStore:
                 logger.debug("not evicting %r: a turn holds its lock", entry.session_id)
                 return False
             try:
-                await self._drop(entry.session_id)
+                if await self._used_elsewhere(entry):
+                    # Another replica used it since this one did: it is not
+                    # idle, nor this store's least recent; only forget it here.
+                    logger.debug("not dropping %r: used by another store since", entry.session_id)
+                else:
+                    await self._drop(entry.session_id)
             finally:
                 with contextlib.suppress(LockLost):
                     await entry.lock.release()
@@ -311,6 +371,7 @@ class SessionStore:
         )
         for key in (names.session_key(session_id), names.session_timer_key(session_id)):
             await bus.sessions_kv.delete(key, ttl=_MARKER_TTL)
+        await (await self._uses()).delete(encode_token(session_id), ttl=_MARKER_TTL)
         logger.info("evicted session %r and its history", session_id)
 
     # -- the bus session behind a stream ---------------------------------------

@@ -270,3 +270,34 @@ async def test_a_reopened_session_accepts_sends(bus: SessionBus) -> None:
     async with store.session("s1") as stream:
         await stream.send("second life")
         assert _texts(await stream.history()) == ["second life"]
+
+
+async def test_a_session_idle_past_ttl_asked_by_its_own_id_starts_empty(
+        bus: SessionBus) -> None:
+    now = [0.0]
+    store = SessionStore(ttl=10, storage=bus, clock=lambda: now[0])
+    async with store.session("s1") as stream:
+        await stream.send("old turn")
+    now[0] = 11.0  # idle longer than ttl; nothing else touched the store meanwhile
+    async with store.session("s1") as stream:
+        assert await stream.history() == []
+    now[0] = 15.0  # used 4 s ago: kept
+    assert len(await (await store.acquire("s1")).history()) == 0
+    async with store.session("s1") as stream:
+        await stream.send("new turn")
+    now[0] = 20.0
+    assert [e.content for e in await (await store.acquire("s1")).history()] == ["new turn"]
+
+
+async def test_lru_of_one_replica_keeps_history_another_just_wrote(
+        bus_factory: BusFactory, nats_server: NatsServer) -> None:
+    a = SessionStore(max_sessions=1, storage=await bus_factory(nats_server.url))
+    b = SessionStore(storage=await bus_factory(nats_server.url))
+    await a.acquire("s1")
+    async with b.session("s1") as stream:  # replica B writes after A's last use
+        await stream.send("from b")
+    await a.acquire("s2")  # A's LRU overflows on s1: only forgotten by A
+    assert "s1" not in a
+    assert [e.content for e in await (await b.acquire("s1")).history()] == ["from b"]
+    await a.acquire("s3")  # s2 was A's alone and nobody used it since: dropped
+    assert await (await b.acquire("s2")).history() == []
