@@ -1,5 +1,9 @@
 """The deployment files: every nats config passes ``nats-server -t``, and the compose
-topology is consistent (services, mounted configs, routes, images, commands).
+topology is consistent (services, mounted configs, routes, images, commands), and
+secured (credentials and TLS on every client, route and leaf connection).
+
+The deploy configs include secrets that ``sessionbus deploy secrets`` generates
+for each deployment; here they are generated into a temporary copy.
 
 No engine runs the compose file here, and PyYAML is not a dependency, so
 the test reads docker-compose.yml with a strict parser of the small YAML
@@ -18,6 +22,8 @@ from typing import Any
 
 import pytest
 from sessionbus.bus._server import find_server_binary
+
+from sessionbus._deployment import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -110,7 +116,9 @@ def _mounted_configs(service: dict[str, Any]) -> list[Path]:
 
 
 def _urls_in(conf: Path, scheme: str) -> list[str]:
-    return re.findall(rf"{scheme}://([A-Za-z0-9_.-]+):(\d+)", conf.read_text(encoding="utf-8"))
+    """``(host, port)`` of every ``scheme`` URL in ``conf`` (credentials skipped)."""
+    return re.findall(rf"{scheme}://(?:[^@\s\"]+@)?([A-Za-z0-9_.-]+):(\d+)",
+                      conf.read_text(encoding="utf-8"))
 
 
 # -- nats configs ------------------------------------------------------------------
@@ -121,11 +129,28 @@ def test_the_deploy_configs_are_found() -> None:
     assert {"deploy/n1.conf", "deploy/n2.conf", "deploy/n3.conf", "deploy/edge.conf"} <= names
 
 
+#: Where the servers' containers mount deploy/secrets.
+SECRETS_MOUNT = "/etc/nats/secrets"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deploy/*.conf beside freshly generated secrets, their paths pointing there."""
+    root = tmp_path_factory.mktemp("deploy")
+    generate(root / "secrets")
+    for conf in (ROOT / "deploy").glob("*.conf"):
+        text = conf.read_text(encoding="utf-8").replace(SECRETS_MOUNT, str(root / "secrets"))
+        (root / conf.name).write_text(text, encoding="utf-8")
+    return root
+
+
 @pytest.mark.parametrize(
     "conf", nats_config_files(), ids=lambda p: p.relative_to(ROOT).as_posix()
 )
-def test_nats_config_passes_nats_server_t(conf: Path) -> None:
+def test_nats_config_passes_nats_server_t(conf: Path, deployed: Path) -> None:
     # -t only parses: routes naming compose hosts (nats-route://n2:6222) are not resolved.
+    if conf.parent == ROOT / "deploy":
+        conf = deployed / conf.name
     result = subprocess.run(
         [find_server_binary(), "-t", "-c", str(conf)],
         capture_output=True, text=True, timeout=30, check=False,
@@ -143,14 +168,15 @@ def test_nats_server_t_rejects_a_broken_config(tmp_path: Path) -> None:
     assert result.returncode != 0
 
 
-def test_cluster_nodes_share_a_cluster_and_a_domain() -> None:
+def test_cluster_nodes_share_a_cluster_and_a_domain(deployed: Path) -> None:
     for n in (1, 2, 3):
         text = (ROOT / f"deploy/n{n}.conf").read_text(encoding="utf-8")
         assert f"server_name: n{n}\n" in text
         assert re.search(r"domain:\s*hub\b", text)
         assert re.search(r"name:\s*sessionbus\b", text)
-        assert sorted(_urls_in(ROOT / f"deploy/n{n}.conf", "nats-route")) == [
-            ("n1", "6222"), ("n2", "6222"), ("n3", "6222")]
+        assert 'include "secrets/routes.conf"' in text
+    assert sorted(_urls_in(deployed / "secrets/routes.conf", "nats-route")) == [
+        ("n1", "6222"), ("n2", "6222"), ("n3", "6222")]
     edge = (ROOT / "deploy/edge.conf").read_text(encoding="utf-8")
     assert "jetstream" not in re.sub(r"#.*", "", edge), "the edge leaf runs without JetStream"
 
@@ -160,7 +186,8 @@ def test_cluster_nodes_share_a_cluster_and_a_domain() -> None:
 
 def test_compose_parses_into_the_expected_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"n1", "n2", "n3", "edge", "worker", "edge-worker", "demo"}
+    assert set(services) == {"n1", "n2", "n3", "edge", "provision", "worker", "edge-worker",
+                             "demo"}
     assert set(compose["volumes"]) == {"n1-data", "n2-data", "n3-data"}
 
 
@@ -186,15 +213,42 @@ def test_servers_run_the_official_image_on_their_mounted_configs(
     assert deploy_confs == mounted, "every deploy config is used, and only those"
 
 
-def test_routes_and_leaf_remotes_name_compose_services(compose: dict[str, Any]) -> None:
+def test_routes_and_leaf_remotes_name_compose_services(
+    compose: dict[str, Any], deployed: Path,
+) -> None:
     services = compose["services"]
-    for conf in nats_config_files():
-        if conf.parent != ROOT / "deploy":
-            continue
+    for conf in [*deployed.glob("*.conf"), *deployed.glob("secrets/*.conf")]:
         for host, _ in _urls_in(conf, "nats-route") + _urls_in(conf, "nats-leaf"):
             assert host in services, f"{conf.name} names unknown host {host!r}"
-    assert sorted(_urls_in(ROOT / "deploy/edge.conf", "nats-leaf")) == [
+    assert 'include "secrets/edge-remote.conf"' in (ROOT / "deploy/edge.conf").read_text()
+    assert sorted(_urls_in(deployed / "secrets/edge-remote.conf", "nats-leaf")) == [
         ("n1", "7422"), ("n2", "7422"), ("n3", "7422")]
+
+
+def test_every_connection_needs_credentials_and_tls(compose: dict[str, Any]) -> None:
+    for name in ("n1", "n2", "n3", "edge"):
+        text = re.sub(r"#.*", "", (ROOT / f"deploy/{name}.conf").read_text(encoding="utf-8"))
+        # Client listener: TLS with the deployment's CA, and the tenants' accounts.
+        assert re.search(r"^tls \{", text, re.M), name
+        assert f"{SECRETS_MOUNT}/tls/ca.pem" in text and f"{SECRETS_MOUNT}/tls/{name}.pem" in text
+        assert re.search(r'^include "secrets/(edge-)?accounts.conf"', text, re.M), name
+        # No secret in the repository: they all come from the generated includes.
+        assert not re.search(r"password|nkey|token|SU[A-Z0-9]{20}", text, re.I), name
+        if name != "edge":
+            cluster = text[text.index("cluster {"):text.index("leafnodes {")]
+            assert "secrets/routes.conf" in cluster and "verify: true" in cluster
+            leaf = text[text.index("leafnodes {"):]
+            assert "secrets/leaf-users.conf" in leaf and "tls {" in leaf
+    edge = (ROOT / "deploy/edge.conf").read_text(encoding="utf-8")
+    assert "tls {" in edge[edge.index("remotes"):]
+    for name in ("worker", "edge-worker", "provision", "demo"):
+        service = compose["services"][name]
+        assert service["environment"]["SESSIONBUS_URL"].startswith("tls://")
+        assert service["environment"]["SESSIONBUS_NKEY_SEED_FILE"] == "/run/sessionbus/user.nk"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts["/run/sessionbus/ca.pem"] == "./deploy/secrets/tls/ca.pem"
+        role = "admin" if name in ("provision", "demo") else "worker"
+        assert mounts["/run/sessionbus/user.nk"] == f"./deploy/secrets/auth/users/default/{role}.nk"
 
 
 def test_workers_and_demo_run_the_project_image(compose: dict[str, Any]) -> None:
@@ -207,10 +261,10 @@ def test_workers_and_demo_run_the_project_image(compose: dict[str, Any]) -> None
         assert service["command"][0] == "sessionbus"
         assert "SESSIONBUS_URL" in service["environment"]
     cluster_url = services["worker"]["environment"]["SESSIONBUS_URL"]
-    assert cluster_url.startswith("nats://n1:4222,n2:4222,n3:4222")
+    assert cluster_url.startswith("tls://n1:4222,n2:4222,n3:4222")
     assert "replicas=3" in cluster_url
     edge_url = services["edge-worker"]["environment"]["SESSIONBUS_URL"]
-    assert edge_url.startswith("nats://edge:4222") and "domain=hub" in edge_url
+    assert edge_url.startswith("tls://edge:4222") and "domain=hub" in edge_url
     assert services["demo"]["command"] == ["sessionbus", "demo"]
     assert services["demo"]["profiles"] == ["demo"]
 
