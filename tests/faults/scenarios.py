@@ -261,7 +261,8 @@ async def leaf_link_cut(tmp: Path, *, cut_for: float | None = None) -> Outcome:
             at = time.time()
             await asyncio.to_thread(proxy.cut)
             run.faults.append(("cut leaf link", at))
-            await asyncio.sleep(hold)
+            link_down = await _leafnodes_drop_to_zero(hub, within=5.0)
+            await asyncio.sleep(max(0.0, hold - (time.time() - at)))
             await asyncio.to_thread(proxy.restore)
             restored = time.time()
 
@@ -276,6 +277,8 @@ async def leaf_link_cut(tmp: Path, *, cut_for: float | None = None) -> Outcome:
             outcome = await _finish(run, sb, "leaf_link_cut", t0, within=60, fault_at=at,
                                     settle=rejoin, notes={"cut_s": round(hold, 1)})
             outcome.notes["edge_rejoined_s"] = round(rejoined[0], 1) if rejoined else "never"
+            if not link_down:
+                outcome.failures.append("the hub still listed the leaf node after the cut")
             if not rejoined:
                 outcome.failures.append("the edge worker did not rejoin within 30 s of the "
                                         "link's restore")
@@ -288,6 +291,17 @@ async def leaf_link_cut(tmp: Path, *, cut_for: float | None = None) -> Outcome:
         if leaf is not None:
             leaf.stop()
         hub.stop()
+
+
+async def _leafnodes_drop_to_zero(hub: NatsServer, *, within: float) -> bool:
+    """Whether the hub's monitoring shows no leaf node connection within ``within`` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if (await asyncio.to_thread(hub.monitor, "leafz")).get("leafnodes", 1) == 0:
+                return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 # -- a worker paused past the failover bound, then resumed -----------------------
@@ -363,7 +377,9 @@ async def sender_cut(tmp: Path, *, cut_for: float = 2.0) -> Outcome:
             await asyncio.to_thread(proxy.restore)
             outcome = await _finish(run, sb, "sender_cut", t0, within=60, fault_at=at,
                                     notes={"cut_s": cut_for})
-            if not outcome.report.retried_sends:
+            retried = [a.acked - a.sent for a in run.acks() if a.attempts > 1]
+            outcome.notes["longest_retried_send_s"] = round(max(retried, default=0.0), 2)
+            if not retried:
                 outcome.failures.append("the cut landed on no send in flight")
             return outcome
         finally:
