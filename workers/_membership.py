@@ -40,6 +40,10 @@ __all__ = ["Lease", "Membership", "assign"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds past a lease's own ``expires_at`` before another process of the
+#: same worker id may take the key over (clock skew between hosts).
+_TAKEOVER_GRACE = 1.0
+
 
 def score(worker_id: str, partition: int) -> int:
     """Rendezvous weight of ``worker_id`` for ``partition`` (64-bit, stable across hosts)."""
@@ -135,6 +139,9 @@ class Membership:
         self._filter = bus.names.worker_group_filter(group)
         self._lease = Lease(worker_id=worker_id, node_id=bus.node_id)
         self._revision = 0
+        # started_at of the lease this object last created: tells its own
+        # lease from another process's (or another Worker's) of the same id.
+        self._created_at: float | None = None
         self._members: dict[str, Member] = {}
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -186,18 +193,58 @@ class Membership:
 
     async def _create(self) -> None:
         async with self._write_lock:
+            self._revision = await self._claim_key()
+
+    async def _claim_key(self) -> int:
+        """Write a fresh lease under this worker's key; return its revision.
+
+        The key may still hold a lease of this worker id: this process's own
+        (its write was lost, e.g. by a server restart), taken over at once;
+        or a dead predecessor's (the same id restarted), taken over once
+        that lease ran out (its ``expires_at``, even if the server's TTL
+        marker never comes). A lease that is refreshed meanwhile belongs to
+        a live process: two processes with one id is an error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wire_ttl(self._config.lease_ttl) + _TAKEOVER_GRACE + 1.0
+        seen: int | None = None
+        previous = self._created_at
+        while True:
             now = time.time()
             self._lease = dataclasses.replace(self._lease, started_at=now,
-                                   expires_at=now + self._config.lease_ttl)
+                                              expires_at=now + self._config.lease_ttl)
+            self._created_at = now
+            raw = self._lease.encode()
             try:
-                self._revision = await self._kv.create(
-                    self._key, self._lease.encode(), ttl=self._config.lease_ttl
-                )
-            except KeyConflict as e:
+                return await self._kv.create(self._key, raw, ttl=self._config.lease_ttl)
+            except KeyConflict:
+                pass
+            entry = await self._kv.get(self._key)
+            if entry is None:
+                continue  # gone in between: create again
+            try:
+                old = Lease.decode(entry.value)
+            except DecodeError:
+                old = Lease(worker_id=self.worker_id)
+            own = old.node_id == self._bus.node_id and old.started_at == previous
+            if seen is not None and entry.revision != seen and not own:
                 raise WorkerError(
                     f"worker id {self.worker_id!r} already has a live lease in group "
                     f"{self.group!r}; give each worker process its own id"
-                ) from e
+                )
+            seen = entry.revision
+            if own or time.time() > old.expires_at + _TAKEOVER_GRACE:
+                try:
+                    return await self._kv.update(self._key, raw, last=entry.revision,
+                                                 ttl=self._config.lease_ttl)
+                except KeyConflict:
+                    continue
+            if loop.time() > deadline:
+                raise WorkerError(
+                    f"worker id {self.worker_id!r} already has a live lease in group "
+                    f"{self.group!r}; give each worker process its own id"
+                )
+            await asyncio.sleep(min(0.25, self._config.refresh_interval / 4))
 
     async def update(
         self, *, claims: Iterable[int] | None = None, draining: bool | None = None

@@ -20,6 +20,16 @@ Handing a partition back (:meth:`PartitionPuller.release`), in this order:
    pinned at once and gets the nak'd envelopes first, in order.
 
 The claim in the lease is dropped by the caller after that.
+
+Taking a partition over (on start, and again after the pin moved away and
+back), no turn starts until the previous owner's envelopes are in hand:
+nats-server does not redeliver them in stream order (its redelivery queue
+comes out rotated when a puller that is not yet pinned was waiting), so a
+session's later envelope can arrive before an earlier one. Redeliveries go
+out before any new message, and the timing rules make every envelope of a
+dead or paused owner due before its pin lapses; so once a pull brings a
+first-time delivery, or a burst comes back short, everything redelivered
+is held, sorted per session, and turns may start (:attr:`catching_up`).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from sessionbus.bus._jsapi import (
 )
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError
-from sessionbus.workers._delivery import nak_in_order
+from sessionbus.workers._delivery import ack_info, nak_in_order
 from sessionbus.workers._scheduler import Scheduler
 from sessionbus.workers.config import WorkerConfig
 
@@ -75,6 +85,7 @@ class PartitionPuller:
         self._finishing: asyncio.Task[None] | None = None
         self._keepalive = False
         self._stopping = False
+        self._catching_up = False
         self._wake = asyncio.Event()
         # Loop time before which a pull that the client stopped waiting for
         # may still deliver messages to the inbox.
@@ -91,6 +102,11 @@ class PartitionPuller:
         return self._puller is not None and self._puller.pinned
 
     @property
+    def catching_up(self) -> bool:
+        """Whether turns wait until the previous owner's envelopes are all redelivered here."""
+        return self._catching_up
+
+    @property
     def releasing(self) -> bool:
         """Whether the partition is being handed back."""
         return self._keepalive
@@ -103,6 +119,7 @@ class PartitionPuller:
             group=self._priority_group, api_prefix=self._bus.api_prefix,
         )
         await self._puller.start()
+        self._begin_catch_up()
         self._scheduler.on_room(self._wake)
         self._task = asyncio.create_task(self._loop(), name=f"pull:{self._consumer}")
 
@@ -151,6 +168,9 @@ class PartitionPuller:
                     burst = bool(msgs)
                 if msgs:
                     await self._scheduler.offer(self.partition, msgs)
+                if self._catching_up:
+                    self._check_caught_up(msgs, asked=grant or 1)
+                if msgs:
                     await asyncio.sleep(0)  # let the turns just queued start before pulling on
             except ConsumerNotFoundError:
                 await self._recover_consumer()
@@ -165,6 +185,28 @@ class PartitionPuller:
             status = self._puller.last_status
             if status is not None and status.code == 423:
                 await self._pin_lost()
+
+    def _begin_catch_up(self) -> None:
+        if not self._catching_up:
+            self._catching_up = True
+            self._scheduler.freeze(self.partition)
+
+    def _check_caught_up(self, msgs: list[Msg], *, asked: int) -> None:
+        """End the catch-up once nothing redelivered can still be ahead of what is held."""
+        assert self._puller is not None
+        status = self._puller.last_status
+        if msgs:
+            # A first delivery comes only once the redelivery queue is empty.
+            done = any(_first_delivery(m) for m in msgs) or (
+                len(msgs) < asked and status is not None
+            )
+        else:
+            # Nothing at all for a pull the server ended: only if this puller
+            # holds the pin (otherwise another holder may still have them).
+            done = self._puller.pinned and status is not None and status.code in (404, 408)
+        if done:
+            self._catching_up = False
+            self._scheduler.unfreeze(self.partition)
 
     async def _fetch(self, batch: int, expires: float) -> list[Msg]:
         assert self._puller is not None
@@ -198,7 +240,8 @@ class PartitionPuller:
         sched.freeze(self.partition)
         await sched.cancel_partition(self.partition)
         await nak_in_order(self._bus.nc, sched.take_partition(self.partition))
-        sched.unfreeze(self.partition)
+        # Stay frozen: if the pin comes back here, catch up first again.
+        self._catching_up = True
 
     async def _recover_consumer(self) -> None:
         logger.error("partition %d: consumer %s is gone; recreating it (what was held is "
@@ -207,7 +250,7 @@ class PartitionPuller:
         sched.freeze(self.partition)
         await sched.cancel_partition(self.partition)
         sched.take_partition(self.partition)
-        sched.unfreeze(self.partition)
+        self._catching_up = True  # the new consumer redelivers: catch up before turns
         try:
             await self._ensure_consumer()
         except (BusError, NatsError, OSError) as e:
@@ -240,6 +283,7 @@ class PartitionPuller:
 
     async def _release(self, within: float) -> None:
         self._keepalive = True
+        self._catching_up = False
         self._scheduler.freeze(self.partition)
         if not await self._scheduler.wait_idle(self.partition, within):
             logger.warning("partition %d: turns still running after %.1fs; cancelling them",
@@ -249,6 +293,7 @@ class PartitionPuller:
 
     async def _abandon(self, unpin_after: bool) -> None:
         self._keepalive = True
+        self._catching_up = False
         self._scheduler.freeze(self.partition)
         await self._scheduler.cancel_partition(self.partition)
         await self._hand_back(unpin_after=unpin_after)
@@ -306,3 +351,8 @@ class PartitionPuller:
     def __repr__(self) -> str:
         state = "releasing" if self._keepalive else "pulling"
         return f"<PartitionPuller {self._consumer} {state} pinned={self.pinned}>"
+
+
+def _first_delivery(msg: Msg) -> bool:
+    info = ack_info(msg.reply)
+    return info is not None and info[1] == 1

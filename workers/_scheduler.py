@@ -318,8 +318,13 @@ class Scheduler:
         self._pop_head(session, held)
 
     def _pop_head(self, session: _Session, held: Held) -> None:
-        if session.queue and session.queue[0] is held:
-            session.queue.pop(0)
+        # Normally the head; an earlier envelope inserted while this one ran
+        # must not make the finished one run again.
+        queue = session.queue
+        index = 0 if queue and queue[0] is held else next(
+            (i for i, h in enumerate(queue) if h is held), None)
+        if index is not None:
+            session.queue.pop(index)
             self._held -= 1
             self.completed += 1
             self._mark_done(session.sid, held.seq)
