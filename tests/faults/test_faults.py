@@ -44,9 +44,6 @@ def assert_guarantees(outcome: Outcome) -> None:
     assert not outcome.failures, outcome.problems()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "order breaks when the only worker is killed and a new one takes over: 2 of 2 runs, "
-    "16 of 20 sessions, e.g. 0@w0 1@w0 2@w0(cut) 4@w1 2@w1 3@w1 4@w1 (issue 9, finding 1)"))
 @pytest.mark.timeout(150)
 async def test_only_worker_killed_mid_turn_restarted_with_a_new_id(tmp_path: Path) -> None:
     outcome = await only_worker_restart(tmp_path, same_id=False)
@@ -55,9 +52,6 @@ async def test_only_worker_killed_mid_turn_restarted_with_a_new_id(tmp_path: Pat
     assert outcome.report.failover <= WorkerConfig().failover_bound + 3.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker restarted with the killed one's id exits at once: 'worker id w0 already has "
-    "a live lease in group g'; 69 of 100 envelopes never ran (2 of 2 runs, issue 9)"))
 @pytest.mark.timeout(150)
 async def test_only_worker_killed_mid_turn_restarted_with_the_same_id(tmp_path: Path) -> None:
     outcome = await only_worker_restart(tmp_path, same_id=True)
