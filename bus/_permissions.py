@@ -105,6 +105,7 @@ def _client(n: Names, apis: Sequence[str]) -> tuple[list[str], list[str]]:
     pub = [
         n.inbound_all,
         n.closed_all,
+        n.opened_all,
         n.interrupt_all,
         *_kv_write(n.sessions_bucket, ">", apis),
         *_kv_write(n.registry_bucket, ">", apis),
@@ -122,7 +123,8 @@ def _client(n: Names, apis: Sequence[str]) -> tuple[list[str], list[str]]:
         for stream in (n.envelope_stream, *kv_streams):
             pub += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.INFO.{stream}.*"]
     pub += [f"$JS.FC.{stream}.>" for stream in (n.envelope_stream, *kv_streams)]
-    sub = [f"{INBOX_PREFIX}.>", n.closed_all, n.interrupt_all, f"{n.prefix}.out.>"]
+    sub = [f"{INBOX_PREFIX}.>", n.closed_all, n.opened_all, n.interrupt_all,
+           f"{n.prefix}.out.>"]
     return pub, sub
 
 
@@ -133,14 +135,18 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
         consumers = ["*"]
         lease_keys = ">"
         dead = f"{n.prefix}.dead.*.*"
+        pings = n.worker_ping("x", "y").rsplit(".", 2)[0] + ".*.*"
     else:
         if not partitions:
             raise ValueError("a worker bound to a group needs the partition count")
         consumers = [n.worker_consumer(group, p) for p in range(partitions)]
         lease_keys = n.worker_group_filter(group)
         dead = f"{n.prefix}.dead.{n.dead_letter(group, 'x').split('.')[2]}.*"
+        pings = n.worker_ping(group, "x").rsplit(".", 1)[0] + ".*"
     stream = n.envelope_stream
-    pub += [f"{n.prefix}.out.*.*", dead, *_kv_write(n.workers_bucket, lease_keys, apis)]
+    # Liveness pings between the workers of a group, answered on their own connection.
+    pub += [f"{n.prefix}.out.*.*", dead, pings, *_kv_write(n.workers_bucket, lease_keys, apis)]
+    sub.append(pings)
     for api in apis:
         pub.append(f"{api}.STREAM.PURGE.{stream}")
         for c in consumers:

@@ -313,3 +313,46 @@ async def test_rotating_a_user_refuses_its_old_seed(secured: Secured, tmp_path: 
         await SessionBus(secured.server.url, nkey_seed_file=str(old)).start()
     nc = await nats.connect(secured.server.url, nkeys_seed=secured.seed("acme", "client"))
     await nc.close()
+
+
+#: Every core-NATS subject Names builds: (a sample, may a client publish it, may a
+#: worker). Keys, filters, streams and buckets are covered through the KV and
+#: JetStream API subjects above; this table is about the bus's own subjects.
+SUBJECTS = {
+    "inbound": (N.inbound("s"), True, True),
+    "closed": (N.closed("s"), True, True),
+    "opened": (N.opened("s"), True, True),
+    "interrupt": (N.interrupt("s"), True, True),
+    "output": (N.output("s", "agent"), False, True),
+    "dead_letter": (N.dead_letter("g", "s"), False, True),
+    "worker_ping": (N.worker_ping("g", "w"), False, True),
+    "stored": (N.stored("s", PARTS), False, False),  # only the stream's transform writes it
+}
+#: Names that are not a subject anyone publishes on (keys, filters, names, helpers).
+NOT_SUBJECTS = {
+    "agent_output_all", "closed_all", "dead_letter_all", "dead_letter_stream",
+    "envelope_stream", "history_filter", "inbound_all", "interrupt_all", "lock_key",
+    "locks_bucket", "opened_all", "partition_filter", "partition_of", "partition_of_token",
+    "partition_transform", "prefix", "registry_bucket", "registry_call_filter",
+    "registry_close_filter", "registry_close_key", "registry_ids_of_key", "registry_key",
+    "registry_record_filter", "session_key", "session_of_key", "session_of_subject",
+    "session_record_filter", "session_timer_filter", "session_timer_key", "sessions_bucket",
+    "worker_consumer", "worker_group_filter", "worker_key", "worker_priority_group",
+    "workers_bucket",
+}
+
+
+def test_every_subject_the_bus_names_has_a_permission_decision() -> None:
+    # A new name in bus/_names.py fails here until bus/_permissions.py decides
+    # who may use it (and this table says so).
+    public = {n for n in dir(Names) if not n.startswith("_")}
+    assert public == set(SUBJECTS) | NOT_SUBJECTS
+    client, worker = role_permissions(Role.CLIENT), role_permissions(Role.WORKER)
+    for name, (subject, by_client, by_worker) in SUBJECTS.items():
+        assert client.allows_publish(subject) is by_client, name
+        assert worker.allows_publish(subject) is by_worker, name
+    for subject in (N.closed_all, N.opened_all, N.interrupt_all, N.agent_output_all("a")):
+        assert client.allows_subscribe(subject) and worker.allows_subscribe(subject), subject
+    assert worker.allows_subscribe(N.worker_ping("g", "w"))
+    assert not client.allows_subscribe(N.worker_ping("g", "w"))
+    assert not client.allows_subscribe(N.inbound_all)

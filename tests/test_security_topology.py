@@ -10,19 +10,24 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_procs import ROOT
 from sessionbus.bus import AuthenticationFailed, ConfigError, SessionBus
 from sessionbus.bus._permissions import Role
-from sessionbus.bus._server import NatsServer, ServerTls
+from sessionbus.bus._server import NatsServer, ServerTls, find_server_binary, free_port
 from sessionbus.bus.settings import BusSettings
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
 
 from sessionbus._auth import AuthDir
+from sessionbus._deployment import Deployment, generate
 from sessionbus._tls import init_ca, issue
 from sessionbus.testing import BusFactory, ServerFactory
 
@@ -164,3 +169,129 @@ def test_credentials_come_from_the_url_or_the_environment_and_never_show(
     with pytest.raises(ConfigError, match="not a readable file"):
         BusSettings.from_url("nats://h:4222?creds_file=/nonexistent/x.creds").connect_options()
     assert os.environ.get("SESSIONBUS_TOKEN") is None
+
+
+# -- the deploy configs themselves, run as processes ----------------------------------
+
+
+class ConfProcess:
+    """A nats-server started on a config file as written, stopped by PID."""
+
+    def __init__(self, conf: Path, http_port: int) -> None:
+        self.conf, self.http_port = conf, http_port
+        self.log = conf.with_suffix(".log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([find_server_binary(), "-c", str(conf)], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz",
+                                        timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[tuple[dict[str, int], Deployment]]:
+    """deploy/n1-n3.conf and edge.conf with their generated secrets, on loopback ports.
+
+    Only what cannot work on one host is rewritten: compose host names and
+    the fixed ports become 127.0.0.1 and free ports, container paths become
+    temporary directories. TLS, accounts, route and leaf credentials are
+    the files as shipped.
+    """
+    deployment = generate(tmp_path / "secrets")
+    names = ("n1", "n2", "n3", "edge")
+    ports = {f"{n}:{kind}": free_port() for n in names for kind in ("4222", "8222", "6222",
+                                                                     "7422")}
+    for include in ("routes.conf", "edge-remote.conf"):
+        path = tmp_path / "secrets" / include
+        text = path.read_text()
+        for n in names:
+            for kind in ("6222", "7422"):
+                text = text.replace(f"@{n}:{kind}", f"@127.0.0.1:{ports[f'{n}:{kind}']}")
+        path.write_text(text)
+    procs: list[ConfProcess] = []
+    try:
+        for n in names:
+            text = (ROOT / "deploy" / f"{n}.conf").read_text()
+            text = text.replace("/etc/nats/secrets", str(tmp_path / "secrets"))
+            text = text.replace("/data/jetstream", str(tmp_path / "data" / n))
+            for kind in ("4222", "8222", "6222", "7422"):
+                text = text.replace(f"0.0.0.0:{kind}", f"127.0.0.1:{ports[f'{n}:{kind}']}")
+            conf = tmp_path / f"{n}.conf"
+            conf.write_text(text)
+            procs.append(ConfProcess(conf, ports[f"{n}:8222"]))
+        wait_until(lambda: all(p.healthy() for p in procs),
+                   "the cluster and the edge to be healthy", within=30)
+        yield ports, deployment
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def test_the_deploy_configs_serve_an_edge_client_only_with_credentials(
+    deployment: tuple[dict[str, int], Deployment], bus_factory: BusFactory,
+) -> None:
+    all_ports, secrets_ = deployment
+    ports = {n: all_ports[f"{n}:4222"] for n in ("n1", "n2", "n3", "edge")}
+    ca = str(secrets_.ca_file)
+    cluster = ",".join(f"tls://127.0.0.1:{ports[n]}" for n in ("n1", "n2", "n3"))
+    seed = {r: str(secrets_.seed_file("default", r.value)) for r in Role}
+    admin = await bus_factory(f"{cluster}?replicas=3&partitions=4&tls_ca_file={ca}",
+                              nkey_seed_file=seed[Role.ADMIN])
+    await admin.close()
+    worker_bus = await bus_factory(f"{cluster}?tls_ca_file={ca}",
+                                   nkey_seed_file=seed[Role.WORKER])
+    edge_client = await bus_factory(f"tls://127.0.0.1:{ports['edge']}?domain=hub"
+                                    f"&tls_ca_file={ca}", nkey_seed_file=seed[Role.CLIENT])
+
+    async def handle(turn: Turn) -> None:
+        if turn.envelope.sender_id == "edge-user":
+            await turn.reply(f"cluster: {turn.envelope.content}")
+
+    worker = Worker(worker_bus, group="echo", handler=handle, config=FAST)
+    await worker.start()
+    try:
+        session = await edge_client.open(participant="edge-user")
+        await session.send("hi")
+        deadline = time.monotonic() + 20
+        texts: list[str] = []
+        while "cluster: hi" not in texts and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            texts = [e.content async for e in session.history()]
+        assert texts == ["hi", "cluster: hi"]
+    finally:
+        await worker.stop()
+    for url in (f"tls://127.0.0.1:{ports['n1']}?tls_ca_file={ca}",
+                f"tls://127.0.0.1:{ports['edge']}?domain=hub&tls_ca_file={ca}"):
+        with pytest.raises(AuthenticationFailed):
+            await SessionBus(url).start()
+    # A route without the cluster's credentials is refused.
+    intruder_conf = Path(str(secrets_.root)).parent / "intruder.conf"
+    intruder_conf.write_text(
+        "server_name: intruder\nlisten: 127.0.0.1:-1\n"
+        f"http: 127.0.0.1:{(http := free_port())}\n"
+        "cluster {\n  name: sessionbus\n  listen: 127.0.0.1:-1\n"
+        f"  routes: [\"nats-route://127.0.0.1:{all_ports['n1:6222']}\"]\n"
+        f"  tls {{ cert_file: \"{secrets_.root}/tls/n1.pem\", "
+        f"key_file: \"{secrets_.root}/tls/n1-key.pem\", ca_file: \"{ca}\" }}\n}}\n")
+    intruder = ConfProcess(intruder_conf, http)
+    try:
+        await asyncio.to_thread(wait_until, lambda: "authoriz" in intruder.log.read_text()
+                                .lower() or "authentication" in intruder.log.read_text().lower(),
+                                "n1 to refuse a route without credentials")
+    finally:
+        intruder.stop()
+
