@@ -122,6 +122,11 @@ def _client(n: Names, apis: Sequence[str]) -> tuple[list[str], list[str]]:
         # created, changed or deleted from here.
         for stream in (n.envelope_stream, *kv_streams):
             pub += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.INFO.{stream}.*"]
+        # Listing a bucket past what one Direct Get returns uses a short-lived
+        # named pull consumer; buckets have no consumer of the workers'.
+        for stream in kv_streams:
+            pub += [f"{api}.CONSUMER.CREATE.{stream}.*", f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+                    f"{api}.CONSUMER.DELETE.{stream}.*"]
     pub += [f"$JS.FC.{stream}.>" for stream in (n.envelope_stream, *kv_streams)]
     sub = [f"{INBOX_PREFIX}.>", n.closed_all, n.opened_all, n.interrupt_all,
            f"{n.prefix}.out.>"]

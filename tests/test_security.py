@@ -228,6 +228,10 @@ async def test_a_client_cannot_touch_the_control_plane_it_is_not_entitled_to(
         timeout=2)
     assert "error" in json.loads(reply.data) or not json.loads(reply.data)["config"].get(
         "durable_name")
+    # A bucket listing past one Direct Get (1,024 keys) reads through a named
+    # consumer of the bucket's stream: allowed there, never on the envelopes.
+    assert not await client.denied(f"$JS.API.CONSUMER.CREATE.KV_{N.registry_bucket}.scan_1")
+    assert await client.denied(f"$JS.API.CONSUMER.CREATE.{stream}.scan_1")
     # What a client does through the library is allowed.
     for subject in (N.inbound("s1"), N.closed("s1"), N.interrupt("s1"),
                     f"$KV.{N.sessions_bucket}.{N.session_key('s1')}"):
@@ -356,3 +360,16 @@ def test_every_subject_the_bus_names_has_a_permission_decision() -> None:
     assert worker.allows_subscribe(N.worker_ping("g", "w"))
     assert not client.allows_subscribe(N.worker_ping("g", "w"))
     assert not client.allows_subscribe(N.inbound_all)
+
+
+async def test_a_client_lists_a_bucket_of_more_keys_than_one_direct_get_returns(
+    provisioned: Secured, bus_factory: BusFactory,
+) -> None:
+    url = provisioned.server.url
+    admin = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "admin"))
+    acks = [await admin.js.publish_async(f"$KV.{N.registry_bucket}.call.s{i}", b"x")
+            for i in range(1100)]
+    await asyncio.gather(*acks)
+    client = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "client"))
+    entries = await client.registry_kv.list("call.*")
+    assert len(entries) == 1100
