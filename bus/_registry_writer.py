@@ -87,9 +87,12 @@ class RecordWriter:
 
     async def heartbeat(
         self, storage: RegistryBackend, key: str, call_id: str, session_id: str,
-        metrics: Metrics | None,
+        metrics: Metrics | None, *, metrics_type: str | None = None,
     ) -> None:
-        """Restart the record's TTL, replacing its metrics if given (see the module)."""
+        """Restart the record's TTL, replacing its metrics if given (see the module).
+
+        ``metrics_type`` names the class the metrics were given as (None: a dict).
+        """
         # One heartbeat per key at a time in this process: concurrent ones
         # would only make each other's compare-and-set fail.
         lock = self._locks.get(key)
@@ -97,14 +100,14 @@ class RecordWriter:
             lock = self._locks[key] = asyncio.Lock()
         try:
             async with lock:
-                await self._heartbeat(storage, key, call_id, session_id, metrics)
+                await self._heartbeat(storage, key, call_id, session_id, metrics, metrics_type)
         finally:
             if not lock.locked() and self._locks.get(key) is lock:
                 del self._locks[key]
 
     async def _heartbeat(
         self, storage: RegistryBackend, key: str, call_id: str, session_id: str,
-        metrics: Metrics | None,
+        metrics: Metrics | None, metrics_type: str | None = None,
     ) -> None:
         written = self.written.get(key)
         base = written.body if written is not None else None
@@ -134,7 +137,7 @@ class RecordWriter:
                     raise SessionExpired(session_id, call_id)
                 logger.info("registry record of session %r (call %r) had expired: "
                             "writing it again", session_id, call_id)
-            body = self._next_body(call_id, session_id, base, now, metrics)
+            body = self._next_body(call_id, session_id, base, now, metrics, metrics_type)
             try:
                 revision = await storage.write(key, encode(body), self.ttl, last=last)
             except KeyConflict:
@@ -147,7 +150,7 @@ class RecordWriter:
 
     def _next_body(
         self, call_id: str, session_id: str, base: dict[str, Any] | None, now: float,
-        metrics: Metrics | None,
+        metrics: Metrics | None, metrics_type: str | None = None,
     ) -> dict[str, Any]:
         # Fields this code does not know (written by a newer version) are kept.
         body: dict[str, Any] = dict(base) if base is not None else {
@@ -159,6 +162,10 @@ class RecordWriter:
         if metrics is not None:
             body["metrics"] = metrics
             body["metrics_updated_at"] = now
+            if metrics_type is None:
+                body.pop("metrics_type", None)
+            else:
+                body["metrics_type"] = metrics_type
         body["expires_at"] = now + self.ttl
         return body
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -74,6 +75,19 @@ from sessionbus.schemas.session import SessionInfo
 __all__ = ["ExpiredSession", "SessionRegistry"]
 
 logger = logging.getLogger(__name__)
+
+#: Metrics as a dict, or an object with ``to_dict()`` (Vision Agents' AgentMetrics).
+MetricsLike = Mapping[str, int | float | None] | Any
+
+
+def _loaded_metrics_type(name: str) -> type | None:
+    """The class ``module:qualname`` if this process already loaded it (never imports)."""
+    module_name, _, qualname = name.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None else None
+    return obj if isinstance(obj, type) and callable(getattr(obj, "from_dict", None)) else None
+
 
 #: Heartbeats one refresh() keeps in flight.
 _REFRESH_CONCURRENCY = 64
@@ -117,6 +131,7 @@ class SessionRegistry:
         recreate_expired: bool = True,
         tombstone_ttl: float | None = None,
         poll_interval: float = 0.5,
+        metrics_type: type | None = None,
     ) -> None:
         checked = check_ttl(ttl, "ttl")
         assert checked is not None
@@ -147,6 +162,11 @@ class SessionRegistry:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        self._start_lock = asyncio.Lock()
+        self._service_added = False
+        self._metrics_types: dict[str, type] = {}
+        if metrics_type is not None:
+            self._learn_metrics_type(metrics_type)
 
     # -- properties and lifecycle --------------------------------------------
 
@@ -176,30 +196,38 @@ class SessionRegistry:
         await self.stop()
 
     async def start(self) -> None:
-        """Open the store (starting a bus of its own when given none)."""
-        if self._backend is not None:
-            return
-        if self._stopped.is_set():
-            raise BusClosedError("this registry was stopped; create a new one")
-        store = self._store
-        if store is None:
-            self._own_bus = store = SessionBus()
-            self._names = store.names
-            await store.start()
-        if isinstance(store, SessionBus):
-            if not store.started:
-                raise BusClosedError("the registry's SessionBus is not started")
-            backend: RegistryBackend = BucketBackend(store.registry_kv, store.names)
-            if store is not self._own_bus:
-                store.add_service(self)  # the bus's close() stops this registry first
-        else:
-            backend = StoreBackend(store, self._names)
-            await backend.start()
-        self._backend = backend
+        """Open the store (starting a bus of its own when given none).
+
+        A stopped registry may be started again; any method starts a
+        registry that was never started (or was stopped) on first use.
+        """
+        async with self._start_lock:
+            if self._backend is not None:
+                return
+            self._stopped = asyncio.Event()
+            store = self._store
+            if store is None:
+                self._own_bus = store = SessionBus()
+                self._names = store.names
+                await store.start()
+            if isinstance(store, SessionBus):
+                if not store.started:
+                    raise BusClosedError("the registry's SessionBus is not started")
+                backend: RegistryBackend = BucketBackend(store.registry_kv, store.names)
+                if store is not self._own_bus and not self._service_added:
+                    store.add_service(self)  # the bus's close() stops this registry first
+                    self._service_added = True
+            else:
+                backend = StoreBackend(store, self._names)
+                await backend.start()
+            self._backend = backend
 
     async def stop(self) -> None:
-        """End the iterators and callbacks, close the store (or the bus it started)."""
-        if self._stopped.is_set():
+        """End the iterators and callbacks, close the store (or the bus it started).
+
+        :meth:`start` (or any use) opens it again.
+        """
+        if self._stopped.is_set() or self._backend is None:
             return
         self._stopped.set()
         for task in list(self._tasks):
@@ -210,20 +238,27 @@ class SessionRegistry:
         backend, self._backend = self._backend, None
         if isinstance(backend, StoreBackend):
             await backend.close()
-        if self._own_bus is not None:
-            await self._own_bus.close()
+        own, self._own_bus = self._own_bus, None
+        if own is not None:
+            await own.close()
 
     def _storage(self) -> RegistryBackend:
         if self._backend is None or self._stopped.is_set():
             raise BusClosedError("the registry is not started (use 'async with SessionRegistry()')")
         return self._backend
 
+    async def _ready(self) -> RegistryBackend:
+        """The open backend, starting the registry if it is not."""
+        if self._backend is None or self._stopped.is_set():
+            await self.start()
+        return self._storage()
+
     # -- records --------------------------------------------------------------
 
     async def register(self, call_id: str, session_id: str) -> None:
         """Write a new record for a session hosted on this node (replacing any)."""
         key = self._names.registry_key(call_id, session_id)
-        await self._writer.register(self._storage(), key, call_id, session_id)
+        await self._writer.register(await self._ready(), key, call_id, session_id)
 
     async def remove(self, call_id: str, session_id: str) -> None:
         """Delete a session's record and close flag.
@@ -233,7 +268,7 @@ class SessionRegistry:
         """
         key = self._names.registry_key(call_id, session_id)
         close_key = self._names.registry_close_key(call_id, session_id)
-        storage = self._storage()
+        storage = await self._ready()
         self._writer.forget(key)
         await asyncio.gather(
             storage.tombstone(key, self._tombstone_ttl),
@@ -246,12 +281,12 @@ class SessionRegistry:
         Raises :class:`~sessionbus.bus.errors.CorruptRecord` if the stored value is not a record.
         """
         key = self._names.registry_key(call_id, session_id)
-        raw = await self._storage().read(key)
+        raw = await (await self._ready()).read(key)
         if raw is None:
             return None
         info, body = decode_record(key, raw)
         check_names(key, info, call_id, session_id, raw)
-        return info if is_alive(body) else None
+        return self._typed(info, body) if is_alive(body) else None
 
     async def get_for_call(self, call_id: str) -> list[SessionInfo]:
         """Every live session of one call, on any node, listed by a server-side filter.
@@ -260,7 +295,7 @@ class SessionRegistry:
         """
         self._names.registry_call_filter(call_id)  # validates before any I/O
         out: list[SessionInfo] = []
-        for key, raw in await self._storage().list_call(call_id):
+        for key, raw in await (await self._ready()).list_call(call_id):
             try:
                 info, body = decode_record(key, raw)
                 _, session_id = self._names.registry_ids_of_key(key)
@@ -269,24 +304,56 @@ class SessionRegistry:
                 logger.warning("skipping registry record %r: %s", key, e)
                 continue
             if is_alive(body):
-                out.append(info)
+                out.append(self._typed(info, body))
         out.sort(key=lambda i: (i.started_at, i.session_id))
         return out
 
     # -- heartbeats -----------------------------------------------------------
 
     async def update_metrics(
-        self, call_id: str, session_id: str, metrics: dict[str, int | float | None]
+        self, call_id: str, session_id: str, metrics: MetricsLike
     ) -> None:
         """Replace a session's metrics and restart its TTL.
 
-        Raises :class:`~sessionbus.bus.errors.InvalidMetrics` unless ``metrics`` is a
-        dict of str -> int | float | None. An expired record is re-created
-        (or SessionExpired raised, see the class); a removed one is left alone.
+        ``metrics`` is a dict of str -> int | float | None, or an object with
+        ``to_dict()`` giving one (Vision Agents' ``AgentMetrics``): then
+        :meth:`get` and :meth:`get_for_call` hand such objects back, built
+        with the class's ``from_dict``, in every process where that class is
+        loaded. Raises :class:`~sessionbus.bus.errors.InvalidMetrics` for
+        anything else. An expired record is re-created (or SessionExpired
+        raised, see the class); a removed one is left alone.
         """
+        kind: str | None = None
+        if not isinstance(metrics, Mapping) and callable(getattr(metrics, "to_dict", None)):
+            kind = self._learn_metrics_type(type(metrics))
+            metrics = metrics.to_dict()
         checked = validate_metrics(metrics)
         key = self._names.registry_key(call_id, session_id)
-        await self._writer.heartbeat(self._storage(), key, call_id, session_id, checked)
+        await self._writer.heartbeat(await self._ready(), key, call_id, session_id, checked,
+                                     metrics_type=kind)
+
+    def _learn_metrics_type(self, cls: type) -> str | None:
+        """Remember a metrics class by its qualified name; None if it cannot rebuild itself."""
+        if not callable(getattr(cls, "from_dict", None)):
+            return None
+        name = f"{cls.__module__}:{cls.__qualname__}"
+        self._metrics_types[name] = cls
+        return name
+
+    def _typed(self, info: SessionInfo, body: Mapping[str, Any]) -> SessionInfo:
+        """``info`` with its metrics as the object type they were written from, if known here."""
+        name = body.get("metrics_type")
+        if not isinstance(name, str):
+            return info
+        cls = self._metrics_types.get(name) or _loaded_metrics_type(name)
+        if cls is None:
+            return info
+        try:
+            typed = cls.from_dict(dict(info.metrics))  # type: ignore[attr-defined]
+        except Exception as e:  # a foreign class that cannot read the dict: keep the dict
+            logger.warning("metrics of %s do not load as %s: %s", info.session_id, name, e)
+            return info
+        return info.model_copy(update={"metrics": typed})
 
     async def refresh(self, sessions: Mapping[str, str]) -> None:
         """Restart the TTL of every session in ``sessions`` (session id -> call id).
@@ -299,7 +366,7 @@ class SessionRegistry:
                               f"{type(sessions).__name__}")
         keys = [(self._names.registry_key(call_id, sid), call_id, sid)
                 for sid, call_id in sessions.items()]
-        storage = self._storage()
+        storage = await self._ready()
         limit = asyncio.Semaphore(_REFRESH_CONCURRENCY)
 
         async def one(key: str, call_id: str, sid: str) -> None:
@@ -318,7 +385,7 @@ class SessionRegistry:
         """Set a session's close flag, from any node; it lives ``ttl`` seconds."""
         key = self._names.registry_close_key(call_id, session_id)
         value = encode({"requested_at": time.time(), "node_id": self._node_id})
-        await self._storage().put(key, value, self._ttl)
+        await (await self._ready()).put(key, value, self._ttl)
 
     async def get_close_requests(self, sessions: Mapping[str, str]) -> list[str]:
         """The ids among ``sessions`` (session id -> call id) with a close flag set."""
@@ -327,7 +394,7 @@ class SessionRegistry:
                               f"{type(sessions).__name__}")
         ids = list(sessions)
         keys = [self._names.registry_close_key(sessions[sid], sid) for sid in ids]
-        values = await self._storage().read_many(keys)
+        values = await (await self._ready()).read_many(keys)
         return [sid for sid, value in zip(ids, values, strict=True) if value is not None]
 
     async def close_requests(self) -> AsyncIterator[str]:
@@ -337,7 +404,7 @@ class SessionRegistry:
         this node's if this registry wrote its record, or if its record
         names this node. Ends when the registry stops.
         """
-        storage = self._storage()
+        storage = await self._ready()
         if storage.watches:
             source = self._own_close_flags(storage)
         else:
@@ -380,7 +447,7 @@ class SessionRegistry:
         when the registry stops. With a SessionKVStore, only this node's
         sessions are watched, by polling.
         """
-        storage = self._storage()
+        storage = await self._ready()
         if storage.watches:
             source = watch_expiries(storage, self._names)
         else:

@@ -34,7 +34,7 @@ class SessionKVStore(Protocol):
     """
 
     async def set(
-        self, key: str, value: bytes, ttl: float, only_if_exists: bool = False
+        self, key: str, value: bytes, ttl: float, *, only_if_exists: bool = False
     ) -> bool | None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (an upsert).
 
@@ -47,7 +47,7 @@ class SessionKVStore(Protocol):
         """:meth:`set` each ``(key, value, ttl)``."""
         ...
 
-    async def expire(self, keys: Sequence[str], ttl: float) -> None:
+    async def expire(self, *keys: str, ttl: float) -> None:
         """Give existing ``keys`` a new TTL, values unchanged; absent keys are ignored."""
         ...
 
@@ -120,7 +120,7 @@ class InMemorySessionKVStore:
         return len(dead)
 
     async def set(
-        self, key: str, value: bytes, ttl: float, only_if_exists: bool = False
+        self, key: str, value: bytes, ttl: float, *, only_if_exists: bool = False
     ) -> bool:
         """Store ``value`` for ``ttl`` seconds; see :meth:`SessionKVStore.set`."""
         now = self._clock()
@@ -137,8 +137,12 @@ class InMemorySessionKVStore:
         for key, value, ttl in items:
             self._write(key, value, ttl, now)
 
-    async def expire(self, keys: Sequence[str], ttl: float) -> None:
-        """Restart the TTL of every live key in ``keys``."""
+    async def expire(self, *keys: str, ttl: float) -> None:
+        """Restart the TTL of every live key in ``keys`` (given one by one, as in VA)."""
+        for key in keys:
+            if not isinstance(key, str):
+                raise TypeError(f"expire(*keys, ttl): a key must be a str, not "
+                                f"{type(key).__name__}")
         checked = check_ttl(ttl)
         assert checked is not None
         now = self._clock()

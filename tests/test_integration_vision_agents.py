@@ -154,3 +154,60 @@ async def test_vision_agents_registry_runs_on_it(bus_factory: BusFactory,
             await asyncio.sleep(0.05)
         raw = await node_b._store.get("sessions/call-1/s2")
         assert json.loads(raw)["node_id"] == "b"
+
+
+class _Metrics:
+    """A metrics object in the shape of Vision Agents' AgentMetrics."""
+
+    def __init__(self, values: dict[str, float | int | None]) -> None:
+        self.values = values
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return dict(self.values)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float | int | None]) -> _Metrics:
+        return cls(dict(data))
+
+
+async def test_bus_registry_takes_and_returns_metrics_objects(bus: SessionBus) -> None:
+    from sessionbus.bus.registry import SessionRegistry
+
+    writer = SessionRegistry(bus, node_id="w")
+    reader = SessionRegistry(bus, node_id="r")  # never started by hand: first use opens it
+    await writer.register("call", "s1")
+    await writer.register("call", "s2")
+    await writer.update_metrics("call", "s1", _Metrics({"llm_latency_ms__avg": 42.0}))
+    await writer.update_metrics("call", "s2", {"tokens": 3})  # dicts still work
+    info = await reader.get("call", "s1")
+    assert info is not None and isinstance(info.metrics, _Metrics)  # class loaded here
+    assert info.metrics.values == {"llm_latency_ms__avg": 42.0}
+    by_id = {i.session_id: i.metrics for i in await reader.get_for_call("call")}
+    assert by_id["s2"] == {"tokens": 3}
+    await writer.stop()
+    await writer.start()  # start, stop, start
+    await writer.update_metrics("call", "s1", {"plain": 1})
+    info = await reader.get("call", "s1")
+    assert info is not None and info.metrics == {"plain": 1}
+
+
+async def test_vision_agents_launcher_heartbeats_keep_a_bus_registry_record(
+        bus: SessionBus) -> None:
+    agent_mod = pytest.importorskip(
+        "vision_agents.core.observability.agent",
+        reason="vision-agents is not installed (pip install 'sessionbus[vision-agents]')",
+    )
+    from sessionbus.bus.registry import SessionRegistry
+
+    registry = SessionRegistry(bus, ttl=0.6)
+    async with registry:
+        await registry.register("call", "s")
+        for i in range(4):  # heartbeats outlast the ttl several times over
+            metrics = agent_mod.AgentMetrics()
+            metrics.llm_input_tokens__total.inc(i + 1)
+            await registry.update_metrics("call", "s", metrics)
+            await asyncio.sleep(0.3)
+        info = await SessionRegistry(bus).get("call", "s")
+        assert info is not None
+        assert isinstance(info.metrics, agent_mod.AgentMetrics)
+        assert info.metrics.llm_input_tokens__total.value() == 4

@@ -328,10 +328,14 @@ async def test_iterators_and_callbacks_end_when_the_registry_stops(bus: SessionB
     await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
     assert callback.done()
     await reg.stop()  # idempotent
-    with pytest.raises(BusClosedError):
-        await reg.register("c", "s")
-    with pytest.raises(BusClosedError):
-        await reg.start()
+    assert tasks[0].done() and not reg.started
+    # Start, stop, start: a stopped registry opens again, by start() or by use.
+    await reg.register("c", "s2")
+    assert reg.started and (await reg.get("c", "s2")) is not None
+    await reg.stop()
+    await reg.start()
+    assert [i.session_id for i in await reg.get_for_call("c")] == ["s", "s2"]
+    await reg.stop()
 
 
 async def _true(value: bool) -> bool:
@@ -482,10 +486,13 @@ async def test_undecodable_records_are_reported_or_skipped(
 # -- lifecycle and stores -----------------------------------------------------
 
 
-async def test_use_before_start_and_unstarted_bus(nats_server: NatsServer) -> None:
-    reg = SessionRegistry()
-    with pytest.raises(BusClosedError):
-        await reg.get("c", "s")
+async def test_use_before_start_and_unstarted_bus(nats_server: NatsServer,
+                                                  bus: SessionBus) -> None:
+    reg = SessionRegistry(bus)  # a registry on a started bus needs no start() of its own
+    await reg.register("c", "s")
+    assert (await reg.get("c", "s")) is not None
+    with pytest.raises(BusClosedError):  # a callback needs a started registry to end it
+        SessionRegistry(bus).on_close_request(print)
     with pytest.raises(BusClosedError):
         await SessionRegistry(SessionBus(nats_server.url)).start()
 
@@ -532,7 +539,7 @@ async def test_in_memory_store_honours_ttls_and_the_interface() -> None:
     assert sorted(await store.keys("a.")) == ["a.1", "a.2"]
     clock.now += 0.5
     assert await store.get("a.1") is None
-    await store.expire(["a.2", "gone"], 1)
+    await store.expire("a.2", "gone", ttl=1)
     clock.now += 0.9
     assert await store.get("a.2") == b"y"
     clock.now += 0.2
