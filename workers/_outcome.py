@@ -46,7 +46,7 @@ class CancelReason(StrEnum):
 class Running:
     """A turn in progress: its held envelope, task and interrupt flag."""
 
-    __slots__ = ("cancel_reason", "finished", "held", "interrupted", "task")
+    __slots__ = ("cancel_reason", "finished", "held", "interrupted", "started", "task")
 
     def __init__(self, held: Held) -> None:
         self.held = held
@@ -55,6 +55,9 @@ class Running:
         #: Set once the handler returned: from then on only settling is left,
         #: which is never cancelled by an interrupt or a close.
         self.finished = False
+        #: Set when the task begins: a task cancelled before that would never
+        #: run its cleanup, so such a cancel is only recorded (the turn checks it).
+        self.started = False
         self.task: asyncio.Task[None] | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
@@ -63,5 +66,6 @@ class Running:
             return False
         self.cancel_reason = reason
         self.interrupted.set()
-        self.task.cancel()
+        if self.started:
+            self.task.cancel()
         return True

@@ -275,8 +275,11 @@ class Scheduler:
     async def _turn(self, session: _Session, run: Running) -> None:
         held = run.held
         outcome: Outcome | None
+        run.started = True
         try:
             try:
+                if run.cancel_reason is not None:  # cancelled before it began
+                    raise asyncio.CancelledError
                 outcome = await self._execute(held, run)
             except asyncio.CancelledError:
                 if run.cancel_reason is None:
