@@ -40,7 +40,8 @@ from nats.js import api
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
-from sessionbus.schemas import Envelope, decode, encode
+from sessionbus.bus.errors import SessionExists
+from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
 from sessionbus.workers import Turn, Worker
 from sessionbus.workers._membership import Lease, assign
 
@@ -141,6 +142,18 @@ def envelopes(count: int, sessions: int, tag: str) -> list[Envelope]:
                      event_data={"text": "x" * 64}) for i in range(count)]
 
 
+async def create_records(sb: SessionBus, session_ids: list[str]) -> None:
+    """Create the session records (no idle TTL), 256 at a time."""
+    limit = asyncio.Semaphore(256)
+
+    async def create(sid: str) -> None:
+        async with limit:
+            with contextlib.suppress(SessionExists):
+                await sb.lifecycle.create(SessionMetadata(session_id=sid, ttl_seconds=None))
+
+    await asyncio.gather(*(create(sid) for sid in session_ids))
+
+
 async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[None]],
                           samples: int, tag: str) -> tuple[float, float]:
     """Send one envelope at a time into an idle session; p50/p99 start delay in us."""
@@ -191,6 +204,9 @@ async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int
                         return False
                 return True
 
+            # Workers run only sessions that exist: create the records untimed.
+            await create_records(sb, [f"{prefix}-{i}" for i in range(sessions)]
+                                 + [f"{prefix}-idle-{i}" for i in range(samples)])
             batch = [(sb.names.inbound(e.session_id), encode(e), e.envelope_id)
                      for e in envelopes(count, sessions, prefix)]
             start = time.perf_counter()
