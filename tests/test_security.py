@@ -20,6 +20,7 @@ from typing import Any
 
 import nats
 import pytest
+from jwt_creds import Operator
 from nats.aio.client import Client
 from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus
 from sessionbus.bus._names import Names
@@ -81,11 +82,11 @@ class Raw:
         self.errors: list[str] = []
         self.sentinels = 0
 
-    async def connect(self, url: str, seed: str) -> Raw:
-        async def on_error(e: Exception) -> None:
-            self.errors.append(str(e).lower())
+    async def on_error(self, e: Exception) -> None:
+        self.errors.append(str(e).lower())
 
-        await self.nc.connect(url, nkeys_seed=seed, error_cb=on_error,
+    async def connect(self, url: str, seed: str) -> Raw:
+        await self.nc.connect(url, nkeys_seed=seed, error_cb=self.on_error,
                               allow_reconnect=False)
         return self
 
@@ -373,3 +374,31 @@ async def test_a_client_lists_a_bucket_of_more_keys_than_one_direct_get_returns(
     client = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "client"))
     entries = await client.registry_kv.list("call.*")
     assert len(entries) == 1100
+
+
+async def test_creds_files_of_an_operator_setup_connect_with_role_permissions(
+    tmp_path: Path, nats_server_factory: Any, bus_factory: BusFactory, raw: Any,
+) -> None:
+    operator = Operator.new()
+    server = nats_server_factory(name="operator", extra_config=operator.server_config())
+    files = {}
+    for role in Role:
+        files[role] = tmp_path / f"{role.value}.creds"
+        files[role].write_text(operator.creds(role.value, role_permissions(role)))
+    admin = await bus_factory(server.url, partitions=PARTS, creds_file=str(files[Role.ADMIN]))
+    await admin.close()
+    client = await bus_factory(server.url, creds_file=str(files[Role.CLIENT]))
+    session = await client.open(participant="alice")
+    await session.send("over a .creds user")
+    assert [e.content async for e in session.history()] == ["over a .creds user"]
+    with pytest.raises(AuthenticationFailed):
+        await SessionBus(server.url).start()
+    conn = Raw()
+    conn.nc = Client()
+    await conn.nc.connect(server.url, user_credentials=str(files[Role.CLIENT]),
+                          error_cb=conn.on_error, allow_reconnect=False)
+    try:
+        assert await conn.denied(f"$KV.{N.workers_bucket}.{N.worker_key('g', 'forged')}")
+        assert not await conn.denied(N.inbound("s1"))
+    finally:
+        await conn.nc.close()

@@ -295,3 +295,23 @@ async def test_the_deploy_configs_serve_an_edge_client_only_with_credentials(
     finally:
         intruder.stop()
 
+
+
+async def test_a_server_that_verifies_clients_needs_their_certificate(
+    tls_dir: Path, nats_server_factory: ServerFactory, bus_factory: BusFactory,
+) -> None:
+    tls = server_tls(tls_dir, "hub")
+    server = nats_server_factory(name="mtls", tls=ServerTls(
+        cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
+        verify_clients=True))
+    client = issue(tls_dir, "alice")  # a client certificate: no host names
+    ca = str(tls_dir / "ca.pem")
+    started = time.monotonic()
+    with pytest.raises(AuthenticationFailed):
+        await SessionBus(f"{server.url}?tls_ca_file={ca}").start()
+    assert time.monotonic() - started < 3
+    bus = await bus_factory(f"{server.url}?tls_ca_file={ca}&tls_cert_file={client.cert_file}"
+                            f"&tls_key_file={client.key_file}")
+    session = await bus.open()
+    await session.send("over mutual TLS")
+    assert [e.content async for e in session.history()] == ["over mutual TLS"]
