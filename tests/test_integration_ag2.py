@@ -170,3 +170,57 @@ async def test_two_processes_serve_one_session_one_turn_at_a_time(
         assert start.endswith(":start") and end.startswith(start[: -len("start")] + "end:")
         assert int(end.rsplit(":", 1)[1]) == i + 1  # it saw every earlier turn's events
     assert {h.split(":")[0] for h in history} == {"p1", "p2"}
+
+
+class _Recording:
+    """An AG2 model config that answers "ok" and records what each turn was sent."""
+
+    def __init__(self) -> None:
+        from ag2.testing import TestConfig
+
+        self.inner = TestConfig("ok", "ok", "ok", "ok")
+        self.calls: list[int] = []
+
+    def copy(self) -> _Recording:
+        return self
+
+    def create(self) -> object:
+        client = self.inner.create()
+        calls = self.calls
+
+        async def call(messages: list[object], context: object, **kwargs: object) -> object:
+            calls.append(len(list(messages)))
+            return await client(messages, context=context, **kwargs)
+
+        return call
+
+
+async def test_two_mcp_replicas_continue_one_session(nats_server: NatsServer) -> None:
+    store_cls = _mcp_store()
+    from types import SimpleNamespace
+
+    from ag2 import Agent
+    from ag2.mcp import MCPServer
+    from ag2.mcp.executor import AgentExecutor
+    from ag2.mcp.sessions import SessionConfig
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    from sessionbus.integrations.ag2 import use_session_store
+
+    config = _Recording()
+    stores = [store_cls(servers=nats_server.url, ttl=60) for _ in range(2)]
+    replicas = [AgentExecutor(Agent("a", config=config), stream_progress=False,  # type: ignore[arg-type]
+                              session_store=s) for s in stores]
+    rc = SimpleNamespace(request=SimpleNamespace(headers={"mcp-session-id": "mcp-1"}),
+                         protocol_version=LATEST_HANDSHAKE_VERSION)
+    try:
+        await replicas[0].call("ask", message="first", request_context=rc)
+        await replicas[1].call("ask", message="second", request_context=rc)
+        assert len(config.calls) == 2 and config.calls[1] > config.calls[0]  # history carried
+        server = MCPServer(Agent("a", config=config), sessions=SessionConfig(ttl=60))  # type: ignore[arg-type]
+        use_session_store(server, stores[0])
+        assert server._executor._session_store is stores[0]
+        assert stores[0].on_evict == server._paused_runs.discard_conversation
+    finally:
+        for s in stores:
+            await s.close()
