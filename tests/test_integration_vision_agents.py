@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -211,3 +214,79 @@ async def test_vision_agents_launcher_heartbeats_keep_a_bus_registry_record(
         assert info is not None
         assert isinstance(info.metrics, agent_mod.AgentMetrics)
         assert info.metrics.llm_input_tokens__total.value() == 4
+
+
+_VA_NODE = textwrap.dedent("""
+    import asyncio, sys
+    from vision_agents.core.agents.session_registry import SessionRegistry
+    from vision_agents.core.observability.agent import AgentMetrics
+    from sessionbus.integrations.vision_agents import NatsSessionKVStore
+
+    async def main():
+        url, node = sys.argv[1], sys.argv[2]
+        mine = {f"{node}-s{i}": "call-1" for i in range(3)}
+        async with SessionRegistry(store=NatsSessionKVStore(url), node_id=node, ttl=0.6) as reg:
+            for sid in mine:
+                await reg.register("call-1", sid)
+            print("ready", flush=True)
+            beats = 0
+            stop = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(
+                None, sys.stdin.read))
+            while not stop.done():  # the launcher's maintenance loop, every 0.15 s
+                beats += 1
+                for sid in list(mine):
+                    metrics = AgentMetrics()
+                    metrics.llm_input_tokens__total.inc(beats)
+                    await reg.update_metrics("call-1", sid, metrics)
+                for sid in await reg.get_close_requests(mine):
+                    await reg.remove("call-1", sid)
+                    del mine[sid]
+                    print("closed", sid, flush=True)
+                await asyncio.sleep(0.15)
+            for sid in mine:
+                await reg.remove("call-1", sid)
+
+    asyncio.run(main())
+""")
+
+
+async def test_two_processes_share_one_call(nats_server: NatsServer) -> None:
+    registry_mod = pytest.importorskip(
+        "vision_agents.core.agents.session_registry",
+        reason="vision-agents is not installed (pip install 'sessionbus[vision-agents]')",
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _VA_NODE, nats_server.url, node,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for node in ("n1", "n2")
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line.strip() == b"ready", (await proc.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+        async with registry_mod.SessionRegistry(store=NatsSessionKVStore(nats_server.url)) as reg:
+            await asyncio.sleep(1.0)  # longer than the ttl: only heartbeats keep the records
+            infos = await reg.get_for_call("call-1")
+            assert sorted(i.session_id for i in infos) == [
+                "n1-s0", "n1-s1", "n1-s2", "n2-s0", "n2-s1", "n2-s2"]
+            assert {i.node_id for i in infos} == {"n1", "n2"}
+            assert all(i.metrics.llm_input_tokens__total.value() >= 1 for i in infos)
+            await reg.request_close("call-1", "n1-s1")  # from a third node
+            assert procs[0].stdout is not None
+            line = await asyncio.wait_for(procs[0].stdout.readline(), 10)
+            assert line.strip() == b"closed n1-s1"
+            left = sorted(i.session_id for i in await reg.get_for_call("call-1"))
+            assert left == ["n1-s0", "n1-s2", "n2-s0", "n2-s1", "n2-s2"]
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                assert await asyncio.wait_for(proc.wait(), 30) == 0
+            assert await reg.get_for_call("call-1") == []
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
