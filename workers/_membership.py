@@ -34,6 +34,7 @@ from sessionbus.bus.errors import BusError, KeyConflict, WorkerError
 from sessionbus.schemas import decode_map, encode
 from sessionbus.schemas.errors import DecodeError
 from sessionbus.workers._cancel import cancel_and_wait
+from sessionbus.workers._liveness import Liveness
 from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["Lease", "Membership", "assign"]
@@ -150,6 +151,13 @@ class Membership:
         # A member whose lease was not seen written for this long is taken as
         # gone even if its expiry marker never reached this watcher.
         self._stale_after = 2.0 * wire_ttl(config.lease_ttl) + 1.0
+        # A member that does not answer pings from a live connection for as
+        # long is ignored: a lease anyone wrote is not a worker.
+        self._liveness = Liveness(
+            bus, group=group, worker_id=worker_id, interval=config.refresh_interval,
+            bound=self._stale_after, members=lambda: list(self._members),
+            on_change=self.changed.set,
+        )
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -164,6 +172,7 @@ class Membership:
         loop = asyncio.get_running_loop()
         for entry in await self._kv.list(self._filter):
             self._apply_put(entry.key, entry.value, entry.revision, loop.time())
+        await self._liveness.start()
         self._tasks = [
             asyncio.create_task(self._watch(), name=f"lease-watch:{self.worker_id}"),
             asyncio.create_task(self._refresh_loop(), name=f"lease-refresh:{self.worker_id}"),
@@ -188,6 +197,7 @@ class Membership:
         """Stop the background tasks without touching the lease (it expires)."""
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
+        await self._liveness.stop()
 
     # -- own lease ----------------------------------------------------------
 
@@ -312,6 +322,15 @@ class Membership:
         except DecodeError:
             logger.warning("ignoring malformed lease %r in group %s", key, self.group)
             return
+        try:
+            expected = self._bus.names.worker_key(self.group, lease.worker_id)
+        except BusError:
+            expected = None
+        if key != expected:
+            logger.warning("ignoring lease %r in group %s: it names worker %r", key,
+                           self.group, lease.worker_id)
+            return
+        self._liveness.seen(lease.worker_id)
         current = self._members.get(lease.worker_id)
         if current is not None and current.revision >= revision:
             return
@@ -326,6 +345,7 @@ class Membership:
         current = self._members.get(worker_id)
         if current is not None and current.revision < revision:
             del self._members[worker_id]
+            self._liveness.gone(worker_id)
             self.changed.set()
 
     def members(self) -> dict[str, Lease]:
@@ -334,6 +354,7 @@ class Membership:
         out = {
             wid: m.lease for wid, m in self._members.items()
             if wid != self.worker_id and now - m.seen < self._stale_after
+            and self._liveness.alive(wid)
         }
         if not self.lost.is_set():
             out[self.worker_id] = self._lease
