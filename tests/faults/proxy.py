@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable, Coroutine
 from types import TracebackType
+from typing import Any
 
 __all__ = ["LinkProxy"]
 
@@ -77,11 +79,10 @@ class LinkProxy:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def _call(self, fn: object) -> None:
+    def _call(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``fn`` (a coroutine function) on the proxy's loop and wait for it."""
         assert self._loop is not None
-        fut = asyncio.run_coroutine_threadsafe(fn(), self._loop)  # type: ignore[operator]
-        fut.result(timeout=10)
+        asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout=10)
 
     def cut(self) -> None:
         """Close every live connection (both directions) and refuse new ones."""

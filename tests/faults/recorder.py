@@ -26,6 +26,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Ack", "Report", "Stored", "TurnRun", "check", "read_acks", "read_turns"]
 
@@ -311,7 +312,7 @@ def _failover(acks: list[Ack], completed: dict[tuple[str, int], float],
     return longest
 
 
-def _lines(path: str) -> Iterable[dict[str, object]]:
+def _lines(path: str) -> Iterable[dict[str, Any]]:
     """Complete JSON lines of a log (a torn last line of a killed process is skipped)."""
     if not os.path.exists(path):
         return
@@ -325,7 +326,7 @@ def read_turns(paths: Iterable[str]) -> list[TurnRun]:
     """Turns from worker logs written with ``--log-starts`` (see ``tests/worker_proc.py``)."""
     out: list[TurnRun] = []
     for path in paths:
-        opened: dict[tuple[object, ...], dict[str, object]] = {}
+        opened: dict[tuple[Any, ...], dict[str, Any]] = {}
         for d in _lines(path):
             key = (d["worker"], d["sid"], d["seq"], d["attempt"])
             ev = d.get("ev")
@@ -342,7 +343,7 @@ def read_turns(paths: Iterable[str]) -> list[TurnRun]:
     return out
 
 
-def _turn(d: dict[str, object], *, end: float | None, cancelled: bool = False) -> TurnRun:
+def _turn(d: dict[str, Any], *, end: float | None, cancelled: bool = False) -> TurnRun:
     start = d["t"] if "t" in d else d["start"]
     return TurnRun(sid=str(d["sid"]), idx=int(d["idx"]), worker=str(d["worker"]),
                    start=float(start), end=end, seq=int(d["seq"]),

@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from harness import Run, Timeout, read_stored, wait_members
@@ -87,6 +88,10 @@ async def _finish(run: Run, sb: SessionBus, name: str, t0: float, *, within: flo
 
 def _acked(run: Run) -> int:
     return len(run.acks())
+
+
+def _reached(run: Run, count: int) -> bool:
+    return _acked(run) >= count
 
 
 def _expect_cut(run: Run, outcome: Outcome, worker: str, killed_at: float) -> None:
@@ -184,7 +189,7 @@ async def server_restart(tmp: Path, *, cycles: int = 2, down: float = 4.0) -> Ou
             first_kill: float | None = None
             for cycle in range(cycles):
                 share = total * (cycle + 1) // (cycles + 2)
-                await run.wait_for(f"{share} acked", lambda s=share: _acked(run) >= s, 60)
+                await run.wait_for(f"{share} acked", partial(_reached, run, share), 60)
                 at = time.time()
                 server.kill()
                 run.faults.append(("kill nats-server", at))
