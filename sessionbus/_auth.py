@@ -70,6 +70,8 @@ class User:
     nkey: str
     group: str | None = None
     partitions: int | None = None
+    #: The bus prefixes this user may use; None: every prefix of the directory.
+    prefixes: tuple[str, ...] | None = None
 
 
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -139,8 +141,10 @@ class AuthDir:
         found = []
         for t in ([self._tenant(tenant)] if tenant else self.tenants()):
             for name, u in sorted(self._state["tenants"][t]["users"].items()):
+                prefixes = tuple(u["prefixes"]) if u.get("prefixes") else None
                 found.append(User(tenant=t, name=name, role=Role(u["role"]), nkey=u["nkey"],
-                                  group=u.get("group"), partitions=u.get("partitions")))
+                                  group=u.get("group"), partitions=u.get("partitions"),
+                                  prefixes=prefixes))
         return found
 
     def seed_file(self, tenant: str, user: str) -> Path:
@@ -167,20 +171,29 @@ class AuthDir:
         self.save()
 
     def add_user(self, tenant: str, name: str, role: Role | str, *, group: str | None = None,
-                 partitions: int | None = None) -> Path:
-        """Add a user with a new seed; return the seed file's path."""
+                 partitions: int | None = None,
+                 prefixes: tuple[str, ...] | None = None) -> Path:
+        """Add a user with a new seed; return the seed file's path.
+
+        ``prefixes`` binds the user to those buses of the tenant (default:
+        every prefix of the directory): clients bound to different prefixes
+        cannot see, send into or close each other's sessions.
+        """
         _check_name(name, "user")
         users = self._state["tenants"][self._tenant(tenant)]["users"]
         if name in users:
             raise ConfigError(f"user {name!r} of tenant {tenant!r} already exists")
         role = Role(role)
+        if prefixes is not None:
+            prefixes = tuple(sorted({validate_prefix(p) for p in prefixes}))
         try:
-            role_permissions(role, prefixes=self.prefixes, group=group, partitions=partitions)
+            role_permissions(role, prefixes=prefixes or self.prefixes, group=group,
+                             partitions=partitions)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         seed = new_user_seed()
         users[name] = {"role": role.value, "nkey": seed_public_key(seed), "group": group,
-                       "partitions": partitions}
+                       "partitions": partitions, "prefixes": list(prefixes or ())}
         path = self.seed_file(tenant, name)
         _write_private(path, seed + b"\n")
         self.save()
@@ -226,7 +239,7 @@ class AuthDir:
         for tenant in self.tenants():
             entries: list[dict[str, Any]] = []
             for user in self.users(tenant):
-                perms = role_permissions(user.role, prefixes=self.prefixes,
+                perms = role_permissions(user.role, prefixes=user.prefixes or self.prefixes,
                                          domains=self.domains, group=user.group,
                                          partitions=user.partitions)
                 entries.append({"nkey": user.nkey, "permissions": perms.to_config()})

@@ -84,6 +84,9 @@ def add_parsers(commands: Commands) -> None:
     p.add_argument("--group", help="bind a worker to this group (its leases and consumers)")
     p.add_argument("--partitions", type=int, default=64,
                    help="partitions of the envelope stream, for --group (default: %(default)s)")
+    p.add_argument("--only-prefix", action="append", default=[], metavar="PREFIX",
+                   help="bind the user to this bus prefix (repeat; default: every prefix of "
+                        "the directory)")
     _auth_option(p)
     p.set_defaults(func=_users_add, needs_bus=False)
     p = add_command(sub, "ls", help="list users")
@@ -159,7 +162,7 @@ def _users_add(args: argparse.Namespace) -> int:
     auth = _auth_dir(args)
     partitions = args.partitions if args.group else None
     path = auth.add_user(args.tenant, args.name, args.role, group=args.group,
-                         partitions=partitions)
+                         partitions=partitions, prefixes=tuple(args.only_prefix) or None)
     print(f"user {args.tenant}/{args.name} ({args.role}) added; its seed: {path}")
     print(f"connect with: SESSIONBUS_NKEY_SEED_FILE={path}")
     _reload_hint()
@@ -169,7 +172,8 @@ def _users_add(args: argparse.Namespace) -> int:
 def _users_ls(args: argparse.Namespace) -> int:
     for user in _auth_dir(args).users(args.tenant):
         group = f" group={user.group}" if user.group else ""
-        print(f"{user.tenant}/{user.name}  {user.role.value}{group}  {user.nkey}")
+        only = f" prefixes={','.join(user.prefixes)}" if user.prefixes else ""
+        print(f"{user.tenant}/{user.name}  {user.role.value}{group}{only}  {user.nkey}")
     return 0
 
 

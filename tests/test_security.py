@@ -402,3 +402,30 @@ async def test_creds_files_of_an_operator_setup_connect_with_role_permissions(
         assert not await conn.denied(N.inbound("s1"))
     finally:
         await conn.nc.close()
+
+
+async def test_clients_bound_to_different_prefixes_cannot_close_each_others_sessions(
+    tmp_path: Path, nats_server_factory: Any, bus_factory: BusFactory,
+) -> None:
+    auth = AuthDir.init(tmp_path / "auth", prefixes=("team_a", "team_b"))
+    auth.add_tenant("acme")
+    auth.add_user("acme", "admin", Role.ADMIN)
+    a = auth.add_user("acme", "a", Role.CLIENT, prefixes=("team_a",))
+    b = auth.add_user("acme", "b", Role.CLIENT, prefixes=("team_b",))
+    server = nats_server_factory(name="prefixes", accounts_config=auth.accounts_config())
+    for prefix in ("team_a", "team_b"):
+        await (await bus_factory(server.url, prefix=prefix, partitions=PARTS,
+                                 nkey_seed_file=str(auth.seed_file("acme", "admin")))).close()
+    bus_a = await bus_factory(server.url, prefix="team_a", nkey_seed_file=str(a))
+    session = await bus_a.open("s1")
+    await bus_factory(server.url, prefix="team_b", nkey_seed_file=str(b))
+    with pytest.raises(PermissionDenied):
+        await SessionBus(server.url, prefix="team_a", nkey_seed_file=str(b)).start()
+    conn = await Raw().connect(server.url, str(b))
+    try:
+        assert await conn.denied(Names("team_a").closed("s1"))
+        assert await conn.denied(f"$KV.{Names('team_a').sessions_bucket}.s.s1")
+        assert not await conn.denied(Names("team_b").closed("s1"))
+    finally:
+        await conn.nc.close()
+    assert (await session.info()).state is SessionState.ACTIVE
