@@ -52,6 +52,8 @@ PUBLIC = {
     "sessionbus.bus": BUS + ERRORS,
     "sessionbus.workers": WORKERS + DEAD_HEADERS,
     "sessionbus.schemas": SCHEMAS,
+    # Importable without Vision Agents installed; the AG2 module needs ag2.
+    "sessionbus.integrations.vision_agents": ["NatsSessionKVStore", "decode_key", "encode_key"],
 }
 
 
@@ -128,3 +130,23 @@ def test_core_packages_never_import_the_application_layer() -> None:
                     assert len(parts) > 1 and parts[1] in ok, (
                         f"{path.relative_to(root)} imports {target}"
                     )
+
+
+def test_no_core_package_imports_a_framework() -> None:
+    """Vision Agents and AG2 are optional extras: only sessionbus/integrations/ names them."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    frameworks = {"vision_agents", "ag2", "autogen"}
+    paths = [p for folder in ("schemas", "bus", "workers", "sessionbus")
+             for p in (root / folder).rglob("*.py") if "integrations" not in p.parts]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                assert target.split(".")[0] not in frameworks, (
+                    f"{path.relative_to(root)} imports {target}"
+                )

@@ -141,8 +141,8 @@ class SessionStore:
         """Forget this process's view and close an own bus (records and history stay)."""
         self._entries.clear()
         self._kv = None
-        if isinstance(self._storage, NatsStorage | _LinkedStorage):
-            await self._storage.close()
+        if self._own_storage and isinstance(self._storage, NatsStorage):
+            await self._storage.close()  # a storage the caller gave stays open
         await self._link.close()
 
     # -- AG2's serving API -----------------------------------------------------------
