@@ -213,11 +213,11 @@ async def test_unowned_and_misaddressed_envelopes_are_dead_lettered(
     elsewhere = Envelope(session_id="someone-else", sender_id="x", event_type="work",
                          event_data={"idx": 1})
     await sb.js.publish(sb.names.inbound("owned"), encode(elsewhere))
-    # Aliases of 'owned.a' ('=b3duZWQuYQ' is its only token) and an empty id.
-    await sb.open("owned.a", participant="client")
-    alias = Envelope(session_id="owned.a", sender_id="x", event_type="work",
+    # An alias of 'a.b' ('=YS5i' is its only token) and an empty id.
+    await sb.open("a.b", participant="client")
+    alias = Envelope(session_id="a.b", sender_id="x", event_type="work",
                      event_data={"idx": 2})
-    await sb.js.publish(f"{sb.names.prefix}.in.=b3duZWQuYQ!!", encode(alias))
+    await sb.js.publish(f"{sb.names.prefix}.in.=YS5i!!", encode(alias))
     await sb.js.publish(f"{sb.names.prefix}.in.=!!", encode(alias))
     reasons = await dead_reasons(sb, 4, within=3)
     await send_n(sb, "owned", 1, start=3)
