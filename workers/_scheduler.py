@@ -293,8 +293,12 @@ class Scheduler:
                 await self._settle(session, held, outcome)
             if session.closing and session.timer is None:
                 await self._ack_queue(session)
-        except Exception:
-            logger.exception("settling stream sequence %d of %r failed", held.seq, session.sid)
+        except Exception as e:
+            if isinstance(e, BusError):  # e.g. the session record unreadable while cut off
+                logger.warning("stream sequence %d of %r put off: %s", held.seq, session.sid, e)
+            else:
+                logger.exception("settling stream sequence %d of %r failed", held.seq,
+                                 session.sid)
             if session.timer is None:  # try again later, not in a tight loop
                 loop = asyncio.get_running_loop()
                 session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
