@@ -136,8 +136,12 @@ class Worker:
         self._state = WorkerState.NEW
         self._membership: Membership | None = None
         self._scheduler: Scheduler | None = None
-        self._recent = RecentHistory(per_session=self.config.history_per_session,
-                                     total=self.config.history_total)
+        # Never more per session than the stream keeps: what the stream dropped
+        # is no longer history.
+        self._recent = RecentHistory(
+            per_session=min(self.config.history_per_session,
+                            bus.settings.max_envelopes_per_session),
+            total=self.config.history_total)
         self._pullers: dict[int, PartitionPuller] = {}
         self._releasing: dict[int, asyncio.Task[None]] = {}
         self._subs: list[Subscription] = []
