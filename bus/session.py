@@ -22,6 +22,7 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -146,11 +147,22 @@ async def open_session(
         metadata=dict(metadata or {}),
     )
     lifecycle = bus.lifecycle
-    await lifecycle.create(meta)
-    if ttl_s is not None:
+    if ttl_s is None:
+        await lifecycle.create(meta)
+    else:
         # Someone must turn this session's timer marker into EXPIRED.
         await lifecycle.start_expiry_watcher()
-        await lifecycle.refresh_timer(session_id, ttl_s, force=True)
+        # The record and its idle timer travel together: one round trip, not
+        # two. The record is still a compare-and-set create (SessionExists if
+        # the id is taken, which then only pushes back the taken session's
+        # idle timer, as a send would).
+        results = await asyncio.gather(
+            lifecycle.create(meta), lifecycle.refresh_timer(session_id, ttl_s, force=True),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     return Session(bus=bus, metadata=meta, participant=participant)
 
 
