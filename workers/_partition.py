@@ -90,6 +90,8 @@ class PartitionPuller:
         # Loop time before which a pull that the client stopped waiting for
         # may still deliver messages to the inbox.
         self._in_flight_until = 0.0
+        # Loop time from which the messages of the latest pull count their age.
+        self._requested_at = 0.0
 
     @property
     def consumer(self) -> str:
@@ -167,7 +169,8 @@ class PartitionPuller:
                     msgs = await self._fetch(1, cfg.poll_interval)
                     burst = bool(msgs)
                 if msgs:
-                    await self._scheduler.offer(self.partition, msgs)
+                    await self._scheduler.offer(self.partition, msgs,
+                                                requested_at=self._requested_at)
                 if self._catching_up:
                     self._check_caught_up(msgs, asked=grant or 1)
                 if msgs:
@@ -211,6 +214,12 @@ class PartitionPuller:
     async def _fetch(self, batch: int, expires: float) -> list[Msg]:
         assert self._puller is not None
         sent = asyncio.get_running_loop().time()
+        # The server starts a message's ack timer when it sends it: no earlier
+        # than this request, or than an earlier one that may still deliver.
+        # (An earlier pull was sent at least poll_interval + grace before the
+        # time it may deliver until.)
+        self._requested_at = min(
+            sent, self._in_flight_until - self._config.poll_interval - _LATE_GRACE)
         try:
             msgs = await self._puller.fetch(batch, expires)
         except BaseException:
