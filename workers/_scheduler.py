@@ -44,6 +44,10 @@ __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 
+#: Subject tokens whose decoded session id is kept (the map is cleared when full).
+_SID_CACHE = 65_536
+#: Turns a session's task runs back to back before it yields to the event loop.
+_YIELD_EVERY = 8
 #: Seconds a handback keeps cancelling a turn that does not end.
 _GIVE_UP_CANCEL = 30.0
 
@@ -97,6 +101,8 @@ class Scheduler:
         self._starved = False
         self._room_events: set[asyncio.Event] = set()
         self._last_done: OrderedDict[str, int] = OrderedDict()
+        # Subject token -> session id, for tokens that decoded (decoding is pure).
+        self._sids: dict[str, str] = {}
         self.completed = 0
         """Envelopes settled (acked after a turn, dropped, dead-lettered) since start."""
 
@@ -169,9 +175,18 @@ class Scheduler:
 
     # -- intake -------------------------------------------------------------
 
-    async def offer(self, partition: int, msgs: Iterable[Msg]) -> None:
-        """Queue messages pulled from ``partition`` and start what can start."""
+    async def offer(self, partition: int, msgs: Iterable[Msg], *,
+                    requested_at: float | None = None) -> None:
+        """Queue messages pulled from ``partition`` and start what can start.
+
+        ``requested_at`` is the loop time of the pull request that brought
+        them (the earliest the server can have started their ack timers):
+        their first ``in_progress`` is due counting from then, not from
+        when a busy event loop got round to queueing them.
+        """
         loop_time = asyncio.get_running_loop().time()
+        if requested_at is not None:
+            loop_time = min(loop_time, requested_at)
         for msg in msgs:
             await self._offer_one(partition, msg, loop_time)
         self._pump()
@@ -185,12 +200,20 @@ class Scheduler:
         token = msg.subject.rsplit(".", 1)[-1]
         error: DecodeError | None = None
         envelope: Envelope | None = None
-        try:
-            sid = self._names.session_of_subject(msg.subject)
-        except InvalidIdError:
-            sid = token  # published around the bus: keep it apart, dead-letter it
-            error = DecodeError(f"subject token {token!r} is not the canonical encoding of "
-                                f"a session id", msg.data)
+        cached = self._sids.get(token)
+        if cached is not None:
+            sid = cached
+        else:
+            try:
+                sid = self._names.session_of_subject(msg.subject)
+            except InvalidIdError:
+                sid = token  # published around the bus: keep it apart, dead-letter it
+                error = DecodeError(f"subject token {token!r} is not the canonical encoding "
+                                    f"of a session id", msg.data)
+            else:
+                if len(self._sids) >= _SID_CACHE:
+                    self._sids.clear()
+                self._sids[token] = sid
         if error is None:
             try:
                 envelope = decode(msg.data, Envelope)
@@ -267,10 +290,48 @@ class Scheduler:
             self._start(session)
 
     def _start(self, session: _Session) -> None:
+        run = self._begin(session)
+        run.task = asyncio.create_task(self._drain(session, run))
+
+    def _begin(self, session: _Session) -> Running:
         run = Running(session.queue[0])
         session.running = run
         self._running += 1
-        run.task = asyncio.create_task(self._turn(session, run))
+        return run
+
+    async def _drain(self, session: _Session, run: Running) -> None:
+        """Run the session's turns one after another in this task while nothing else waits.
+
+        A session with a backlog keeps its task (no task, heap push and pop per
+        envelope) as long as no other session is waiting for a slot; the
+        partition frozen, a close, a retry timer or a waiting session end it,
+        and the session queues again as before.
+        """
+        turns = 0
+        while True:
+            try:
+                await self._turn(session, run)
+            except BaseException:
+                self._after_turn(session)  # a cancel of the task itself, as before
+                raise
+            if not self._may_continue(session):
+                self._after_turn(session)
+                return
+            turns += 1
+            if turns % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let intake, keep-alives and acks run
+                if not self._may_continue(session):
+                    self._after_turn(session)
+                    return
+            run = self._begin(session)
+            run.task = asyncio.current_task()
+
+    def _may_continue(self, session: _Session) -> bool:
+        return (not self._ready and bool(session.queue) and session.running is None
+                and session.timer is None and not session.closing
+                and self._running < self._max_concurrency
+                and session.partition not in self._frozen
+                and self._sessions.get(session.sid) is session)
 
     async def _turn(self, session: _Session, run: Running) -> None:
         held = run.held
@@ -305,7 +366,6 @@ class Scheduler:
         finally:
             session.running = None
             self._running -= 1
-            self._after_turn(session)
 
     async def _settle(self, session: _Session, held: Held, outcome: Outcome) -> None:
         if outcome.action is Action.RETRY:
