@@ -1,0 +1,182 @@
+"""An AG2-style history ``Storage`` on JetStream, for any AG2 generation.
+
+Every AG2 stream id is one subject of one JetStream stream
+(``<prefix>.ag2.history.<stream id>``), so any process on the bus reads the
+same history back, in order:
+
+* ``save_event`` appends one message;
+* ``get_history`` reads the subject with Direct Get batches (thousands of
+  events per request, no consumer), in stream order;
+* ``set_history`` is atomic: the whole new history is one message published
+  with a subject rollup, which removes everything before it in the same
+  write, so a reader sees the old history or the new one, never a mix (a
+  read that spans the rollup restarts from the snapshot it meets);
+* ``drop_history`` purges the subject.
+
+Events are serialized the way AG2's own Redis storage does it (AG2's event
+serialization, as JSON; ``serializer="pickle"`` keeps exact Python types but
+must only be used on a bus whose writers are all trusted). Retention is the
+stream's: ``max_age`` (seconds; None keeps history until dropped),
+``max_bytes``, ``replicas``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from nats.js import api
+
+from sessionbus.bus._reads import direct_get_range
+from sessionbus.bus.core import SessionBus
+from sessionbus.integrations._bus import BusLink, ensure_stream
+from sessionbus.integrations._keys import token
+
+__all__ = ["Codec", "JetStreamHistory"]
+
+#: The framework's event serialization: ``(serialize_value, deserialize_value)``.
+Codec = tuple[Callable[[Any], Any], Callable[[Any], Any]]
+
+Serializer = Literal["json", "pickle"]
+
+_KIND = "Ag2-History"
+_SNAPSHOT = "snapshot"
+_ROLLUP = "Nats-Rollup"
+
+
+class JetStreamHistory:
+    """AG2's ``Storage`` protocol on a JetStream stream of the bus.
+
+    ``codec`` is the framework's event serialization (ag2's, or autogen
+    0.14's ``autogen.beta``); the framework-specific subclasses pass it.
+
+    ``bus`` is a started :class:`~sessionbus.bus.SessionBus` the caller owns;
+    without one the storage starts ``SessionBus(servers, **options)`` on
+    first use and :meth:`close` closes it. ``stream`` names the JetStream
+    stream (default ``<prefix>_ag2_history``), created if absent with the
+    retention given here; an existing stream keeps its own.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] | None = None,
+        *,
+        bus: SessionBus | None = None,
+        stream: str | None = None,
+        max_age: float | None = None,
+        max_bytes: int | None = None,
+        replicas: int | None = None,
+        serializer: Serializer = "json",
+        codec: Codec,
+        **options: Any,
+    ) -> None:
+        if bus is not None and (servers is not None or options):
+            raise ValueError("pass either a started bus or connection settings, not both")
+        if serializer not in ("json", "pickle"):
+            raise ValueError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
+        if max_age is not None and not max_age > 0:
+            raise ValueError(f"max_age must be > 0 seconds or None, got {max_age!r}")
+        self._link = BusLink(bus, servers, options)
+        self._stream_name = stream
+        self._max_age = max_age
+        self._max_bytes = max_bytes
+        self._replicas = replicas
+        self._serializer: Serializer = serializer
+        self._codec = codec
+        self._bound: tuple[SessionBus, str, str] | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (if needed) and create or bind the stream."""
+        if self._bound is not None:
+            return
+        bus = await self._link.open()
+        name = self._stream_name or f"{bus.names.prefix}_ag2_history"
+        root = f"{bus.names.prefix}.ag2.history"
+        await ensure_stream(bus, api.StreamConfig(
+            name=name, subjects=[f"{root}.>"], storage=api.StorageType.FILE,
+            num_replicas=self._replicas or bus.replicas, allow_direct=True,
+            allow_rollup_hdrs=True, deny_delete=False, deny_purge=False,
+            max_age=self._max_age or 0, max_bytes=self._max_bytes or -1,
+        ))
+        self._bound = (bus, name, root)
+
+    async def close(self) -> None:
+        """Close the storage's own bus (history stays in the stream)."""
+        self._bound = None
+        await self._link.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _ready(self) -> tuple[SessionBus, str, str]:
+        if self._bound is None:
+            await self.start()
+        assert self._bound is not None
+        return self._bound
+
+    def _subject(self, root: str, stream_id: Any) -> str:
+        return f"{root}.{token(str(stream_id))}"
+
+    # -- (de)serialization ----------------------------------------------------------
+
+    def _dump(self, value: Any) -> bytes:
+        if self._serializer == "pickle":
+            return pickle.dumps(value)
+        return json.dumps(self._codec[0](value)).encode()
+
+    def _load(self, data: bytes) -> Any:
+        if self._serializer == "pickle":
+            return pickle.loads(data)
+        return self._codec[1](json.loads(data))
+
+    # -- the Storage protocol -------------------------------------------------------
+
+    async def save_event(self, event: Any, context: Any) -> None:
+        """Append ``event`` to the history of ``context.stream.id``."""
+        bus, _, root = await self._ready()
+        await bus.js.publish(self._subject(root, context.stream.id), self._dump(event))
+
+    async def get_history(self, stream_id: Any) -> Iterable[Any]:
+        """The stream's events, in the order they were stored."""
+        bus, name, root = await self._ready()
+        api_prefix = f"$JS.{bus.settings.domain}.API" if bus.settings.domain else "$JS.API"
+        msgs = await direct_get_range(
+            bus.nc, stream=name, subject_filter=self._subject(root, stream_id),
+            api_prefix=api_prefix,
+        )
+        events: list[Any] = []
+        for msg in msgs:
+            if msg.headers.get(_KIND) == _SNAPSHOT:
+                events = list(self._load(msg.data))  # replaces everything before it
+            else:
+                events.append(self._load(msg.data))
+        return events
+
+    async def set_history(self, stream_id: Any, events: Iterable[Any]) -> None:
+        """Replace the stream's history with ``events``, atomically (one rolled-up message)."""
+        bus, _, root = await self._ready()
+        body = self._dump(list(events))
+        await bus.js.publish(
+            self._subject(root, stream_id), body, headers={_KIND: _SNAPSHOT, _ROLLUP: "sub"},
+        )
+
+    async def drop_history(self, stream_id: Any) -> None:
+        """Remove the stream's history."""
+        bus, name, root = await self._ready()
+        await bus.js.purge_stream(name, subject=self._subject(root, stream_id))
+
+    def __repr__(self) -> str:
+        where = self._bound[1] if self._bound else self._stream_name
+        return f"<{type(self).__name__} stream={where!r} serializer={self._serializer}>"
