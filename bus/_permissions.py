@@ -8,19 +8,22 @@ subjects, streams and buckets, so they cannot drift apart:
 
 ``client``
     Opens sessions, sends into them, reads their history and token
-    streams, closes and interrupts them (any session of its tenant: see
-    the README's Security section). It writes the session and registry
-    records through the library and takes turn locks. It cannot pull or ack
-    the workers' consumers, write a worker lease, publish a token stream or
-    a dead letter, create, change or delete streams or durable consumers,
-    purge history, or reach a subject of another prefix.
+    streams, closes and interrupts them (any session of its prefixes: see
+    the README's Security section), publishes and hears open hints. It
+    writes the session and registry records through the library, takes
+    turn locks, and lists buckets (through ordered consumers, or a
+    short-lived consumer of a bucket's stream). It cannot pull or ack the
+    workers' consumers, create, change or delete a consumer of the envelope
+    stream, write a worker lease, publish a token stream, a dead letter or
+    a worker ping, create, change or delete streams, purge history, or
+    reach a subject of another prefix.
 ``worker``
     Everything a client may do (a handler opens, sends and replies), plus:
     create, pull, ack and unpin its group's pinned consumers (every group,
     or one group and its partitions when bound to it), write its group's
-    leases, publish token streams and dead letters, and drop a session's
-    history (the store and manager facades run on workers). It cannot
-    create or delete streams or buckets.
+    leases, ping and answer its group's members, publish token streams and
+    dead letters, and drop a session's history (the store and manager
+    facades run on workers). It cannot create or delete streams or buckets.
 ``admin``
     Everything inside the tenant's account: provisioning, repairs, reading
     the dead letters.
@@ -117,9 +120,9 @@ def _client(n: Names, apis: Sequence[str]) -> tuple[list[str], list[str]]:
             pub += [f"{api}.STREAM.INFO.{stream}", f"{api}.DIRECT.GET.{stream}",
                     f"{api}.DIRECT.GET.{stream}.>"]
         pub.append(f"{api}.STREAM.MSG.GET.{n.envelope_stream}")
-        # Ordered consumers only: the subject without a consumer name makes
-        # the server refuse a durable one, so a worker's consumer cannot be
-        # created, changed or deleted from here.
+        # On the envelope stream, ordered consumers only: the subject without
+        # a consumer name makes the server refuse a durable one, so a
+        # worker's consumer cannot be created, changed or deleted from here.
         for stream in (n.envelope_stream, *kv_streams):
             pub += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.INFO.{stream}.*"]
         # Listing a bucket past what one Direct Get returns uses a short-lived
