@@ -22,6 +22,11 @@ hosting the session keeps it alive with :meth:`SessionRegistry.refresh` or
 * :meth:`expired` yields the records whose TTL ran out, from the server's
   TTL markers.
 * Sub-second TTLs hold: reads check the ``expires_at`` kept in the record.
+* Vision Agents' current API works too: :meth:`update_metrics` takes its
+  ``AgentMetrics`` (any object with ``to_dict``/``from_dict``) as well as a
+  dict, and reads hand the object back wherever its class is loaded; a
+  stopped registry starts again (the launcher's start/stop/start), and any
+  call starts a registry that was not started.
 
 Any :class:`~sessionbus.bus.SessionKVStore` works as the store too, with weaker
 guarantees: no compare-and-set (a heartbeat racing a removal can re-create
