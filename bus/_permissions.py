@@ -61,11 +61,17 @@ class Permissions:
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    #: May answer a request it received (once, on its reply subject), whatever
+    #: the subject: workers answer their group's liveness pings this way.
+    allow_responses: bool = False
 
     def to_config(self) -> dict[str, Any]:
         """The ``permissions`` block, as a JSON-compatible mapping for a server config."""
-        return {"publish": {"allow": list(self.publish)},
-                "subscribe": {"allow": list(self.subscribe)}}
+        config: dict[str, Any] = {"publish": {"allow": list(self.publish)},
+                                  "subscribe": {"allow": list(self.subscribe)}}
+        if self.allow_responses:
+            config["allow_responses"] = True
+        return config
 
     def allows_publish(self, subject: str) -> bool:
         """Whether a publish on the literal ``subject`` is allowed (NATS wildcard rules)."""
@@ -191,4 +197,5 @@ def role_permissions(
                 else _worker(names, apis, group, partitions))
         pub += p
         sub += s
-    return Permissions(publish=_unique(pub), subscribe=_unique(sub))
+    return Permissions(publish=_unique(pub), subscribe=_unique(sub),
+                       allow_responses=role is Role.WORKER)

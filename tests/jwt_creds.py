@@ -90,6 +90,7 @@ class Operator:
             "type": "user", "subs": -1, "data": -1, "payload": -1,
             "pub": {"allow": list(permissions.publish)},
             "sub": {"allow": list(permissions.subscribe)},
+            **({"resp": {"max": 1, "ttl": 0}} if permissions.allow_responses else {}),
         })
         return ("-----BEGIN NATS USER JWT-----\n" + jwt + "\n------END NATS USER JWT------\n\n"
                 "-----BEGIN USER NKEY SEED-----\n" + user.seed.decode() +

@@ -27,7 +27,7 @@ from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import SessionState
-from sessionbus.workers import Turn, Worker
+from sessionbus.workers import DeadLetter, Turn, Worker
 from worker_proc import FAST
 
 from sessionbus._auth import AuthDir, new_user_seed
@@ -54,6 +54,7 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
         auth.add_user(tenant, "admin", Role.ADMIN)
         auth.add_user(tenant, "client", Role.CLIENT)
         auth.add_user(tenant, "worker", Role.WORKER)
+    auth.add_user("acme", "bound", Role.WORKER, group="g", partitions=PARTS)
     auth.add_tenant("gamma")  # never provisioned by an admin
     auth.add_user("gamma", "worker", Role.WORKER)
     server = NatsServer(name="secured", accounts_config=auth.accounts_config())
@@ -429,3 +430,53 @@ async def test_clients_bound_to_different_prefixes_cannot_close_each_others_sess
     finally:
         await conn.nc.close()
     assert (await session.info()).state is SessionState.ACTIVE
+
+
+async def test_a_worker_group_runs_with_no_refusal_from_the_server(
+    provisioned: Secured, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Everything the runtime does (pins, pulls, acks, in-progress, leases,
+    # liveness pings, dead letters, token streams, replies, expiry, a
+    # handback on stop) stays inside the worker role's generated permissions.
+    secured = provisioned
+    url = secured.server.url
+    buses = [await bus_factory(url, nkey_seed_file=secured.seed("acme", name))
+             for name in ("bound", "worker")]
+    client = await bus_factory(url, nkey_seed_file=secured.seed("acme", "client"))
+    ran: list[str] = []
+
+    async def handle(turn: Turn) -> Any:
+        if turn.envelope.sender_id != "u":
+            return None
+        ran.append(turn.envelope.content)
+        if turn.envelope.content == "dead":
+            return DeadLetter("refused")
+        await turn.stream("tok")
+        await turn.reply(f"r:{turn.envelope.content}")
+        return None
+
+    workers = [Worker(b, group="g", handler=handle, config=FAST) for b in buses]
+    for w in workers:
+        await w.start()
+    try:
+        session = await client.open(participant="u", ttl=30)
+        for text in ("a", "dead", "b"):
+            await session.send(text)
+        await _until(lambda: len(ran) == 3)
+        await workers[0].stop()
+        await session.send("after a handback")
+        await _until(lambda: len(ran) == 4)
+        await session.close()
+    finally:
+        for w in workers:
+            await w.stop()
+    assert ran == ["a", "dead", "b", "after a handback"]
+    refusals = [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()]
+    assert refusals == []
+
+
+async def _until(cond: Any, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
