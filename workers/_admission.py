@@ -69,7 +69,9 @@ async def admit(bus: SessionBus, held: Held) -> Admission:
         return Admission(Verdict.DEAD, f"the envelope names session {envelope.session_id!r} "
                                        f"but was sent into {sid!r}")
     states = bus.lifecycle.states
-    known = await states.admit(sid, lambda: _stored_at(held))
+    known = states.fresh(sid)
+    if known is None or not known.active:  # the hot path needs no await
+        known = await states.admit(sid, lambda: _stored_at(held))
     meta = known.meta
     if meta is None:
         return Admission(Verdict.DEAD, f"session {sid!r} does not exist")
