@@ -119,6 +119,31 @@ def _failure(server: NatsServer, headline: str) -> ConnectionFailed:
     return ConnectionFailed(f"{headline}: {detail}" if detail else headline)
 
 
+def _exit_failure(server: NatsServer) -> ConnectionFailed:
+    """One line for a server that stopped by itself: how it ended, and its last error if any.
+
+    Only a fatal or error line of the log is quoted: after a SIGKILL the
+    last line is an old "Server is ready", which says nothing about the end.
+    """
+    code = server.process.poll() if server.process is not None else None
+    pid = server.process.pid if server.process is not None else "?"
+    if code is not None and code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    headline = f"nats-server (pid {pid}) {how}"
+    if code is not None and code < 0:
+        headline += " (not by this command)"
+    lines = [line.strip() for line in server.log_tail(40).splitlines() if line.strip()]
+    worst = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+    if worst:
+        headline += f"; last error: {_LOG_PREFIX.sub('', worst[-1])}"
+    return ConnectionFailed(headline)
+
+
 @contextlib.contextmanager
 def _signals_set(event: threading.Event) -> Iterator[None]:
     def handler(signum: int, frame: types.FrameType | None) -> None:
@@ -148,7 +173,7 @@ def run_server(args: argparse.Namespace) -> int:
             watched = _auth_stamp(args)
             while not stop.wait(_POLL):
                 if not server.running:
-                    raise _failure(server, "nats-server exited")
+                    raise _exit_failure(server)
                 stamp = _auth_stamp(args)
                 if stamp != watched:
                     watched = stamp

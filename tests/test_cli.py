@@ -271,6 +271,20 @@ async def test_server_runs_in_the_foreground_and_stops_on_sigterm(
     assert (data / "jetstream").is_dir()  # a given data dir is kept
 
 
+async def test_server_killed_under_the_command_says_so(
+    running: Callable[..., Running],
+) -> None:
+    port = free_port()
+    server = running("server", "--port", str(port))
+    await server.aexpect("out", r"^Use it with: export SESSIONBUS_URL=")
+    pid = int(re.search(r"pid (\d+)", server.seen["out"][0])[1])  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)
+    line = await server.aexpect("err", r"^sessionbus: error: ")
+    assert line == (f"sessionbus: error: nats-server (pid {pid}) was killed by SIGKILL "
+                    "(not by this command)")
+    assert await asyncio.to_thread(server.proc.wait, 30) == 1
+
+
 async def test_server_as_a_leaf_node_of_a_hub(
     nats_server_factory: ServerFactory, running: Callable[..., Running],
 ) -> None:
