@@ -232,7 +232,8 @@ class Bucket:
             raise
         except nats.errors.TimeoutError as e:
             raise BusTimeout(f"write {self.name}/{key} timed out") from e
-        except nats.errors.NoRespondersError as e:
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as e:
+            # No responders, or an empty reply (a leaf link or route cut mid-write).
             raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
         return int(ack.seq)
 

@@ -298,6 +298,10 @@ class Membership:
             except (BusError, OSError) as e:
                 # A timeout is not a loss: the next refresh may still land in time.
                 logger.warning("lease refresh of %s failed: %s", self.worker_id, e)
+            except Exception as e:
+                # Whatever the client raises, the refresh loop must outlive it:
+                # a dead refresh loop is a worker that never rejoins.
+                logger.warning("lease refresh of %s failed: %r", self.worker_id, e)
 
     # -- the group ----------------------------------------------------------
 

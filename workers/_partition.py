@@ -92,6 +92,8 @@ class PartitionPuller:
         self._in_flight_until = 0.0
         # Loop time from which the messages of the latest pull count their age.
         self._requested_at = 0.0
+        self.contact = 0.0
+        """Loop time of the server's last answer to a pull (messages or a status)."""
 
     @property
     def consumer(self) -> str:
@@ -121,6 +123,7 @@ class PartitionPuller:
             group=self._priority_group, api_prefix=self._bus.api_prefix,
         )
         await self._puller.start()
+        self.contact = asyncio.get_running_loop().time()
         self._begin_catch_up()
         self._scheduler.on_room(self._wake)
         self._task = asyncio.create_task(self._loop(), name=f"pull:{self._consumer}")
@@ -228,6 +231,8 @@ class PartitionPuller:
         if self._puller.last_status is None and len(msgs) < batch:
             # The client gave up before the server's status: the pull may live on.
             self._in_flight_until = max(self._in_flight_until, sent + expires + _LATE_GRACE)
+        if msgs or self._puller.last_status is not None:
+            self.contact = asyncio.get_running_loop().time()
         return msgs
 
     async def _sleep(self, seconds: float) -> bool:
@@ -278,13 +283,15 @@ class PartitionPuller:
                                                   name=f"release:{self._consumer}")
         await asyncio.shield(self._finishing)
 
-    async def abandon(self, *, unpin_after: bool = True) -> None:
+    async def abandon(self, *, unpin_after: bool = True, nak: bool = True) -> None:
         """Hand the partition back now: cancel running turns, nak everything held.
 
         During a graceful release, cuts its wait for running turns short.
+        ``nak=False`` (a fenced worker, which may no longer own what it
+        holds) answers nothing and lets the server's timers redeliver.
         """
         if self._finishing is None:
-            self._finishing = asyncio.create_task(self._abandon(unpin_after),
+            self._finishing = asyncio.create_task(self._abandon(unpin_after, nak),
                                                   name=f"abandon:{self._consumer}")
         else:
             await self._scheduler.cancel_partition(self.partition)
@@ -300,20 +307,22 @@ class PartitionPuller:
             await self._scheduler.cancel_partition(self.partition)
         await self._hand_back(unpin_after=True)
 
-    async def _abandon(self, unpin_after: bool) -> None:
+    async def _abandon(self, unpin_after: bool, nak: bool) -> None:
         self._keepalive = True
         self._catching_up = False
         self._scheduler.freeze(self.partition)
         await self._scheduler.cancel_partition(self.partition)
-        await self._hand_back(unpin_after=unpin_after)
+        await self._hand_back(unpin_after=unpin_after, nak=nak)
 
-    async def _hand_back(self, *, unpin_after: bool) -> None:
+    async def _hand_back(self, *, unpin_after: bool, nak: bool = True) -> None:
         await self._stop_loop()
-        await self._collect_in_flight()
+        if nak:
+            await self._collect_in_flight()
         sched = self._scheduler
         await sched.cancel_partition(self.partition)
         held = sched.take_partition(self.partition)
-        await nak_in_order(self._bus.nc, held)
+        if nak:
+            await nak_in_order(self._bus.nc, held)
         if unpin_after and self._puller is not None and self._puller.pinned:
             try:
                 await unpin(self._bus.nc, stream=self._stream, consumer=self._consumer,

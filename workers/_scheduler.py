@@ -52,6 +52,10 @@ _YIELD_EVERY = 8
 _GIVE_UP_CANCEL = 30.0
 
 
+def _always(partition: int) -> bool:
+    return True
+
+
 class _Session:
     __slots__ = ("closing", "partition", "queue", "ready", "running", "sid", "timer")
 
@@ -103,6 +107,8 @@ class Scheduler:
         self._last_done: OrderedDict[str, int] = OrderedDict()
         # Subject token -> session id, for tokens that decoded (decoding is pure).
         self._sids: dict[str, str] = {}
+        self.owns: Callable[[int], bool] = _always
+        """Whether this worker still owns a partition; settling (ack, dead-letter) asks first."""
         self.completed = 0
         """Envelopes settled (acked after a turn, dropped, dead-lettered) since start."""
 
@@ -372,6 +378,12 @@ class Scheduler:
             held.failures += 1
             loop = asyncio.get_running_loop()
             session.timer = loop.call_later(outcome.delay, self._wake, session)
+            return
+        if not self.owns(held.partition):
+            # A stale turn (the partition was lost while it ran): its ack must
+            # not land as if it still owned the session. The server redelivers.
+            logger.warning("not settling stream sequence %d of %r: partition %d was lost",
+                           held.seq, session.sid, held.partition)
             return
         if outcome.action is Action.DEAD:
             try:

@@ -109,6 +109,21 @@ class WorkerConfig:
         return wire_ttl(self.lease_ttl) / 3
 
     @property
+    def fence_after(self) -> float:
+        """Seconds without the server's word after which a worker drops its partitions' turns.
+
+        A worker whose event loop stalled (SIGSTOP, a long GC, a VM freeze)
+        or whose pulls got no answer from the server (a cut or partitioned
+        link) for this long cancels the turns of the partitions concerned,
+        stores none of their replies and acks nothing of theirs, and takes
+        the partitions again from scratch. It lies halfway between
+        ``ack_wait`` and ``priority_timeout - poll_interval``, the earliest
+        a successor can be pinned, so a stale turn stops before a successor
+        can start the session's envelope (once its loop runs again).
+        """
+        return (self.ack_wait + self.priority_timeout - self.poll_interval) / 2
+
+    @property
     def failover_bound(self) -> float:
         """Seconds within which a dead worker's partitions are pulled by another.
 

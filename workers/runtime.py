@@ -151,6 +151,10 @@ class Worker:
         self._signal_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        # Fencing: loop time of the watchdog's last beat, and the partitions
+        # being dropped because this worker may no longer own them.
+        self._beat = 0.0
+        self._fenced: dict[int, asyncio.Task[None]] = {}
 
     # -- introspection ------------------------------------------------------
 
@@ -200,6 +204,7 @@ class Worker:
             max_concurrency=self.max_concurrency, config=self.config,
             recent=self._recent if self._recent.enabled else None,
         )
+        self._scheduler.owns = self.owns
         self._membership = Membership(bus, group=self.group, worker_id=self.worker_id,
                                       config=self.config)
         self._subs = [await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt)]
@@ -220,7 +225,11 @@ class Worker:
         self._state = WorkerState.RUNNING
         self._coordinator = asyncio.create_task(self._coordinate(),
                                                 name=f"coordinate:{self.worker_id}")
-        self._tasks = [asyncio.create_task(self._keep_alive(), name=f"touch:{self.worker_id}")]
+        self._beat = asyncio.get_running_loop().time()
+        self._tasks = [
+            asyncio.create_task(self._keep_alive(), name=f"touch:{self.worker_id}"),
+            asyncio.create_task(self._watchdog(), name=f"fence:{self.worker_id}"),
+        ]
         bus.add_service(self)
         if self._handle_signals:
             loop = asyncio.get_running_loop()
@@ -330,7 +339,7 @@ class Worker:
         for p, puller in list(self._pullers.items()):
             if p not in wanted and p not in self._releasing:
                 self._releasing[p] = asyncio.create_task(self._release(puller))
-        blocked = membership.claimed_elsewhere()
+        blocked = membership.claimed_elsewhere() | set(self._fenced)
         new = sorted(p for p in wanted if p not in self._pullers and p not in blocked)
         if not new:
             if membership.lease.claims != set(self._pullers):
@@ -379,6 +388,77 @@ class Worker:
         self._pullers.clear()
         self._releasing.clear()
         await self.membership.rejoin()
+
+    # -- fencing ------------------------------------------------------------
+
+    def owns(self, partition: int) -> bool:
+        """Whether this worker may still act for ``partition`` (reply, ack) right now.
+
+        False once the partition was given up or fenced, the lease was lost,
+        the event loop stalled past :attr:`WorkerConfig.fence_after` (a
+        pause: checked here too, as a stale turn may run before the
+        watchdog does), or the server has not answered the partition's
+        pulls for that long (a cut link). Those cases fence the partition.
+        """
+        if partition in self._fenced:
+            return False
+        if self._state not in (WorkerState.RUNNING, WorkerState.DRAINING):
+            return False
+        puller = self._pullers.get(partition)
+        if puller is None or self.membership.lost.is_set():
+            return False
+        now = asyncio.get_running_loop().time()
+        bound = self.config.fence_after
+        if now - self._beat > bound:
+            self._fence_all(f"its event loop stalled for {now - self._beat:.1f}s")
+            return False
+        if now - puller.contact > bound:
+            self._fence(partition, f"no answer from the server for {now - puller.contact:.1f}s")
+            return False
+        return True
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        bound = self.config.fence_after
+        beat = min(0.25, bound / 6)
+        while True:
+            await asyncio.sleep(beat)
+            now = loop.time()
+            if now - self._beat > bound:
+                self._fence_all(f"its event loop stalled for {now - self._beat:.1f}s")
+            self._beat = now
+            for p, puller in list(self._pullers.items()):
+                if p not in self._fenced and not puller.releasing and \
+                        now - puller.contact > bound:
+                    self._fence(p, f"no answer from the server for {now - puller.contact:.1f}s")
+
+    def _fence_all(self, why: str) -> None:
+        for p in list(self._pullers):
+            self._fence(p, why)
+        self._beat = asyncio.get_running_loop().time()
+
+    def _fence(self, partition: int, why: str) -> None:
+        """Drop ``partition`` now: no turn starts or settles; running ones are cancelled."""
+        puller = self._pullers.get(partition)
+        if puller is None or partition in self._fenced:
+            return
+        logger.warning("worker %s: partition %d fenced (%s): cancelling its turns, "
+                       "taking it again from scratch", self.worker_id, partition, why)
+        self.scheduler.freeze(partition)
+        self._fenced[partition] = asyncio.get_running_loop().create_task(
+            self._drop_fenced(puller), name=f"fenced:{puller.consumer}")
+
+    async def _drop_fenced(self, puller: PartitionPuller) -> None:
+        p = puller.partition
+        try:
+            await puller.abandon(unpin_after=False, nak=False)
+        finally:
+            if self._pullers.get(p) is puller:
+                del self._pullers[p]
+            self._releasing.pop(p, None)
+            self._fenced.pop(p, None)
+            if self._membership is not None:
+                self._membership.changed.set()  # the coordinator takes it again
 
     async def _keep_alive(self) -> None:
         interval = self.config.touch_interval
@@ -455,7 +535,7 @@ class Worker:
             self._skipped += 1
             return ACKED
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
-                    worker_id=self.worker_id, interrupted=run.interrupted,
+                    worker_id=self.worker_id, interrupted=run.interrupted, owns=self.owns,
                     handles=self._session_handle,
                     recent=self._recent if self._recent.enabled else None)
         try:

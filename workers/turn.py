@@ -34,19 +34,25 @@ from sessionbus.workers._recent import RecentHistory
 if TYPE_CHECKING:
     from sessionbus.bus.session import Session
 
-__all__ = ["Turn"]
+__all__ = ["Turn", "reply_key"]
+
+
+def reply_key(causation_id: str, group: str, index: int) -> str:
+    """The idempotency key of a turn's ``index``-th reply (0-based) to ``causation_id``."""
+    return f"reply:{group}:{causation_id}:{index}"
 
 
 class Turn:
     """One envelope handed to a handler, with ways to answer into its session."""
 
-    __slots__ = ("_bus", "_handles", "_held", "_recent", "_session", "agent", "group",
-                 "interrupted", "worker_id")
+    __slots__ = ("_bus", "_handles", "_held", "_owns", "_recent", "_replies", "_session",
+                 "agent", "group", "interrupted", "worker_id")
 
     def __init__(
         self, *, bus: SessionBus, held: Held, group: str, agent: str, worker_id: str,
         interrupted: asyncio.Event, handles: Callable[[str], Session] | None = None,
         recent: RecentHistory | None = None,
+        owns: Callable[[int], bool] | None = None,
     ) -> None:
         if held.envelope is None:
             raise WorkerError("a Turn needs a decoded envelope")
@@ -54,6 +60,8 @@ class Turn:
         self._held = held
         self._handles = handles
         self._recent = recent
+        self._owns = owns
+        self._replies = 0
         self._session: Session | None = None
         self.group = group
         """The worker group handling the turn."""
@@ -130,7 +138,23 @@ class Turn:
         the causation envelope. ``options`` go to ``Session.send`` (e.g.
         ``priority``, ``ttl_seconds``, ``idempotency_key``). Returns the new
         envelope's id.
+
+        Without an ``idempotency_key`` the reply's id is derived from the
+        causing envelope, the group and the reply's index within the turn:
+        a turn run again (a redelivery, or a stale worker and its successor)
+        sends the same ids, and the stream stores each reply once within its
+        duplicate window (the first stored wins). Raises WorkerError when the
+        worker no longer owns the session's partition (the turn is stale).
         """
+        if self._owns is not None and not self._owns(self._held.partition):
+            raise WorkerError(
+                f"turn of {self.session_id!r} seq {self.sequence} is stale: this worker "
+                "lost the partition; the reply is not sent"
+            )
+        index = self._replies
+        self._replies += 1
+        if "idempotency_key" not in options:
+            options["idempotency_key"] = reply_key(self.envelope.envelope_id, self.group, index)
         # The depth this worker holds for the causing envelope: no history scan.
         self._bus.lifecycle.states.remember(self.envelope)
         envelope_id: str = await self.session.send(

@@ -84,19 +84,12 @@ async def test_stream_leader_of_an_r3_cluster_killed_and_restarted(tmp_path: Pat
     assert_guarantees(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the edge worker never rejoins its group after the leaf link is restored (3 of 3 runs): "
-    "its lease refresh task dies on an untranslated NoStreamResponseError during the cut"))
 @pytest.mark.timeout(150)
 async def test_leaf_link_cut_past_the_failover_bound_and_restored(tmp_path: Path) -> None:
     outcome = await leaf_link_cut(tmp_path)
     assert_guarantees(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "2 of 2 runs: the successor re-runs envelopes out of order (22 reorders, e.g. "
-    "0@w1 1@w1 3@w2 1@w2 2@w2 3@w2) and stale replies land after the successor's "
-    "(40; the paused worker's reply to #1 stored after the reply to #7) (issue 9, finding 4)"))
 @pytest.mark.timeout(150)
 async def test_worker_paused_past_the_failover_bound_then_resumed(tmp_path: Path) -> None:
     outcome = await worker_paused(tmp_path)
