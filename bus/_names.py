@@ -152,6 +152,33 @@ class Names:
         """KV bucket of cluster-wide turn locks."""
         return f"{self.prefix}_locks"
 
+    # -- buckets and streams of optional components ---------------------------
+
+    @property
+    def store_uses_bucket(self) -> str:
+        """KV bucket of :class:`~sessionbus.bus.SessionStore` use marks."""
+        return f"{self.prefix}_store_uses"
+
+    @property
+    def va_sessions_bucket(self) -> str:
+        """KV bucket of the Vision Agents session registry store (default name)."""
+        return f"{self.prefix}_va_sessions"
+
+    @property
+    def ag2_sessions_bucket(self) -> str:
+        """KV bucket of the AG2 MCP session store (default name)."""
+        return f"{self.prefix}_ag2_sessions"
+
+    @property
+    def ag2_history_stream(self) -> str:
+        """Stream of the AG2 history storage (default name)."""
+        return f"{self.prefix}_ag2_history"
+
+    @property
+    def ag2_history_root(self) -> str:
+        """Subject root of the AG2 history storage: ``<root>.<...>``."""
+        return f"{self.prefix}.ag2.history"
+
     # -- envelope subjects --------------------------------------------------
 
     def inbound(self, session_id: str) -> str:

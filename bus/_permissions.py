@@ -22,8 +22,10 @@ subjects, streams and buckets, so they cannot drift apart:
     create, pull, ack and unpin its group's pinned consumers (every group,
     or one group and its partitions when bound to it), write its group's
     leases, ping and answer its group's members, publish token streams and
-    dead letters, and drop a session's history (the store and manager
-    facades run on workers). It cannot create or delete streams or buckets.
+    dead letters, drop a session's history, and use the buckets and stream
+    of the optional components under their default names (the store,
+    manager and framework integrations run on workers). It cannot create or
+    delete streams or buckets.
 ``admin``
     Everything inside the tenant's account: provisioning, repairs, reading
     the dead letters.
@@ -157,6 +159,21 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
         lease_keys = n.worker_group_filter(group)
         dead = f"{n.prefix}.dead.{n.dead_letter(group, 'x').split('.')[2]}.*"
         pings = n.worker_ping(group, "x").rsplit(".", 1)[0] + ".*"
+    # The optional components that run beside workers (the session store, the
+    # framework integrations) keep their own buckets and a history stream,
+    # under their default names; an admin creates them by starting each once.
+    for bucket in (n.store_uses_bucket, n.va_sessions_bucket, n.ag2_sessions_bucket):
+        pub += _kv_write(bucket, ">", apis)
+        for api in apis:
+            pub += [f"{api}.STREAM.INFO.KV_{bucket}", f"{api}.DIRECT.GET.KV_{bucket}",
+                    f"{api}.DIRECT.GET.KV_{bucket}.>", f"{api}.CONSUMER.CREATE.KV_{bucket}",
+                    f"{api}.CONSUMER.INFO.KV_{bucket}.*"]
+        pub.append(f"$JS.FC.KV_{bucket}.>")
+    history = n.ag2_history_stream
+    pub.append(f"{n.ag2_history_root}.>")
+    for api in apis:
+        pub += [f"{api}.STREAM.INFO.{history}", f"{api}.DIRECT.GET.{history}",
+                f"{api}.DIRECT.GET.{history}.>", f"{api}.STREAM.PURGE.{history}"]
     stream = n.envelope_stream
     # Liveness pings between the workers of a group, answered on their own connection.
     pub += [f"{n.prefix}.out.*.*", dead, pings, *_kv_write(n.workers_bucket, lease_keys, apis)]

@@ -284,7 +284,7 @@ class SessionStore:
         """The bucket of use marks: one key per session, rewritten on every use."""
         if self._uses_kv is None:
             bus = await self.start()
-            name = f"{bus.names.prefix}_store_uses"
+            name = bus.names.store_uses_bucket
             try:
                 await bus.js.stream_info(f"KV_{name}")
             except nats.js.errors.NotFoundError:

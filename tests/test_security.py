@@ -22,7 +22,7 @@ import nats
 import pytest
 from jwt_creds import Operator
 from nats.aio.client import Client
-from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus
+from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus, SessionStore
 from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
@@ -344,7 +344,8 @@ NOT_SUBJECTS = {
     "registry_record_filter", "session_key", "session_of_key", "session_of_subject",
     "session_record_filter", "session_timer_filter", "session_timer_key", "sessions_bucket",
     "worker_consumer", "worker_group_filter", "worker_key", "worker_priority_group",
-    "workers_bucket",
+    "workers_bucket", "store_uses_bucket", "va_sessions_bucket", "ag2_sessions_bucket",
+    "ag2_history_stream", "ag2_history_root",
 }
 
 
@@ -480,3 +481,23 @@ async def _until(cond: Any, within: float = 20.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_the_session_store_runs_as_a_worker_once_an_admin_created_its_bucket(
+    provisioned: Secured, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = provisioned.server.url
+    admin = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "admin"))
+    async with SessionStore(storage=admin) as store:  # creates the bucket
+        async with store.session("prepared") as stream:
+            await stream.send("by the admin")
+    worker = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "worker"))
+    async with SessionStore(storage=worker) as store:
+        async with store.session("s1") as stream:
+            await stream.send("by a worker")
+            assert [e.content for e in await stream.history()] == ["by a worker"]
+        assert await store.evict("s1")
+    assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
+    client = role_permissions(Role.CLIENT)
+    assert not client.allows_publish(f"$KV.{N.store_uses_bucket}.s1")
+    assert not client.allows_publish(f"{N.ag2_history_root}.x")

@@ -134,7 +134,7 @@ class SessionStore:
         if self._kv is None:
             bus = await self._link.open()
             self._kv = await ensure_bucket(
-                bus, self._bucket_name or f"{bus.names.prefix}_ag2_sessions")
+                bus, self._bucket_name or bus.names.ag2_sessions_bucket)
         return self._kv
 
     async def close(self) -> None:

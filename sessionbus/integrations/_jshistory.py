@@ -95,8 +95,8 @@ class JetStreamHistory:
         if self._bound is not None:
             return
         bus = await self._link.open()
-        name = self._stream_name or f"{bus.names.prefix}_ag2_history"
-        root = f"{bus.names.prefix}.ag2.history"
+        name = self._stream_name or bus.names.ag2_history_stream
+        root = bus.names.ag2_history_root
         await ensure_stream(bus, api.StreamConfig(
             name=name, subjects=[f"{root}.>"], storage=api.StorageType.FILE,
             num_replicas=self._replicas or bus.replicas, allow_direct=True,

@@ -130,7 +130,7 @@ class NatsSessionKVStore(_Base):
         if self._bucket is not None:
             return
         bus = await self._link.open()
-        name = self._bucket_name or f"{bus.names.prefix}_va_sessions"
+        name = self._bucket_name or bus.names.va_sessions_bucket
         self._bucket = await ensure_bucket(bus, name)
 
     async def close(self) -> None:
