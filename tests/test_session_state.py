@@ -144,7 +144,7 @@ async def test_a_close_missed_while_disconnected_is_enforced(
 ) -> None:
     ran, handle = recorder()
     with LinkProxy(target_port=nats_server.port) as proxy:
-        await start_worker(handle, url=proxy.url, config=FAST.replace(lease_ttl=10))
+        worker = await start_worker(handle, url=proxy.url, config=FAST.replace(lease_ttl=10))
         await sb.open("cut-off", participant="client")
         await send_n(sb, "cut-off", 8, sleep=0.4)
         await until(lambda: len(ran) >= 1, "the first turn")
@@ -153,10 +153,15 @@ async def test_a_close_missed_while_disconnected_is_enforced(
         closed_at = time.time()
         await asyncio.sleep(3.0)
         proxy.restore()
-        await asyncio.sleep(3.0)  # reconnect, settle the rest
+        # Reconnected, the worker settles the rest (without running them).
+        await waited(lambda: worker.scheduler.completed == 8, within=10)
+        await worker.stop()  # while its link is still there
+        await worker.bus.close()
     after = [i for _, i, at in ran if at > closed_at]
-    print(f"missed close (3 s cut): {len(after)} envelopes ran after the close")
+    print(f"missed close (3 s cut): {len(after)} envelopes ran after the close, "
+          f"{worker.scheduler.completed} of 8 settled")
     assert after == []
+    assert worker.scheduler.completed == 8
 
 
 async def test_a_close_before_the_worker_started_is_enforced(
