@@ -39,6 +39,7 @@ from sessionbus.bus.settings import (
     BusSettings,
     env_credentials,
     parse_servers,
+    redact_url,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +64,11 @@ _JS_NOT_READY = (10008, 10039, 10005)
 _AUTH_REFUSALS = ("authorization violation", "authentication", "user revoked",
                   "tls required", "secure connection")
 _DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.I)
+
+
+def _shown(servers: Sequence[str]) -> str:
+    """Server URLs for a message: never with the credentials one may carry."""
+    return ", ".join(redact_url(s) for s in servers)
 
 
 def _refusal(e: BaseException) -> str | None:
@@ -228,7 +234,7 @@ class SessionBus:
                 await nc.close()
             await self._stop_embedded()
             raise ConnectionFailed(
-                f"cannot connect to NATS at {', '.join(servers)}: {e or type(e).__name__}"
+                f"cannot connect to NATS at {_shown(servers)}: {e or type(e).__name__}"
             ) from e
         self._nc = nc
         try:
@@ -257,7 +263,7 @@ class SessionBus:
             await task
         if self._refused in done:
             raise AuthenticationFailed(
-                f"NATS at {', '.join(servers)} refused the connection: {self._refused.result()}"
+                f"NATS at {_shown(servers)} refused the connection: {self._refused.result()}"
             )
         raise TimeoutError
 

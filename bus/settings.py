@@ -134,10 +134,10 @@ def parse_url(url: str) -> dict[str, Any]:
                     raise ConfigError(f"server URLs disagree on their {key}")
         piece = piece.rstrip("/")
         if not piece or "/" in piece:
-            raise ConfigError(f"no host in server URL {_redact(url)!r}")
+            raise ConfigError(f"no host in server URL {redact_url(url)!r}")
         servers.append(f"{scheme}://{piece}")
     if not servers:
-        raise ConfigError(f"no host in server URL {_redact(url)!r}")
+        raise ConfigError(f"no host in server URL {redact_url(url)!r}")
     options["servers"] = tuple(servers)
     seen: set[str] = set()
     for key, text in parse_qsl(query, keep_blank_values=True):
@@ -170,8 +170,8 @@ def parse_servers(servers: str | Sequence[str]) -> dict[str, Any]:
     return merged
 
 
-def _redact(url: str) -> str:
-    """``url`` without its credentials, for messages."""
+def redact_url(url: str) -> str:
+    """``url`` without its credentials, for messages and logs."""
     scheme, sep, rest = url.partition("://")
     return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if "@" in rest else url
 
@@ -317,7 +317,7 @@ class BusSettings:
             if f.name in _SECRET_FIELDS and value is not None:
                 value = "***"
             elif f.name == "servers":
-                value = [_redact(s) for s in value]
+                value = [redact_url(s) for s in value]
             elif f.name == "tls":
                 value = None if value is None else "SSLContext"
             out[f.name] = value

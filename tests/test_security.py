@@ -26,6 +26,7 @@ from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus, S
 from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus.settings import BusSettings
 from sessionbus.schemas import SessionState
 from sessionbus.workers import DeadLetter, Turn, Worker
 from worker_proc import FAST
@@ -501,3 +502,12 @@ async def test_the_session_store_runs_as_a_worker_once_an_admin_created_its_buck
     client = role_permissions(Role.CLIENT)
     assert not client.allows_publish(f"$KV.{N.store_uses_bucket}.s1")
     assert not client.allows_publish(f"{N.ag2_history_root}.x")
+
+
+async def test_a_refusal_never_shows_the_credentials_of_a_server_url(secured: Secured) -> None:
+    url = secured.server.url.replace("nats://", "nats://someone:hunter2@")
+    settings = BusSettings(servers=(url,))
+    with pytest.raises(AuthenticationFailed) as caught:
+        await SessionBus(settings=settings).start()
+    assert "hunter2" not in str(caught.value) and "someone" not in str(caught.value)
+    assert "hunter2" not in repr(settings)
