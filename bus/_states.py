@@ -299,7 +299,8 @@ class SessionStates:
         self.note(meta, revision)
         try:
             with nats_errors(f"broadcasting the open of {meta.session_id!r}"):
-                await self._bus.nc.publish(self._bus.names.opened(meta.session_id), b"")
+                await self._bus.nc.publish(self._bus.names.opened(meta.session_id),
+                                           self._bus.node_id.encode())
         except BusError as e:
             logger.warning("the open hint of %r failed: %s", meta.session_id, e)
 
@@ -340,6 +341,8 @@ class SessionStates:
 
     async def _on_opened_hint(self, msg: Msg) -> None:
         self.hints += 1
+        if msg.data == self._bus.node_id.encode():
+            return  # this process's own open, noted already
         sid = self._session_of(msg)
         if sid is not None:
             self.forget(sid)
