@@ -14,6 +14,8 @@ it. The directory holds:
 ``users/<tenant>/<user>.nk``
     Each user's NKey seed (mode 0600): the secret a client connects with
     (``SESSIONBUS_NKEY_SEED_FILE``, or ``?nkey_seed_file=`` in the URL).
+``leafs.json``
+    The passwords of the edge sites' leaf nodes, per tenant (mode 0600).
 
 Users authenticate by NKey: the server keeps only public keys and checks a
 signature of its nonce, so neither ``auth.json`` nor ``accounts.conf``
@@ -42,6 +44,7 @@ __all__ = ["ACCOUNTS_FILE", "STATE_FILE", "AuthDir", "User", "new_user_seed", "s
 
 STATE_FILE = "auth.json"
 ACCOUNTS_FILE = "accounts.conf"
+LEAFS_FILE = "leafs.json"
 _VERSION = 1
 
 
@@ -215,6 +218,46 @@ class AuthDir:
         del self._state["tenants"][tenant]["users"][name]
         self.seed_file(tenant, name).unlink(missing_ok=True)
         self.save()
+
+    # -- leaf node credentials -------------------------------------------------
+
+    @property
+    def _leafs_file(self) -> Path:
+        return self.path / LEAFS_FILE
+
+    def _leafs(self) -> dict[str, dict[str, str]]:
+        if not self._leafs_file.exists():
+            return {}
+        leafs: dict[str, dict[str, str]] = json.loads(self._leafs_file.read_text("utf-8"))
+        return leafs
+
+    def add_leaf(self, tenant: str, name: str) -> str:
+        """Let an edge site's leaf node join as ``<tenant>-<name>``; return its remote URL
+        credentials (``user:password``) to put in the edge's ``--leaf-remote`` URL.
+
+        Leaf passwords are secrets: they are kept in ``leafs.json`` (mode 0600),
+        apart from ``auth.json``. Adding a name again gives it a new password.
+        """
+        _check_name(name, "leaf")
+        self._tenant(tenant)
+        leafs = self._leafs()
+        leafs.setdefault(tenant, {})[name] = secrets.token_urlsafe(32)
+        _write_private(self._leafs_file, json.dumps(leafs, indent=2, sort_keys=True).encode())
+        return f"{tenant}-{name}:{leafs[tenant][name]}"
+
+    def remove_leaf(self, tenant: str, name: str) -> None:
+        """Refuse a leaf node from the next reload on."""
+        leafs = self._leafs()
+        if name not in leafs.get(tenant, {}):
+            raise ConfigError(f"no leaf {name!r} in tenant {tenant!r}")
+        del leafs[tenant][name]
+        _write_private(self._leafs_file, json.dumps(leafs, indent=2, sort_keys=True).encode())
+
+    def leaf_users(self) -> list[tuple[str, str, str]]:
+        """``(user, password, account)`` of every leaf node allowed to join."""
+        return [(f"{tenant}-{name}", password, tenant)
+                for tenant, names in sorted(self._leafs().items()) if tenant in self.tenants()
+                for name, password in sorted(names.items())]
 
     def save(self) -> None:
         """Write ``auth.json`` and regenerate ``accounts.conf``."""

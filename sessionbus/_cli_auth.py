@@ -7,6 +7,7 @@
     sessionbus users add acme w1 --role worker --group echo --auth ./auth
     sessionbus users rotate acme alice --auth ./auth # new seed; the old one stops working
     sessionbus server --auth ./auth                  # nats-server with those accounts
+    sessionbus tenants leaf acme site1 --auth ./auth # an edge site's leaf credentials
     sessionbus tls init ./tls && sessionbus tls issue ./tls n1 --host n1
     sessionbus deploy secrets deploy/secrets         # everything docker-compose.yml needs
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sessionbus._auth import AuthDir
+from sessionbus._auth import AuthDir, _write_private
 from sessionbus._cli_common import Commands, add_command, note
 from sessionbus._deployment import generate
 from sessionbus._tls import init_ca, issue
@@ -73,6 +74,12 @@ def add_parsers(commands: Commands) -> None:
     p.add_argument("name")
     _auth_option(p)
     p.set_defaults(func=_tenants_rm, needs_bus=False)
+    p = add_command(sub, "leaf", help="let an edge site's leaf node join the tenant")
+    p.add_argument("tenant")
+    p.add_argument("name", help="the edge site")
+    p.add_argument("--remove", action="store_true", help="refuse it from the next reload on")
+    _auth_option(p)
+    p.set_defaults(func=_tenants_leaf, needs_bus=False)
 
     users = add_command(commands, "users", help="add | ls | rotate | rm: users of a tenant",
                         description="Users of a tenant, each with a role and an NKey seed.")
@@ -154,6 +161,24 @@ def _tenants_ls(args: argparse.Namespace) -> int:
 def _tenants_rm(args: argparse.Namespace) -> int:
     _auth_dir(args).remove_tenant(args.name)
     print(f"tenant {args.name} removed (its streams stay on the servers)")
+    _reload_hint()
+    return 0
+
+
+def _tenants_leaf(args: argparse.Namespace) -> int:
+    auth = _auth_dir(args)
+    if args.remove:
+        auth.remove_leaf(args.tenant, args.name)
+        print(f"leaf {args.name} of tenant {args.tenant} removed")
+        _reload_hint()
+        return 0
+    credentials = auth.add_leaf(args.tenant, args.name)
+    path = auth.path / "leafs" / f"{args.tenant}-{args.name}.url"
+    _write_private(path, f"nats-leaf://{credentials}@HUB:7422\n".encode())
+    print(f"leaf {args.name} of tenant {args.tenant} added; its remote URL (replace HUB): "
+          f"{path}")
+    print(f"at the edge: sessionbus server --no-jetstream --auth DIR --leaf-account "
+          f"{args.tenant} --leaf-remote \"$(cat {path})\"")
     _reload_hint()
     return 0
 

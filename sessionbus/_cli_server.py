@@ -20,7 +20,7 @@ import threading
 import types
 from collections.abc import Iterator
 
-from sessionbus._auth import STATE_FILE, AuthDir
+from sessionbus._auth import LEAFS_FILE, STATE_FILE, AuthDir
 from sessionbus._cli_common import Commands, add_command
 from sessionbus.bus._server import NatsServer, ServerTls, server_version
 from sessionbus.bus.errors import ConfigError, ConnectionFailed
@@ -66,6 +66,10 @@ def add_parser(commands: Commands) -> None:
                       help="connect to a hub as a leaf node, e.g. nats-leaf://hub:7422; "
                            "repeat (or comma-separate) for the nodes of one hub cluster: "
                            "one leaf connection that fails over between them")
+    leaf.add_argument("--leaf-account", metavar="TENANT",
+                      help="with --auth: the tenant whose account the leaf connection "
+                           "carries (its URL holds that tenant's leaf credentials: "
+                           "'sessionbus tenants leaf')")
     secure = p.add_argument_group("security")
     secure.add_argument("--auth", metavar="DIR",
                         help="require credentials: the tenants and users of this auth "
@@ -95,18 +99,23 @@ def build_server(args: argparse.Namespace) -> NatsServer:
         tls = ServerTls(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
                         verify_clients=args.tls_verify)
     accounts = ""
+    leaf_users: list[tuple[str, str, str]] = []
     if args.auth:
         auth = AuthDir(args.auth)
         if not auth.exists:
             raise ConfigError(f"{args.auth} is not an auth directory "
                               "(create it with 'sessionbus tenants add NAME --auth DIR')")
         accounts = auth.accounts_config(jetstream=not args.no_jetstream)
+        leaf_users = auth.leaf_users()
+    elif args.leaf_account:
+        raise ConfigError("--leaf-account needs --auth (the tenant's account is defined there)")
     return NatsServer(
         name=args.name, host=args.host, port=args.port, http_port=args.http_port,
         jetstream=not args.no_jetstream, store_dir=args.data_dir, domain=args.domain,
         cluster_name=args.cluster_name, cluster_port=args.cluster_port, routes=routes,
         leaf_listen_port=args.leaf_port, leaf_remotes=_split(args.leaf_remote),
-        tls=tls, accounts_config=accounts,
+        tls=tls, accounts_config=accounts, leaf_users=leaf_users,
+        leaf_account=args.leaf_account,
     )
 
 
@@ -177,8 +186,10 @@ def run_server(args: argparse.Namespace) -> int:
                 stamp = _auth_stamp(args)
                 if stamp != watched:
                     watched = stamp
-                    server.accounts_config = AuthDir(args.auth).accounts_config(
+                    auth = AuthDir(args.auth)
+                    server.accounts_config = auth.accounts_config(
                         jetstream=not args.no_jetstream)
+                    server.leaf_users = auth.leaf_users()
                     server.reload()
                     print("accounts changed: nats-server reloaded", file=sys.stderr, flush=True)
         finally:
@@ -187,14 +198,17 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auth_stamp(args: argparse.Namespace) -> float | None:
-    """When the auth directory's state last changed (None without ``--auth``)."""
+def _auth_stamp(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """When the auth directory's users and leaf nodes last changed (None without ``--auth``)."""
     if not args.auth:
         return None
-    try:
-        return os.stat(os.path.join(args.auth, STATE_FILE)).st_mtime_ns / 1e9
-    except OSError:
-        return None
+    stamps = []
+    for name in (STATE_FILE, LEAFS_FILE):
+        try:
+            stamps.append(os.stat(os.path.join(args.auth, name)).st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return tuple(stamps)
 
 
 def _announce(server: NatsServer) -> None:
