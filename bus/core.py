@@ -405,7 +405,7 @@ class SessionBus:
 
     @property
     def lifecycle(self) -> Lifecycle:
-        """Session records, timers, tasks and the closures this bus heard."""
+        """Session records, timers and tasks; ``lifecycle.states`` holds what this process knows."""
         if self._lifecycle is None or self._closed:
             raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
         return self._lifecycle
