@@ -139,6 +139,11 @@ class NatsServer:
     jetstream: bool = True
     store_dir: str | None = None
     domain: str | None = None
+    #: JetStream's file sync: None keeps the server's default (every 2 minutes),
+    #: ``"always"`` fsyncs each write, or a duration such as ``"1s"``. A crash
+    #: of the server process loses nothing either way (writes reach the OS at
+    #: once); the sync bounds what a crash of the machine can lose.
+    sync_interval: str | None = None
     http_port: int = 0
     cluster_name: str | None = None
     cluster_port: int = 0
@@ -208,6 +213,8 @@ class NatsServer:
             js = [f"store_dir: {json.dumps(self._store())}"]
             if self.domain:
                 js.append(f"domain: {json.dumps(self.domain)}")
+            if self.sync_interval:
+                js.append(f"sync_interval: {json.dumps(self.sync_interval)}")
             lines.append("jetstream {\n  " + "\n  ".join(js) + "\n}")
         if self.cluster_name:
             routes = ", ".join(json.dumps(r) for r in self.routes)

@@ -50,6 +50,10 @@ def add_parser(commands: Commands) -> None:
                         "on exit)")
     p.add_argument("--name", default="sessionbus", help="server name (default: %(default)s)")
     p.add_argument("--domain", help="JetStream domain of this server (e.g. hub)")
+    p.add_argument("--sync-interval", metavar="always|DURATION",
+                   help="fsync JetStream's files after every write ('always') or this often "
+                        "(e.g. 1s; default: the server's, 2m): bounds what a machine crash "
+                        "loses (a crash of nats-server alone loses nothing acked)")
     p.add_argument("--no-jetstream", action="store_true",
                    help="run without JetStream (a leaf node whose clients use the hub's)")
     cluster = p.add_argument_group("cluster")
@@ -112,6 +116,7 @@ def build_server(args: argparse.Namespace) -> NatsServer:
     return NatsServer(
         name=args.name, host=args.host, port=args.port, http_port=args.http_port,
         jetstream=not args.no_jetstream, store_dir=args.data_dir, domain=args.domain,
+        sync_interval=args.sync_interval,
         cluster_name=args.cluster_name, cluster_port=args.cluster_port, routes=routes,
         leaf_listen_port=args.leaf_port, leaf_remotes=_split(args.leaf_remote),
         tls=tls, accounts_config=accounts, leaf_users=leaf_users,

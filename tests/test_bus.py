@@ -162,3 +162,16 @@ async def test_connect_and_env_read_url_options(
         assert (env_bus.settings.prefix, env_bus.partitions) == ("fromenv", 3)
     with pytest.raises(ConfigError, match="unknown URL option 'bogus'"):
         SessionBus(f"{nats_server.url}?bogus=1")
+
+
+def test_a_server_with_sync_always_fsyncs_every_write() -> None:
+    server = NatsServer(name="synced", sync_interval="always").start()
+    try:
+        assert server.monitor("varz")["jetstream"]["config"]["sync_always"] is True
+    finally:
+        server.stop()
+    default = NatsServer(name="lazy").start()
+    try:
+        assert not default.monitor("varz")["jetstream"]["config"].get("sync_always")
+    finally:
+        default.stop()
