@@ -137,3 +137,40 @@ async def test_only_worker_killed_mid_turn_and_restarted_keeps_order(
     for key, recs in duplicates(records).items():
         # Only a turn cut by the kill may run again (its ack never left).
         assert len(recs) == 2 and min(r.end for r in recs) >= killed_at - 0.5, (key, recs)
+
+
+async def test_a_worker_whose_lease_write_was_lost_rejoins_at_once(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    # A server restart can lose the lease's latest refresh: the stored key then
+    # holds an older write of the same lease, and the worker's next
+    # compare-and-set fails. It must take its own key back, not wait for a
+    # TTL that may never come, and pull its partitions again.
+    sb = await bus_factory(nats_server.url, prefix="lw", partitions=4)
+    ran = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        ran.set()
+
+    worker = Worker(sb, group="g", handler=handle, config=FAST)
+    await worker.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(worker.partitions) < 4:
+            assert time.monotonic() < deadline, "never pulled its partitions"
+            await asyncio.sleep(0.05)
+        key = sb.names.worker_key("g", worker.worker_id)
+        entry = await sb.workers_kv.get(key)
+        assert entry is not None
+        await sb.workers_kv.put(key, entry.value)  # another revision, no TTL
+        deadline = time.monotonic() + 15
+        while not worker.membership.lost.is_set():
+            assert time.monotonic() < deadline, "the lost write was never noticed"
+            await asyncio.sleep(0.02)
+        while worker.membership.lost.is_set() or len(worker.partitions) < 4:
+            assert time.monotonic() < deadline, "the worker never rejoined"
+            await asyncio.sleep(0.05)
+        await publish_many(sb, [envelope("after", 0)])
+        await asyncio.wait_for(ran.wait(), 10)
+    finally:
+        await worker.stop()
