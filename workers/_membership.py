@@ -140,6 +140,9 @@ class Membership:
         self._filter = bus.names.worker_group_filter(group)
         self._lease = Lease(worker_id=worker_id, node_id=bus.node_id)
         self._revision = 0
+        # Loop time of the last rejoin, and when other members vanished.
+        self._rejoined_at: float | None = None
+        self._gone: dict[str, float] = {}
         # started_at of the lease this object last created: tells its own
         # lease from another process's (or another Worker's) of the same id.
         self._created_at: float | None = None
@@ -184,8 +187,14 @@ class Membership:
         async with self._write_lock:
             self._lease = Lease(worker_id=self.worker_id, node_id=self._bus.node_id)
         await self._create()
+        loop = asyncio.get_running_loop()
+        self._rejoined_at = loop.time()
+        horizon = self._rejoined_at - 2 * self.rejoin_grace
+        self._gone = {wid: at for wid, at in self._gone.items() if at >= horizon}
         self.lost.clear()
         self.changed.set()
+        # Take the held-back shares once the grace is over, if nobody came back.
+        loop.call_later(self.rejoin_grace, self.changed.set)
 
     async def leave(self) -> None:
         """Stop refreshing and delete the lease, releasing every claim at once."""
@@ -350,6 +359,8 @@ class Membership:
         if current is not None and current.revision < revision:
             del self._members[worker_id]
             self._liveness.gone(worker_id)
+            if not current.lease.draining:
+                self._gone[worker_id] = asyncio.get_running_loop().time()
             self.changed.set()
 
     def members(self) -> dict[str, Lease]:
@@ -365,11 +376,29 @@ class Membership:
         return out
 
     def assigned(self, partitions: int) -> set[int]:
-        """Partitions this worker should pull, given the live non-draining members."""
-        active = [wid for wid, lease in self.members().items() if not lease.draining]
+        """Partitions this worker should pull, given the live non-draining members.
+
+        Right after this worker rejoined (its lease was lost, most often to
+        a server restart that cost every lease), members that vanished
+        shortly before keep their share for :attr:`rejoin_grace` seconds:
+        they are probably rejoining too, and taking their partitions now
+        would move every session to a worker that never saw it (its
+        completed envelopes, whose acks the restart may have lost, would
+        run again there).
+        """
+        active = {wid for wid, lease in self.members().items() if not lease.draining}
         if self.worker_id not in active:
             return set()
+        now = asyncio.get_running_loop().time()
+        if self._rejoined_at is not None and now - self._rejoined_at < self.rejoin_grace:
+            since = self._rejoined_at - self.rejoin_grace
+            active |= {wid for wid, at in self._gone.items() if at >= since}
         return assign(partitions, active).get(self.worker_id, set())
+
+    @property
+    def rejoin_grace(self) -> float:
+        """Seconds after a rejoin during which recently vanished members keep their share."""
+        return wire_ttl(self._config.lease_ttl) + 1.0
 
     def claimed_elsewhere(self) -> set[int]:
         """Partitions some other live member still claims."""
