@@ -68,10 +68,6 @@ async def test_one_of_three_workers_killed_then_one_joins_under_load(tmp_path: P
     assert outcome.report.failover <= FAST.failover_bound + 3.0
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent, 4 of 6 runs: acked envelopes never ran (2 to 38 per run, e.g. s0034#9, "
-    "while later ones of the session did), a completed envelope re-ran after its successor, "
-    "and the same envelope ran on both workers at once (12 overlaps) (issue 9, finding 2)"))
 @pytest.mark.timeout(150)
 async def test_nats_server_killed_and_restarted_on_its_data_dir_twice(tmp_path: Path) -> None:
     outcome = await server_restart(tmp_path, cycles=2)
