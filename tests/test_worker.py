@@ -27,7 +27,7 @@ from sessionbus.workers import (
     WorkerConfig,
     WorkerState,
 )
-from worker_proc import FAST, envelope, poll, publish, publish_many
+from worker_proc import FAST, ensure_sessions, envelope, poll, publish, publish_many
 
 from sessionbus.testing import BusFactory
 
@@ -446,6 +446,10 @@ async def test_per_session_state_stays_bounded_with_many_sessions(
         nonlocal done
         done += 1
 
+    total = 20_000
+    # Workers run only sessions that exist: create the records first, apart
+    # from the worker's load.
+    await ensure_sessions(sb, [f"many-{i}" for i in range(total)])
     worker = await start_worker(handle, config=config, max_concurrency=32)
     peak_sessions = peak_dedupe = 0
 
@@ -457,10 +461,10 @@ async def test_per_session_state_stays_bounded_with_many_sessions(
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
-    total = 20_000
     for start in range(0, total, 5000):
         await publish_many(sb, [envelope(f"many-{i}", 0) for i in range(start, start + 5000)])
-    await wait_for(lambda: done == total, f"{total} turns", within=60)
+    # At least once: under load an ack can come too late and a turn run twice.
+    await wait_for(lambda: done >= total, f"{total} turns", within=60)
     watcher.cancel()
     # Sessions are kept only while something is held: the soft cap, plus at
     # most one keep-alive message per partition pulled past it.
