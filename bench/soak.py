@@ -2,10 +2,12 @@
 
 The scenarios are those of ``tests/faults/scenarios.py`` (real nats-server
 and worker processes on loopback). Per scenario and repetition it prints
-lost, reordered, overlapping turns, stale effects (a paused worker's late
-replies stored after its successor's), duplicates (turn re-runs, and
-completed re-runs), envelopes stored twice, longest stall and failover
-time (seconds), then a summary with min / median / max::
+lost, reordered (of which ``rerun_after_next``: a completed envelope run
+again after its successor had started), overlapping turns, stale effects
+(a paused worker's late replies stored after its successor's), duplicates
+(turn re-runs, and completed re-runs), envelopes stored twice, longest
+stall and failover time (seconds), then a summary with min / median /
+max::
 
     python bench/soak.py --repeat 20                      # every scenario
     python bench/soak.py --scenario worker_paused --repeat 5
@@ -34,8 +36,8 @@ sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests")]
 from _common import environment  # noqa: E402
 from scenarios import SCENARIOS, Outcome  # noqa: E402
 
-FIGURES = ("lost", "reordered", "overlaps", "stale", "dups", "dups_done", "stored_dups", "retried",
-           "stall", "failover")
+FIGURES = ("lost", "reordered", "rerun_after_next", "overlaps", "stale", "dups", "dups_done",
+           "stored_dups", "retried", "stall", "failover")
 
 
 async def _one(name: str, run_timeout: float, keep: Path | None, index: int) -> Outcome | str:

@@ -78,6 +78,7 @@ class Report:
     turns: int = 0
     lost: int = 0
     reordered: int = 0
+    reordered_reruns: int = 0
     overlaps: int = 0
     stale_effects: int = 0
     duplicates: int = 0
@@ -106,7 +107,8 @@ class Report:
     def figures(self) -> dict[str, float | int | None]:
         """The figures the soak form prints."""
         return {
-            "lost": self.lost, "reordered": self.reordered, "overlaps": self.overlaps,
+            "lost": self.lost, "reordered": self.reordered,
+            "rerun_after_next": self.reordered_reruns, "overlaps": self.overlaps,
             "stale": self.stale_effects, "dups": self.duplicates,
             "dups_done": self.duplicates_completed, "stored_dups": self.stored_duplicates,
             "reply_dups": self.reply_duplicates, "retried": self.retried_sends,
@@ -137,7 +139,9 @@ def check(
     * **reordered**: in a session, ordered by start time, a turn whose index
       is below the highest index already started, or skips past the next
       one; a re-run of the latest index (the one that was cut, or whose ack
-      was lost) is a duplicate, not a reorder.
+      was lost) is a duplicate, not a reorder. ``reordered_reruns`` counts
+      the reorders that are a completed envelope run again after its
+      successor started (its ack lost with its worker).
     * **overlaps**: a turn starting before an earlier turn of the session
       ended; a cut turn ends when its worker was killed. Turns running
       while their worker was paused are judged by their effects instead
@@ -213,9 +217,12 @@ def _check_order(report: Report, sid: str, runs: list[TurnRun]) -> None:
         if t.idx == high + 1:
             high = t.idx
         elif t.idx == high:
-            continue  # a re-run of the latest envelope: counted as a duplicate
+            pass  # a re-run of the latest envelope: counted as a duplicate
         else:
             report.reordered += 1
+            if t.idx < high and any(r.idx == t.idx and r.end is not None and not r.cancelled
+                                    and r.end <= t.start for r in runs):
+                report.reordered_reruns += 1
             bad = True
             high = max(high, t.idx)
     if bad:

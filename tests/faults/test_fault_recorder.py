@@ -39,9 +39,17 @@ def test_the_issue_order_break_is_reported() -> None:
              turn(3, "w1", 10, 11), turn(2, "w1", 11, 12), turn(3, "w1", 12, 13),
              turn(4, "w1", 13, 14)]
     report = check(acks("s", 5), turns, kills={"w0": [3.5]})
-    assert report.reordered == 1 and not report.ok
+    assert report.reordered == 1 and report.reordered_reruns == 0 and not report.ok
     assert "0@w0 1@w0 2@w0(cut) 3@w1 2@w1 3@w1 4@w1" in report.problems[0]
     assert report.duplicates == 2 and report.duplicates_completed == 1
+
+
+def test_a_completed_envelope_rerun_after_its_successor_started_is_a_reorder() -> None:
+    # 1 completed, its ack was lost with the worker while 2 had started
+    turns = [turn(0, "w0", 1, 2), turn(1, "w0", 2, 3), turn(2, "w0", 3, None),
+             turn(1, "w1", 10, 11), turn(2, "w1", 11, 12)]
+    report = check(acks("s", 3), turns, kills={"w0": [3.01]})
+    assert report.reordered == 1 and report.reordered_reruns == 1 and not report.ok
 
 
 def test_a_skipped_envelope_is_a_reorder() -> None:
