@@ -177,17 +177,24 @@ class SessionStore:
 
     @asynccontextmanager
     async def resumed(self, handle: str) -> AsyncIterator[None]:
-        """Keep ``handle``'s conversation from this replica's eviction during a paused run."""
+        """Keep ``handle``'s conversation from eviction while a paused run continues on it.
+
+        This replica never evicts it meanwhile; the use is recorded at the
+        start and end, so other replicas do not drop it either.
+        """
         async with self._lock:
             entry = next((e for e in self._entries.values() if e.handle == handle), None)
             if entry is None or await self._load(entry.key) is None:
                 raise UnknownConversationError()
             entry.resumed += 1
+            await self._touch(entry)  # a use other replicas see: none of them drops it now
         try:
             yield
         finally:
             entry.resumed -= 1
             entry.last = self._clock()
+            with contextlib.suppress(BusError):
+                await self._touch(entry)
 
     async def acquire(self, session_id: str, *, principal: str | None = None) -> MemoryStream:
         """A stream carrying ``session_id``'s conversation; holds no turn lock."""
