@@ -28,8 +28,9 @@ comes out rotated when a puller that is not yet pinned was waiting), so a
 session's later envelope can arrive before an earlier one. Redeliveries go
 out before any new message, and the timing rules make every envelope of a
 dead or paused owner due before its pin lapses; so once a pull brings a
-first-time delivery, or a burst comes back short, everything redelivered
-is held, sorted per session, and turns may start (:attr:`catching_up`).
+first-time delivery, or a one-message pull comes back empty while pinned,
+everything redelivered is held, sorted per session, and turns may start
+(:attr:`catching_up`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 _BURST_EXPIRES = 0.005
 #: Grace after a pull's expiry before nothing more of it can arrive.
 _LATE_GRACE = 0.5
+#: Expiry of the one-message pulls that probe for redeliveries while catching up.
+_CATCH_UP_PROBE = 0.25
 #: Pulls made to collect in-flight deliveries before handing back.
 _DRAIN_PULLS = 20
 
@@ -169,7 +172,9 @@ class PartitionPuller:
                     burst = len(msgs) >= grant
                 else:
                     last_request = loop.time()
-                    msgs = await self._fetch(1, cfg.poll_interval)
+                    # Catching up, an empty answer is what ends it: ask briefly.
+                    msgs = await self._fetch(
+                        1, _CATCH_UP_PROBE if self._catching_up else cfg.poll_interval)
                     burst = bool(msgs)
                 if msgs:
                     await self._scheduler.offer(self.partition, msgs,
@@ -203,13 +208,15 @@ class PartitionPuller:
         status = self._puller.last_status
         if msgs:
             # A first delivery comes only once the redelivery queue is empty.
-            done = any(_first_delivery(m) for m in msgs) or (
-                len(msgs) < asked and status is not None
-            )
+            # (A burst that comes back short proves nothing: the server may
+            # end it on its expiry while it still has redeliveries to send.)
+            done = any(_first_delivery(m) for m in msgs)
         else:
-            # Nothing at all for a pull the server ended: only if this puller
-            # holds the pin (otherwise another holder may still have them).
-            done = self._puller.pinned and status is not None and status.code in (404, 408)
+            # Nothing at all for a one-message pull the server ended, while
+            # this puller holds the pin: nothing was waiting for it. (Without
+            # the pin, another holder may still have them.)
+            done = (asked == 1 and self._puller.pinned and status is not None
+                    and status.code in (404, 408))
         if done:
             self._catching_up = False
             self._scheduler.unfreeze(self.partition)

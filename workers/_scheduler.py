@@ -46,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Subject tokens whose decoded session id is kept (the map is cleared when full).
 _SID_CACHE = 65_536
-#: Turns a session's task runs back to back before it yields to the event loop.
-_YIELD_EVERY = 8
 #: Seconds a handback keeps cancelling a turn that does not end.
 _GIVE_UP_CANCEL = 30.0
 
@@ -313,7 +311,6 @@ class Scheduler:
         partition frozen, a close, a retry timer or a waiting session end it,
         and the session queues again as before.
         """
-        turns = 0
         while True:
             try:
                 await self._turn(session, run)
@@ -323,12 +320,15 @@ class Scheduler:
             if not self._may_continue(session):
                 self._after_turn(session)
                 return
-            turns += 1
-            if turns % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # let intake, keep-alives and acks run
-                if not self._may_continue(session):
-                    self._after_turn(session)
-                    return
+            # Yield before the session's next turn: the client's flusher then
+            # writes this turn's ack to the socket first. Otherwise a pause or
+            # a crash right after could leave the envelope unacked while the
+            # next one already ran, and the successor would run it again
+            # after its successor.
+            await asyncio.sleep(0)
+            if not self._may_continue(session):
+                self._after_turn(session)
+                return
             run = self._begin(session)
             run.task = asyncio.current_task()
 
