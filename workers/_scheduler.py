@@ -44,6 +44,9 @@ __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 
+#: Least the held-work cap goes down to, and the window its settle rate is measured over.
+_MIN_HELD = 256
+_RATE_WINDOW = 0.5
 #: Subject tokens whose decoded session id is kept (the map is cleared when full).
 _SID_CACHE = 65_536
 #: Seconds a handback keeps cancelling a turn that does not end.
@@ -108,6 +111,10 @@ class Scheduler:
         self.owns: Callable[[int], bool] = _always
         """Whether this worker still owns a partition; settling (ack, dead-letter) asks first."""
         self.completed = 0
+        # Settle-rate window behind _cap(): loop time and completions at its start.
+        self._rate_at = 0.0
+        self._rate_done = 0
+        self._held_cap = config.max_held
         """Envelopes settled (acked after a turn, dropped, dead-lettered) since start."""
 
     # -- introspection ------------------------------------------------------
@@ -139,7 +146,7 @@ class Scheduler:
         ``max_held``. Give the grant back with :meth:`unreserve` once the
         pulled messages were offered.
         """
-        grant = max(0, min(wanted, self._config.max_held - self._held - self._reserved))
+        grant = max(0, min(wanted, self._cap() - self._held - self._reserved))
         self._reserved += grant
         if grant == 0:
             self._starved = True
@@ -151,7 +158,26 @@ class Scheduler:
 
     def room(self) -> int:
         """Messages that may still be pulled before the soft cap ``max_held``."""
-        return self._config.max_held - self._held - self._reserved
+        return self._cap() - self._held - self._reserved
+
+    def _cap(self) -> int:
+        """``max_held``, lowered to what this worker settles in a quarter of ``ack_wait``.
+
+        A worker slower than its pulls would otherwise hold thousands of
+        messages that each need an ``in_progress`` before ``ack_wait`` runs
+        out; a busy event loop then sends some too late and the server
+        redelivers to a worker that is alive. Held work is kept to what the
+        recent settle rate clears in ``ack_wait / 4`` (at least ``_MIN_HELD``):
+        most of it is settled before its first ``in_progress`` is due.
+        """
+        now = asyncio.get_running_loop().time()
+        elapsed = now - self._rate_at
+        if elapsed >= _RATE_WINDOW:
+            rate = (self.completed - self._rate_done) / elapsed
+            self._rate_at, self._rate_done = now, self.completed
+            self._held_cap = min(self._config.max_held,
+                                 max(_MIN_HELD, int(rate * self._config.ack_wait / 4)))
+        return self._held_cap
 
     def on_room(self, event: asyncio.Event, *, listen: bool = True) -> None:
         """Have ``event`` set when room frees up after a :meth:`reserve` came back empty."""
@@ -163,7 +189,7 @@ class Scheduler:
     def _freed(self) -> None:
         # Pullers at the cap wait in keep-alive pulls; wake them once room
         # frees, rather than after their next keep-alive.
-        if self._starved and self._held + self._reserved < self._config.max_held:
+        if self._starved and self._held + self._reserved < self._held_cap:
             self._starved = False
             for event in self._room_events:
                 event.set()
