@@ -29,6 +29,7 @@ from worker_proc import (
     FAST,
     check_history,
     duplicates,
+    ensure_sessions,
     envelope,
     publish_many,
     read_records,
@@ -39,12 +40,16 @@ from sessionbus.testing import BusFactory
 SCRIPT = str(Path(__file__).with_name("worker_proc.py"))
 
 
+@pytest.mark.parametrize(("sessions", "per", "max_held"), [(3, 4, 8192), (30, 10, 40)],
+                         ids=["few", "more-than-max-held"])
 async def test_a_dead_owners_envelopes_run_in_stream_order(
-    nats_server: NatsServer, bus_factory: BusFactory
+    nats_server: NatsServer, bus_factory: BusFactory, sessions: int, per: int, max_held: int,
 ) -> None:
     sb = await bus_factory(nats_server.url, prefix="ho", partitions=1)
-    sids = [f"s{i}" for i in range(3)]
-    await publish_many(sb, [envelope(sid, idx) for idx in range(4) for sid in sids])
+    sids = [f"s{i}" for i in range(sessions)]
+    total = sessions * per
+    await ensure_sessions(sb, sids)
+    await publish_many(sb, [envelope(sid, idx) for idx in range(per) for sid in sids])
     # A previous owner pulls everything pinned, keeps it in progress, then dies.
     await create_pinned_consumer(
         sb.nc, stream=sb.names.envelope_stream, name=sb.names.worker_consumer("g", 0),
@@ -57,7 +62,7 @@ async def test_a_dead_owners_envelopes_run_in_stream_order(
                           consumer=sb.names.worker_consumer("g", 0),
                           group=sb.names.worker_priority_group)
     await puller.start()
-    assert len(await puller.fetch(12, 0.5)) == 12
+    assert len(await puller.fetch(total, 1.0)) == total
     await dead.close()
 
     seen: dict[str, list[int]] = {sid: [] for sid in sids}
@@ -65,17 +70,18 @@ async def test_a_dead_owners_envelopes_run_in_stream_order(
 
     async def handle(turn: Turn) -> None:
         seen[turn.session_id].append(turn.envelope.event_data["idx"])
-        if sum(map(len, seen.values())) >= 12:
+        if sum(map(len, seen.values())) >= total:
             done.set()
 
-    worker = Worker(sb, group="g", handler=handle, config=FAST)
+    # Fewer held than the dead owner left: the catch-up still sees them all.
+    worker = Worker(sb, group="g", handler=handle, config=FAST.replace(max_held=max_held))
     await worker.start()
     try:
         await asyncio.wait_for(done.wait(), 20)
         await asyncio.sleep(0.3)  # a turn run twice would show up here
     finally:
         await worker.stop()
-    assert seen == {sid: [0, 1, 2, 3] for sid in sids}
+    assert seen == {sid: list(range(per)) for sid in sids}
 
 
 class _Proc:

@@ -30,7 +30,8 @@ out before any new message, and the timing rules make every envelope of a
 dead or paused owner due before its pin lapses; so once a pull brings a
 first-time delivery, or a one-message pull comes back empty while pinned,
 everything redelivered is held, sorted per session, and turns may start
-(:attr:`catching_up`).
+(:attr:`catching_up`). Catching up pulls past ``max_held`` if need be: what
+a previous owner left unacked is at most ``max_ack_pending``.
 """
 
 from __future__ import annotations
@@ -151,10 +152,15 @@ class PartitionPuller:
         burst = False
         while not self._stopping:
             keep = self._keepalive
-            grant = 0
+            grant = ask = 0
             if not keep:
-                grant = self._scheduler.reserve(cfg.fetch_batch if burst else 1)
-                keep = grant == 0
+                if self._catching_up:
+                    # Past max_held if need be: the catch-up must see every
+                    # redelivery (at most max_ack_pending) before a turn starts.
+                    ask = cfg.fetch_batch if burst else 1
+                else:
+                    grant = ask = self._scheduler.reserve(cfg.fetch_batch if burst else 1)
+                keep = ask == 0
             try:
                 if keep:
                     pause = last_request + keep_expires - loop.time()
@@ -168,8 +174,8 @@ class PartitionPuller:
                     burst = False
                 elif burst:
                     last_request = loop.time()
-                    msgs = await self._fetch(grant, _BURST_EXPIRES)
-                    burst = len(msgs) >= grant
+                    msgs = await self._fetch(ask, _BURST_EXPIRES)
+                    burst = len(msgs) >= ask
                 else:
                     last_request = loop.time()
                     # Catching up, an empty answer is what ends it: ask briefly.
@@ -180,7 +186,7 @@ class PartitionPuller:
                     await self._scheduler.offer(self.partition, msgs,
                                                 requested_at=self._requested_at)
                 if self._catching_up:
-                    self._check_caught_up(msgs, asked=grant or 1)
+                    self._check_caught_up(msgs, asked=ask or 1)
                 if msgs:
                     await asyncio.sleep(0)  # let the turns just queued start before pulling on
             except ConsumerNotFoundError:
