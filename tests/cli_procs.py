@@ -86,7 +86,16 @@ class Running:
         return self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Kill the process if it still runs."""
+        """Stop the process if it still runs: SIGTERM, then SIGKILL after 10 s.
+
+        SIGTERM first, so that a ``sessionbus server`` (or any command with an
+        embedded server) stops the nats-server it started instead of leaving
+        it orphaned.
+        """
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
