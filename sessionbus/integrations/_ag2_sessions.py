@@ -45,7 +45,7 @@ from ag2.stream import MemoryStream
 from sessionbus.bus._kv import Bucket
 from sessionbus.bus._lock import TurnLock
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import BusError, KeyConflict, LockLost
+from sessionbus.bus.errors import BusError, ConfigError, KeyConflict, LockLost
 from sessionbus.integrations._ag2_storage import NatsStorage
 from sessionbus.integrations._bus import BusLink, ensure_bucket
 from sessionbus.integrations._keys import token
@@ -106,9 +106,9 @@ class SessionStore:
         **options: Any,
     ) -> None:
         if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}.")
+            raise ConfigError(f"max_sessions must be >= 1, got {max_sessions}.")
         if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be > 0 when set, got {ttl}.")
+            raise ConfigError(f"ttl must be > 0 when set, got {ttl}.")
         self._link = BusLink(bus, servers, options)
         self._own_storage = storage is None
         self._storage: Storage = storage if storage is not None else NatsStorage(bus=bus) if (

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from ag2.events._serialization import deserialize_value, serialize_value
 
-from sessionbus.bus.core import SessionBus
-from sessionbus.integrations._jshistory import JetStreamHistory, Serializer
+from sessionbus.integrations._jshistory import JetStreamHistory
 
 __all__ = ["NatsStorage"]
 
@@ -26,20 +22,4 @@ class NatsStorage(JetStreamHistory):
     retention given here (``max_age`` seconds, ``max_bytes``, ``replicas``).
     """
 
-    def __init__(
-        self,
-        servers: str | Sequence[str] | None = None,
-        *,
-        bus: SessionBus | None = None,
-        stream: str | None = None,
-        max_age: float | None = None,
-        max_bytes: int | None = None,
-        replicas: int | None = None,
-        serializer: Serializer = "json",
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            servers, bus=bus, stream=stream, max_age=max_age, max_bytes=max_bytes,
-            replicas=replicas, serializer=serializer, codec=(serialize_value, deserialize_value),
-            **options,
-        )
+    codec = (serialize_value, deserialize_value)

@@ -26,12 +26,13 @@ import json
 import pickle
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from nats.js import api
 
 from sessionbus.bus._reads import direct_get_range
 from sessionbus.bus.core import SessionBus
+from sessionbus.bus.errors import ConfigError
 from sessionbus.integrations._bus import BusLink, ensure_stream
 from sessionbus.integrations._keys import token
 
@@ -50,8 +51,8 @@ _ROLLUP = "Nats-Rollup"
 class JetStreamHistory:
     """AG2's ``Storage`` protocol on a JetStream stream of the bus.
 
-    ``codec`` is the framework's event serialization (ag2's, or autogen
-    0.14's ``autogen.beta``); the framework-specific subclasses pass it.
+    :attr:`codec` is the framework's event serialization (ag2's, or autogen
+    0.14's ``autogen.beta``); each framework's subclass sets it.
 
     ``bus`` is a started :class:`~sessionbus.bus.SessionBus` the caller owns;
     without one the storage starts ``SessionBus(servers, **options)`` on
@@ -59,6 +60,9 @@ class JetStreamHistory:
     stream (default ``<prefix>_ag2_history``), created if absent with the
     retention given here; an existing stream keeps its own.
     """
+
+    #: ``(serialize_value, deserialize_value)`` of the framework.
+    codec: ClassVar[Codec]
 
     def __init__(
         self,
@@ -70,22 +74,20 @@ class JetStreamHistory:
         max_bytes: int | None = None,
         replicas: int | None = None,
         serializer: Serializer = "json",
-        codec: Codec,
         **options: Any,
     ) -> None:
         if bus is not None and (servers is not None or options):
-            raise ValueError("pass either a started bus or connection settings, not both")
+            raise ConfigError("pass either a started bus or connection settings, not both")
         if serializer not in ("json", "pickle"):
-            raise ValueError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
+            raise ConfigError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
         if max_age is not None and not max_age > 0:
-            raise ValueError(f"max_age must be > 0 seconds or None, got {max_age!r}")
+            raise ConfigError(f"max_age must be > 0 seconds or None, got {max_age!r}")
         self._link = BusLink(bus, servers, options)
         self._stream_name = stream
         self._max_age = max_age
         self._max_bytes = max_bytes
         self._replicas = replicas
         self._serializer: Serializer = serializer
-        self._codec = codec
         self._bound: tuple[SessionBus, str, str] | None = None
 
     # -- lifecycle --------------------------------------------------------------
@@ -134,12 +136,12 @@ class JetStreamHistory:
     def _dump(self, value: Any) -> bytes:
         if self._serializer == "pickle":
             return pickle.dumps(value)
-        return json.dumps(self._codec[0](value)).encode()
+        return json.dumps(self.codec[0](value)).encode()
 
     def _load(self, data: bytes) -> Any:
         if self._serializer == "pickle":
             return pickle.loads(data)
-        return self._codec[1](json.loads(data))
+        return self.codec[1](json.loads(data))
 
     # -- the Storage protocol -------------------------------------------------------
 

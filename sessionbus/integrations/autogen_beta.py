@@ -13,11 +13,7 @@ as :class:`sessionbus.integrations.ag2.NatsStorage`, events serialized with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from sessionbus.bus.core import SessionBus
-from sessionbus.integrations._jshistory import JetStreamHistory, Serializer
+from sessionbus.integrations._jshistory import JetStreamHistory
 
 try:
     from autogen.beta.events._serialization import deserialize_value, serialize_value
@@ -32,20 +28,4 @@ __all__ = ["NatsStorage"]
 class NatsStorage(JetStreamHistory):
     """``autogen.beta``'s ``Storage`` on a JetStream stream of the bus (see the module)."""
 
-    def __init__(
-        self,
-        servers: str | Sequence[str] | None = None,
-        *,
-        bus: SessionBus | None = None,
-        stream: str | None = None,
-        max_age: float | None = None,
-        max_bytes: int | None = None,
-        replicas: int | None = None,
-        serializer: Serializer = "json",
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            servers, bus=bus, stream=stream, max_age=max_age, max_bytes=max_bytes,
-            replicas=replicas, serializer=serializer, codec=(serialize_value, deserialize_value),
-            **options,
-        )
+    codec = (serialize_value, deserialize_value)

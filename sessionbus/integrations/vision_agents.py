@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from sessionbus.bus._jsapi import TooManyResultsError, direct_get_last_for_subjects
 from sessionbus.bus._kv import Bucket
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import BusClosedError, ConcurrentUpdate, KeyConflict
+from sessionbus.bus.errors import BusClosedError, ConcurrentUpdate, ConfigError, KeyConflict
 from sessionbus.integrations._bus import BusLink, ensure_bucket
 from sessionbus.integrations._keys import decode_key, encode_key, token
 
@@ -76,7 +76,7 @@ _DELETE_MARKER_TTL = 60.0
 
 def _check_ttl(ttl: object) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-        raise ValueError(f"ttl must be a number > 0, got {ttl!r}")
+        raise ConfigError(f"ttl must be a number > 0, got {ttl!r}")
     return float(ttl)
 
 
@@ -118,7 +118,7 @@ class NatsSessionKVStore(_Base):
         **options: Any,
     ) -> None:
         if bus is not None and (servers is not None or options):
-            raise ValueError("pass either a started bus or connection settings, not both")
+            raise ConfigError("pass either a started bus or connection settings, not both")
         self._link = BusLink(bus, servers, options)
         self._bucket_name = bucket
         self._bucket: Bucket | None = None
