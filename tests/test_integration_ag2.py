@@ -148,7 +148,7 @@ _WORKER = textwrap.dedent("""
 @pytest.mark.xfail(
     strict=False,
     reason="known bug: in some runs one turn's events are missing from the shared "
-           "history (38 of 40 in one CI run); order and turn exclusion held",
+           "history (38 of 40 events in one CI run)",
 )
 @pytest.mark.timeout(300)  # two interpreters importing ag2: slow on a loaded machine
 async def test_two_processes_serve_one_session_one_turn_at_a_time(
