@@ -84,15 +84,23 @@ def server_version(binary: str | None = None) -> str:
 _PORT_RANGE = (20000, 32000)
 
 
+#: Ports this process handed out: never handed out twice, so that two ports
+#: picked for servers not yet started cannot be the same.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
