@@ -169,6 +169,8 @@ class PartitionPuller:
                             break
                         if not self._keepalive and self._scheduler.room() > 0:
                             continue  # room freed up: pull normally
+                        if last_request + keep_expires > loop.time():
+                            continue  # others took the room first: the pin needs no pull yet
                     last_request = loop.time()
                     msgs = await self._fetch(1, keep_expires)
                     burst = False

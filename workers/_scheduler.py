@@ -144,9 +144,13 @@ class Scheduler:
 
         Partitions pull concurrently: reserving keeps them together under
         ``max_held``. Give the grant back with :meth:`unreserve` once the
-        pulled messages were offered.
+        pulled messages were offered. Near the cap a pull waits for a
+        :meth:`_chunk` of room rather than take what one settle frees: else
+        every partition pulls a message or two per round trip, and a
+        worker at its cap spends its time on pull requests.
         """
-        grant = max(0, min(wanted, self._cap() - self._held - self._reserved))
+        room = self._cap() - self._held - self._reserved
+        grant = min(wanted, room) if room >= self._chunk() else 0
         self._reserved += grant
         if grant == 0:
             self._starved = True
@@ -157,8 +161,13 @@ class Scheduler:
         self._reserved -= grant
 
     def room(self) -> int:
-        """Messages that may still be pulled before the soft cap ``max_held``."""
-        return self._cap() - self._held - self._reserved
+        """Messages that may still be pulled before the soft cap ``max_held`` (0 below a chunk)."""
+        room = self._cap() - self._held - self._reserved
+        return room if room >= self._chunk() else 0
+
+    def _chunk(self) -> int:
+        """The least room worth a burst pull: an eighth of the cap, at most ``fetch_batch``."""
+        return max(1, min(self._config.fetch_batch, self._held_cap // 8))
 
     def _cap(self) -> int:
         """``max_held``, lowered to what this worker settles in a quarter of ``ack_wait``.
@@ -189,7 +198,7 @@ class Scheduler:
     def _freed(self) -> None:
         # Pullers at the cap wait in keep-alive pulls; wake them once room
         # frees, rather than after their next keep-alive.
-        if self._starved and self._held + self._reserved < self._held_cap:
+        if self._starved and self._held + self._reserved <= self._held_cap - self._chunk():
             self._starved = False
             for event in self._room_events:
                 event.set()
