@@ -51,7 +51,9 @@ def decode(raw: bytes, model: type[M]) -> M:
     """Decode wire bytes and validate them as ``model``."""
     body = decode_map(raw)
     try:
-        return model.model_validate(body)
+        # model_validate() with its defaults, minus a wrapper that costs a
+        # quarter of the time on a worker's every envelope.
+        return model.__pydantic_validator__.validate_python(body)  # type: ignore[no-any-return]
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
