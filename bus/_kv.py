@@ -43,7 +43,7 @@ from sessionbus.bus._names import kv_subject
 from sessionbus.bus._reads import last_per_subject
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
-__all__ = ["Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
+__all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 #: Seconds one read attempt waits before it is retried (Direct Gets answer in
 #: well under a millisecond when a replica is there to answer).
 _READ_ATTEMPT = 1.0
+#: Most keys one :meth:`Bucket.get_many` reads (a Direct Get answers 1,024 subjects).
+MAX_GET_MANY = 256
 _KV_OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
 _TTL = "Nats-TTL"
@@ -177,6 +179,38 @@ class Bucket:
         if msg is None or _op_of(msg.headers) is not KVOp.PUT or msg.seq is None:
             return None
         return KVEntry(key=key, value=msg.data or b"", revision=msg.seq)
+
+    async def get_many(self, keys: builtins.list[str]) -> dict[str, KVEntry]:
+        """The current value of each of ``keys`` that has one, in one Direct Get.
+
+        A ``multi_last`` request naming the keys themselves (no wildcard), so
+        at most :data:`MAX_GET_MANY` keys a call; absent, deleted and expired
+        keys are left out, as :meth:`get` returns None for them.
+        """
+        if len(keys) > MAX_GET_MANY:
+            raise ConfigError(f"get_many takes at most {MAX_GET_MANY} keys, got {len(keys)}")
+        if not keys:
+            return {}
+        retry = _ReadRetry(self.timeout)
+        while True:
+            try:
+                async with asyncio.timeout(retry.attempt_timeout()):
+                    found = await direct_get_last_for_subjects(
+                        self.nc, stream=self.stream, subjects=[self._pre + k for k in keys],
+                        api_prefix=self._api_prefix,
+                    )
+                break
+            except (TimeoutError, JetStreamAPIError) as e:
+                if isinstance(e, JetStreamAPIError) and e.code != 503:
+                    raise
+                if not await retry.again(e):
+                    raise retry.error(e, f"get {len(keys)} keys of {self.name}") from e
+        out = {}
+        for m in found:
+            if _op_of(m.headers) is KVOp.PUT:
+                key = m.subject[len(self._pre):]
+                out[key] = KVEntry(key=key, value=m.data or b"", revision=m.seq)
+        return out
 
     async def head(self, key: str) -> KVEvent | None:
         """The key's last stored message, value or marker, as a :class:`KVEvent`.

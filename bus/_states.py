@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
+from sessionbus.bus._kv import MAX_GET_MANY
 from sessionbus.bus._names import decode_token
 from sessionbus.bus.errors import BusClosedError, BusError, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, SessionMetadata, decode
@@ -71,7 +72,9 @@ class Known:
 
     ``meta`` is None when the record did not exist; it never holds tasks.
     ``generation`` tells whether it was read before the last disconnect;
-    ``read_at`` is the wall-clock time the read started.
+    ``read_at`` is the wall-clock time the read started. ``full`` says
+    ``meta`` is the whole record at ``revision`` (it had no tasks to leave
+    out), so a compare-and-set may be tried from it without a read.
     """
 
     session_id: str
@@ -79,6 +82,7 @@ class Known:
     revision: int
     generation: int
     read_at: float
+    full: bool = False
 
     @property
     def exists(self) -> bool:
@@ -100,6 +104,8 @@ class SessionStates:
         self._known: OrderedDict[str, Known] = OrderedDict()
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._reading: dict[str, asyncio.Future[Known]] = {}
+        self._queued: list[str] = []
+        self._batches: set[asyncio.Task[None]] = set()
         self._last_reread: dict[str, float] = {}
         self._generation = 0
         self._waiters: dict[str, list[asyncio.Future[ClosedEvent]]] = {}
@@ -134,8 +140,13 @@ class SessionStates:
         for sub in subs:
             with contextlib.suppress(Exception):  # the connection may be gone already
                 await sub.unsubscribe()
-        for task in list(self._confirming):
+        for task in [*self._confirming, *self._batches]:
             task.cancel()
+        reading, self._reading, self._queued = self._reading, {}, []
+        for read in reading.values():
+            if not read.done():
+                read.set_exception(BusClosedError("the bus was closed"))
+                read.exception()
         for feed in list(self._feeds):
             await feed.aclose()
         for waiters in self._waiters.values():
@@ -177,7 +188,7 @@ class SessionStates:
         """Record what a read or a write of the record showed; fires close events."""
         light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
         known = Known(meta.session_id, light, revision, self._generation,
-                      time.time() if read_at is None else read_at)
+                      time.time() if read_at is None else read_at, full=light is meta)
         return self._put(known)
 
     def note_missing(self, session_id: str, *, read_at: float | None = None) -> Known:
@@ -194,7 +205,7 @@ class SessionStates:
             # An older read finishing late: keep the newer record, refresh the stamp.
             if known.generation != before.generation:
                 before = Known(sid, before.meta, before.revision, known.generation,
-                               before.read_at)
+                               before.read_at, full=before.full)
                 self._known[sid] = before
             return before
         self._known[sid] = known
@@ -215,23 +226,74 @@ class SessionStates:
     # -- reading the authority --------------------------------------------------
 
     async def read(self, session_id: str) -> Known:
-        """Read the record now (concurrent reads of one session share one round trip)."""
+        """Read the record now.
+
+        Concurrent reads of one session share one round trip, and reads of
+        different sessions asked for in the same event-loop step share one
+        Direct Get (a worker meeting a burst of new sessions reads their
+        records together, not one request each).
+        """
         pending = self._reading.get(session_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Known] = asyncio.get_running_loop().create_future()
-        self._reading[session_id] = fut
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = self._reading[session_id] = loop.create_future()
+            self._queued.append(session_id)
+            if len(self._queued) == 1:
+                loop.call_soon(self._start_reads)
+        return await asyncio.shield(pending)
+
+    def _start_reads(self) -> None:
+        queued, self._queued = self._queued, []
+        for i in range(0, len(queued), MAX_GET_MANY):
+            task = asyncio.get_running_loop().create_task(
+                self._read_batch(queued[i:i + MAX_GET_MANY]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _read_batch(self, sids: list[str]) -> None:
+        results: list[Known | BaseException]
         try:
-            known = await self._read(session_id)
+            if len(sids) == 1:
+                results = [await self._read(sids[0])]
+            else:
+                results = await self._read_many(sids)
         except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # retrieved: waiters re-raise it
-            raise
-        else:
-            fut.set_result(known)
-            return known
-        finally:
-            self._reading.pop(session_id, None)
+            results = [e] * len(sids)
+            if not isinstance(e, Exception):
+                self._settle_reads(sids, [BusClosedError("the bus was closed")] * len(sids))
+                raise
+        self._settle_reads(sids, results)
+
+    def _settle_reads(self, sids: list[str], results: list[Known | BaseException]) -> None:
+        for sid, result in zip(sids, results, strict=True):
+            fut = self._reading.pop(sid, None)
+            if fut is None or fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+                fut.exception()  # retrieved: waiters re-raise it
+            else:
+                fut.set_result(result)
+
+    async def _read_many(self, sids: list[str]) -> list[Known | BaseException]:
+        started = time.time()
+        keys = [self._bus.names.session_key(sid) for sid in sids]
+        self.reads += len(sids)
+        with nats_errors(f"reading {len(sids)} sessions"):
+            entries = await self._bus.sessions_kv.get_many(keys)
+        out: list[Known | BaseException] = []
+        for sid, key in zip(sids, keys, strict=True):
+            entry = entries.get(key)
+            if entry is None:
+                out.append(self.note_missing(sid, read_at=started))
+                continue
+            try:
+                meta = decode(entry.value, SessionMetadata)
+            except DecodeError as e:
+                out.append(e)
+                continue
+            out.append(self.note(meta, entry.revision, read_at=started))
+        return out
 
     async def _read(self, session_id: str) -> Known:
         started = time.time()
