@@ -192,7 +192,7 @@ async def main(args: argparse.Namespace) -> None:
         (f"send {conc}", f"raw js publish {conc}", ""),
         (f"send {conc}", f"{env} {conc}", ""),
         ("close (awaited)", "raw kv create (awaited)",
-         "close = get + CAS + broadcast + unacked timer delete"),
+         "close = CAS from the known record + broadcast + unacked timer delete"),
         ("close() -> other connection hears it", "raw core publish -> other connection",
          "includes the KV compare-and-set"),
     ]

@@ -11,7 +11,8 @@ first ``:``, ASCII names only, names with whitespace skipped, values
 stripped and decoded as UTF-8 with replacement), decoding the block once
 and testing names with one precompiled regular expression (``\\s``
 matches exactly the characters ``str.isspace`` accepts): about 6x faster
-on a Direct Get reply's seven headers.
+on a Direct Get reply's seven headers, and 1.5x more
+with each name's check kept (names repeat on every message).
 
 :func:`install` puts it in place on ``nats.aio.client.Client`` once per
 process; SessionBus calls it when constructed. Every nats-py client in the
@@ -30,6 +31,9 @@ __all__ = ["install", "parse_header_lines"]
 _STRIP = " \t\n\r\x0b\x0c"
 _has_space = re.compile(r"\s").search
 _installed = False
+#: Header names seen, as parsed (the same few names come on every message).
+_keys: dict[str, str | None] = {}
+_KEYS_KEPT = 4096
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -41,15 +45,29 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     same ASCII whitespace ``bytes.strip()`` removes.
     """
     out: dict[str, str] = {}
+    keys = _keys
     for line in raw.decode("utf-8", "replace").split("\r\n"):
         name, sep, value = line.partition(":")
         if not sep:
             continue
-        key = name.strip(_STRIP)
-        if not key.isascii() or _has_space(key) is not None:
-            continue
-        out[key] = value.strip(_STRIP)
+        try:
+            key = keys[name]
+        except KeyError:
+            key = _key_of(name)
+            if len(keys) >= _KEYS_KEPT:
+                keys.clear()
+            keys[name] = key
+        if key is not None:
+            out[key] = value.strip(_STRIP)
     return out
+
+
+def _key_of(name: str) -> str | None:
+    """The header name as nats-py keeps it, None if it skips the line."""
+    key = name.strip(_STRIP)
+    if not key.isascii() or _has_space(key) is not None:
+        return None
+    return key
 
 
 def install() -> None:
