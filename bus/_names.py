@@ -358,6 +358,17 @@ class Names:
         """Key filter matching every worker lease of one group."""
         return f"{encode_token(group, 'group')}.*"
 
+    def completion_key(self, group: str, session_id: str) -> str:
+        """Key of a group's completion record of one session (in the workers bucket).
+
+        Three tokens, so no lease key (two) and no group's lease filter matches it.
+        """
+        return f"d.{encode_token(group, 'group')}.{encode_token(session_id)}"
+
+    def completion_filter(self, group: str) -> str:
+        """Key filter matching every completion record of one group."""
+        return f"d.{encode_token(group, 'group')}.*"
+
 
 def kv_subject(bucket: str, key: str, domain: str | None = None) -> str:
     """The subject a raw write to ``bucket``/``key`` goes to.

@@ -149,7 +149,7 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
     pub, sub = _client(n, apis)
     if group is None:
         consumers = ["*"]
-        lease_keys = ">"
+        lease_keys = records = ">"
         dead = f"{n.prefix}.dead.*.*"
         pings = n.worker_ping("x", "y").rsplit(".", 2)[0] + ".*.*"
     else:
@@ -157,6 +157,7 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
             raise ValueError("a worker bound to a group needs the partition count")
         consumers = [n.worker_consumer(group, p) for p in range(partitions)]
         lease_keys = n.worker_group_filter(group)
+        records = n.completion_filter(group)
         dead = f"{n.prefix}.dead.{n.dead_letter(group, 'x').split('.')[2]}.*"
         pings = n.worker_ping(group, "x").rsplit(".", 1)[0] + ".*"
     # The optional components that run beside workers (the session store, the
@@ -177,6 +178,8 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
     stream = n.envelope_stream
     # Liveness pings between the workers of a group, answered on their own connection.
     pub += [f"{n.prefix}.out.*.*", dead, pings, *_kv_write(n.workers_bucket, lease_keys, apis)]
+    if records != lease_keys:  # the group's completion records (workers/_completions.py)
+        pub += _kv_write(n.workers_bucket, records, apis)
     sub.append(pings)
     for api in apis:
         pub.append(f"{api}.STREAM.PURGE.{stream}")

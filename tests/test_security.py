@@ -301,12 +301,15 @@ def test_a_worker_bound_to_a_group_may_only_take_that_groups_partitions() -> Non
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{N.worker_consumer('other', 0)}")
     assert perms.allows_publish(f"$KV.{N.workers_bucket}.{N.worker_key('echo', 'w1')}")
     assert not perms.allows_publish(f"$KV.{N.workers_bucket}.{N.worker_key('other', 'w1')}")
+    assert perms.allows_publish(f"$KV.{N.workers_bucket}.{N.completion_key('echo', 's')}")
+    assert not perms.allows_publish(f"$KV.{N.workers_bucket}.{N.completion_key('other', 's')}")
     assert perms.allows_publish(N.dead_letter("echo", "s"))
     assert not perms.allows_publish(N.dead_letter("other", "s"))
     client = role_permissions(Role.CLIENT, domains=["hub"])
     assert client.allows_publish(f"$JS.hub.API.STREAM.INFO.{stream}")
     assert client.allows_publish(f"$JS.hub.API.$KV.{N.sessions_bucket}.s.x")
     assert not client.allows_publish(f"$JS.hub.API.$KV.{N.workers_bucket}.g.x")
+    assert not client.allows_publish(f"$KV.{N.workers_bucket}.{N.completion_key('echo', 's')}")
 
 
 async def test_rotating_a_user_refuses_its_old_seed(secured: Secured, tmp_path: Path) -> None:
@@ -346,7 +349,7 @@ NOT_SUBJECTS = {
     "session_record_filter", "session_timer_filter", "session_timer_key", "sessions_bucket",
     "worker_consumer", "worker_group_filter", "worker_key", "worker_priority_group",
     "workers_bucket", "store_uses_bucket", "va_sessions_bucket", "ag2_sessions_bucket",
-    "ag2_history_stream", "ag2_history_root",
+    "ag2_history_stream", "ag2_history_root", "completion_key", "completion_filter",
 }
 
 

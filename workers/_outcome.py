@@ -31,9 +31,13 @@ class Outcome:
     action: Action
     delay: float = 0.0
     reason: str = ""
+    #: Whether a handler ran: only then does settling write a completion record.
+    ran: bool = True
 
 
 ACKED = Outcome(Action.ACK)
+#: Settled without a handler (a closed session, an expired or unaddressed envelope).
+SKIPPED = Outcome(Action.ACK, ran=False)
 
 class CancelReason(StrEnum):
     """Why a running turn was cancelled."""

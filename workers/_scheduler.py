@@ -10,7 +10,11 @@ so a failing envelope holds back the session's later ones.
 
 State is kept only for sessions with something held: a session whose queue
 empties is forgotten, apart from its last completed stream sequence in a
-bounded LRU that recognises redeliveries of work already done.
+bounded LRU that recognises redeliveries of work already done. That memory
+holds only while the worker keeps the partition; a session it has no
+memory of waits for its completion record (see
+:mod:`sessionbus.workers._completions`) before its first turn, and a
+settled turn's record is confirmed before the session's next turn starts.
 
 Cancelling a running turn has three causes, recorded before the task is
 cancelled: an interrupt (ack, run the next), a close (ack, discard the
@@ -23,6 +27,7 @@ they confirm a close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -35,6 +40,7 @@ from sessionbus.bus._names import Names
 from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError
 from sessionbus.schemas import Envelope, decode
 from sessionbus.workers._cancel import RECANCEL_AFTER
+from sessionbus.workers._completions import Completions
 from sessionbus.workers._delivery import Held, ack, ack_info, touch
 from sessionbus.workers._outcome import ACKED, Action, CancelReason, Outcome, Running
 from sessionbus.workers._recent import RecentHistory, delivery_seq
@@ -58,7 +64,8 @@ def _always(partition: int) -> bool:
 
 
 class _Session:
-    __slots__ = ("closing", "partition", "queue", "ready", "running", "sid", "timer")
+    __slots__ = ("closing", "looking_up", "partition", "queue", "ready", "running", "sid",
+                 "timer")
 
     def __init__(self, sid: str, partition: int) -> None:
         self.sid = sid
@@ -68,6 +75,8 @@ class _Session:
         self.timer: asyncio.TimerHandle | None = None
         self.ready = False
         self.closing = False
+        #: Waiting for its completion record before any turn starts.
+        self.looking_up = False
 
 
 Execute = Callable[[Held, Running], Awaitable[Outcome]]
@@ -87,8 +96,10 @@ class Scheduler:
         max_concurrency: int,
         config: WorkerConfig,
         recent: RecentHistory | None = None,
+        completions: Completions | None = None,
     ) -> None:
         self._nc = nc
+        self._completions = completions
         self._recent = recent
         self._names = names
         self._execute = execute
@@ -105,7 +116,12 @@ class Scheduler:
         self._reserved = 0
         self._starved = False
         self._room_events: set[asyncio.Event] = set()
-        self._last_done: OrderedDict[str, int] = OrderedDict()
+        # Session -> (last completed sequence, its partition, that partition's epoch).
+        self._last_done: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        # Partition -> how many times it was taken away: older memories are void.
+        self._epochs: dict[int, int] = {}
+        self._lookups: dict[str, _Session] = {}
+        self._lookup_task: asyncio.Task[None] | None = None
         # Subject token -> session id, for tokens that decoded (decoding is pure).
         self._sids: dict[str, str] = {}
         self.owns: Callable[[int], bool] = _always
@@ -159,6 +175,15 @@ class Scheduler:
     def unreserve(self, grant: int) -> None:
         """Return a grant from :meth:`reserve`."""
         self._reserved -= grant
+
+    async def stop(self) -> None:
+        """Stop reading completion records (the worker is leaving)."""
+        task, self._lookup_task = self._lookup_task, None
+        self._lookups.clear()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def room(self) -> int:
         """Messages that may still be pulled before the soft cap ``max_held`` (0 below a chunk)."""
@@ -228,6 +253,8 @@ class Scheduler:
             loop_time = min(loop_time, requested_at)
         for msg in msgs:
             await self._offer_one(partition, msg, loop_time)
+        if self._lookups and self._lookup_task is None:
+            self._lookup_task = asyncio.create_task(self._look_up(), name="completion-lookup")
         self._pump()
 
     async def _offer_one(self, partition: int, msg: Msg, now: float) -> None:
@@ -265,7 +292,7 @@ class Scheduler:
                 self._recent.observe(partition, dseq, seq, sid, envelope)
             else:
                 self._recent.observe_delivery(partition, dseq)
-        last = self._last_done.get(sid)
+        last = self._done_seq(sid)
         if last is not None and seq <= last:
             await self._nc.publish(msg.reply, b"+ACK")  # a redelivery of finished work
             return
@@ -273,6 +300,9 @@ class Scheduler:
         if session is None:
             session = self._sessions[sid] = _Session(sid, partition)
             self._by_partition.setdefault(partition, set()).add(sid)
+            if last is None and self._completions is not None:
+                session.looking_up = True
+                self._lookups[sid] = session
         queue = session.queue
         if queue and queue[-1].seq >= seq:
             await self._insert_or_replace(session, seq, msg, delivered, now,
@@ -308,8 +338,46 @@ class Scheduler:
 
     # -- scheduling ---------------------------------------------------------
 
+    async def _look_up(self) -> None:
+        """Read the completion records of new sessions, ack what they cover, let them run."""
+        assert self._completions is not None
+        try:
+            while self._lookups:
+                batch, self._lookups = self._lookups, {}
+                epochs = {sid: self._epochs.get(s.partition, 0) for sid, s in batch.items()}
+                try:
+                    found = await self._completions.lookup(batch)
+                except BusError as e:
+                    logger.warning("reading %d completion records failed (%s); retrying",
+                                   len(batch), e)
+                    for sid, s in batch.items():
+                        if self._sessions.get(sid) is s:
+                            self._lookups.setdefault(sid, s)
+                    await asyncio.sleep(self._config.retry_backoff)
+                    continue
+                for sid, s in batch.items():
+                    if (self._sessions.get(sid) is not s
+                            or self._epochs.get(s.partition, 0) != epochs[sid]):
+                        continue  # forgotten, or its partition taken away meanwhile
+                    done = found.get(sid, 0)
+                    self._remember(sid, s.partition, done)
+                    s.looking_up = False
+                    while s.queue and s.queue[0].seq <= done:
+                        held = s.queue.pop(0)  # completed before: settled, not run again
+                        self._held -= 1
+                        await ack(self._nc, held)
+                    if s.queue:
+                        self._make_ready(s)
+                    else:
+                        self._forget(s)
+                self._freed()
+                self._pump()
+        finally:
+            self._lookup_task = None
+
     def _make_ready(self, session: _Session) -> None:
-        if session.ready or session.running is not None or session.timer is not None:
+        if (session.ready or session.running is not None or session.timer is not None
+                or session.looking_up):
             return
         if not session.queue or session.closing:
             return
@@ -382,6 +450,10 @@ class Scheduler:
             try:
                 if run.cancel_reason is not None:  # cancelled before it began
                     raise asyncio.CancelledError
+                if self._completions is not None:
+                    # The previous turn's record first: were its ack lost, this
+                    # turn would otherwise be followed by a rerun of that one.
+                    await self._completions.confirm(session.sid)
                 outcome = await self._execute(held, run)
             except asyncio.CancelledError:
                 if run.cancel_reason is None:
@@ -428,6 +500,8 @@ class Scheduler:
                 loop = asyncio.get_running_loop()
                 session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
                 return
+        if self._completions is not None and outcome.ran:
+            await self._completions.record(session.sid, held.seq)
         await ack(self._nc, held)
         self._pop_head(session, held)
 
@@ -441,7 +515,7 @@ class Scheduler:
             session.queue.pop(index)
             self._held -= 1
             self.completed += 1
-            self._mark_done(session.sid, held.seq)
+            self._remember(session.sid, session.partition, held.seq)
             self._freed()
 
     def _wake(self, session: _Session) -> None:
@@ -469,10 +543,21 @@ class Scheduler:
                 session.timer.cancel()
                 session.timer = None
 
-    def _mark_done(self, sid: str, seq: int) -> None:
-        last = self._last_done.get(sid)
+    def _done_seq(self, sid: str) -> int | None:
+        """The session's last completed sequence, if this worker knows it for sure."""
+        entry = self._last_done.get(sid)
+        if entry is None:
+            return None
+        seq, partition, epoch = entry
+        if self._epochs.get(partition, 0) != epoch:
+            del self._last_done[sid]  # from before the partition was taken away
+            return None
+        return seq
+
+    def _remember(self, sid: str, partition: int, seq: int) -> None:
+        last = self._done_seq(sid)
         if last is None or seq > last:
-            self._last_done[sid] = seq
+            self._last_done[sid] = (seq, partition, self._epochs.get(partition, 0))
         self._last_done.move_to_end(sid)
         while len(self._last_done) > self._config.dedupe_size:
             self._last_done.popitem(last=False)
@@ -534,7 +619,7 @@ class Scheduler:
         for held in queue:
             await ack(self._nc, held)
             self.completed += 1
-            self._mark_done(session.sid, held.seq)
+            self._remember(session.sid, session.partition, held.seq)
 
     # -- handing partitions back --------------------------------------------
 
@@ -588,6 +673,8 @@ class Scheduler:
         lapse to another worker.
         """
         out: list[Held] = []
+        # What it completed here may be followed by another owner's turns.
+        self._epochs[partition] = self._epochs.get(partition, 0) + 1
         if self._recent is not None:
             self._recent.drop_partition(partition)
         for sid in list(self._by_partition.get(partition, ())):

@@ -63,6 +63,8 @@ class WorkerConfig:
     handover_timeout: float = 30.0
     #: Sessions whose last completed stream sequence is remembered for dedupe.
     dedupe_size: int = 65_536
+    #: Seconds a session's completion record lasts after its last turn settled.
+    completion_ttl: float = 24 * 3600.0
     #: Envelopes of one session kept for ``turn.history()`` (0: read the stream each time).
     history_per_session: int = 2048
     #: Envelopes kept for ``turn.history()`` over all sessions (least recently used go).
@@ -75,7 +77,7 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("lease_ttl", "ack_wait", "priority_timeout", "poll_interval",
                      "retry_backoff", "retry_backoff_max", "drain_timeout",
-                     "handover_timeout"):
+                     "handover_timeout", "completion_ttl"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -44,9 +44,10 @@ from sessionbus.bus.errors import BusError, ConfigError, WorkerError
 from sessionbus.bus.session import Session
 from sessionbus.workers._admission import Verdict, admit
 from sessionbus.workers._cancel import cancel_and_wait
+from sessionbus.workers._completions import Completions
 from sessionbus.workers._delivery import Held, dead_letter
 from sessionbus.workers._membership import Membership
-from sessionbus.workers._outcome import ACKED, Action, Outcome, Running
+from sessionbus.workers._outcome import ACKED, SKIPPED, Action, Outcome, Running
 from sessionbus.workers._partition import PartitionPuller
 from sessionbus.workers._recent import RecentHistory
 from sessionbus.workers._scheduler import Scheduler
@@ -136,6 +137,7 @@ class Worker:
         self._state = WorkerState.NEW
         self._membership: Membership | None = None
         self._scheduler: Scheduler | None = None
+        self._completions: Completions | None = None
         # Never more per session than the stream keeps: what the stream dropped
         # is no longer history.
         self._recent = RecentHistory(
@@ -199,10 +201,15 @@ class Worker:
         if self._state is not WorkerState.NEW:
             raise WorkerError(f"worker {self.worker_id} was already started")
         bus = self.bus
+        completions = Completions(nc=bus.nc, bucket=bus.workers_kv, names=bus.names,
+                                  group=self.group, api_prefix=bus.api_prefix,
+                                  ttl=self.config.completion_ttl)
+        await completions.start()
+        self._completions = completions
         self._scheduler = Scheduler(
             nc=bus.nc, names=bus.names, execute=self._execute, dead_letter=self._dead_letter,
             max_concurrency=self.max_concurrency, config=self.config,
-            recent=self._recent if self._recent.enabled else None,
+            recent=self._recent if self._recent.enabled else None, completions=completions,
         )
         self._scheduler.owns = self.owns
         self._membership = Membership(bus, group=self.group, worker_id=self.worker_id,
@@ -221,6 +228,7 @@ class Worker:
                     await sub.unsubscribe()
             self._subs.clear()
             await self._membership.close()
+            await completions.stop()
             raise
         self._state = WorkerState.RUNNING
         self._coordinator = asyncio.create_task(self._coordinate(),
@@ -292,6 +300,9 @@ class Worker:
                 await sub.unsubscribe()
         self._subs.clear()
         await cancel_and_wait([*self._tasks, *self._state_tasks])
+        await scheduler.stop()
+        if self._completions is not None:
+            await self._completions.stop()
         await membership.leave()
         if self._handle_signals:
             loop = asyncio.get_running_loop()
@@ -521,7 +532,7 @@ class Worker:
         if admission.verdict is Verdict.SETTLE:
             logger.debug("settling seq %d without a turn: %s", held.seq, admission.reason)
             self._settled_closed += 1
-            return ACKED
+            return SKIPPED
         envelope = held.envelope
         assert envelope is not None
         # Skipped envelopes still settle through the scheduler: acked in
@@ -530,10 +541,10 @@ class Worker:
             logger.debug("skipping expired envelope %s of %r", envelope.envelope_id,
                          held.session_id)
             self._skipped += 1
-            return ACKED
+            return SKIPPED
         if self.only_addressed and not envelope.is_for(self.agent):
             self._skipped += 1
-            return ACKED
+            return SKIPPED
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
                     worker_id=self.worker_id, interrupted=run.interrupted, owns=self.owns,
                     handles=self._session_handle,

@@ -1,0 +1,114 @@
+"""Completion records: a turn that completed is not run again when its ack is lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.core import SessionBus
+from sessionbus.bus.session import Session
+from sessionbus.workers import Turn, Worker
+from test_worker import settled
+from worker_proc import FAST
+
+from sessionbus.testing import BusFactory
+
+
+async def send_all(sb: SessionBus, session: Session, contents: list[str]) -> list[int]:
+    """Send each content; return the stream sequence each was stored at."""
+    subject = sb.names.stored(session.session_id, sb.partitions)
+    seqs = []
+    for content in contents:
+        await session.send(content)
+        msg = await sb.js.get_last_msg(sb.names.envelope_stream, subject)
+        seqs.append(int(msg.seq or 0))
+    return seqs
+
+
+async def record_of(sb: SessionBus, group: str, sid: str) -> int | None:
+    entry = await sb.workers_kv.get(sb.names.completion_key(group, sid))
+    return None if entry is None else int(entry.value)
+
+
+async def test_a_turn_starts_only_once_its_predecessor_is_recorded(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(nats_server.url, prefix="cr", partitions=2)
+    session = await sb.open("chain", participants=["client", "g"], participant="client")
+    seen: list[tuple[int, int | None]] = []
+    done = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        # What a successor would read, were this worker to die now.
+        seen.append((turn.sequence, await record_of(sb, "g", turn.session_id)))
+        if len(seen) == 3:
+            done.set()
+
+    seqs = await send_all(sb, session, ["a", "b", "c"])
+    worker = Worker(sb, group="g", handler=handle, config=FAST, only_addressed=False)
+    await worker.start()
+    try:
+        await asyncio.wait_for(done.wait(), 15)
+        await settled(sb)
+    finally:
+        await worker.stop()
+    assert seen == [(seqs[0], None), (seqs[1], seqs[0]), (seqs[2], seqs[1])]
+    assert await record_of(sb, "g", "chain") == seqs[2]
+
+
+async def test_envelopes_a_record_covers_are_acked_without_a_turn(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    # A previous owner completed "a" and "b" and recorded it; its acks were
+    # lost (a server crash, a paused worker): the next owner must not run
+    # them again, after or before "c".
+    sb = await bus_factory(nats_server.url, prefix="cs", partitions=2)
+    done_elsewhere = await sb.open("done", participants=["client", "g"], participant="client")
+    fresh = await sb.open("fresh", participants=["client", "g"], participant="client")
+    seqs = await send_all(sb, done_elsewhere, ["a", "b", "c"])
+    await send_all(sb, fresh, ["x", "y"])
+    await sb.workers_kv.put(sb.names.completion_key("g", "done"), str(seqs[1]).encode())
+    # Another group's record says nothing about this group.
+    await sb.workers_kv.put(sb.names.completion_key("other", "fresh"), b"999999")
+    handled: list[tuple[str, str]] = []
+    three = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        handled.append((turn.session_id, turn.envelope.content))
+        if len(handled) == 3:
+            three.set()
+
+    worker = Worker(sb, group="g", handler=handle, config=FAST)
+    await worker.start()
+    try:
+        await asyncio.wait_for(three.wait(), 15)
+        await settled(sb)
+    finally:
+        await worker.stop()
+    assert [c for s, c in handled if s == "done"] == ["c"]
+    assert [c for s, c in handled if s == "fresh"] == ["x", "y"]
+
+
+async def test_a_malformed_record_is_ignored_not_trusted(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(nats_server.url, prefix="cm", partitions=2)
+    session = await sb.open("m", participants=["client", "g"], participant="client")
+    await send_all(sb, session, ["a", "b"])
+    await sb.workers_kv.put(sb.names.completion_key("g", "m"), b"not a sequence")
+    handled: list[str] = []
+    two = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        handled.append(turn.envelope.content)
+        if len(handled) == 2:
+            two.set()
+
+    worker = Worker(sb, group="g", handler=handle, config=FAST)
+    await worker.start()
+    try:
+        await asyncio.wait_for(two.wait(), 15)
+        await settled(sb)
+    finally:
+        await worker.stop()
+    assert handled == ["a", "b"]
