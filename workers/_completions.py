@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from collections.abc import Iterable
 
@@ -132,15 +131,11 @@ class Completions:
         if status is not None:
             future.set_exception(RecordNotStored(f"status {status.code} {status.description}"))
             return
-        try:
-            reply = json.loads(msg.data)
-        except ValueError:
-            future.set_exception(RecordNotStored(f"unreadable reply {msg.data[:64]!r}"))
-            return
-        if not isinstance(reply, dict) or "error" in reply:
-            future.set_exception(RecordNotStored(f"refused: {reply!r}"[:200]))
-        else:
+        # A PubAck names the stream and sequence; anything else is a refusal.
+        if msg.data.startswith(b'{"stream":') and b'"error"' not in msg.data:
             future.set_result(None)
+        else:
+            future.set_exception(RecordNotStored(f"refused: {msg.data[:200]!r}"))
 
     async def confirm(self, session_id: str) -> None:
         """Return once the session's last record is stored, writing it again if need be.

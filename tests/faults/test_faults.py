@@ -44,21 +44,6 @@ def assert_guarantees(outcome: Outcome) -> None:
     assert not outcome.failures, outcome.problems()
 
 
-def xfail_if_only_completed_reruns(outcome: Outcome) -> None:
-    """Mark a known failure, when the run's only violation is completed turns re-run late.
-
-    That is, every reorder is a turn that had completed running again after
-    its successor started; first runs kept their order, nothing was lost,
-    no turns overlapped, no stale effect was stored. Any other violation
-    still fails in :func:`assert_guarantees`.
-    """
-    r = outcome.report
-    if r.reordered and r.reordered == r.reordered_reruns and outcome.finished and not (
-        r.lost or r.overlaps or r.stale_effects or r.stored_duplicates or outcome.failures
-    ):
-        pytest.xfail(f"completed turns re-ran after their successors: {outcome.line()}")
-
-
 @pytest.mark.timeout(150)
 async def test_only_worker_killed_mid_turn_restarted_with_a_new_id(tmp_path: Path) -> None:
     outcome = await only_worker_restart(tmp_path, same_id=False)
@@ -86,10 +71,6 @@ async def test_one_of_three_workers_killed_then_one_joins_under_load(tmp_path: P
 @pytest.mark.timeout(150)
 async def test_nats_server_killed_and_restarted_on_its_data_dir_twice(tmp_path: Path) -> None:
     outcome = await server_restart(tmp_path, cycles=2)
-    # Known, measured in 2 of 20 soak runs: the crash loses consumer acks,
-    # and a turn that had completed may run again after its successor
-    # started (on a worker without the first one's memory of it).
-    xfail_if_only_completed_reruns(outcome)
     assert_guarantees(outcome)
 
 
@@ -108,10 +89,6 @@ async def test_leaf_link_cut_past_the_failover_bound_and_restored(tmp_path: Path
 @pytest.mark.timeout(150)
 async def test_worker_paused_past_the_failover_bound_then_resumed(tmp_path: Path) -> None:
     outcome = await worker_paused(tmp_path)
-    # Known, measured in 1 of 20 soak runs: a turn the paused worker had
-    # finished, its ack not yet sent, ran again on the successor after the
-    # next envelope's turn started. No stale reply of it was stored.
-    xfail_if_only_completed_reruns(outcome)
     assert_guarantees(outcome)
     assert outcome.report.reply_duplicates == 0, outcome.problems()
 
