@@ -47,7 +47,7 @@ from sessionbus.workers._cancel import cancel_and_wait
 from sessionbus.workers._completions import Completions
 from sessionbus.workers._delivery import Held, dead_letter
 from sessionbus.workers._membership import Membership
-from sessionbus.workers._outcome import ACKED, SKIPPED, Action, Outcome, Running
+from sessionbus.workers._outcome import ACKED, SKIPPED, Action, CancelReason, Outcome, Running
 from sessionbus.workers._partition import PartitionPuller
 from sessionbus.workers._recent import RecentHistory
 from sessionbus.workers._scheduler import Scheduler
@@ -545,6 +545,12 @@ class Worker:
         if self.only_addressed and not envelope.is_for(self.agent):
             self._skipped += 1
             return SKIPPED
+        if not self.owns(held.partition):
+            # Paused or cut off on the way here (reading the session's state, or
+            # the previous turn's completion record): the partition may have
+            # moved. Start nothing; the fence hands the envelope back.
+            run.cancel_reason = CancelReason.HANDBACK
+            raise asyncio.CancelledError
         turn = Turn(bus=self.bus, held=held, group=self.group, agent=self.agent,
                     worker_id=self.worker_id, interrupted=run.interrupted, owns=self.owns,
                     handles=self._session_handle,
