@@ -104,6 +104,32 @@ def status_of(msg: Msg) -> Status | None:
     return Status(int(code), desc.splitlines()[0] if desc else "")
 
 
+async def read_page(sub: Subscription, what: str) -> tuple[list[Msg], int, Msg]:
+    """The messages of one request up to its status: (messages, status code, status message).
+
+    Taken straight from the subscription's queue (it has no callback): a
+    page of thousands costs no coroutine per message. Idle heartbeats are
+    skipped; BusTimeout if the status does not come within ``API_TIMEOUT``.
+    """
+    queue: asyncio.Queue[Msg] = sub._pending_queue
+    msgs: list[Msg] = []
+    try:
+        async with asyncio.timeout(API_TIMEOUT):
+            while True:
+                try:
+                    msg = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    msg = await queue.get()
+                sub._pending_size -= len(msg.data)  # as nats-py's next_msg() keeps it
+                status = status_of(msg)
+                if status is None:
+                    msgs.append(msg)
+                elif status.code != 100:  # an idle heartbeat is not an answer
+                    return msgs, status.code, msg
+    except TimeoutError as e:
+        raise BusTimeout(f"no reply from {what} within {API_TIMEOUT}s") from e
+
+
 async def _api(nc: Client, subject: str, body: dict[str, Any] | None) -> Any:
     payload = json.dumps(body).encode() if body is not None else b""
     try:
@@ -371,20 +397,19 @@ async def direct_get_last_for_subjects(
     try:
         while True:
             await nc.publish(subject, json.dumps(req).encode(), reply=sub.subject)
-            while True:
-                msg = await _next(sub, subject)
-                status = status_of(msg)
-                if status is not None:
-                    break
-                hdrs = {k: v for k, v in (msg.headers or {}).items() if k not in _PAGE_HEADERS}
+            msgs, code, msg = await read_page(sub, subject)
+            for data in msgs:
+                hdrs = {k: v for k, v in (data.headers or {}).items() if k not in _PAGE_HEADERS}
                 seq = int(hdrs["Nats-Sequence"])
-                out.append(LastMsg(hdrs["Nats-Subject"], msg.data, hdrs, seq))
-            if status.code == 404:  # nothing matched (or nothing left)
+                out.append(LastMsg(hdrs["Nats-Subject"], data.data, hdrs, seq))
+            if code == 404:  # nothing matched (or nothing left)
                 return out
-            if status.code == 413:
-                raise TooManyResultsError(413, 0, status.description)
-            if status.code != 204:
-                raise JetStreamAPIError(status.code, 0, status.description or subject)
+            status = status_of(msg)
+            description = status.description if status is not None else ""
+            if code == 413:
+                raise TooManyResultsError(413, 0, description)
+            if code != 204:
+                raise JetStreamAPIError(code, 0, description or subject)
             # 204 EOB ends a page; Nats-Num-Pending > 0 means more: ask from
             # the next sequence, capped where the first page was cut.
             eob = msg.headers or {}
@@ -395,10 +420,3 @@ async def direct_get_last_for_subjects(
     finally:
         await sub.unsubscribe()
 
-
-async def _next(sub: Subscription, subject: str) -> Msg:
-    try:
-        msg: Msg = await sub.next_msg(timeout=API_TIMEOUT)
-    except NatsTimeoutError as e:
-        raise BusTimeout(f"no reply from {subject} within {API_TIMEOUT}s") from e
-    return msg

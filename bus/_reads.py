@@ -26,12 +26,12 @@ from typing import Any, NamedTuple
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from sessionbus.bus._jsapi import (
     API_TIMEOUT,
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
+    read_page,
     status_of,
 )
 from sessionbus.bus.errors import BusTimeout
@@ -113,7 +113,7 @@ async def direct_get_range(
             batch = PAGE if up_to is None else max(1, min(PAGE, up_to - seq + 1))
             req = {"seq": seq, "next_by_subj": subject_filter, "batch": batch}
             await nc.publish(subject, json.dumps(req).encode(), reply=sub.subject)
-            msgs, code, eob = await _page(sub, subject)
+            msgs, code, eob = await read_page(sub, subject)
             for msg in msgs:
                 headers = msg.headers or {}
                 msg_seq = int(headers["Nats-Sequence"])
@@ -132,32 +132,6 @@ async def direct_get_range(
     finally:
         with contextlib.suppress(NatsError):
             await sub.unsubscribe()
-
-
-async def _page(sub: Subscription, what: str) -> tuple[list[Msg], int, Msg]:
-    """The messages of one request up to its status: (messages, status code, status message).
-
-    Taken straight from the subscription's queue (it has no callback): a
-    page of thousands costs no coroutine per message. Idle heartbeats are
-    skipped; BusTimeout if the status does not come within ``API_TIMEOUT``.
-    """
-    queue: asyncio.Queue[Msg] = sub._pending_queue
-    msgs: list[Msg] = []
-    try:
-        async with asyncio.timeout(API_TIMEOUT):
-            while True:
-                try:
-                    msg = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = await queue.get()
-                sub._pending_size -= len(msg.data)  # as nats-py's next_msg() keeps it
-                status = status_of(msg)
-                if status is None:
-                    msgs.append(msg)
-                elif status.code != 100:  # an idle heartbeat is not an answer
-                    return msgs, status.code, msg
-    except TimeoutError as e:
-        raise BusTimeout(f"no reply from {what} within {API_TIMEOUT}s") from e
 
 
 def _seq_and_pending(reply: str) -> tuple[int, int]:
