@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Awaitable, Callable
 
+import nats
 import pytest
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
@@ -123,8 +125,49 @@ async def test_lru_of_one_replica_keeps_what_another_just_used(nats_server: Nats
         await b.close()
 
 
+async def test_replicas_opening_one_new_session_at_once_share_it(
+        nats_server: NatsServer) -> None:
+    store_cls = _mcp_store()
+    stores = [store_cls(servers=nats_server.url) for _ in range(3)]
+
+    async def turn(store: object, word: str) -> object:
+        async with store.session("new") as conv:  # type: ignore[attr-defined]
+            await conv.stream.send(ModelRequest([TextInput(word)]),
+                                   ConversationContext(stream=conv.stream))
+            return conv.stream.id
+
+    # Every replica reads the (absent) record before any of them writes it.
+    read_together = asyncio.Barrier(len(stores))
+
+    def first_read_waits(load: Callable[[str], Awaitable[object]]
+                         ) -> Callable[[str], Awaitable[object]]:
+        reads = 0
+
+        async def read(key: str) -> object:
+            nonlocal reads
+            loaded = await load(key)
+            reads += 1
+            if reads == 1:
+                await read_together.wait()
+            return loaded
+
+        return read
+
+    for s in stores:
+        s._load = first_read_waits(s._load)
+    try:
+        ids = await asyncio.gather(*(turn(s, f"r{n}") for n, s in enumerate(stores)))
+        assert len(set(ids)) == 1  # one conversation, not one per replica
+        history = [_text(e) for e in await (await stores[0].acquire("new")).history.get_events()]
+        assert sorted(history) == ["r0", "r1", "r2"]  # no replica's turn went elsewhere
+    finally:
+        for s in stores:
+            await s.close()
+
+
 _WORKER = textwrap.dedent("""
     import asyncio, os, sys
+    import nats
     from ag2.context import ConversationContext
     from ag2.events import ModelRequest, TextInput
     from sessionbus.integrations.ag2 import SessionStore
@@ -132,6 +175,13 @@ _WORKER = textwrap.dedent("""
     async def main():
         store = SessionStore(servers=sys.argv[1])
         name = sys.argv[2]
+        await store._bucket()
+        nc = await nats.connect(sys.argv[1])
+        go = await nc.subscribe("test.go")
+        await nc.flush()  # the subscription is in place before the test hears "ready"
+        print("ready", flush=True)
+        await go.next_msg(timeout=60)  # both processes open the new session at once
+        await nc.close()
         for i in range(int(sys.argv[3])):
             async with store.session("shared") as conv:
                 ctx = ConversationContext(stream=conv.stream)
@@ -145,11 +195,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug: in some runs one turn's events are missing from the shared "
-           "history (38 of 40 events in one CI run)",
-)
 @pytest.mark.timeout(300)  # two interpreters importing ag2: slow on a loaded machine
 async def test_two_processes_serve_one_session_one_turn_at_a_time(
         nats_server: NatsServer) -> None:
@@ -158,13 +203,31 @@ async def test_two_processes_serve_one_session_one_turn_at_a_time(
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-c", _WORKER, nats_server.url, name, str(turns),
-            env={**os.environ}, stderr=subprocess.PIPE,
+            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         for name in ("p1", "p2")
     ]
-    for proc in procs:
-        _, err = await asyncio.wait_for(proc.communicate(), 240)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 240)
+            if line != b"ready\n":
+                _, err = await proc.communicate()
+                pytest.fail(f"worker did not start: {err.decode()[-2000:]}")
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.publish("test.go", b"")
+            await nc.flush()
+        finally:
+            await nc.close()
+        for proc in procs:
+            _, err = await asyncio.wait_for(proc.communicate(), 240)
+            assert proc.returncode == 0, err.decode()[-2000:]
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     store = _mcp_store()(servers=nats_server.url)
     try:
         history = [_text(e) for e in await (await store.acquire("shared")).history.get_events()]

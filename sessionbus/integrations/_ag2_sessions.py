@@ -9,7 +9,9 @@ principal that created them, each with a stable stream id over a shared
 
 * the conversation records (key -> stream id, handle, principal) and the
   handle -> key mapping are in a KV bucket of the bus, so any replica can
-  continue a conversation another one started, or by its handle;
+  continue a conversation another one started, or by its handle; records
+  are only written by compare-and-set, so replicas opening one conversation
+  at once agree on one stream id, and one turn lock;
 * the turn lock is the bus's cluster-wide :class:`~sessionbus.bus.TurnLock`:
   two replicas never run turns of one conversation at the same time;
 * history is in :class:`~sessionbus.integrations.ag2.NatsStorage` on the
@@ -57,6 +59,11 @@ logger = logging.getLogger(__name__)
 
 #: How long the delete markers of a dropped conversation stay.
 _MARKER_TTL = 60.0
+
+#: Reads and compare-and-set writes of one record before giving up: each
+#: conflict is another replica's write landing first, so this is never
+#: reached short of that many replicas writing the same record at once.
+_CAS_ATTEMPTS = 50
 
 
 class _Entry:
@@ -184,17 +191,17 @@ class SessionStore:
         """
         async with self._lock:
             entry = next((e for e in self._entries.values() if e.handle == handle), None)
-            if entry is None or await self._load(entry.key) is None:
+            # A use other replicas see: none of them drops it now.
+            if entry is None or not await self._record_use(entry):
                 raise UnknownConversationError()
             entry.resumed += 1
-            await self._touch(entry)  # a use other replicas see: none of them drops it now
         try:
             yield
         finally:
             entry.resumed -= 1
             entry.last = self._clock()
             with contextlib.suppress(BusError):
-                await self._touch(entry)
+                await self._record_use(entry)
 
     async def acquire(self, session_id: str, *, principal: str | None = None) -> MemoryStream:
         """A stream carrying ``session_id``'s conversation; holds no turn lock."""
@@ -235,34 +242,62 @@ class SessionStore:
             return None
         return decode_map(entry.value), entry.revision
 
-    async def _touch(self, entry: _Entry, body: dict[str, Any] | None = None) -> None:
-        """Record a use: rewrite the record (restarting its server TTL)."""
+    async def _touch(self, entry: _Entry, *, last: int) -> None:
+        """Record a use: rewrite the record (restarting its server TTL).
+
+        Compare-and-set: the record must still be at revision ``last`` (0:
+        absent, so this creates it), else KeyConflict. So two replicas
+        opening one new conversation at once agree on one stream id (the
+        other adopts it), and a use never resurrects or overwrites a record
+        another replica dropped or replaced since it was read.
+        """
         kv = await self._bucket()
-        record = body or {"stream_id": str(entry.stream_id), "handle": entry.handle,
-                          "principal": entry.principal}
-        record["used_at"] = time.time()
-        entry.revision = await kv.put(self._rkey(entry.key), encode(record), ttl=self._ttl)
+        record = {"stream_id": str(entry.stream_id), "handle": entry.handle,
+                  "principal": entry.principal, "used_at": time.time()}
+        if last:
+            entry.revision = await kv.update(self._rkey(entry.key), encode(record), last=last,
+                                             ttl=self._ttl)
+        else:
+            entry.revision = await kv.create(self._rkey(entry.key), encode(record), ttl=self._ttl)
         await kv.put(self._hkey(entry.handle), encode({"key": entry.key}), ttl=self._ttl)
+
+    async def _record_use(self, entry: _Entry) -> bool:
+        """Touch ``entry``'s record if it still names this conversation; False if not."""
+        for _ in range(_CAS_ATTEMPTS):
+            loaded = await self._load(entry.key)
+            if loaded is None or loaded[0].get("stream_id") != str(entry.stream_id):
+                return False
+            try:
+                await self._touch(entry, last=loaded[1])
+            except KeyConflict:
+                continue  # another replica used it meanwhile: read it again
+            return True
+        raise KeyConflict(self._rkey(entry.key), None)
 
     async def _entry(self, key: str, *, principal: str | None, handle: str | None = None
                      ) -> _Entry:
         async with self._lock:
             now = self._clock()
             await self._evict_expired(now)
-            entry = self._entries.get(key)
-            loaded = await self._load(key)
-            if entry is not None and (loaded is None or
-                                      loaded[0].get("stream_id") != str(entry.stream_id)):
-                del self._entries[key]  # gone, or replaced, elsewhere: this view is stale
-                entry = None
-            if entry is None:
-                entry = await self._adopt_or_create(key, loaded, principal, handle, now)
-            else:
-                entry.last = now
-                self._entries.move_to_end(key)
-            await self._touch(entry)
-            await self._evict_overflow(serving=key)
-            return entry
+            for _ in range(_CAS_ATTEMPTS):
+                entry = self._entries.get(key)
+                loaded = await self._load(key)
+                if entry is not None and (loaded is None or
+                                          loaded[0].get("stream_id") != str(entry.stream_id)):
+                    del self._entries[key]  # gone, or replaced, elsewhere: this view is stale
+                    entry = None
+                if entry is None:
+                    entry = await self._adopt_or_create(key, loaded, principal, handle, now)
+                else:
+                    entry.last = now
+                    self._entries.move_to_end(key)
+                try:
+                    await self._touch(entry, last=loaded[1] if loaded is not None else 0)
+                except KeyConflict:
+                    continue  # another replica wrote the record since it was read: read again
+                await self._evict_overflow(serving=key)
+                return entry
+            raise KeyConflict(self._rkey(key), None)
 
     async def _adopt_or_create(self, key: str, loaded: tuple[dict[str, Any], int] | None,
                                principal: str | None, handle: str | None, now: float) -> _Entry:
@@ -283,23 +318,28 @@ class SessionStore:
         async with self._lock:
             now = self._clock()
             await self._evict_expired(now)
-            mapped = await (await self._bucket()).get(self._hkey(handle))
-            key = str(decode_map(mapped.value).get("key")) if mapped is not None else None
-            loaded = await self._load(key) if key is not None else None
-            if key is None or loaded is None or loaded[0].get("handle") != handle:
-                self._forget(key)
-                raise UnknownConversationError()
-            # Revalidated on every call: a handle may leak, a credential change.
-            if loaded[0].get("principal") != principal:
-                raise UnknownConversationError()
-            entry = self._entries.get(key)
-            if entry is None or str(entry.stream_id) != loaded[0].get("stream_id"):
-                self._forget(key)
-                entry = await self._adopt_or_create(key, loaded, principal, handle, now)
-            entry.last = now
-            self._entries.move_to_end(key)
-            await self._touch(entry)
-            return entry
+            for _ in range(_CAS_ATTEMPTS):
+                mapped = await (await self._bucket()).get(self._hkey(handle))
+                key = str(decode_map(mapped.value).get("key")) if mapped is not None else None
+                loaded = await self._load(key) if key is not None else None
+                if key is None or loaded is None or loaded[0].get("handle") != handle:
+                    self._forget(key)
+                    raise UnknownConversationError()
+                # Revalidated on every call: a handle may leak, a credential change.
+                if loaded[0].get("principal") != principal:
+                    raise UnknownConversationError()
+                entry = self._entries.get(key)
+                if entry is None or str(entry.stream_id) != loaded[0].get("stream_id"):
+                    self._forget(key)
+                    entry = await self._adopt_or_create(key, loaded, principal, handle, now)
+                entry.last = now
+                self._entries.move_to_end(key)
+                try:
+                    await self._touch(entry, last=loaded[1])
+                except KeyConflict:
+                    continue  # another replica wrote the record since it was read: read again
+                return entry
+            raise KeyConflict(self._hkey(handle), None)
 
     def _forget(self, key: str | None) -> None:
         if key is not None:
