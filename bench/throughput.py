@@ -42,7 +42,7 @@ from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
-from sessionbus.workers import Turn, Worker
+from sessionbus.workers import Turn, Worker, WorkerConfig
 from sessionbus.workers._membership import Lease, assign
 
 LATENCY_SUBJECT = "bench.latency"
@@ -54,7 +54,8 @@ PHASE_LIMIT = 180.0
 # -- the worker processes -------------------------------------------------------
 
 
-async def run_sessionbus_worker(url: str, prefix: str, worker_id: str) -> None:
+async def run_sessionbus_worker(url: str, prefix: str, worker_id: str, *,
+                                records: bool = True) -> None:
     """A worker process: trivial handler; envelopes marked ``lat`` report their start delay."""
     async with SessionBus(url, prefix=prefix) as sb:
         nc = sb.nc
@@ -65,7 +66,8 @@ async def run_sessionbus_worker(url: str, prefix: str, worker_id: str) -> None:
                 await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
 
         worker = Worker(sb, group="bench", handler=handle, worker_id=worker_id,
-                        handle_signals=True, max_concurrency=128)
+                        handle_signals=True, max_concurrency=128,
+                        config=WorkerConfig(completion_records=records))
         await worker.run()
 
 
@@ -178,14 +180,15 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
 
 
 async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int,
-                           samples: int, loop: str) -> Result:
+                           samples: int, loop: str, records: bool = True) -> Result:
     prefix = f"bench{procs_count}"
     procs = Procs(loop)
     async with SessionBus(url, prefix=prefix) as sb:
         try:
             ids = [f"w{i}" for i in range(procs_count)]
             for wid in ids:
-                procs.spawn("--role", "worker", "--url", url, "--prefix", prefix, "--id", wid)
+                procs.spawn("--role", "worker", "--url", url, "--prefix", prefix, "--id", wid,
+                            *(() if records else ("--no-completion-records",)))
             wanted = {m: frozenset(ps) for m, ps in assign(sb.partitions, ids).items()}
 
             async def settled() -> bool:
@@ -280,7 +283,8 @@ async def bench(args: argparse.Namespace) -> None:
         rows = []
         for n in (1, 2):
             ours = await sessionbus_phase(server.url, n, args.envelopes, args.sessions,
-                                          args.samples, args.loop)
+                                          args.samples, args.loop,
+                                          records=not args.no_completion_records)
             raw = await raw_phase(server.url, n, args.envelopes, args.sessions, args.samples,
                                   args.loop)
             rows.append((n, ours, raw))
@@ -312,10 +316,13 @@ def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--id", help=argparse.SUPPRESS)
+    parser.add_argument("--no-completion-records", action="store_true",
+                        help="workers write no completion records (what they cost)")
     add_loop_option(parser)
     args = parser.parse_args()
     if args.role == "worker":
-        run_loop(run_sessionbus_worker(args.url, args.prefix, args.id), args.loop)
+        run_loop(run_sessionbus_worker(args.url, args.prefix, args.id,
+                                       records=not args.no_completion_records), args.loop)
         return
     if args.role == "raw":
         run_loop(run_raw_worker(args.url), args.loop)

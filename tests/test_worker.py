@@ -486,6 +486,10 @@ async def test_worker_arguments_are_checked(sb: SessionBus) -> None:
         WorkerConfig(ack_wait=5, poll_interval=2, priority_timeout=6)
     with pytest.raises(ConfigError):
         WorkerConfig(lease_ttl=0.5)
+    with pytest.raises(ConfigError):
+        WorkerConfig(completion_ttl=0)
+    with pytest.raises(ConfigError):
+        WorkerConfig(completion_records="no")  # type: ignore[arg-type]
     worker = Worker(sb, group="g", handler=handle)
     assert worker.state is WorkerState.NEW
     with pytest.raises(WorkerError):

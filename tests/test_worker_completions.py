@@ -112,3 +112,29 @@ async def test_a_malformed_record_is_ignored_not_trusted(
     finally:
         await worker.stop()
     assert handled == ["a", "b"]
+
+
+async def test_records_can_be_switched_off(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(nats_server.url, prefix="co", partitions=2)
+    session = await sb.open("off", participants=["client", "g"], participant="client")
+    await send_all(sb, session, ["a", "b"])
+    handled: list[str] = []
+    two = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        handled.append(turn.envelope.content)
+        if len(handled) == 2:
+            two.set()
+
+    worker = Worker(sb, group="g", handler=handle,
+                    config=FAST.replace(completion_records=False))
+    await worker.start()
+    try:
+        await asyncio.wait_for(two.wait(), 15)
+        await settled(sb)
+    finally:
+        await worker.stop()
+    assert handled == ["a", "b"]
+    assert await record_of(sb, "g", "off") is None

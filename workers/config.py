@@ -63,6 +63,10 @@ class WorkerConfig:
     handover_timeout: float = 30.0
     #: Sessions whose last completed stream sequence is remembered for dedupe.
     dedupe_size: int = 65_536
+    #: Write a completion record per settled turn, so a completed turn whose ack a
+    #: server crash or a worker pause lost is not run again after its successor.
+    #: False saves one JetStream write per turn; such a turn may then re-run late.
+    completion_records: bool = True
     #: Seconds a session's completion record lasts after its last turn settled.
     completion_ttl: float = 24 * 3600.0
     #: Envelopes of one session kept for ``turn.history()`` (0: read the stream each time).
@@ -71,6 +75,8 @@ class WorkerConfig:
     history_total: int = 32_768
 
     def __post_init__(self) -> None:
+        if not isinstance(self.completion_records, bool):
+            raise ConfigError(f"completion_records must be a bool, got {self.completion_records!r}")
         for name in ("history_per_session", "history_total"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

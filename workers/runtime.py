@@ -201,10 +201,12 @@ class Worker:
         if self._state is not WorkerState.NEW:
             raise WorkerError(f"worker {self.worker_id} was already started")
         bus = self.bus
-        completions = Completions(nc=bus.nc, bucket=bus.workers_kv, names=bus.names,
-                                  group=self.group, api_prefix=bus.api_prefix,
-                                  ttl=self.config.completion_ttl)
-        await completions.start()
+        completions = None
+        if self.config.completion_records:
+            completions = Completions(nc=bus.nc, bucket=bus.workers_kv, names=bus.names,
+                                      group=self.group, api_prefix=bus.api_prefix,
+                                      ttl=self.config.completion_ttl)
+            await completions.start()
         self._completions = completions
         self._scheduler = Scheduler(
             nc=bus.nc, names=bus.names, execute=self._execute, dead_letter=self._dead_letter,
@@ -228,7 +230,8 @@ class Worker:
                     await sub.unsubscribe()
             self._subs.clear()
             await self._membership.close()
-            await completions.stop()
+            if completions is not None:
+                await completions.stop()
             raise
         self._state = WorkerState.RUNNING
         self._coordinator = asyncio.create_task(self._coordinate(),
