@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.session import Session
@@ -11,7 +13,7 @@ from sessionbus.workers import Turn, Worker
 from test_worker import settled
 from worker_proc import FAST
 
-from sessionbus.testing import BusFactory
+from sessionbus.testing import BusFactory, ServerFactory
 
 
 async def send_all(sb: SessionBus, session: Session, contents: list[str]) -> list[int]:
@@ -56,13 +58,16 @@ async def test_a_turn_starts_only_once_its_predecessor_is_recorded(
     assert await record_of(sb, "g", "chain") == seqs[2]
 
 
+@pytest.mark.parametrize("domain", [None, "hub"])
 async def test_envelopes_a_record_covers_are_acked_without_a_turn(
-    nats_server: NatsServer, bus_factory: BusFactory
+    nats_server_factory: ServerFactory, bus_factory: BusFactory, domain: str | None
 ) -> None:
     # A previous owner completed "a" and "b" and recorded it; its acks were
     # lost (a server crash, a paused worker): the next owner must not run
-    # them again, after or before "c".
-    sb = await bus_factory(nats_server.url, prefix="cs", partitions=2)
+    # them again, after or before "c". Through a JetStream domain (a leaf
+    # node's workers) records are written and read all the same.
+    server = nats_server_factory(name="cs", domain=domain)
+    sb = await bus_factory(server.url, prefix="cs", partitions=2, domain=domain)
     done_elsewhere = await sb.open("done", participants=["client", "g"], participant="client")
     fresh = await sb.open("fresh", participants=["client", "g"], participant="client")
     seqs = await send_all(sb, done_elsewhere, ["a", "b", "c"])

@@ -43,6 +43,10 @@ _LOOKUP_BATCH = 512
 _CONFIRM_WAIT = 2.0
 #: Seconds after which a write's reply is no longer waited for.
 _REPLY_EXPIRES = 30.0
+#: Writes of one record refused or unanswered before the next turn goes ahead anyway.
+_CONFIRM_ATTEMPTS = 5
+#: Unconfirmed records kept before those whose write already failed are dropped.
+_MAX_UNCONFIRMED = 65_536
 
 
 class RecordNotStored(BusError):
@@ -60,13 +64,17 @@ class Completions:
         self._group = group
         self._api_prefix = api_prefix
         self._headers = {TTL_HEADER: str(wire_ttl(ttl))}
+        # Records are stored under $KV.<bucket>.<key> whatever the domain a
+        # worker writes them through: that is what a lookup names.
+        self._stored_prefix = f"$KV.{bucket.name}."
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._tokens = itertools.count()
         # Reply token -> (loop time written, confirmation), oldest first.
         self._replies: dict[str, tuple[float, asyncio.Future[None]]] = {}
-        # Session id -> (sequence, confirmation) of its last write, until confirmed.
-        self._unconfirmed: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        # Session id -> (sequence, confirmation, partition) of its last write,
+        # until confirmed.
+        self._unconfirmed: dict[str, tuple[int, asyncio.Future[None], int]] = {}
 
     async def start(self) -> None:
         """Subscribe to the replies of record writes."""
@@ -90,25 +98,54 @@ class Completions:
     def _subject(self, session_id: str) -> str:
         return self._bucket.subject(self._names.completion_key(self._group, session_id))
 
-    async def record(self, session_id: str, seq: int) -> None:
-        """Write ``seq`` as the session's last settled sequence; :meth:`confirm` waits for it."""
+    def _stored_subject(self, session_id: str) -> str:
+        return self._stored_prefix + self._names.completion_key(self._group, session_id)
+
+    async def record(self, session_id: str, seq: int, partition: int) -> None:
+        """Write ``seq`` as the session's last settled sequence; :meth:`confirm` waits for it.
+
+        Never raises for a connection that is down: the write stays
+        unconfirmed, and :meth:`confirm` writes it again.
+        """
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._expire(now)
         token = str(next(self._tokens))
         future: asyncio.Future[None] = loop.create_future()
-        entry = (seq, future)
+        entry = (seq, future, partition)
+        if len(self._unconfirmed) >= _MAX_UNCONFIRMED:
+            self._drop_failed()
         self._unconfirmed[session_id] = entry
         self._replies[token] = (now, future)
         future.add_done_callback(lambda f: self._done(session_id, entry, f))
-        await self._nc.publish(self._subject(session_id), str(seq).encode(),
-                               reply=f"{self._inbox}.{token}", headers=self._headers)
+        try:
+            await self._nc.publish(self._subject(session_id), str(seq).encode(),
+                                   reply=f"{self._inbox}.{token}", headers=self._headers)
+        except Exception as e:  # the connection: confirm() writes it again
+            logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
+            if not future.done():
+                future.set_exception(RecordNotStored(repr(e)))
 
-    def _done(self, session_id: str, entry: tuple[int, asyncio.Future[None]],
+    def _done(self, session_id: str, entry: tuple[int, asyncio.Future[None], int],
               future: asyncio.Future[None]) -> None:
         if (not future.cancelled() and future.exception() is None
                 and self._unconfirmed.get(session_id) is entry):
             del self._unconfirmed[session_id]
+
+    def _drop_failed(self) -> None:
+        for sid, (_, future, _) in list(self._unconfirmed.items()):
+            if future.done():
+                del self._unconfirmed[sid]
+
+    def forget_partition(self, partition: int) -> None:
+        """Drop unconfirmed records of a partition taken away: no successor of theirs runs here.
+
+        Writing one again later, once another owner recorded more, would
+        move the record back.
+        """
+        for sid, entry in list(self._unconfirmed.items()):
+            if entry[2] == partition:
+                del self._unconfirmed[sid]
 
     def _expire(self, now: float) -> None:
         # Replies come in write order or never (a server that went away).
@@ -143,29 +180,37 @@ class Completions:
         Waits as long as that takes (a server restarting); a fence or a
         handback cancels the turn that waits.
         """
+        attempts = 0
         while (pending := self._unconfirmed.get(session_id)) is not None:
-            seq, future = pending
+            seq, future, partition = pending
             try:
                 async with asyncio.timeout(_CONFIRM_WAIT):
                     await asyncio.shield(future)
             except (TimeoutError, RecordNotStored) as e:
+                attempts += 1
+                if attempts >= _CONFIRM_ATTEMPTS:
+                    # Refused for good (permissions, a missing bucket) while the
+                    # partition is still pulled: stalling the session forever
+                    # would be worse than giving this guarantee up for one turn.
+                    logger.error("completion record %d of %r not stored after %d attempts "
+                                 "(%s); going on without it", seq, session_id, attempts, e)
+                    if self._unconfirmed.get(session_id) is pending:
+                        del self._unconfirmed[session_id]
+                    return
                 logger.warning("completion record %d of %r not confirmed (%s); writing it again",
                                seq, session_id, e or "timed out")
                 if not future.done():
                     future.cancel()
-                try:
-                    await self.record(session_id, seq)
-                except Exception as e:  # a connection down: wait for it
-                    logger.warning("completion record %d of %r not written: %r", seq,
-                                   session_id, e)
-                    await asyncio.sleep(_CONFIRM_WAIT)
+                if isinstance(e, RecordNotStored):
+                    await asyncio.sleep(_CONFIRM_WAIT)  # refused at once: do not spin
+                await self.record(session_id, seq, partition)
                 continue
             if self._unconfirmed.get(session_id) is pending:
                 del self._unconfirmed[session_id]
 
     async def lookup(self, session_ids: Iterable[str]) -> dict[str, int]:
         """The recorded last settled sequence of each session (absent: none recorded)."""
-        by_subject = {self._subject(sid): sid for sid in session_ids}
+        by_subject = {self._stored_subject(sid): sid for sid in session_ids}
         subjects = list(by_subject)
         found: dict[str, int] = {}
         for start in range(0, len(subjects), _LOOKUP_BATCH):

@@ -347,14 +347,15 @@ class Scheduler:
                 epochs = {sid: self._epochs.get(s.partition, 0) for sid, s in batch.items()}
                 try:
                     found = await self._completions.lookup(batch)
-                except BusError as e:
-                    logger.warning("reading %d completion records failed (%s); retrying",
+                except Exception as e:  # the server or the connection: try again
+                    logger.warning("reading %d completion records failed (%r); retrying",
                                    len(batch), e)
                     for sid, s in batch.items():
                         if self._sessions.get(sid) is s:
                             self._lookups.setdefault(sid, s)
                     await asyncio.sleep(self._config.retry_backoff)
                     continue
+                covered: list[Held] = []
                 for sid, s in batch.items():
                     if (self._sessions.get(sid) is not s
                             or self._epochs.get(s.partition, 0) != epochs[sid]):
@@ -363,15 +364,17 @@ class Scheduler:
                     self._remember(sid, s.partition, done)
                     s.looking_up = False
                     while s.queue and s.queue[0].seq <= done:
-                        held = s.queue.pop(0)  # completed before: settled, not run again
+                        covered.append(s.queue.pop(0))  # completed before: not run again
                         self._held -= 1
-                        await ack(self._nc, held)
                     if s.queue:
                         self._make_ready(s)
                     else:
                         self._forget(s)
                 self._freed()
                 self._pump()
+                for held in covered:
+                    with contextlib.suppress(Exception):  # unacked: redelivered, acked then
+                        await ack(self._nc, held)
         finally:
             self._lookup_task = None
 
@@ -465,6 +468,11 @@ class Scheduler:
             run.finished = True
             if outcome is not None:
                 await self._settle(session, held, outcome)
+            elif session.timer is None and session.partition not in self._frozen:
+                # Handed back without a freeze (the worker found it no longer
+                # owns the partition): retry after a pause, not in a tight loop.
+                loop = asyncio.get_running_loop()
+                session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
             if session.closing and session.timer is None:
                 await self._ack_queue(session)
         except Exception as e:
@@ -501,9 +509,21 @@ class Scheduler:
                 session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
                 return
         if self._completions is not None and outcome.ran:
-            await self._completions.record(session.sid, held.seq)
+            await self._completions.record(session.sid, self._settled_through(session, held),
+                                           held.partition)
         await ack(self._nc, held)
         self._pop_head(session, held)
+
+    @staticmethod
+    def _settled_through(session: _Session, held: Held) -> int:
+        """The highest sequence of the session settled with everything before it.
+
+        ``held`` just settled; an earlier envelope still queued behind it (one
+        redelivered late) is not settled, so nothing from it on may count as
+        done, neither here nor in a record a successor trusts.
+        """
+        lowest = min((h.seq for h in session.queue if h is not held), default=held.seq)
+        return held.seq if lowest >= held.seq else lowest - 1
 
     def _pop_head(self, session: _Session, held: Held) -> None:
         # Normally the head; an earlier envelope inserted while this one ran
@@ -515,7 +535,11 @@ class Scheduler:
             session.queue.pop(index)
             self._held -= 1
             self.completed += 1
-            self._remember(session.sid, session.partition, held.seq)
+            # An earlier envelope still queued (redelivered late) is not done:
+            # remembering past it would ack its redelivered copies unrun.
+            lowest = queue[0].seq if queue else held.seq  # the queue is in stream order
+            self._remember(session.sid, session.partition,
+                           held.seq if lowest >= held.seq else lowest - 1)
             self._freed()
 
     def _wake(self, session: _Session) -> None:
@@ -675,6 +699,8 @@ class Scheduler:
         out: list[Held] = []
         # What it completed here may be followed by another owner's turns.
         self._epochs[partition] = self._epochs.get(partition, 0) + 1
+        if self._completions is not None:
+            self._completions.forget_partition(partition)
         if self._recent is not None:
             self._recent.drop_partition(partition)
         for sid in list(self._by_partition.get(partition, ())):
