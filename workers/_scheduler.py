@@ -522,7 +522,8 @@ class Scheduler:
         redelivered late) is not settled, so nothing from it on may count as
         done, neither here nor in a record a successor trusts.
         """
-        lowest = min((h.seq for h in session.queue if h is not held), default=held.seq)
+        queue = session.queue  # in stream order: only its head can be earlier
+        lowest = queue[0].seq if queue and queue[0] is not held else held.seq
         return held.seq if lowest >= held.seq else lowest - 1
 
     def _pop_head(self, session: _Session, held: Held) -> None:
