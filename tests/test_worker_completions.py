@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.session import Session
