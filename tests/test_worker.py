@@ -303,7 +303,9 @@ async def test_priority_picks_the_next_session_at_the_concurrency_bound(
     envs += [envelope(f"high{i}", 0, priority=5) for i in range(3)]
     envs.insert(2, envelope("mid", 0, priority=2))
     await publish_many(sb, envs)
-    await wait_for(lambda: worker.scheduler.held == 8, "all envelopes held")
+    # Held, and each session's completion record read: all of them can start.
+    await wait_for(lambda: worker.scheduler.held == 8 and worker.scheduler.awaiting_records == 0,
+                   "all envelopes held and ready")
     gate.set()
     await wait_for(lambda: len(order) == 8, "all turns")
     # Same priority: arrival order, which across partitions is not publish order.

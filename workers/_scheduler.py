@@ -151,6 +151,11 @@ class Scheduler:
         return len(self._sessions)
 
     @property
+    def awaiting_records(self) -> int:
+        """Sessions held back until their completion record is read (none can start yet)."""
+        return sum(1 for session in self._sessions.values() if session.looking_up)
+
+    @property
     def dedupe_size(self) -> int:
         """Sessions whose last completed sequence is remembered."""
         return len(self._last_done)
