@@ -513,11 +513,11 @@ class Scheduler:
                 loop = asyncio.get_running_loop()
                 session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
                 return
+        through = self._settled_through(session, held)
         if self._completions is not None and outcome.ran:
-            await self._completions.record(session.sid, self._settled_through(session, held),
-                                           held.partition)
+            await self._completions.record(session.sid, through, held.partition)
         await ack(self._nc, held)
-        self._pop_head(session, held)
+        self._pop_head(session, held, through)
 
     @staticmethod
     def _settled_through(session: _Session, held: Held) -> int:
@@ -531,7 +531,7 @@ class Scheduler:
         lowest = queue[0].seq if queue and queue[0] is not held else held.seq
         return held.seq if lowest >= held.seq else lowest - 1
 
-    def _pop_head(self, session: _Session, held: Held) -> None:
+    def _pop_head(self, session: _Session, held: Held, through: int) -> None:
         # Normally the head; an earlier envelope inserted while this one ran
         # must not make the finished one run again.
         queue = session.queue
@@ -541,11 +541,9 @@ class Scheduler:
             session.queue.pop(index)
             self._held -= 1
             self.completed += 1
-            # An earlier envelope still queued (redelivered late) is not done:
-            # remembering past it would ack its redelivered copies unrun.
-            lowest = queue[0].seq if queue else held.seq  # the queue is in stream order
-            self._remember(session.sid, session.partition,
-                           held.seq if lowest >= held.seq else lowest - 1)
+            # Not past an earlier envelope still queued: its redelivered
+            # copies would be acked unrun.
+            self._remember(session.sid, session.partition, through)
             self._freed()
 
     def _wake(self, session: _Session) -> None:
