@@ -8,7 +8,7 @@ import pytest
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.session import Session
-from sessionbus.workers import Turn, Worker
+from sessionbus.workers import Turn, Worker, WorkerConfig
 from test_worker import settled
 from worker_proc import FAST
 
@@ -24,6 +24,30 @@ async def send_all(sb: SessionBus, session: Session, contents: list[str]) -> lis
         msg = await sb.js.get_last_msg(sb.names.envelope_stream, subject)
         seqs.append(int(msg.seq or 0))
     return seqs
+
+
+async def handle_until(sb: SessionBus, count: int, config: WorkerConfig = FAST
+                       ) -> list[tuple[str, str]]:
+    """Run a worker of group ``g`` until it handled ``count`` envelopes and all are settled.
+
+    Returns (session id, content) of each handled envelope, in handling order.
+    """
+    handled: list[tuple[str, str]] = []
+    enough = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        handled.append((turn.session_id, turn.envelope.content))
+        if len(handled) == count:
+            enough.set()
+
+    worker = Worker(sb, group="g", handler=handle, config=config)
+    await worker.start()
+    try:
+        await asyncio.wait_for(enough.wait(), 15)
+        await settled(sb)
+    finally:
+        await worker.stop()
+    return handled
 
 
 async def record_of(sb: SessionBus, group: str, sid: str) -> int | None:
@@ -74,21 +98,7 @@ async def test_envelopes_a_record_covers_are_acked_without_a_turn(
     await sb.workers_kv.put(sb.names.completion_key("g", "done"), str(seqs[1]).encode())
     # Another group's record says nothing about this group.
     await sb.workers_kv.put(sb.names.completion_key("other", "fresh"), b"999999")
-    handled: list[tuple[str, str]] = []
-    three = asyncio.Event()
-
-    async def handle(turn: Turn) -> None:
-        handled.append((turn.session_id, turn.envelope.content))
-        if len(handled) == 3:
-            three.set()
-
-    worker = Worker(sb, group="g", handler=handle, config=FAST)
-    await worker.start()
-    try:
-        await asyncio.wait_for(three.wait(), 15)
-        await settled(sb)
-    finally:
-        await worker.stop()
+    handled = await handle_until(sb, 3)
     assert [c for s, c in handled if s == "done"] == ["c"]
     assert [c for s, c in handled if s == "fresh"] == ["x", "y"]
 
@@ -100,22 +110,7 @@ async def test_a_malformed_record_is_ignored_not_trusted(
     session = await sb.open("m", participants=["client", "g"], participant="client")
     await send_all(sb, session, ["a", "b"])
     await sb.workers_kv.put(sb.names.completion_key("g", "m"), b"not a sequence")
-    handled: list[str] = []
-    two = asyncio.Event()
-
-    async def handle(turn: Turn) -> None:
-        handled.append(turn.envelope.content)
-        if len(handled) == 2:
-            two.set()
-
-    worker = Worker(sb, group="g", handler=handle, config=FAST)
-    await worker.start()
-    try:
-        await asyncio.wait_for(two.wait(), 15)
-        await settled(sb)
-    finally:
-        await worker.stop()
-    assert handled == ["a", "b"]
+    assert await handle_until(sb, 2) == [("m", "a"), ("m", "b")]
 
 
 async def test_records_can_be_switched_off(
@@ -124,21 +119,6 @@ async def test_records_can_be_switched_off(
     sb = await bus_factory(nats_server.url, prefix="co", partitions=2)
     session = await sb.open("off", participants=["client", "g"], participant="client")
     await send_all(sb, session, ["a", "b"])
-    handled: list[str] = []
-    two = asyncio.Event()
-
-    async def handle(turn: Turn) -> None:
-        handled.append(turn.envelope.content)
-        if len(handled) == 2:
-            two.set()
-
-    worker = Worker(sb, group="g", handler=handle,
-                    config=FAST.replace(completion_records=False))
-    await worker.start()
-    try:
-        await asyncio.wait_for(two.wait(), 15)
-        await settled(sb)
-    finally:
-        await worker.stop()
-    assert handled == ["a", "b"]
+    handled = await handle_until(sb, 2, FAST.replace(completion_records=False))
+    assert handled == [("off", "a"), ("off", "b")]
     assert await record_of(sb, "g", "off") is None
