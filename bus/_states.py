@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._kv import MAX_GET_MANY
 from sessionbus.bus._names import decode_token
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import BusClosedError, BusError, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, SessionMetadata, decode
 
@@ -132,7 +132,7 @@ class SessionStates:
                 await nc.subscribe(names.closed_all, cb=self._on_closed_hint),
                 await nc.subscribe(names.opened_all, cb=self._on_opened_hint),
             ]
-            await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+            await server_holds_subscriptions(nc, self._bus.settings.request_timeout)
 
     async def stop(self) -> None:
         """Unsubscribe, end the feeds and fail the waiters with BusClosedError."""

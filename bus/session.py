@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,6 +39,7 @@ from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     CausationNotFound,
     ConfigError,
@@ -439,8 +439,7 @@ class Session:
 
             with nats_errors(f"subscribing to interrupts of {self.session_id!r}"):
                 subs.append(await nc.subscribe(subject, cb=on_msg))
-                # The server has the subscription once it answers a ping.
-                await nc.flush(timeout=math.ceil(self._bus.settings.request_timeout))
+                await server_holds_subscriptions(nc, self._bus.settings.request_timeout)
             lifecycle.adopt(feed)
 
         async def on_close(feed: QueueFeed[Interrupt]) -> None:

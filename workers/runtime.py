@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._names import decode_token, validate_id
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, ConfigError, WorkerError
 from sessionbus.bus.session import Session
@@ -221,7 +222,7 @@ class Worker:
         bus.lifecycle.states.on_closed(self._on_closed)
         bus.lifecycle.states.on_stale(self._on_stale)
         try:
-            await bus.nc.flush()
+            await server_holds_subscriptions(bus.nc, bus.settings.request_timeout)
             await self._membership.join()
         except BaseException:
             self._unlisten()
