@@ -410,8 +410,23 @@ class Bucket:
                     revision=meta.sequence.stream,
                 )
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._end_watch(sub)
+
+    async def _end_watch(self, sub: JetStreamContext.PushSubscription) -> None:
+        """Unsubscribe, then delete the watch's consumer.
+
+        Left alone, the server would keep the ordered consumer for its
+        inactive threshold (which lets it outlive a reconnect), and a bucket
+        watched briefly but often would collect hundreds of them.
+        Unsubscribing first also stops nats-py's heartbeat check, which
+        would otherwise recreate a consumer it finds gone.
+        """
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):  # the connection may be gone: it then lingers
+            async with asyncio.timeout(self.timeout):
+                info = await sub.consumer_info()
+                await self.js.delete_consumer(self.stream, info.name)
 
 
 def bucket_config(name: str, *, replicas: int, marker_ttl: float = 60.0, **extra: Any

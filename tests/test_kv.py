@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -96,6 +97,34 @@ async def test_big_listings_leave_no_consumer_behind(bus: SessionBus) -> None:
     info = await bus.js.stream_info(f"KV_{name}")
     assert info.state.consumer_count == 0
     assert await kv.list("none.*") == []
+
+
+async def test_ended_watches_leave_no_consumer_behind(bus: SessionBus) -> None:
+    # Same shape, 2 consumers allowed: a watch that left its consumer behind
+    # would make the third watch fail to subscribe.
+    name = "watched"
+    await bus.js.add_stream(api.StreamConfig(
+        name=f"KV_{name}", subjects=[f"$KV.{name}.>"], max_msgs_per_subject=1,
+        allow_direct=True, allow_rollup_hdrs=True, max_consumers=2,
+    ))
+    kv = Bucket(nc=bus.nc, js=bus.js, name=name)
+
+    async def watch(seen: asyncio.Queue[KVEvent], ready: asyncio.Event) -> None:
+        async for event in kv.watch("k.*", include_existing=True, ready=ready):
+            seen.put_nowait(event)
+
+    for i in range(6):
+        seen: asyncio.Queue[KVEvent] = asyncio.Queue()
+        ready = asyncio.Event()
+        task = asyncio.create_task(watch(seen, ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        await kv.put(f"k.{i}", b"v")
+        assert (await asyncio.wait_for(seen.get(), 5)).key in {f"k.{j}" for j in range(i + 1)}
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        info = await bus.js.stream_info(f"KV_{name}")
+        assert info.state.consumer_count == 0
 
 
 async def test_bare_kv_subject_gets_no_responders_through_a_leaf(nats_leaf: LeafTopology,
