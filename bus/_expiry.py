@@ -6,7 +6,8 @@ runs out, the server replaces it with a marker (``Nats-Marker-Reason:
 MaxAge``); this watcher sees the marker as :attr:`~sessionbus.bus._kv.KVOp.EXPIRED` and
 asks the lifecycle to expire the session. Many buses may run a watcher at
 once: the compare-and-set on the record lets exactly one of them win, and
-only the winner broadcasts.
+only the winner broadcasts. The timer writes it sees confirm the ones this
+bus sent without waiting for their ack (see :mod:`sessionbus.bus._timers`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class ExpiryWatcher:
 
     def __init__(
         self, *, bus: SessionBus, expire: Callable[[str], Awaitable[bool]],
-        concurrency: int = CONCURRENCY,
+        seen: Callable[[str], None] | None = None, concurrency: int = CONCURRENCY,
     ) -> None:
         self._bus = bus
         self._expire = expire
+        self._seen = seen
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -90,12 +92,20 @@ class ExpiryWatcher:
                         task = asyncio.create_task(self._handle(event.key))
                         self._running.add(task)
                         task.add_done_callback(self._done)
+                    elif event.op is KVOp.PUT and self._seen is not None:
+                        self._seen(event.key)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self._ready.clear()
                 logger.warning("expiry watcher failed (%s), restarting in %.1fs", e, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RESTART_MAX)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the watch is subscribed now (every timer write from here on is seen)."""
+        return self._ready.is_set() and self._task is not None
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -289,13 +289,26 @@ class Bucket:
         After a delete or an expiry the key's last message is a marker, so a
         plain "expect revision 0" fails: retry against the marker's revision.
         """
+        revision, _ = await self.insert(key, value, ttl=ttl)
+        return revision
+
+    async def insert(self, key: str, value: bytes, *, ttl: float | None = None
+                     ) -> tuple[int, bool]:
+        """:meth:`create`, also telling whether the key held anything before.
+
+        Returns the revision and ``replaced``: False when the key's subject
+        held no message at all (never written, or its last marker expired
+        too), True when it held a delete or expiry marker. Known without an
+        extra round trip: only a replacement needs the retry.
+        """
         try:
-            return await self.update(key, value, last=0, ttl=ttl)
+            return await self.update(key, value, last=0, ttl=ttl), False
         except KeyConflict:
             head = await self.head(key)
             if head is not None and head.op is KVOp.PUT:
                 raise
-            return await self.update(key, value, last=head.revision if head else 0, ttl=ttl)
+            last = head.revision if head else 0
+            return await self.update(key, value, last=last, ttl=ttl), True
 
     async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None) -> int:
         """Place a delete marker (only at revision ``last`` if given); return its revision.

@@ -12,12 +12,8 @@ written with a TTL of ``settings.envelope_max_age`` so records do not pile up
 after their history is gone.
 
 Idle expiry is a separate key, ``names.session_timer_key(sid)``, written with
-a per-key TTL on open and refreshed on activity (send, touch). Refreshes are
-rate-limited per bus: the timer is written with ``ttl * 1.25`` (whole seconds,
-rounded up) and refreshed only once that slack is used up, so a busy session
-writes its timer at most about once per ``ttl / 4`` while a session never
-expires less than ``ttl`` after its last activity (and normally within
-``ttl * 1.25``, plus up to a second of rounding).
+a per-key TTL on open and refreshed on activity (send, touch), rate-limited
+per bus; :mod:`sessionbus.bus._timers` writes it (``lifecycle.timers``).
 
 When a timer runs out the server writes a marker; the :class:`ExpiryWatcher`
 (a watch on the timer keys) turns it into EXPIRED. **Who must run it:** any
@@ -37,19 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._expiry import ExpiryWatcher
 from sessionbus.bus._feeds import Feed
 from sessionbus.bus._states import SessionStates
+from sessionbus.bus._timers import IdleTimers
 from sessionbus.bus.errors import (
-    BusError,
     ConcurrentUpdate,
     ConfigError,
     DecodeError,
@@ -81,13 +75,8 @@ logger = logging.getLogger(__name__)
 IDLE_REASON = "idle"
 #: Compare-and-set attempts on a session record before ConcurrentUpdate.
 MAX_CAS_ATTEMPTS = 25
-#: Sessions whose last timer write each bus remembers (for rate limiting).
-TIMER_CACHE_SIZE = 100_000
 #: Terminal tasks kept in a record; older ones are dropped (open ones never).
 MAX_TERMINAL_TASKS = 256
-#: The idle timer outlives the TTL by this fraction, which is what lets a
-#: busy session skip refreshes.
-TIMER_SLACK = 0.25
 #: A record older than this with no idle timer is expired when read.
 _IDLE_GRACE = 2.0
 _TASK_NS = uuid.UUID("0b5e8d7e-2f55-4a4e-8f0e-7f5d1c9b3a20")
@@ -96,11 +85,6 @@ _TASK_NS = uuid.UUID("0b5e8d7e-2f55-4a4e-8f0e-7f5d1c9b3a20")
 def task_id_for(envelope_id: str, agent: str) -> str:
     """The task id of ``agent``'s turn on ``envelope_id``: a redelivery finds the same task."""
     return uuid.uuid5(_TASK_NS, f"{envelope_id}\x00{agent}").hex
-
-
-def timer_seconds(ttl: float) -> int:
-    """The whole-second TTL an idle timer of ``ttl`` is written with."""
-    return max(1, math.ceil(ttl * (1.0 + TIMER_SLACK)))
 
 
 def _prune_tasks(tasks: dict[str, TaskInfo]) -> dict[str, TaskInfo]:
@@ -124,7 +108,8 @@ class Lifecycle:
         self._bus = bus
         #: What this process knows about each session (see :mod:`sessionbus.bus._states`).
         self.states = SessionStates(bus)
-        self._timers: OrderedDict[str, float] = OrderedDict()
+        #: This bus's idle-timer writes (see :mod:`sessionbus.bus._timers`).
+        self.timers = IdleTimers(bus)
         self._watcher: ExpiryWatcher | None = None
         self._feeds: set[Feed[Any]] = set()
 
@@ -142,6 +127,7 @@ class Lifecycle:
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
+        self.timers.stop()
         await self.states.stop()
 
     def adopt(self, feed: Feed[Any]) -> None:
@@ -155,7 +141,8 @@ class Lifecycle:
     async def start_expiry_watcher(self) -> None:
         """Run the expiry watcher on this bus (idempotent); it stops with the bus."""
         if self._watcher is None:
-            self._watcher = ExpiryWatcher(bus=self._bus, expire=self.expire_idle)
+            self._watcher = ExpiryWatcher(bus=self._bus, expire=self.expire_idle,
+                                          seen=self.timers.seen)
             await self._watcher.start()
 
     @property
@@ -170,17 +157,51 @@ class Lifecycle:
 
     # -- records ------------------------------------------------------------
 
+    async def open(self, meta: SessionMetadata) -> None:
+        """Store a new session's record and, if it has an idle TTL, its timer.
+
+        One acknowledged write: the timer goes out just before the record and
+        is confirmed by this bus's expiry watcher (see :mod:`sessionbus.bus._timers`).
+        The record is still a compare-and-set create: :class:`SessionExists`
+        if the id is taken (the timer then only pushed back the taken
+        session's idle timer, as a send would).
+        """
+        ttl = meta.ttl_seconds
+        if ttl is None:
+            await self.create(meta)
+            return
+        # Someone must turn this session's timer marker into EXPIRED.
+        await self.start_expiry_watcher()
+        watcher = self._watcher
+        if self.timers.can_skip_ack(watching=watcher is not None and watcher.ready):
+            await self.timers.write_unacked(meta.session_id, ttl)
+            await self.create(meta)
+            return
+        results = await asyncio.gather(
+            self.create(meta), self.timers.refresh(meta.session_id, ttl, force=True),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def create(self, meta: SessionMetadata) -> None:
         """Store a new record; :class:`SessionExists` if the id is taken."""
         key = self._bus.names.session_key(meta.session_id)
         try:
             with nats_errors(f"creating session {meta.session_id!r}"):
-                revision = await self._bus.sessions_kv.create(key, encode(meta))
+                revision, replaced = await self._bus.sessions_kv.insert(key, encode(meta))
         except KeyConflict as e:
             raise SessionExists(meta.session_id) from e
-        # The id may have been used before (its old record expired): processes
-        # that knew it ended must read it again.
-        await self.states.announce_opened(meta, revision)
+        if replaced:
+            # The id was used before (its old record was removed or expired):
+            # processes that knew it ended must read it again.
+            await self.states.announce_opened(meta, revision)
+        else:
+            # Nothing was stored under the id: a process may only know it ended
+            # from a terminal record old enough to have expired, and such
+            # knowledge is not trusted (see SessionStates.meta).
+            self.states.note(meta, revision)
 
     async def load(self, session_id: str) -> SessionMetadata | None:
         """The stored record, or None."""
@@ -290,30 +311,12 @@ class Lifecycle:
         meta, revision, won = await self._modify(session_id, change, from_known=True)
         if not won:
             return meta, False
-        self._timers.pop(session_id, None)
+        self.timers.forget(session_id)
         # Announce first: the broadcast is what every node waits for.
         await self.states.announce_closed(meta, revision)
         if not idle and meta.ttl_seconds is not None:
-            await self._drop_timer(session_id)
+            await self.timers.drop(session_id)
         return meta, True
-
-    async def _drop_timer(self, session_id: str) -> None:
-        """Delete a closed session's idle timer without waiting for the ack.
-
-        Housekeeping only: a timer that survives (lost write, lost server)
-        expires later into a no-op, since the record is already terminal.
-        The delete marker itself goes away after a minute.
-        """
-        kv = self._bus.sessions_kv
-        headers = {"KV-Operation": "DEL", "Nats-TTL": "60"}
-        try:
-            with nats_errors(f"deleting the timer of {session_id!r}"):
-                await self._bus.nc.publish(
-                    kv.subject(self._bus.names.session_timer_key(session_id)), b"",
-                    headers=headers,
-                )
-        except BusError as e:
-            logger.warning("could not delete the idle timer of %r: %s", session_id, e)
 
     async def expire_idle(self, session_id: str) -> bool:
         """Expire a session whose idle timer ran out, unless it was refreshed since."""
@@ -365,26 +368,7 @@ class Lifecycle:
 
     async def refresh_timer(self, session_id: str, ttl: float, *, force: bool = False) -> bool:
         """Push back the idle timer, unless its slack still covers ``ttl``; True if written."""
-        seconds = timer_seconds(ttl)
-        now = time.monotonic()
-        last = self._timers.get(session_id)
-        if not force and last is not None and now - last < seconds - ttl:
-            return False
-        # Claim the refresh before awaiting, so a burst of sends writes once.
-        self._timers[session_id] = now
-        self._timers.move_to_end(session_id)
-        if len(self._timers) > TIMER_CACHE_SIZE:
-            self._timers.popitem(last=False)
-        try:
-            with nats_errors(f"refreshing the timer of {session_id!r}"):
-                await self._bus.sessions_kv.put(
-                    self._bus.names.session_timer_key(session_id), b"", ttl=seconds
-                )
-        except BaseException:
-            if self._timers.get(session_id) == now:
-                del self._timers[session_id]
-            raise
-        return True
+        return await self.timers.refresh(session_id, ttl, force=force)
 
     # -- tasks ----------------------------------------------------------------
 

@@ -12,8 +12,13 @@ The session record in KV is the authority. Broadcasts are *hints*:
   again (only for a session it knows or someone waits on); nothing is
   marked closed, and nothing dropped, unless the record says so. A forged
   hint costs one read and changes nothing;
-* an open hint on ``names.opened(sid)`` (published whenever a record is
-  created or replaced) drops what is known, so a reopened id is read afresh;
+* an open hint on ``names.opened(sid)`` drops what is known, so a reopened
+  id is read afresh. It is published when a record replaces an earlier one
+  (the marker a delete or an expiry left) or is removed, not when an id is
+  used for the first time: nobody can know anything of it then, except a
+  process that saw it end so long ago that its terminal record expired
+  (``settings.envelope_max_age``) and the marker after it too; that
+  knowledge is not trusted past ``envelope_max_age`` (a read settles it);
 * a disconnect or reconnect makes everything known *stale*: it is read
   again the next time it matters, because hints may have been missed.
 
@@ -166,12 +171,28 @@ class SessionStates:
         known = self._known.get(session_id)
         if known is None or known.generation != self._generation:
             return None
-        return known
+        return self._trusted(known)
 
     def meta(self, session_id: str) -> SessionMetadata | None:
         """The record as last seen (without tasks), None if unknown or missing."""
-        known = self._known.get(session_id)
+        known = self._trusted(self._known.get(session_id))
         return None if known is None else known.meta
+
+    def _trusted(self, known: Known | None) -> Known | None:
+        """``known``, unless it is an end so old that the id may be in use again unheard.
+
+        A terminal record lives ``envelope_max_age`` and its marker a minute
+        more; only then can the id be created again without an open hint
+        (see the module doc). Such knowledge is forgotten, to be read afresh.
+        """
+        if known is None or known.meta is None or not known.meta.state.is_terminal:
+            return known
+        ended = known.meta.closed_at or known.meta.updated_at
+        if time.time() - ended < self._bus.settings.envelope_max_age:
+            return known
+        if self._known.get(known.session_id) is known:
+            del self._known[known.session_id]
+        return None
 
     def stale(self) -> None:
         """Hints may have been missed (disconnect, reconnect): re-read before trusting."""
@@ -357,14 +378,25 @@ class SessionStates:
                          meta.session_id, meta.state.value, e)
 
     async def announce_opened(self, meta: SessionMetadata, revision: int) -> None:
-        """Note a record this process created (or replaced), then hint every process."""
+        """Note a record this process wrote over an earlier one, then hint every process."""
         self.note(meta, revision)
+        await self._hint_opened(meta.session_id)
+
+    async def announce_removed(self, session_id: str) -> None:
+        """Forget a record this process removed, then hint every process to forget it.
+
+        Once its marker is gone the id can be created again without a hint.
+        """
+        self.forget(session_id)
+        await self._hint_opened(session_id)
+
+    async def _hint_opened(self, session_id: str) -> None:
         try:
-            with nats_errors(f"broadcasting the open of {meta.session_id!r}"):
-                await self._bus.nc.publish(self._bus.names.opened(meta.session_id),
+            with nats_errors(f"broadcasting the open of {session_id!r}"):
+                await self._bus.nc.publish(self._bus.names.opened(session_id),
                                            self._bus.node_id.encode())
         except BusError as e:
-            logger.warning("the open hint of %r failed: %s", meta.session_id, e)
+            logger.warning("the open hint of %r failed: %s", session_id, e)
 
     def _session_of(self, msg: Msg) -> str | None:
         parts = msg.subject.split(".")

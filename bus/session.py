@@ -22,7 +22,6 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -146,23 +145,8 @@ async def open_session(
         created_at=now, updated_at=now, ttl_seconds=ttl_s, max_depth=depth_limit,
         metadata=dict(metadata or {}),
     )
-    lifecycle = bus.lifecycle
-    if ttl_s is None:
-        await lifecycle.create(meta)
-    else:
-        # Someone must turn this session's timer marker into EXPIRED.
-        await lifecycle.start_expiry_watcher()
-        # The record and its idle timer travel together: one round trip, not
-        # two. The record is still a compare-and-set create (SessionExists if
-        # the id is taken, which then only pushes back the taken session's
-        # idle timer, as a send would).
-        results = await asyncio.gather(
-            lifecycle.create(meta), lifecycle.refresh_timer(session_id, ttl_s, force=True),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+    # The record (a compare-and-set create) and its idle timer, in one round trip.
+    await bus.lifecycle.open(meta)
     return Session(bus=bus, metadata=meta, participant=participant)
 
 

@@ -371,6 +371,8 @@ class SessionStore:
         )
         for key in (names.session_key(session_id), names.session_timer_key(session_id)):
             await bus.sessions_kv.delete(key, ttl=_MARKER_TTL)
+        # Once the marker is gone the id is created again without an open hint.
+        await bus.lifecycle.states.announce_removed(session_id)
         await (await self._uses()).delete(encode_token(session_id), ttl=_MARKER_TTL)
         logger.info("evicted session %r and its history", session_id)
 

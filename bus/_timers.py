@@ -1,0 +1,198 @@
+"""Idle timers: one key per session whose per-key TTL runs out when the session idles.
+
+A session with an idle TTL has a timer key, ``names.session_timer_key(sid)``,
+in the sessions bucket, written with a per-key TTL on open and refreshed on
+activity (send, touch). When it runs out the server writes a marker and the
+expiry watcher (:mod:`sessionbus.bus._expiry`) turns it into EXPIRED.
+
+Refreshes are rate-limited per bus: the timer is written with ``ttl * 1.25``
+(whole seconds, rounded up) and refreshed only once that slack is used up,
+so a busy session writes its timer at most about once per ``ttl / 4`` while
+a session never expires less than ``ttl`` after its last activity (and
+normally within ``ttl * 1.25``, plus up to a second of rounding).
+
+**The timer written at open is not acknowledged on its own.** It is
+published just before the record's compare-and-set create, on the same
+connection, so the open costs one acknowledged write rather than two. What
+makes it as safe as an acknowledged write is the expiry watcher the opening
+bus runs: it sees every timer write the bucket stores, and each timer sent
+this way is *confirmed* when the watcher sees it. One not confirmed within
+:data:`CONFIRM_WITHIN` seconds (rejected, or lost in a leader change) is
+written again, acknowledged. This path is only taken once an acknowledged
+timer write has succeeded on this bus (the bucket takes per-key TTLs) and
+while the watcher is subscribed; otherwise the open waits for both acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from sessionbus.bus.errors import BusError, nats_errors
+
+if TYPE_CHECKING:
+    from sessionbus.bus.core import SessionBus
+
+__all__ = ["CONFIRM_WITHIN", "TIMER_SLACK", "IdleTimers", "timer_seconds"]
+
+logger = logging.getLogger(__name__)
+
+#: The idle timer outlives the TTL by this fraction, which is what lets a
+#: busy session skip refreshes.
+TIMER_SLACK = 0.25
+#: Sessions whose last timer write each bus remembers (for rate limiting).
+TIMER_CACHE_SIZE = 100_000
+#: Seconds a timer written without its ack may go unseen by the watcher
+#: before it is written again, acknowledged.
+CONFIRM_WITHIN = 2.0
+_TTL = "Nats-TTL"
+
+
+def timer_seconds(ttl: float) -> int:
+    """The whole-second TTL an idle timer of ``ttl`` is written with."""
+    return max(1, math.ceil(ttl * (1.0 + TIMER_SLACK)))
+
+
+class IdleTimers:
+    """One bus's idle-timer writes: refreshes, unacknowledged open writes and their repair."""
+
+    def __init__(self, bus: SessionBus) -> None:
+        self._bus = bus
+        self._written: OrderedDict[str, float] = OrderedDict()
+        #: Timer key -> (session id, ttl, when sent), in the order sent.
+        self._unconfirmed: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._repairs: set[asyncio.Task[None]] = set()
+        self._acked_once = False
+        #: Seconds an unacknowledged timer may go unseen before it is written again.
+        self.confirm_within = CONFIRM_WITHIN
+        self.confirmed = 0
+        """Timers written without their ack that the watcher saw."""
+        self.repaired = 0
+        """Timers written again because the watcher did not see them in time."""
+
+    @property
+    def unconfirmed(self) -> int:
+        """Timers written without their ack and not seen by the watcher yet."""
+        return len(self._unconfirmed)
+
+    def stop(self) -> None:
+        """Cancel the pending repairs (the bus is closing)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for task in self._repairs:
+            task.cancel()
+        self._unconfirmed.clear()
+
+    def _claim(self, session_id: str, now: float) -> None:
+        self._written[session_id] = now
+        self._written.move_to_end(session_id)
+        if len(self._written) > TIMER_CACHE_SIZE:
+            self._written.popitem(last=False)
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: no refresh is due, nor any repair of its timer."""
+        self._written.pop(session_id, None)
+        self._unconfirmed.pop(self._bus.names.session_timer_key(session_id), None)
+
+    async def refresh(self, session_id: str, ttl: float, *, force: bool = False) -> bool:
+        """Push back the idle timer, unless its slack still covers ``ttl``; True if written."""
+        seconds = timer_seconds(ttl)
+        now = time.monotonic()
+        last = self._written.get(session_id)
+        if not force and last is not None and now - last < seconds - ttl:
+            return False
+        # Claim the refresh before awaiting, so a burst of sends writes once.
+        self._claim(session_id, now)
+        try:
+            with nats_errors(f"refreshing the timer of {session_id!r}"):
+                await self._bus.sessions_kv.put(
+                    self._bus.names.session_timer_key(session_id), b"", ttl=seconds
+                )
+        except BaseException:
+            if self._written.get(session_id) == now:
+                del self._written[session_id]
+            raise
+        self._acked_once = True
+        return True
+
+    def can_skip_ack(self, *, watching: bool) -> bool:
+        """Whether an open may write its timer without waiting for its ack."""
+        return self._acked_once and watching
+
+    async def write_unacked(self, session_id: str, ttl: float) -> None:
+        """Publish the timer without a reply; the watcher confirms it (see the module doc)."""
+        key = self._bus.names.session_timer_key(session_id)
+        now = time.monotonic()
+        self._claim(session_id, now)
+        self._unconfirmed[key] = (session_id, ttl, now)
+        self._unconfirmed.move_to_end(key)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.confirm_within,
+                                                                self._check)
+        try:
+            with nats_errors(f"writing the timer of {session_id!r}"):
+                await self._publish(key, timer_seconds(ttl))
+        except BaseException:
+            self._unconfirmed.pop(key, None)
+            raise
+
+    async def _publish(self, key: str, seconds: int) -> None:
+        await self._bus.nc.publish(self._bus.sessions_kv.subject(key), b"",
+                                   headers={_TTL: str(seconds)})
+
+    def seen(self, key: str) -> None:
+        """The expiry watcher saw a write of timer ``key``."""
+        if self._unconfirmed.pop(key, None) is not None:
+            self.confirmed += 1
+
+    def _check(self) -> None:
+        """Write again, acknowledged, every timer the watcher has not seen in time."""
+        self._sweep = None
+        now = time.monotonic()
+        while self._unconfirmed:
+            key, (session_id, ttl, sent) = next(iter(self._unconfirmed.items()))
+            if now - sent < self.confirm_within:
+                self._sweep = asyncio.get_running_loop().call_later(
+                    self.confirm_within - (now - sent), self._check)
+                return
+            del self._unconfirmed[key]
+            self.repaired += 1
+            task = asyncio.get_running_loop().create_task(self._repair(session_id, ttl))
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, session_id: str, ttl: float) -> None:
+        logger.debug("the timer of %r was not seen stored: writing it again", session_id)
+        try:
+            await self.refresh(session_id, ttl, force=True)
+        except BusError as e:
+            logger.error("session %r may not expire when idle: its timer write failed: %s",
+                         session_id, e)
+
+    async def drop(self, session_id: str) -> None:
+        """Delete a closed session's idle timer without waiting for the ack.
+
+        Housekeeping only: a timer that survives (lost write, lost server)
+        expires later into a no-op, since the record is already terminal.
+        The delete marker itself goes away after a minute.
+        """
+        kv = self._bus.sessions_kv
+        headers = {"KV-Operation": "DEL", _TTL: "60"}
+        try:
+            with nats_errors(f"deleting the timer of {session_id!r}"):
+                await self._bus.nc.publish(
+                    kv.subject(self._bus.names.session_timer_key(session_id)), b"",
+                    headers=headers,
+                )
+        except BusError as e:
+            logger.warning("could not delete the idle timer of %r: %s", session_id, e)
+
+    def __repr__(self) -> str:
+        return (f"<IdleTimers written={len(self._written)} unconfirmed={len(self._unconfirmed)}"
+                f" repaired={self.repaired}>")

@@ -1,0 +1,153 @@
+"""Opening a session in one acknowledged write: the compare-and-set, the idle timer, the hint.
+
+The idle timer is written without waiting for its own ack and confirmed by
+the opening bus's expiry watcher; the open hint goes out only when the
+record replaced an earlier one. These tests hold the guarantees that must
+survive that: a taken id is refused, the session expires when idle (also
+when its timer write was lost), and another process that saw the id end
+notices it opened again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from sessionbus.bus import ClosedEvent, SessionBus
+from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import SessionExists, SessionNotFound, SessionTerminated
+from sessionbus.schemas import SessionState
+
+from sessionbus.testing import BusFactory
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def heard_everything_before(publisher: SessionBus, listener: SessionBus) -> None:
+    """Return once ``listener`` got every hint ``publisher`` sent before this call.
+
+    A probe published after them on the same connection, to subjects the
+    listener holds on one connection, arrives after them.
+    """
+    probe = f"probe-{time.monotonic_ns()}"
+    before = listener.lifecycle.states.hints
+    wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
+    await publisher.nc.publish(publisher.names.closed(probe), wire)
+    await until(lambda: listener.lifecycle.states.hints > before, "the probe")
+
+
+async def opened_unacked(bus: SessionBus, session_id: str, *, ttl: float) -> None:
+    """Open ``session_id`` on the path that does not wait for the timer's ack."""
+    timers = bus.lifecycle.timers
+    if not timers.can_skip_ack(watching=True):
+        await bus.open(f"{session_id}-first", ttl=600)  # the first timer write is acked
+    sent = timers.confirmed + timers.unconfirmed
+    await bus.open(session_id, ttl=ttl)
+    assert timers.confirmed + timers.unconfirmed == sent + 1
+
+
+async def test_a_taken_id_is_refused_and_left_as_it_was(bus: SessionBus) -> None:
+    await opened_unacked(bus, "taken", ttl=600)
+    original = await bus.session("taken").info()
+    with pytest.raises(SessionExists):
+        await bus.open("taken", ttl=30, metadata={"second": True})
+    await bus.session("taken").close("done")
+    with pytest.raises(SessionExists):  # a closed record still holds the id
+        await bus.open("taken", ttl=30)
+    stored = await bus.session("taken").info()
+    assert stored.created_at == original.created_at and stored.metadata == {}
+    assert stored.state is SessionState.CLOSED
+
+
+async def test_a_session_opened_without_the_timer_ack_expires_when_idle(
+    bus: SessionBus,
+) -> None:
+    started = time.monotonic()
+    await opened_unacked(bus, "quick", ttl=0.5)
+    timers = bus.lifecycle.timers
+    await until(lambda: timers.unconfirmed == 0, "the watcher to see the timer")
+    assert timers.repaired == 0
+    event = await asyncio.wait_for(bus.session("quick").wait_closed(), 10)
+    assert event.state is SessionState.EXPIRED and event.reason == "idle"
+    assert time.monotonic() - started >= 0.5
+
+
+async def test_a_timer_write_that_was_lost_is_written_again(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timers = bus.lifecycle.timers
+    await bus.open("first", ttl=600)
+    timers.confirm_within = 0.3
+
+    async def lost(key: str, seconds: int) -> None:
+        return None  # as if the server had dropped it (a leader change, say)
+
+    monkeypatch.setattr(timers, "_publish", lost)
+    await bus.open("unlucky", ttl=1)
+    assert timers.unconfirmed == 1
+    timer_key = bus.names.session_timer_key("unlucky")
+    assert await bus.sessions_kv.get(timer_key) is None
+    await until(lambda: timers.repaired == 1 and timers.unconfirmed == 0, "the repair")
+    event = await asyncio.wait_for(bus.session("unlucky").wait_closed(), 10)
+    assert event.state is SessionState.EXPIRED and event.reason == "idle"
+
+
+async def test_a_first_use_of_an_id_sends_no_open_hint(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    await heard_everything_before(bus, other)
+    before = other.lifecycle.states.hints
+    await bus.open("brand-new", ttl=None)
+    await opened_unacked(bus, "brand-new-too", ttl=600)
+    await heard_everything_before(bus, other)
+    assert other.lifecycle.states.hints == before + 1  # the probe alone
+
+
+async def test_an_id_opened_again_is_noticed_by_a_bus_that_saw_it_end(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    await opened_unacked(bus, "again", ttl=600)
+    await bus.session("again").close("first life")
+    assert (await other.session("again").info()).state is SessionState.CLOSED
+    with pytest.raises(SessionTerminated):  # known ended: refused without a read
+        await other.session("again").send("too early")
+    # The record goes (as the session store evicts it, or as it expires) and
+    # the id is opened again over the marker it left.
+    await bus.sessions_kv.delete(bus.names.session_key("again"))
+    hints = other.lifecycle.states.hints
+    await bus.open("again", ttl=600)
+    await until(lambda: other.lifecycle.states.hints > hints, "the open hint")
+    assert not other.session("again").is_terminal()
+    await other.session("again").send("second life")
+
+
+async def test_an_end_older_than_the_record_lifetime_is_read_again(
+    bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    # The terminal record lives envelope_max_age; after that (and its marker)
+    # the id can be created with no hint, so the end is not trusted longer.
+    sb = await bus_factory(nats_server.url, envelope_max_age=1.0, duplicate_window=1.0)
+    await sb.open("short-lived", ttl=None)
+    await sb.session("short-lived").close("done")
+    ended = time.time()
+    assert sb.session("short-lived").is_terminal()
+    assert sb.lifecycle.states.fresh("short-lived") is not None
+    await until(lambda: not sb.session("short-lived").is_terminal(), "the end to age out",
+                within=5)
+    assert time.time() - ended >= 1.0
+    assert sb.lifecycle.states.fresh("short-lived") is None
+    try:  # read again: the record decides
+        info = await sb.session("short-lived").info()
+    except SessionNotFound:
+        return  # expired already, as it may at one second
+    assert info.state is SessionState.CLOSED
