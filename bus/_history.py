@@ -36,7 +36,7 @@ from nats.js import JetStreamContext, api
 from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
-from sessionbus.bus._reads import direct_get_range
+from sessionbus.bus._seqread import read_range
 from sessionbus.bus.errors import ConnectionFailed, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, decode
 
@@ -107,13 +107,23 @@ async def read_history(
     """``(stream sequence, envelope)`` of the session with ``after < seq <= up_to``, in order.
 
     Everything stored, expired envelopes included (readers filter them at
-    the time they read); undecodable ones are logged and left out. Direct
-    Get batches: any replica answers, no consumer is created.
+    the time they read); undecodable ones are logged and left out. Each
+    envelope is decoded as it arrives (see ``bus/_seqread.py`` for the
+    server paths: Direct Get, then a short-lived consumer for a long read).
     """
+
+    def convert(seq: int, data: bytes) -> Envelope | None:
+        try:
+            return decode(data, Envelope)
+        except DecodeError as e:
+            logger.warning("skipping an undecodable envelope of %r at stream sequence %d: %s",
+                           session_id, seq, e)
+            return None
+
     with nats_errors(f"reading the history of {session_id!r}"):
         try:
-            found = await direct_get_range(
-                bus.nc, stream=bus.names.envelope_stream,
+            found = await read_range(
+                bus.nc, convert, stream=bus.names.envelope_stream,
                 subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
                 api_prefix=bus.api_prefix,
             )
@@ -121,16 +131,8 @@ async def read_history(
             if e.code == 503:
                 raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
             raise
-    out: list[tuple[int, Envelope]] = []
-    remember = bus.lifecycle.remember
-    for stored in found:
-        try:
-            envelope = decode(stored.data, Envelope)
-        except DecodeError as e:
-            logger.warning("skipping an undecodable envelope on %s: %s", stored.subject, e)
-            continue
-        remember(envelope)
-        out.append((stored.seq, envelope))
+    out = [(seq, envelope) for seq, envelope in found if envelope is not None]
+    bus.lifecycle.remember_all(envelope for _, envelope in out)
     return out
 
 

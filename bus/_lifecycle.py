@@ -36,7 +36,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._expiry import ExpiryWatcher
@@ -419,6 +419,10 @@ class Lifecycle:
     def remember(self, envelope: Envelope) -> None:
         """Note an envelope's depth, so replies to it need no history scan."""
         self.states.remember(envelope)
+
+    def remember_all(self, envelopes: Iterable[Envelope]) -> None:
+        """Note the depth of each of ``envelopes`` (one call for a history read)."""
+        self.states.remember_all(envelopes)
 
     def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
         """Note the depth of ``envelope_id`` in ``session_id``."""

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -502,6 +502,17 @@ class SessionStates:
     def remember(self, envelope: Envelope) -> None:
         """Note an envelope's depth, so replies to it need no history scan."""
         self.remember_depth(envelope.session_id, envelope.envelope_id, envelope.depth)
+
+    def remember_all(self, envelopes: Iterable[Envelope]) -> None:
+        """:meth:`remember` each of ``envelopes`` in turn (one call for a history read)."""
+        depths = self._depths
+        move = depths.move_to_end
+        for envelope in envelopes:
+            key = envelope.envelope_id
+            depths[key] = (envelope.session_id, envelope.depth)
+            move(key)
+        while len(depths) > DEPTH_SIZE:
+            depths.popitem(last=False)
 
     def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
         """Note the depth of ``envelope_id`` in ``session_id``."""

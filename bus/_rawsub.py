@@ -1,0 +1,208 @@
+"""Inbox subscriptions that take deliveries as raw bytes, for bulk reads.
+
+nats-py turns every delivery into a :class:`nats.aio.msg.Msg`: it parses
+the header block into a dict, decodes subject and reply, and queues the
+message through an ``asyncio.Queue``; that is most of the client's time
+per message on a read of thousands (a history of 1,000 envelopes). A
+bulk reader needs none of it: the stream sequence is in the reply
+subject (a consumer's delivery) or one header (a Direct Get reply), and
+the body is decoded by the caller anyway.
+
+:class:`RawInbox` subscribes to a fresh inbox through nats-py (so the
+subscription is registered, resubscribed on reconnect and unsubscribed
+as usual) and routes that subscription's deliveries, before nats-py
+builds anything, to a plain list of ``(reply, data, headers)`` bytes.
+The route is an attribute on the one client instance, put in place while
+at least one raw inbox is open and removed with the last: a connection
+with no bulk read under way runs nats-py's own code unchanged.
+
+Server status messages (an empty body and a ``NATS/1.0 <code>`` header
+line) end a request: :meth:`RawInbox.wait` returns when one arrives, or
+when ``want`` messages have, and skips idle heartbeats (100).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from sessionbus.bus.errors import BusTimeout
+
+__all__ = ["RawInbox", "header_value"]
+
+#: A status message's header block starts so (then the code, 3 digits).
+_STATUS_LINE = b"NATS/1.0 "
+_ROUTES = "_sessionbus_raw_routes"
+
+Deliver = Callable[[bytes, bytes, bytes | None], None]
+ProcessMsg = Callable[..., Awaitable[None]]
+
+
+def header_value(headers: bytes, name: bytes) -> bytes | None:
+    """The raw value of header ``name`` (as ``b"\\r\\nName:"``) in a header block, or None.
+
+    Exact-case match of the name, the value stripped of spaces and tabs:
+    what the bus's own readers need from the headers the server writes.
+    """
+    start = headers.find(name)
+    if start < 0:
+        return None
+    start += len(name)
+    end = headers.find(b"\r\n", start)
+    return headers[start:end if end >= 0 else None].strip(b" \t")
+
+
+def _routes(nc: Client) -> dict[int, Deliver]:
+    """The client's raw routes by subscription id, putting the route in place if needed."""
+    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
+    if routes is not None:
+        return routes
+    found: dict[int, Deliver] = {}
+    original: ProcessMsg = nc._process_msg
+    stats = nc.stats
+
+    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes,
+                          headers: bytes | None) -> None:
+        deliver = found.get(sid)
+        if deliver is None:
+            await original(sid, subject, reply, data, headers)
+            return
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        deliver(reply, data, headers)
+
+    nc.__dict__[_ROUTES] = found
+    nc._process_msg = process_msg  # type: ignore[method-assign]
+    return found
+
+
+def _unroute(nc: Client, sid: int) -> None:
+    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
+    if routes is None:
+        return
+    routes.pop(sid, None)
+    if not routes:
+        # Back to nats-py's own method for every delivery.
+        del nc.__dict__[_ROUTES]
+        nc.__dict__.pop("_process_msg", None)
+
+
+class RawInbox:
+    """A subscription on a fresh inbox handing each delivery's raw bytes to a handler.
+
+    Use as ``async with await RawInbox.open(nc) as inbox``: set
+    :attr:`on_msg`, send requests with ``reply=inbox.subject``, then
+    :meth:`wait` for each answer. ``on_msg(reply, data, headers)`` runs in
+    the client's read loop for every data message, in arrival order; it
+    returns True when the reader has all it waits for (that ends the
+    :meth:`wait`). Should it raise, the error ends the wait and is raised
+    there.
+    """
+
+    __slots__ = ("_done", "_error", "_flow", "_nc", "_received", "_satisfied", "_sid",
+                 "_status", "_sub", "on_msg", "subject")
+
+    def __init__(self, nc: Client, sub: Any) -> None:
+        self._nc = nc
+        self._sub = sub
+        self.subject: str = sub.subject
+        self._sid: int = sub._id
+        self.on_msg: Callable[[bytes, bytes, bytes | None], bool] = _ignore
+        self._received = 0
+        self._satisfied = False
+        self._status: tuple[int, bytes] | None = None
+        self._error: BaseException | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._flow: list[str] = []
+
+    @classmethod
+    async def open(cls, nc: Client) -> RawInbox:
+        """Subscribe to a fresh inbox of ``nc`` and route its deliveries here."""
+        sub = await nc.subscribe(nc.new_inbox())
+        inbox = cls(nc, sub)
+        _routes(nc)[inbox._sid] = inbox._deliver
+        return inbox
+
+    async def __aenter__(self) -> RawInbox:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Unsubscribe and stop routing (idempotent)."""
+        self.on_msg = _ignore
+        try:
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
+        finally:
+            _unroute(self._nc, self._sid)
+
+    def _wake(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _deliver(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if not data and headers is not None and headers.startswith(_STATUS_LINE):
+            code = headers[9:12]
+            if code == b"100":
+                # An idle heartbeat, or a push consumer's flow control request
+                # (the reply, or a stalled header, names where to answer).
+                to = reply or header_value(headers, b"\r\nNats-Consumer-Stalled:")
+                if to:
+                    self._flow.append(to.decode())
+                    self._wake()
+                return
+            if code.isdigit():
+                self._status = (int(code), headers)
+                self._wake()
+            return
+        self._received += 1
+        try:
+            if self.on_msg(reply, data, headers):
+                self._satisfied = True
+                self._wake()
+        except Exception as e:  # the reader's error, not the connection's
+            self._error = e
+            self.on_msg = _ignore
+            self._wake()
+
+    async def wait(self, what: str, *, idle: float) -> tuple[int, bytes] | None:
+        """Wait for a status, or until :attr:`on_msg` says it has all; returns the status or None.
+
+        Answers flow control requests meanwhile. BusTimeout, naming
+        ``what``, when ``idle`` seconds pass without a delivery. The status
+        (and the handler's "all") is consumed: the next :meth:`wait` waits
+        for a new one.
+        """
+        loop = asyncio.get_running_loop()
+        while self._status is None and not self._satisfied and self._error is None:
+            if self._flow:
+                flow, self._flow = self._flow, []
+                for subject in flow:
+                    await self._nc.publish(subject, b"")
+                continue
+            seen = self._received
+            self._done = loop.create_future()
+            try:
+                async with asyncio.timeout(idle):
+                    await self._done
+            except TimeoutError as e:
+                if self._received == seen:
+                    raise BusTimeout(f"no reply from {what} within {idle}s") from e
+            finally:
+                self._done = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        status, self._status = self._status, None
+        self._satisfied = False
+        return status
+
+
+def _ignore(reply: bytes, data: bytes, headers: bytes | None) -> bool:
+    return False

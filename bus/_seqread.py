@@ -1,0 +1,223 @@
+"""Reading the messages of one subject filter in a range of stream sequences, fast.
+
+What a session's history read needs: every message on the session's
+filter with ``after < seq <= up_to``, in stream order, as ``(seq, body)``.
+Two server paths, both into one :class:`~sessionbus.bus._rawsub.RawInbox`
+(no nats-py ``Msg`` per delivery, no header dict):
+
+* a Direct Get batch (``next_by_subj`` from a sequence): one request, no
+  consumer, answered by any replica. The first page is small; most reads
+  (a short session, the gap in front of a worker's cached history) end
+  there, in one round trip.
+* when the first page's end-of-batch status says more than
+  ``CONSUMER_PAST`` messages are still to come, an ephemeral push
+  consumer (no acks, flow controlled, in memory) delivers the rest from the
+  next sequence on: on nats-server 2.15 a consumer delivers about twice as
+  fast as Direct Get batches. It is created without a name (what a
+  client's permissions allow on the envelope stream) and the server drops
+  it ``_LINGER`` seconds after the read unsubscribes. Should the server
+  refuse it (the stream's consumer limit, a leader election), the read
+  goes on with Direct Get pages.
+
+Both end at ``up_to`` (what is stored after it is dropped unread), or,
+with no bound, at what was stored when the read got there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from nats.aio.client import Client
+from sessionbus.bus._jsapi import API_TIMEOUT, DEFAULT_API_PREFIX, JetStreamAPIError
+from sessionbus.bus._rawsub import RawInbox, header_value
+from sessionbus.bus.errors import BusTimeout
+
+__all__ = ["CONSUMER_PAST", "read_range"]
+
+T = TypeVar("T")
+
+_NS = 1_000_000_000
+#: Messages asked for by the first Direct Get page.
+FIRST_PAGE = 128
+#: Messages per later Direct Get page.
+PAGE = 2048
+#: Messages still to come, past the first page, above which a consumer delivers them.
+CONSUMER_PAST = 256
+#: Seconds the server keeps a history consumer after its reader unsubscribed.
+_LINGER = 2.0
+#: Flow control and idle heartbeat interval asked of a history consumer (seconds).
+_HEARTBEAT = 5.0
+
+_SEQ = b"\r\nNats-Sequence:"
+_PENDING = b"\r\nNats-Num-Pending:"
+_LAST = b"\r\nNats-Last-Sequence:"
+_DESCRIPTION_AT = 13  # after "NATS/1.0 NNN "
+
+
+def _description(headers: bytes) -> str:
+    line = headers[_DESCRIPTION_AT:].split(b"\r\n", 1)[0]
+    return line.decode("utf-8", "replace").strip()
+
+
+class _Range(Generic[T]):
+    """What one read collected: ``(seq, converted)`` in stream order, up to ``up_to``."""
+
+    __slots__ = ("convert", "done", "expected", "got", "out", "up_to")
+
+    def __init__(self, convert: Callable[[int, bytes], T], up_to: int | None) -> None:
+        self.convert = convert
+        self.up_to = up_to
+        self.out: list[tuple[int, T]] = []
+        self.done = False
+        self.got = 0
+        self.expected: int | None = None
+
+    def next_seq(self, seq: int) -> int:
+        """Where to read on from: past ``seq`` and past everything collected."""
+        return max(seq, self.out[-1][0] + 1) if self.out else seq
+
+    def on_direct(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One Direct Get reply: its sequence is in a header."""
+        found = header_value(headers or b"", _SEQ)
+        if found is None or self.done:
+            return self.done  # not a stored message: nothing the server sends here
+        seq = int(found)
+        if self.up_to is not None and seq > self.up_to:
+            self.done = True
+            return True
+        self.out.append((seq, self.convert(seq, data)))
+        return False
+
+    def on_pushed(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One consumer delivery: its sequence and what is pending are in the reply subject."""
+        if self.done:
+            return True
+        seq, pending = _stream_seq_and_pending(reply)
+        if self.up_to is not None and seq > self.up_to:
+            self.done = True
+            return True
+        self.out.append((seq, self.convert(seq, data)))
+        self.got += 1
+        if pending == 0 or (self.expected is not None and self.got >= self.expected):
+            self.done = True
+        return self.done
+
+
+async def read_range(
+    nc: Client,
+    convert: Callable[[int, bytes], T],
+    *,
+    stream: str,
+    subject_filter: str,
+    after: int = 0,
+    up_to: int | None = None,
+    api_prefix: str = DEFAULT_API_PREFIX,
+) -> list[tuple[int, T]]:
+    """``(seq, convert(seq, body))`` per message on ``subject_filter``, ``after < seq <= up_to``.
+
+    In stream order; ``up_to=None`` reads to the end. ``convert`` runs as
+    each message arrives (decoding overlaps the transfer); it must not
+    block, and what it raises ends the read. The stream needs
+    ``allow_direct``. Raises JetStreamAPIError on an error status (503
+    when no replica answers) and BusTimeout when nothing answers in time.
+    """
+    found = _Range(convert, up_to)
+    seq = after + 1
+    consumer_ok = True
+    while True:
+        async with await RawInbox.open(nc) as inbox:
+            start = await _direct_pages(nc, inbox, found, stream=stream,
+                                        subject_filter=subject_filter, seq=seq,
+                                        api_prefix=api_prefix, hand_over=consumer_ok)
+            if start is None:
+                return found.out
+            try:
+                await _consume(nc, inbox, found, stream=stream, subject_filter=subject_filter,
+                               start=start, api_prefix=api_prefix)
+                return found.out
+            except (JetStreamAPIError, BusTimeout):
+                # Read on with Direct Get (a fresh inbox) from where it stopped.
+                consumer_ok = False
+                found.done = False
+                seq = found.next_seq(start)
+
+
+async def _direct_pages(
+    nc: Client, inbox: RawInbox, found: _Range[T], *, stream: str, subject_filter: str,
+    seq: int, api_prefix: str, hand_over: bool,
+) -> int | None:
+    """Collect Direct Get pages from ``seq``; the sequence to hand over from, or None if done.
+
+    With ``hand_over``, stops after the first page when more than
+    ``CONSUMER_PAST`` messages are still to come, returning where the
+    rest starts.
+    """
+    subject = f"{api_prefix}.DIRECT.GET.{stream}"
+    up_to = found.up_to
+    inbox.on_msg = found.on_direct
+    page = FIRST_PAGE if hand_over else PAGE
+    while up_to is None or seq <= up_to:
+        batch = page if up_to is None else max(1, min(page, up_to - seq + 1))
+        page = PAGE
+        req = {"seq": seq, "next_by_subj": subject_filter, "batch": batch}
+        await nc.publish(subject, json.dumps(req).encode(), reply=inbox.subject)
+        status = await inbox.wait(subject, idle=API_TIMEOUT)
+        if found.done:
+            return None
+        assert status is not None  # the handler said nothing: a status ended the wait
+        code, eob = status
+        if code == 404:  # nothing (more) on the filter
+            return None
+        if code != 204:
+            raise JetStreamAPIError(code, 0, _description(eob) or subject)
+        pending = int(header_value(eob, _PENDING) or b"0")
+        if pending == 0:
+            return None
+        seq = int(header_value(eob, _LAST) or b"0") + 1
+        if hand_over and pending > CONSUMER_PAST and (up_to is None or seq <= up_to):
+            return seq
+    return None
+
+
+def _stream_seq_and_pending(reply: bytes) -> tuple[int, int]:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
+    # with <domain>.<account hash> after ACK and a trailing token.
+    tokens = reply.split(b".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
+
+
+async def _consume(
+    nc: Client, inbox: RawInbox, found: _Range[T], *, stream: str, subject_filter: str,
+    start: int, api_prefix: str,
+) -> None:
+    """Collect what an ephemeral push consumer from ``start`` delivers, to the end."""
+    config = {
+        "deliver_policy": "by_start_sequence", "opt_start_seq": start,
+        "ack_policy": "none", "filter_subject": subject_filter,
+        "deliver_subject": inbox.subject, "flow_control": True,
+        "idle_heartbeat": int(_HEARTBEAT * _NS), "mem_storage": True, "num_replicas": 1,
+        "inactive_threshold": int(_LINGER * _NS),
+    }
+    create = f"{api_prefix}.CONSUMER.CREATE.{stream}"
+    body = json.dumps({"stream_name": stream, "config": config}).encode()
+    inbox.on_msg = found.on_pushed
+    try:
+        reply = await nc.request(create, body, timeout=API_TIMEOUT)
+    except Exception as e:  # no responders, timeout: no consumer to read from
+        raise JetStreamAPIError(503, 0, f"{create}: {e!r}") from e
+    info = json.loads(reply.data)
+    err = info.get("error")
+    if err:
+        raise JetStreamAPIError(int(err.get("code", 0)), int(err.get("err_code", 0)),
+                                err.get("description", ""))
+    found.expected = int(info.get("num_pending", 0))
+    if found.got >= found.expected:
+        found.done = True
+    while not found.done:
+        status = await inbox.wait(create, idle=API_TIMEOUT)
+        if status is not None and not found.done:  # the consumer went away (409 deleted, ...)
+            raise JetStreamAPIError(status[0], 0, _description(status[1]) or create)

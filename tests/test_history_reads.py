@@ -1,0 +1,196 @@
+"""Reading a session's stored envelopes by stream sequence: exact on every server path.
+
+``read_history`` reads a first Direct Get page and hands a long rest to a
+short-lived push consumer (``bus/_seqread.py``). The page sizes and the
+hand-over point are lowered here so that a few dozen envelopes cross every
+path: the first page, the consumer, and Direct Get pages when the consumer
+is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import pytest
+from sessionbus.bus import SessionBus, _seqread
+from sessionbus.bus._history import read_history
+from sessionbus.bus._names import MSG_ID_HEADER
+from sessionbus.bus._seqread import read_range
+from sessionbus.schemas import Envelope, encode
+from sessionbus.workers import Turn, Worker
+from worker_proc import FAST
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """First page 4, later pages 8, a consumer past 6 still to come.
+
+    Returns how each consumer hand-over ended ("read" or the error's name).
+    """
+    monkeypatch.setattr(_seqread, "FIRST_PAGE", 4)
+    monkeypatch.setattr(_seqread, "PAGE", 8)
+    monkeypatch.setattr(_seqread, "CONSUMER_PAST", 6)
+    outcomes: list[str] = []
+    consume = _seqread._consume
+
+    async def watched(*args: Any, **kwargs: Any) -> None:
+        try:
+            await consume(*args, **kwargs)
+        except Exception as e:
+            outcomes.append(type(e).__name__)
+            raise
+        outcomes.append("read")
+
+    monkeypatch.setattr(_seqread, "_consume", watched)
+    return outcomes
+
+
+async def _store(sb: SessionBus, sid: str, texts: list[str]) -> list[int]:
+    """Store one envelope per text in ``sid``, pipelined; their stream sequences."""
+    futures = []
+    for text in texts:
+        env = Envelope(session_id=sid, sender_id="client", event_data={"text": text})
+        futures.append(await sb.js.publish_async(sb.names.inbound(sid), encode(env),
+                                                 headers={MSG_ID_HEADER: env.envelope_id}))
+    return [ack.seq for ack in await asyncio.gather(*futures)]
+
+
+async def _consumers(sb: SessionBus) -> int:
+    return (await sb.js.stream_info(sb.names.envelope_stream)).state.consumer_count
+
+
+async def _interleaved(sb: SessionBus, n: int) -> dict[str, list[tuple[int, str]]]:
+    """Sessions a and b, ``n`` envelopes each, stored alternately in small runs."""
+    await sb.open("a", participant="client")
+    await sb.open("b", participant="client")
+    stored: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
+    for run in range(0, n, 5):
+        for sid in ("a", "b"):
+            texts = [f"{sid}{i}" for i in range(run, min(n, run + 5))]
+            stored[sid] += zip(await _store(sb, sid, texts), texts, strict=True)
+    return stored
+
+
+def _texts(found: list[tuple[int, Envelope]]) -> list[tuple[int, str]]:
+    return [(seq, e.content) for seq, e in found]
+
+
+async def test_every_range_reads_exactly_what_is_stored_in_it(
+    bus: SessionBus, small_pages: list[str],
+) -> None:
+    stored = await _interleaved(bus, 40)
+    before = await _consumers(bus)
+    a = stored["a"]
+    assert _texts(await read_history(bus, "a")) == a  # first page, then a consumer
+    assert _texts(await read_history(bus, "b")) == stored["b"]
+    assert small_pages == ["read", "read"]
+    seqs = [seq for seq, _ in a]
+    for after, up_to in [(0, seqs[2]), (0, seqs[20]), (seqs[3], seqs[30]), (seqs[3], None),
+                         (seqs[10], seqs[10]), (seqs[10], seqs[11] - 1), (seqs[39], None),
+                         (seqs[5] + 1, seqs[25] - 1), (0, seqs[0] - 1)]:
+        want = [(s, t) for s, t in a if s > after and (up_to is None or s <= up_to)]
+        assert _texts(await read_history(bus, "a", after=after, up_to=up_to)) == want, (
+            after, up_to)
+    # Nothing from the future: what is stored after up_to stays out, even
+    # when it was stored before the read.
+    later = await _store(bus, "a", ["late"])
+    assert _texts(await read_history(bus, "a", up_to=seqs[-1])) == a
+    assert _texts(await read_history(bus, "a"))[-1] == (later[0], "late")
+    # The consumers of these reads go away by themselves (the reader cannot
+    # delete a consumer of the envelope stream).
+    deadline = time.monotonic() + _seqread._LINGER + 10
+    while await _consumers(bus) > before:
+        assert time.monotonic() < deadline, "history consumers left behind"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.usefixtures("small_pages")
+async def test_undecodable_messages_are_skipped_in_place(
+    bus: SessionBus, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await bus.open("m", participant="client")
+    first = await _store(bus, "m", [f"m{i}" for i in range(10)])
+    bad = await bus.js.publish(bus.names.inbound("m"), b"\xc1 not msgpack")
+    empty = await bus.js.publish(bus.names.inbound("m"), b"")
+    rest = await _store(bus, "m", [f"m{i}" for i in range(10, 20)])
+    want = list(zip(first + rest, [f"m{i}" for i in range(20)], strict=True))
+    with caplog.at_level(logging.WARNING, logger="sessionbus.bus._history"):
+        assert _texts(await read_history(bus, "m")) == want
+        assert _texts(await read_history(bus, "m", after=first[8])) == want[9:]
+    skipped = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert any(f"stream sequence {bad.seq}:" in m for m in skipped)
+    assert any(f"stream sequence {empty.seq}:" in m for m in skipped)
+
+
+async def test_a_refused_consumer_leaves_the_read_to_direct_get(
+    bus: SessionBus, small_pages: list[str],
+) -> None:
+    stored = await _interleaved(bus, 30)
+    # The stream takes no more consumers: the hand-over is refused by the server.
+    held = await bus.js.subscribe(bus.names.history_filter("b"),
+                                  stream=bus.names.envelope_stream, ordered_consumer=True)
+    info = await bus.js.stream_info(bus.names.envelope_stream)
+    config = info.config
+    config.max_consumers = info.state.consumer_count
+    assert config.max_consumers >= 1
+    updated = await bus.js.update_stream(config)
+    assert updated.config.max_consumers == config.max_consumers
+    calls: list[int] = []
+    converted = await read_range(
+        bus.nc, lambda seq, data: calls.append(seq) or seq,
+        stream=bus.names.envelope_stream, subject_filter=bus.names.history_filter("a"),
+        api_prefix=bus.api_prefix,
+    )
+    assert converted == [(s, s) for s, _ in stored["a"]]
+    assert calls == [s for s, _ in stored["a"]]  # each converted once, in order
+    assert _texts(await read_history(bus, "b")) == stored["b"]
+    assert small_pages == ["JetStreamAPIError", "JetStreamAPIError"]
+    await held.unsubscribe()
+
+
+async def test_a_long_history_reads_whole_with_the_default_pages(bus: SessionBus) -> None:
+    await bus.open("long", participant="client")
+    n = _seqread.FIRST_PAGE + _seqread.CONSUMER_PAST + 300
+    seqs = await _store(bus, "long", [f"t{i}" for i in range(n)])
+    found = await read_history(bus, "long")
+    assert [seq for seq, _ in found] == seqs
+    assert [e.content for _, e in found] == [f"t{i}" for i in range(n)]
+    cut = seqs[n // 2]
+    assert [seq for seq, _ in await read_history(bus, "long", up_to=cut)] == seqs[:n // 2 + 1]
+
+
+@pytest.mark.parametrize("cached", [0, 5], ids=["cold", "gap"])
+async def test_turns_see_what_was_stored_up_to_their_own_envelope(
+    bus: SessionBus, small_pages: list[str], cached: int,
+) -> None:
+    """Every read cold (no cache), or a cache of 5 so the rest is a gap read each turn."""
+    seen: dict[str, list[str]] = {}
+    release = asyncio.Event()
+
+    async def handle(turn: Turn) -> None:
+        seen[turn.envelope.content] = [e.content for e in await turn.history()]
+        await release.wait()  # later envelopes are stored while this turn runs
+
+    session = await bus.open("w", participant="client", participants=["g"])
+    texts = [f"e{i}" for i in range(24)]
+    await _store(bus, "w", texts[:12])
+    config = dataclasses.replace(FAST, history_per_session=cached, history_total=cached)
+    worker = Worker(bus, group="g", handler=handle, config=config)
+    await worker.start()
+    try:
+        await _store(bus, "w", texts[12:])
+        release.set()
+        deadline = time.monotonic() + 20
+        while len(seen) < len(texts):
+            assert time.monotonic() < deadline, sorted(seen)
+            await asyncio.sleep(0.02)
+    finally:
+        await worker.stop()
+    for i, text in enumerate(texts):
+        assert seen[text] == texts[:i + 1], text
+    assert "read" in small_pages  # the long reads went through a consumer
+    assert session.session_id == "w"
