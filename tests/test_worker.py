@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
@@ -313,6 +314,48 @@ async def test_priority_picks_the_next_session_at_the_concurrency_bound(
     assert sorted(order[1:4]) == ["high0", "high1", "high2"]
     assert order[4] == "mid"
     assert sorted(order[5:]) == ["low0", "low1", "low2"]
+
+
+async def test_held_envelopes_get_in_progress_by_age_not_at_once(
+    sb: SessionBus, start_worker: WorkerFactory
+) -> None:
+    # ack_wait 3 s: an in_progress is due a third of it (1 s) after the pull
+    # request that brought a held envelope, well before the server redelivers.
+    config = WorkerConfig(lease_ttl=2, ack_wait=3.0, poll_interval=0.2, priority_timeout=5.0)
+    loop = asyncio.get_running_loop()
+    in_progress: list[float] = []
+    first = asyncio.Event()
+
+    async def on_ack(msg: Msg) -> None:
+        if msg.data == b"+WPI":
+            in_progress.append(loop.time())
+            first.set()
+
+    watcher = await sb.nc.subscribe(f"$JS.ACK.{sb.names.envelope_stream}.>", cb=on_ack)
+    started, release = asyncio.Event(), asyncio.Event()
+    handled: list[tuple[int, int]] = []
+
+    async def handle(turn: Turn) -> None:
+        handled.append((turn.envelope.event_data["idx"], turn.attempt))
+        if turn.envelope.event_data["idx"] == 0:
+            started.set()
+            await release.wait()
+
+    try:
+        await start_worker(handle, config=config)
+        await publish(sb, envelope("held", 0))
+        await asyncio.wait_for(started.wait(), 10)
+        sent = loop.time()
+        await publish_many(sb, [envelope("held", i) for i in range(1, 4)])
+        await asyncio.wait_for(first.wait(), 10)
+        # Pulled at most poll_interval before they were sent, the held three
+        # are not due before 0.8 s; due, they get one before ack_wait.
+        assert 0.75 <= in_progress[0] - sent < 3.0, in_progress[0] - sent
+        release.set()
+        await wait_for(lambda: len(handled) == 4, "4 turns")
+        assert handled == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    finally:
+        await watcher.unsubscribe()
 
 
 async def test_interrupt_cancels_only_the_running_turn(

@@ -234,10 +234,12 @@ class PartitionPuller:
         sent = asyncio.get_running_loop().time()
         # The server starts a message's ack timer when it sends it: no earlier
         # than this request, or than an earlier one that may still deliver.
-        # (An earlier pull was sent at least poll_interval + grace before the
-        # time it may deliver until.)
-        self._requested_at = min(
-            sent, self._in_flight_until - self._config.poll_interval - _LATE_GRACE)
+        # (Such a pull was sent at most poll_interval + grace before the time
+        # it may deliver until.) With none in flight, ages count from now.
+        self._requested_at = sent
+        if self._in_flight_until > sent:
+            self._requested_at = min(
+                sent, self._in_flight_until - self._config.poll_interval - _LATE_GRACE)
         try:
             msgs = await self._puller.fetch(batch, expires)
         except BaseException:
