@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import cast
 
+import pytest
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import Envelope
 from sessionbus.workers import Turn, Worker
+from sessionbus.workers._historyseq import History
 from sessionbus.workers._recent import RecentHistory, delivery_seq
 from worker_proc import FAST
 
@@ -88,3 +91,43 @@ def test_a_delivery_gap_drops_the_partitions_cached_sessions() -> None:
     assert delivery_seq("$JS.ACK.S.C.1.42.7.1700000000.3") == 7
     assert delivery_seq("$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == 9
     assert delivery_seq("_INBOX.x") is None
+
+
+async def test_a_history_handed_out_stays_as_it_was() -> None:
+    """A turn's history is a window on the worker's list: later intake never changes it."""
+    recent = RecentHistory(per_session=4, total=100)
+    envs = [Envelope(session_id="a", sender_id="c", event_data={"text": f"e{i}"})
+            for i in range(1, 13)]
+    no_bus = cast(SessionBus, None)  # served from memory: the bus is not used
+    for seq in range(1, 4):
+        recent.observe(0, seq, seq, "a", envs[seq - 1])
+    first = await recent.history(no_bus, "a", 3)
+    at_two = await recent.history(no_bus, "a", 2)
+    for seq in range(4, 13):  # past the bound of 4: old envelopes dropped, lists replaced
+        recent.observe(0, seq, seq, "a", envs[seq - 1])
+    assert first == envs[:3] and at_two == envs[:2]
+    assert [e.content for e in first] == ["e1", "e2", "e3"]
+    assert recent.size == 4
+    recent.drop("a")  # the session left: what was handed out is still whole
+    assert list(first) == envs[:3]
+
+
+def test_history_reads_like_a_list_and_cannot_change() -> None:
+    envs = [Envelope(session_id="a", sender_id="c", event_data={"text": f"e{i}"})
+            for i in range(6)]
+    window = History(envs, 1, 4)
+    assert len(window) == 3 and list(window) == envs[1:4]
+    assert window[0] is envs[1] and window[-1] is envs[3]
+    assert window[1:] == envs[2:4] and window[::-1] == envs[3:0:-1] and window[5:] == []
+    assert window == envs[1:4] and window != envs[1:5] and window == History(envs[1:4])
+    assert window + [envs[0]] == [*envs[1:4], envs[0]]  # noqa: RUF005 (History + list)
+    assert [envs[0]] + window == envs[:4]  # noqa: RUF005 (list + History on purpose)
+    assert envs[2] in window and window.index(envs[3]) == 2 and window.count(envs[0]) == 0
+    assert list(reversed(window)) == envs[3:0:-1]
+    for bad in (3, -4):
+        with pytest.raises(IndexError):
+            window[bad]
+    assert not hasattr(window, "append") and not hasattr(window, "__setitem__")
+    with pytest.raises(TypeError):
+        hash(window)
+    assert History(envs) == envs and len(History([])) == 0

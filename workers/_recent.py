@@ -4,7 +4,7 @@ Every envelope of a session is stored in the session's partition, and the
 worker that owns the partition pulls every one of them, in stream order,
 through the partition's consumer. So the worker can keep each session's
 history as it goes and hand it to a turn without reading the stream:
-``turn.history()`` costs a slice of a list for what the worker has seen,
+``turn.history()`` costs a window on a list for what the worker has seen,
 and a Direct Get batch of the gap otherwise (what was stored before the
 worker first saw the session, or what fell off the per-session bound).
 
@@ -23,12 +23,14 @@ in stream order, nothing stored after it; envelopes past their
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections import OrderedDict
 
 from sessionbus.bus._history import read_history
 from sessionbus.bus.core import SessionBus
 from sessionbus.schemas import Envelope
+from sessionbus.workers._historyseq import History
 
 __all__ = ["RecentHistory", "delivery_seq"]
 
@@ -52,9 +54,17 @@ def delivery_seq(reply: str) -> int | None:
 
 
 class _Entry:
-    """Everything stored for one session with ``known_after < seq <= hi``."""
+    """Everything stored for one session with ``known_after < seq <= hi``.
 
-    __slots__ = ("envelopes", "hi", "known_after", "partition", "seqs", "ttls")
+    The session's envelopes are ``envelopes[start:]`` (their sequences
+    ``seqs[start:]``). Both lists are only ever appended to: dropping old
+    envelopes moves ``start``, and when half a list is dropped, or older
+    envelopes go in front, the entry takes new lists. So a
+    :class:`~sessionbus.workers._historyseq.History` window handed to a
+    turn stays what it was, whatever the worker pulls meanwhile.
+    """
+
+    __slots__ = ("envelopes", "hi", "known_after", "partition", "seqs", "start", "ttls")
 
     def __init__(self, partition: int, known_after: int) -> None:
         self.partition = partition
@@ -62,7 +72,11 @@ class _Entry:
         self.hi = known_after
         self.seqs: list[int] = []
         self.envelopes: list[Envelope] = []
+        self.start = 0
         self.ttls = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs) - self.start
 
     def add(self, seq: int, envelope: Envelope) -> None:
         self.seqs.append(seq)
@@ -72,13 +86,21 @@ class _Entry:
 
     def trim(self, keep: int) -> int:
         """Keep the newest ``keep`` envelopes; returns how many were dropped."""
-        drop = len(self.seqs) - keep
+        start = self.start
+        drop = len(self.seqs) - start - keep
         if drop <= 0:
             return 0
-        self.known_after = self.seqs[drop - 1]
-        del self.seqs[:drop]
-        dropped, self.envelopes[:drop] = self.envelopes[:drop], []
-        self.ttls -= sum(1 for e in dropped if e.ttl_seconds is not None)
+        end = start + drop
+        self.known_after = self.seqs[end - 1]
+        if self.ttls:
+            self.ttls -= sum(1 for e in itertools.islice(self.envelopes, start, end)
+                             if e.ttl_seconds is not None)
+        if end * 2 >= len(self.seqs):
+            # New lists (windows handed out keep the old ones, unchanged).
+            self.seqs = self.seqs[end:]
+            self.envelopes = self.envelopes[end:]
+            end = 0
+        self.start = end
         return drop
 
 
@@ -142,13 +164,13 @@ class RecentHistory:
         for sid in self._by_partition.pop(partition, ()):
             entry = self._entries.pop(sid, None)
             if entry is not None:
-                self._total -= len(entry.seqs)
+                self._total -= len(entry)
 
     def drop(self, sid: str) -> None:
         """Forget one session."""
         entry = self._entries.pop(sid, None)
         if entry is not None:
-            self._total -= len(entry.seqs)
+            self._total -= len(entry)
             sids = self._by_partition.get(entry.partition)
             if sids is not None:
                 sids.discard(sid)
@@ -160,40 +182,43 @@ class RecentHistory:
 
     # -- reading ------------------------------------------------------------
 
-    async def history(self, bus: SessionBus, sid: str, up_to: int) -> list[Envelope]:
+    async def history(self, bus: SessionBus, sid: str, up_to: int) -> History:
         """The session's envelopes stored up to stream sequence ``up_to``, in order."""
         entry = self._entries.get(sid)
         if entry is None or entry.hi < up_to:
             self.cold_reads += 1
             now = time.time()
-            return [e for _, e in await read_history(bus, sid, up_to=up_to)
-                    if not e.is_expired(now)]
-        # The entry holds everything in (known_after, hi]: slice it now, before
-        # any await lets an intake trim it.
-        tail = entry.envelopes[:bisect.bisect_right(entry.seqs, up_to)]
+            return History([e for _, e in await read_history(bus, sid, up_to=up_to)
+                            if not e.is_expired(now)])
+        # The entry holds everything in (known_after, hi]: take the window now,
+        # before any await lets an intake trim it (the lists are append-only).
+        start = entry.start
+        tail = History(entry.envelopes, start, bisect.bisect_right(entry.seqs, up_to, start))
         known_after = entry.known_after
         if known_after == 0:
             if entry.ttls:
                 now = time.time()
-                return [e for e in tail if not e.is_expired(now)]
+                return History([e for e in tail if not e.is_expired(now)])
             return tail
         self.cold_reads += 1
         front = await read_history(bus, sid, up_to=min(known_after, up_to))
         if known_after < up_to:
             self._adopt(sid, entry, known_after, front)
         now = time.time()
-        return [e for _, e in front if not e.is_expired(now)] + [
-            e for e in tail if not e.is_expired(now)]
+        return History([e for _, e in front if not e.is_expired(now)]
+                       + [e for e in tail if not e.is_expired(now)])
 
     def _adopt(self, sid: str, entry: _Entry, known_after: int,
                front: list[tuple[int, Envelope]]) -> None:
         """Put what was read in front of the session's cached envelopes, if it fits."""
         if self._entries.get(sid) is not entry or entry.known_after != known_after:
             return  # dropped or filled meanwhile
-        if len(front) + len(entry.seqs) > self._per_session:
+        if len(front) + len(entry) > self._per_session:
             return  # past the bound: the front is read each time
-        entry.seqs[:0] = [seq for seq, _ in front]
-        entry.envelopes[:0] = [e for _, e in front]
+        # New lists: windows handed out keep the old ones, unchanged.
+        entry.seqs = [seq for seq, _ in front] + entry.seqs[entry.start:]
+        entry.envelopes = [e for _, e in front] + entry.envelopes[entry.start:]
+        entry.start = 0
         entry.ttls += sum(1 for _, e in front if e.ttl_seconds is not None)
         entry.known_after = 0
         self._total += len(front)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._history import read_history
@@ -29,6 +29,7 @@ from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import WorkerError
 from sessionbus.schemas import EV_TEXT, Envelope
 from sessionbus.workers._delivery import Held
+from sessionbus.workers._historyseq import History
 from sessionbus.workers._recent import RecentHistory
 
 if TYPE_CHECKING:
@@ -109,19 +110,26 @@ class Turn:
                 self._session = self._bus.session(self.session_id, participant=self.agent)
         return self._session
 
-    async def history(self) -> list[Envelope]:
+    async def history(self) -> Sequence[Envelope]:
         """The session so far: every envelope stored up to and including this turn's own.
 
         In stream order, nothing stored after this turn's envelope (expired
         envelopes left out). The worker keeps recent history from what it
-        pulls, so this reads the stream only for what it has not seen. Do
-        not modify the returned envelopes: later turns get the same objects.
+        pulls, so this reads the stream only for what it has not seen.
+
+        A read-only sequence: ``len``, indexing, slicing (a list),
+        iteration, ``==`` with a list of the same envelopes and ``+`` (a
+        list) work as on a list; take ``list(...)`` to change it. It is a
+        window on the worker's own list, so handing it over costs the same
+        for any length. Do not modify the envelopes either: later turns get
+        the same objects.
         """
         if self._recent is not None:
             return await self._recent.history(self._bus, self.session_id, self.sequence)
         now = time.time()
-        return [e for _, e in await read_history(self._bus, self.session_id,
-                                                 up_to=self.sequence) if not e.is_expired(now)]
+        return History([e for _, e in await read_history(self._bus, self.session_id,
+                                                         up_to=self.sequence)
+                        if not e.is_expired(now)])
 
     async def reply(
         self,
