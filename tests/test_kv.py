@@ -79,15 +79,18 @@ async def test_list_past_the_multi_last_limit_falls_back(bus: SessionBus) -> Non
     assert [e.key for e in await kv.list("small.*")] == ["small.s"]
 
 
-async def test_big_listings_leave_no_consumer_behind(bus: SessionBus) -> None:
-    # A bucket-shaped stream that allows 2 consumers: a listing that left one
-    # behind would fail by the third call.
-    name = "leaky"
+async def _two_consumer_bucket(bus: SessionBus, name: str) -> Bucket:
+    """A bucket whose stream allows 2 consumers: whatever leaves one behind fails by the third."""
     await bus.js.add_stream(api.StreamConfig(
         name=f"KV_{name}", subjects=[f"$KV.{name}.>"], max_msgs_per_subject=1,
         allow_direct=True, allow_rollup_hdrs=True, max_consumers=2,
     ))
-    kv = Bucket(nc=bus.nc, js=bus.js, name=name)
+    return Bucket(nc=bus.nc, js=bus.js, name=name)
+
+
+async def test_big_listings_leave_no_consumer_behind(bus: SessionBus) -> None:
+    name = "leaky"
+    kv = await _two_consumer_bucket(bus, name)
     await asyncio.gather(*(kv.put(f"call.s{i}", str(i).encode()) for i in range(1500)))
     await kv.delete("call.s7")
     for _ in range(5):
@@ -100,14 +103,8 @@ async def test_big_listings_leave_no_consumer_behind(bus: SessionBus) -> None:
 
 
 async def test_ended_watches_leave_no_consumer_behind(bus: SessionBus) -> None:
-    # Same shape, 2 consumers allowed: a watch that left its consumer behind
-    # would make the third watch fail to subscribe.
     name = "watched"
-    await bus.js.add_stream(api.StreamConfig(
-        name=f"KV_{name}", subjects=[f"$KV.{name}.>"], max_msgs_per_subject=1,
-        allow_direct=True, allow_rollup_hdrs=True, max_consumers=2,
-    ))
-    kv = Bucket(nc=bus.nc, js=bus.js, name=name)
+    kv = await _two_consumer_bucket(bus, name)
 
     async def watch(seen: asyncio.Queue[KVEvent], ready: asyncio.Event) -> None:
         async for event in kv.watch("k.*", include_existing=True, ready=ready):
