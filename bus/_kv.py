@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -41,6 +42,7 @@ from sessionbus.bus._jsapi import (
 )
 from sessionbus.bus._names import kv_subject
 from sessionbus.bus._reads import last_per_subject
+from sessionbus.bus._replies import Pending, Replies
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
 __all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
@@ -153,6 +155,21 @@ def _op_of(headers: dict[str, str] | None) -> KVOp:
     return KVOp.PUT
 
 
+def _stream_sequence(msg: Msg) -> int:
+    """The stream sequence in a delivered message's ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (9 tokens), or with
+    ``<domain>.<account hash>`` after ``ACK`` (12): read without building
+    nats-py's whole metadata (timestamps included) for every event.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[1] == "ACK":
+        return int(tokens[5])
+    if len(tokens) >= 11 and tokens[1] == "ACK":
+        return int(tokens[7])
+    return int(msg.metadata.sequence.stream)
+
+
 class Bucket:
     """One KV bucket, addressed through a JetStream context (and its domain)."""
 
@@ -168,6 +185,7 @@ class Bucket:
         self.timeout = timeout
         self._pre = f"$KV.{name}."
         self._api_prefix = f"$JS.{domain}.API" if domain else DEFAULT_API_PREFIX
+        self._replies = Replies(nc)
 
     def subject(self, key: str) -> str:
         """Subject a write to ``key`` is published on (domain-aware)."""
@@ -254,34 +272,52 @@ class Bucket:
             return None
         return msg
 
-    async def _publish(self, key: str, value: bytes, headers: dict[str, str]) -> int:
-        try:
-            ack = await self.js.publish(
-                self.subject(key), value, headers=headers or None, timeout=self.timeout
-            )
-        except nats.js.errors.APIError as e:
-            if e.err_code in _WRONG_LAST_SEQUENCE:
-                expected = headers.get(_EXPECT_LAST)
-                raise KeyConflict(key, int(expected) if expected else None) from e
-            raise
-        except nats.errors.TimeoutError as e:
-            raise BusTimeout(f"write {self.name}/{key} timed out") from e
-        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as e:
-            # No responders, or an empty reply (a leaf link or route cut mid-write).
-            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
-        return int(ack.seq)
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str],
+                       also: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Write and wait for the stream's ack; ``also`` is published before the wait."""
+        pending = await self._replies.send(self.subject(key), value, headers or None)
+        if also is not None:
+            try:
+                await also()
+            except BaseException:
+                self._replies.discard(pending)
+                raise
+        return await self._acked(key, pending, headers)
+
+    async def _acked(self, key: str, pending: Pending, headers: dict[str, str]) -> int:
+        msg = await self._replies.wait(pending, within=self.timeout,
+                                       what=f"write {self.name}/{key}")
+        if not msg.data:
+            # An empty reply: a leaf link or route cut mid-write.
+            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}")
+        ack = json.loads(msg.data)
+        error = ack.get("error")
+        if error is not None:
+            try:
+                nats.js.errors.APIError.from_error(error)  # raises the matching APIError
+            except nats.js.errors.APIError as e:
+                if e.err_code in _WRONG_LAST_SEQUENCE:
+                    expected = headers.get(_EXPECT_LAST)
+                    raise KeyConflict(key, int(expected) if expected else None) from e
+                raise
+        return int(ack["seq"])
 
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write unconditionally; with ``ttl`` the key expires that many seconds later."""
         headers = {} if ttl is None else {_TTL: str(wire_ttl(ttl))}
         return await self._publish(key, value, headers)
 
-    async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None) -> int:
-        """Write only if the key is at revision ``last`` (0: absent); else KeyConflict."""
+    async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None,
+                     also: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Write only if the key is at revision ``last`` (0: absent); else KeyConflict.
+
+        ``also`` is awaited once the write is on its way, before its ack is
+        awaited: a publish there leaves in the same flush.
+        """
         headers = {_EXPECT_LAST: str(last)}
         if ttl is not None:
             headers[_TTL] = str(wire_ttl(ttl))
-        return await self._publish(key, value, headers)
+        return await self._publish(key, value, headers, also)
 
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write only if the key is absent, deleted or expired; else KeyConflict.
@@ -292,17 +328,18 @@ class Bucket:
         revision, _ = await self.insert(key, value, ttl=ttl)
         return revision
 
-    async def insert(self, key: str, value: bytes, *, ttl: float | None = None
-                     ) -> tuple[int, bool]:
+    async def insert(self, key: str, value: bytes, *, ttl: float | None = None,
+                     also: Callable[[], Awaitable[None]] | None = None) -> tuple[int, bool]:
         """:meth:`create`, also telling whether the key held anything before.
 
         Returns the revision and ``replaced``: False when the key's subject
         held no message at all (never written, or its last marker expired
         too), True when it held a delete or expiry marker. Known without an
-        extra round trip: only a replacement needs the retry.
+        extra round trip: only a replacement needs the retry. ``also`` runs
+        once, as in :meth:`update`.
         """
         try:
-            return await self.update(key, value, last=0, ttl=ttl), False
+            return await self.update(key, value, last=0, ttl=ttl, also=also), False
         except KeyConflict:
             head = await self.head(key)
             if head is not None and head.op is KVOp.PUT:
@@ -415,12 +452,11 @@ class Bucket:
         try:
             while True:
                 msg = await queue.get()
-                meta = msg.metadata
                 yield KVEvent(
                     key=msg.subject[len(self._pre):],
                     op=_op_of(msg.headers),
                     value=msg.data or b"",
-                    revision=meta.sequence.stream,
+                    revision=_stream_sequence(msg),
                 )
         finally:
             await self._end_watch(sub)

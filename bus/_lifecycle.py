@@ -36,7 +36,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._expiry import ExpiryWatcher
@@ -160,8 +160,9 @@ class Lifecycle:
     async def open(self, meta: SessionMetadata) -> None:
         """Store a new session's record and, if it has an idle TTL, its timer.
 
-        One acknowledged write: the timer goes out just before the record and
-        is confirmed by this bus's expiry watcher (see :mod:`sessionbus.bus._timers`).
+        One acknowledged write: the timer goes out right after the record, in
+        the same flush, and is confirmed by this bus's expiry watcher (see
+        :mod:`sessionbus.bus._timers`).
         The record is still a compare-and-set create: :class:`SessionExists`
         if the id is taken (the timer then only pushed back the taken
         session's idle timer, as a send would).
@@ -174,8 +175,8 @@ class Lifecycle:
         await self.start_expiry_watcher()
         watcher = self._watcher
         if self.timers.can_skip_ack(watching=watcher is not None and watcher.ready):
-            await self.timers.write_unacked(meta.session_id, ttl)
-            await self.create(meta)
+            sid = meta.session_id
+            await self.create(meta, also=lambda: self.timers.write_unacked(sid, ttl))
             return
         results = await asyncio.gather(
             self.create(meta), self.timers.refresh(meta.session_id, ttl, force=True),
@@ -185,12 +186,17 @@ class Lifecycle:
             if isinstance(result, BaseException):
                 raise result
 
-    async def create(self, meta: SessionMetadata) -> None:
-        """Store a new record; :class:`SessionExists` if the id is taken."""
+    async def create(self, meta: SessionMetadata, *,
+                     also: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Store a new record; :class:`SessionExists` if the id is taken.
+
+        ``also`` is published right after the record, before its ack is awaited.
+        """
         key = self._bus.names.session_key(meta.session_id)
         try:
             with nats_errors(f"creating session {meta.session_id!r}"):
-                revision, replaced = await self._bus.sessions_kv.insert(key, encode(meta))
+                revision, replaced = await self._bus.sessions_kv.insert(key, encode(meta),
+                                                                        also=also)
         except KeyConflict as e:
             raise SessionExists(meta.session_id) from e
         if replaced:

@@ -12,8 +12,8 @@ a session never expires less than ``ttl`` after its last activity (and
 normally within ``ttl * 1.25``, plus up to a second of rounding).
 
 **The timer written at open is not acknowledged on its own.** It is
-published just before the record's compare-and-set create, on the same
-connection, so the open costs one acknowledged write rather than two. What
+published right after the record's compare-and-set create, in the same
+flush, so the open costs one acknowledged write rather than two. What
 makes it as safe as an acknowledged write is the expiry watcher the opening
 bus runs: it sees every timer write the bucket stores, and each timer sent
 this way is *confirmed* when the watcher sees it. One not confirmed within
