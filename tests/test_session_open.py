@@ -132,19 +132,19 @@ async def test_an_id_opened_again_is_noticed_by_a_bus_that_saw_it_end(
 
 
 async def test_an_end_older_than_the_record_lifetime_is_read_again(
-    bus_factory: BusFactory, nats_server: NatsServer
+    nats_server: NatsServer, bus_factory: BusFactory
 ) -> None:
     # The terminal record lives envelope_max_age; after that (and its marker)
     # the id can be created with no hint, so the end is not trusted longer.
     sb = await bus_factory(nats_server.url, envelope_max_age=1.0, duplicate_window=1.0)
     await sb.open("short-lived", ttl=None)
-    await sb.session("short-lived").close("done")
-    ended = time.time()
+    closed = await sb.session("short-lived").close("done")
+    assert closed.closed_at is not None
     assert sb.session("short-lived").is_terminal()
     assert sb.lifecycle.states.fresh("short-lived") is not None
     await until(lambda: not sb.session("short-lived").is_terminal(), "the end to age out",
                 within=5)
-    assert time.time() - ended >= 1.0
+    assert time.time() - closed.closed_at >= 1.0
     assert sb.lifecycle.states.fresh("short-lived") is None
     try:  # read again: the record decides
         info = await sb.session("short-lived").info()
