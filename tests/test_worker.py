@@ -319,9 +319,10 @@ async def test_priority_picks_the_next_session_at_the_concurrency_bound(
 async def test_held_envelopes_get_in_progress_by_age_not_at_once(
     sb: SessionBus, start_worker: WorkerFactory
 ) -> None:
-    # ack_wait 3 s: an in_progress is due a third of it (1 s) after the pull
-    # request that brought a held envelope, well before the server redelivers.
-    config = WorkerConfig(lease_ttl=2, ack_wait=3.0, poll_interval=0.2, priority_timeout=5.0)
+    # ack_wait 6 s: an in_progress is due a third of it (2 s) after the pull
+    # request that brought a held envelope (sweeps every 0.75 s), well before
+    # the server would redeliver.
+    config = WorkerConfig(lease_ttl=2, ack_wait=6.0, poll_interval=0.2, priority_timeout=8.0)
     loop = asyncio.get_running_loop()
     in_progress: list[float] = []
     first = asyncio.Event()
@@ -348,9 +349,11 @@ async def test_held_envelopes_get_in_progress_by_age_not_at_once(
         sent = loop.time()
         await publish_many(sb, [envelope("held", i) for i in range(1, 4)])
         await asyncio.wait_for(first.wait(), 10)
-        # Pulled at most poll_interval before they were sent, the held three
-        # are not due before 0.8 s; due, they get one before ack_wait.
-        assert 0.75 <= in_progress[0] - sent < 3.0, in_progress[0] - sent
+        # The session's pulls were requested at most poll_interval (plus the
+        # first turn's start) before the three were sent: none is due before
+        # about 1.8 s. Counted from loop time 0 instead, all were due at the
+        # first sweep (0.75 s at the latest). Due, they get one before ack_wait.
+        assert 1.2 <= in_progress[0] - sent < 6.0, in_progress[0] - sent
         release.set()
         await wait_for(lambda: len(handled) == 4, "4 turns")
         assert handled == [(0, 1), (1, 1), (2, 1), (3, 1)]
