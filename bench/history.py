@@ -11,9 +11,14 @@ embedded server:
 * ``Session.history()``: a client replaying the whole session;
 * ``raw ordered consumer``: nats-py's ordered consumer on the session's
   subject, delivering everything stored, ending when caught up (the
-  baseline: one consumer per read, one message at a time).
+  baseline: one consumer per read, one message at a time, nothing decoded);
+* ``replay + decode``: the same ordered consumer read the way
+  ``Session.history()`` read a session before Direct Get and consumer
+  reads (``bus._history.replay_messages``, each envelope decoded): what a
+  cold history cost then.
 
-Figures are the median milliseconds per call; ratios are sessionbus / raw.
+Figures are the median milliseconds per call; ratios are sessionbus / raw
+and sessionbus / replay + decode (below 1: faster).
 
     python bench/history.py [--sizes 10,1000,10000] [--probes 20] [--loop uvloop]
 """
@@ -28,8 +33,9 @@ import time
 
 from _common import add_loop_option, environment, format_ratio, run_loop
 from sessionbus.bus import SessionBus
+from sessionbus.bus._history import replay_messages
 from sessionbus.bus._server import NatsServer
-from sessionbus.schemas import Envelope, encode
+from sessionbus.schemas import Envelope, decode, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
 
 
@@ -123,6 +129,17 @@ async def raw_replay(sb: SessionBus, sid: str, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
+async def replay_decode(sb: SessionBus, sid: str, repeats: int) -> float:
+    """Median ms of an ordered-consumer replay decoding every envelope (the old history read)."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        found = [decode(msg.data, Envelope) async for msg in replay_messages(sb, sid)]
+        samples.append(time.perf_counter() - start)
+    assert found
+    return statistics.median(samples) * 1e3
+
+
 async def bench(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     server = NatsServer(name="bench-history").start()
@@ -136,14 +153,17 @@ async def bench(args: argparse.Namespace) -> None:
                 sid = f"cold-{size}"
                 client = await session_history(sb, sid, args.repeats)
                 raw = await raw_replay(sb, sid, args.repeats)
-                rows.append((size, warm[size], cold[size], client, raw))
+                old = await replay_decode(sb, sid, args.repeats)
+                rows.append((size, warm[size], cold[size], client, raw, old))
     finally:
         server.stop()
     print(f"{'envelopes':>9} | {'turn warm ms':>12} | {'turn cold ms':>12} | "
-          f"{'Session.history ms':>18} | {'raw replay ms':>13} | cold/raw | client/raw")
-    for size, w, c, cl, raw in rows:
-        print(f"{size:>9} | {w:12.3f} | {c:12.3f} | {cl:18.3f} | {raw:13.3f} | "
-              f"{format_ratio(c, raw):>8} | {format_ratio(cl, raw):>10}")
+          f"{'Session.history ms':>18} | {'raw replay ms':>13} | {'replay+decode ms':>16} | "
+          f"cold/raw | client/raw | cold/replay+decode")
+    for size, w, c, cl, raw, old in rows:
+        print(f"{size:>9} | {w:12.3f} | {c:12.3f} | {cl:18.3f} | {raw:13.3f} | {old:16.3f} | "
+              f"{format_ratio(c, raw):>8} | {format_ratio(cl, raw):>10} | "
+              f"{format_ratio(c, old):>18}")
     base = rows[0][1]
     for size, w, *_ in rows[1:]:
         print(f"warm turn.history() at {size} envelopes / at {sizes[0]}: "

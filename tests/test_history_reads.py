@@ -19,6 +19,7 @@ import pytest
 from sessionbus.bus import SessionBus, _seqread
 from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
+from sessionbus.bus._rawsub import RawInbox
 from sessionbus.bus._seqread import read_range
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
@@ -194,3 +195,25 @@ async def test_turns_see_what_was_stored_up_to_their_own_envelope(
         assert seen[text] == texts[:i + 1], text
     assert "read" in small_pages  # the long reads went through a consumer
     assert session.session_id == "w"
+
+
+async def test_a_long_read_of_large_envelopes_is_flow_controlled(
+    bus: SessionBus, small_pages: list[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server waits for flow control answers past a few MB: the read answers them."""
+    requests: list[bytes] = []
+    deliver = RawInbox._deliver
+
+    def counted(self: RawInbox, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if not data and reply and (headers or b"").startswith(b"NATS/1.0 100"):
+            requests.append(reply)
+        deliver(self, reply, data, headers)
+
+    monkeypatch.setattr(RawInbox, "_deliver", counted)
+    await bus.open("big", participant="client")
+    body = "x" * 60_000
+    seqs = await _store(bus, "big", [f"{i}:{body}" for i in range(250)])
+    found = await read_history(bus, "big")
+    assert [seq for seq, _ in found] == seqs
+    assert [e.content.split(":")[0] for _, e in found] == [str(i) for i in range(250)]
+    assert small_pages == ["read"] and requests  # flow control asked, and answered
