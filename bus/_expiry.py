@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from sessionbus.bus._kv import KVOp
+from sessionbus.bus._kv import KVEvent, KVOp
 from sessionbus.bus._names import Names
 from sessionbus.bus.errors import SessionNotFound
 
@@ -43,7 +43,7 @@ class ExpiryWatcher:
 
     def __init__(
         self, *, bus: SessionBus, expire: Callable[[str], Awaitable[bool]],
-        seen: Callable[[str], None] | None = None, concurrency: int = CONCURRENCY,
+        seen: Callable[[KVEvent], None] | None = None, concurrency: int = CONCURRENCY,
     ) -> None:
         self._bus = bus
         self._expire = expire
@@ -92,8 +92,8 @@ class ExpiryWatcher:
                         task = asyncio.create_task(self._handle(event.key))
                         self._running.add(task)
                         task.add_done_callback(self._done)
-                    elif event.op is KVOp.PUT and self._seen is not None:
-                        self._seen(event.key)
+                    if self._seen is not None:
+                        self._seen(event)
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -89,12 +89,17 @@ class KVEntry:
 
 @dataclass(frozen=True, slots=True)
 class KVEvent:
-    """One change seen by :meth:`Bucket.watch`. ``value`` is empty unless PUT."""
+    """One change seen by :meth:`Bucket.watch`. ``value`` is empty unless PUT.
+
+    ``pending`` is how many changes the watch had still to deliver after
+    this one (0 when caught up, and for reads).
+    """
 
     key: str
     op: KVOp
     value: bytes
     revision: int
+    pending: int = 0
 
 
 class _ReadRetry:
@@ -155,19 +160,21 @@ def _op_of(headers: dict[str, str] | None) -> KVOp:
     return KVOp.PUT
 
 
-def _stream_sequence(msg: Msg) -> int:
-    """The stream sequence in a delivered message's ack subject.
+def _delivery(msg: Msg) -> tuple[int, int]:
+    """The stream sequence and the consumer's pending count in a delivery's ack subject.
 
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (9 tokens), or with
-    ``<domain>.<account hash>`` after ``ACK`` (12): read without building
-    nats-py's whole metadata (timestamps included) for every event.
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``
+    (9 tokens), or with ``<domain>.<account hash>`` after ``ACK`` (11 or
+    more): read without building nats-py's whole metadata (timestamps
+    included) for every event.
     """
     tokens = (msg.reply or "").split(".")
     if len(tokens) == 9 and tokens[1] == "ACK":
-        return int(tokens[5])
+        return int(tokens[5]), int(tokens[8])
     if len(tokens) >= 11 and tokens[1] == "ACK":
-        return int(tokens[7])
-    return int(msg.metadata.sequence.stream)
+        return int(tokens[7]), int(tokens[10])
+    meta = msg.metadata
+    return int(meta.sequence.stream), int(meta.num_pending or 0)
 
 
 class Bucket:
@@ -452,11 +459,13 @@ class Bucket:
         try:
             while True:
                 msg = await queue.get()
+                revision, pending = _delivery(msg)
                 yield KVEvent(
                     key=msg.subject[len(self._pre):],
                     op=_op_of(msg.headers),
                     value=msg.data or b"",
-                    revision=_stream_sequence(msg),
+                    revision=revision,
+                    pending=pending,
                 )
         finally:
             await self._end_watch(sub)

@@ -1,4 +1,4 @@
-"""Idle timers: one key per session whose per-key TTL runs out when the session idles.
+"""Idle timers: one key per session whose per-key TTL runs out when it idles.
 
 A session with an idle TTL has a timer key, ``names.session_timer_key(sid)``,
 in the sessions bucket, written with a per-key TTL on open and refreshed on
@@ -13,14 +13,19 @@ normally within ``ttl * 1.25``, plus up to a second of rounding).
 
 **The timer written at open is not acknowledged on its own.** It is
 published right after the record's compare-and-set create, in the same
-flush, so the open costs one acknowledged write rather than two. What
-makes it as safe as an acknowledged write is the expiry watcher the opening
-bus runs: it sees every timer write the bucket stores, and each timer sent
-this way is *confirmed* when the watcher sees it. One not confirmed within
-:data:`CONFIRM_WITHIN` seconds (rejected, or lost in a leader change) is
-written again, acknowledged. This path is only taken once an acknowledged
-timer write has succeeded on this bus (the bucket takes per-key TTLs) and
-while the watcher is subscribed; otherwise the open waits for both acks.
+flush, so the open costs one acknowledged write rather than two. What makes
+it as safe as an acknowledged write is the expiry watcher the opening bus
+runs: it sees every timer write the bucket stores, and each timer sent this
+way is *confirmed* when the watcher sees it. One not confirmed is written
+again, acknowledged: at once when the watcher has seen a timer this bus
+wrote after it (the stream stores one connection's writes in order, so it
+was rejected or lost in a leader change), else after :data:`CONFIRM_WITHIN`
+seconds, or :data:`LAG_LIMIT` times that while the watcher is behind (its
+last delivery said more were pending), so a lagging watcher does not double
+the writes it is already behind on. This path is only taken once an
+acknowledged timer write has succeeded on this bus (the bucket takes per-key
+TTLs) and while the watcher is subscribed; otherwise the open waits for both
+acks.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from sessionbus.bus._kv import KVEvent, KVOp
 from sessionbus.bus.errors import BusError, nats_errors
 
 if TYPE_CHECKING:
     from sessionbus.bus.core import SessionBus
 
-__all__ = ["CONFIRM_WITHIN", "TIMER_SLACK", "IdleTimers", "timer_seconds"]
+__all__ = ["CONFIRM_WITHIN", "LAG_LIMIT", "TIMER_SLACK", "IdleTimers", "timer_seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ TIMER_CACHE_SIZE = 100_000
 #: Seconds a timer written without its ack may go unseen by the watcher
 #: before it is written again, acknowledged.
 CONFIRM_WITHIN = 2.0
+#: How many times CONFIRM_WITHIN a timer waits for a watcher that confirms nothing.
+LAG_LIMIT = 5
 _TTL = "Nats-TTL"
 
 
@@ -63,9 +71,12 @@ class IdleTimers:
     def __init__(self, bus: SessionBus) -> None:
         self._bus = bus
         self._written: OrderedDict[str, float] = OrderedDict()
-        #: Timer key -> (session id, ttl, when sent), in the order sent.
-        self._unconfirmed: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
-        self._sweep: asyncio.TimerHandle | None = None
+        #: Timer key -> (session id, ttl, when sent, number), in the order sent.
+        self._unconfirmed: OrderedDict[str, tuple[str, float, float, int]] = OrderedDict()
+        self._sent = 0
+        self._seen_through = 0  # the number of the latest timer the watcher saw
+        self._behind = False  # the watcher's last delivery said more were pending
+        self._sweep: asyncio.Handle | None = None
         self._repairs: set[asyncio.Task[None]] = set()
         self._acked_once = False
         #: Seconds an unacknowledged timer may go unseen before it is written again.
@@ -130,7 +141,8 @@ class IdleTimers:
         key = self._bus.names.session_timer_key(session_id)
         now = time.monotonic()
         self._claim(session_id, now)
-        self._unconfirmed[key] = (session_id, ttl, now)
+        self._sent += 1
+        self._unconfirmed[key] = (session_id, ttl, now, self._sent)
         self._unconfirmed.move_to_end(key)
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self.confirm_within,
@@ -146,20 +158,35 @@ class IdleTimers:
         await self._bus.nc.publish(self._bus.sessions_kv.subject(key), b"",
                                    headers={_TTL: str(seconds)})
 
-    def seen(self, key: str) -> None:
-        """The expiry watcher saw a write of timer ``key``."""
-        if self._unconfirmed.pop(key, None) is not None:
-            self.confirmed += 1
+    def seen(self, event: KVEvent) -> None:
+        """The expiry watcher delivered ``event`` (a timer write, expiry or delete)."""
+        self._behind = event.pending > 0
+        if event.op is not KVOp.PUT:
+            return
+        entry = self._unconfirmed.pop(event.key, None)
+        if entry is None:
+            return
+        self.confirmed += 1
+        if entry[3] > self._seen_through:
+            self._seen_through = entry[3]
+            oldest = next(iter(self._unconfirmed.values()), None)
+            if oldest is not None and oldest[3] < entry[3]:
+                # An earlier one was not seen before this one: it is lost.
+                if self._sweep is not None:
+                    self._sweep.cancel()
+                self._sweep = asyncio.get_running_loop().call_soon(self._check)
 
     def _check(self) -> None:
         """Write again, acknowledged, every timer the watcher has not seen in time."""
         self._sweep = None
         now = time.monotonic()
         while self._unconfirmed:
-            key, (session_id, ttl, sent) = next(iter(self._unconfirmed.items()))
-            if now - sent < self.confirm_within:
+            key, (session_id, ttl, sent, number) = next(iter(self._unconfirmed.items()))
+            waited = now - sent
+            limit = self.confirm_within * (LAG_LIMIT if self._behind else 1)
+            if number > self._seen_through and waited < limit:
                 self._sweep = asyncio.get_running_loop().call_later(
-                    self.confirm_within - (now - sent), self._check)
+                    max(limit - waited, 0.01), self._check)
                 return
             del self._unconfirmed[key]
             self.repaired += 1

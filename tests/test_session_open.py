@@ -100,6 +100,33 @@ async def test_a_timer_write_that_was_lost_is_written_again(
     assert event.state is SessionState.EXPIRED and event.reason == "idle"
 
 
+async def test_a_lost_timer_is_rewritten_once_a_later_one_is_seen(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timers = bus.lifecycle.timers
+    await bus.open("first", ttl=600)
+    assert timers.confirm_within >= 2.0  # the default: not what repairs it here
+    publish = timers._publish
+    dropped: list[str] = []
+
+    async def lose_the_first(key: str, seconds: int) -> None:
+        if not dropped:
+            dropped.append(key)
+            return
+        await publish(key, seconds)
+
+    monkeypatch.setattr(timers, "_publish", lose_the_first)
+    started = time.monotonic()
+    await bus.open("lost-timer", ttl=600)
+    await bus.open("seen-timer", ttl=600)  # stored after it: seeing it shows the loss
+    await until(lambda: timers.repaired == 1 and timers.unconfirmed == 0, "the repair",
+                within=5)
+    assert time.monotonic() - started < timers.confirm_within
+    assert dropped == [bus.names.session_timer_key("lost-timer")]
+    await until(lambda: not timers._repairs, "the repair write")
+    assert await bus.sessions_kv.get(bus.names.session_timer_key("lost-timer")) is not None
+
+
 async def test_a_first_use_of_an_id_sends_no_open_hint(
     bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
 ) -> None:
