@@ -25,6 +25,8 @@ from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
 
+from sessionbus.testing import BusFactory, LeafTopology
+
 
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -217,3 +219,16 @@ async def test_a_long_read_of_large_envelopes_is_flow_controlled(
     assert [seq for seq, _ in found] == seqs
     assert [e.content.split(":")[0] for _, e in found] == [str(i) for i in range(250)]
     assert small_pages == ["read"] and requests  # flow control asked, and answered
+
+
+async def test_a_client_of_a_leaf_node_reads_through_the_hubs_domain(
+    nats_leaf: LeafTopology, bus_factory: BusFactory, small_pages: list[str],
+) -> None:
+    hub = await bus_factory(nats_leaf.hub.url, domain="hub")
+    edge = await bus_factory(nats_leaf.leaf.url, domain="hub")
+    stored = await _interleaved(hub, 30)
+    assert _texts(await read_history(edge, "a")) == stored["a"]
+    seqs = [seq for seq, _ in stored["b"]]
+    assert _texts(await read_history(edge, "b", after=seqs[2], up_to=seqs[25])) == (
+        stored["b"][3:26])
+    assert small_pages == ["read", "read"]  # the consumer delivered across the leaf
