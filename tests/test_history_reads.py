@@ -21,6 +21,7 @@ from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
 from sessionbus.bus._seqread import read_range
+from sessionbus.bus._server import NatsCluster
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
@@ -232,3 +233,13 @@ async def test_a_client_of_a_leaf_node_reads_through_the_hubs_domain(
     assert _texts(await read_history(edge, "b", after=seqs[2], up_to=seqs[25])) == (
         stored["b"][3:26])
     assert small_pages == ["read", "read"]  # the consumer delivered across the leaf
+
+
+async def test_a_long_read_on_a_replicated_stream(
+    nats_cluster: NatsCluster, bus_factory: BusFactory, small_pages: list[str],
+) -> None:
+    """Three replicas: the hand-over consumer is placed by the cluster, the read is the same."""
+    sb = await bus_factory(nats_cluster.urls, replicas=3)
+    stored = await _interleaved(sb, 30)
+    assert _texts(await read_history(sb, "a")) == stored["a"]
+    assert small_pages == ["read"]
