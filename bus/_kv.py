@@ -55,6 +55,9 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 _READ_ATTEMPT = 1.0
 #: Most keys one :meth:`Bucket.get_many` reads (a Direct Get answers 1,024 subjects).
 MAX_GET_MANY = 256
+#: Seconds an ended watch spends deleting its consumer at most (a server
+#: that stopped answering must not hold up whoever ended it).
+_END_WATCH_WITHIN = 1.0
 _KV_OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
 _TTL = "Nats-TTL"
@@ -481,8 +484,10 @@ class Bucket:
         """
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-        with contextlib.suppress(Exception):  # the connection may be gone: it then lingers
-            async with asyncio.timeout(self.timeout):
+        if not self.nc.is_connected:
+            return  # no server to ask: the consumer lingers, and nothing waits for it
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(min(self.timeout, _END_WATCH_WITHIN)):
                 info = await sub.consumer_info()
                 await self.js.delete_consumer(self.stream, info.name)
 

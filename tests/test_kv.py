@@ -124,6 +124,33 @@ async def test_ended_watches_leave_no_consumer_behind(bus: SessionBus) -> None:
         assert info.state.consumer_count == 0
 
 
+async def test_a_watch_ends_at_once_when_its_server_is_gone(
+    nats_server_factory: ServerFactory, bus_factory: BusFactory,
+) -> None:
+    server = nats_server_factory(name="doomed")
+    sb = await bus_factory(server.url)
+    ready = asyncio.Event()
+
+    async def watch() -> None:
+        async for _ in sb.registry_kv.watch("k.*", ready=ready):
+            pass
+
+    task = asyncio.create_task(watch())
+    await asyncio.wait_for(ready.wait(), 5)
+    server.kill()
+    await _until(lambda: _disconnected(sb), within=5)
+    started = time.monotonic()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # Nobody can delete the consumer now: ending must not wait for an answer.
+    assert time.monotonic() - started < 1.0
+
+
+async def _disconnected(sb: SessionBus) -> bool:
+    return not sb.nc.is_connected
+
+
 async def test_bare_kv_subject_gets_no_responders_through_a_leaf(nats_leaf: LeafTopology,
                                                                   bus_factory: BusFactory) -> None:
     # The fact Bucket.subject() is built on: through a leaf node, a KV write
