@@ -8,8 +8,8 @@ compare-and-set: read, change, write at the revision read, retry on
 session to CLOSED or EXPIRED is the one process that publishes the close
 broadcast on ``names.closed(sid)``, so a session is announced closed exactly
 once however many nodes race to close or expire it. A terminal record is
-written with a TTL of ``settings.envelope_max_age`` so records do not pile up
-after their history is gone.
+written with a TTL of ``bus.envelope_max_age`` (the envelope stream's
+``max_age``) so records do not pile up after their history is gone.
 
 Idle expiry is a separate key, ``names.session_timer_key(sid)``, written with
 a per-key TTL on open and refreshed on activity (send, touch), rate-limited
@@ -259,7 +259,7 @@ class Lifecycle:
                 self.states.note(current, entry.revision, read_at=started)
                 return current, entry.revision, False
             # Terminal records go away with the history they describe.
-            ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
+            ttl = self._bus.envelope_max_age if updated.is_terminal() else None
             try:
                 with nats_errors(f"updating session {session_id!r}"):
                     revision = await kv.update(key, encode(updated), last=entry.revision,
@@ -284,7 +284,7 @@ class Lifecycle:
         updated = change(known.meta)
         if updated is None:
             return None  # a write that is not needed is only decided on a fresh read
-        ttl = self._bus.settings.envelope_max_age if updated.is_terminal() else None
+        ttl = self._bus.envelope_max_age if updated.is_terminal() else None
         try:
             with nats_errors(f"updating session {session_id!r}"):
                 revision = await self._bus.sessions_kv.update(

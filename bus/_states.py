@@ -17,8 +17,9 @@ The session record in KV is the authority. Broadcasts are *hints*:
   (the marker a delete or an expiry left) or is removed, not when an id is
   used for the first time: nobody can know anything of it then, except a
   process that saw it end so long ago that its terminal record expired
-  (``settings.envelope_max_age``) and the marker after it too; that
-  knowledge is not trusted past ``envelope_max_age`` (a read settles it);
+  (``bus.envelope_max_age``: the envelope stream's ``max_age``, the same
+  on every bus) and the marker after it too; that knowledge is not
+  trusted past ``envelope_max_age`` (a read settles it);
 * a disconnect or reconnect makes everything known *stale*: it is read
   again the next time it matters, because hints may have been missed.
 
@@ -188,7 +189,7 @@ class SessionStates:
         if known is None or known.meta is None or not known.meta.state.is_terminal:
             return known
         ended = known.meta.closed_at or known.meta.updated_at
-        if time.time() - ended < self._bus.settings.envelope_max_age:
+        if time.time() - ended < self._bus.envelope_max_age:
             return known
         if self._known.get(known.session_id) is known:
             del self._known[known.session_id]

@@ -150,6 +150,9 @@ class SessionBus:
         self.node_id = validate_id(node_id, "node id") if node_id else uuid.uuid4().hex[:12]
         self.partitions = settings.partitions or DEFAULT_PARTITIONS
         self.replicas = settings.replicas or DEFAULT_REPLICAS
+        #: Seconds envelopes (and terminal session records) are kept: the
+        #: envelope stream's ``max_age`` once started, whatever was asked.
+        self.envelope_max_age = settings.envelope_max_age
         self.embedded: NatsServer | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -399,7 +402,7 @@ class SessionBus:
 
         Records that do not decode are skipped (and logged), so one bad
         record does not hide the others. Closed and expired records are
-        listed until their TTL (``settings.envelope_max_age``) removes them.
+        listed until their TTL (:attr:`envelope_max_age`) removes them.
         """
         return await self.lifecycle.list_sessions(state=state)
 
@@ -536,6 +539,14 @@ class SessionBus:
             )
         self.partitions = found
         self.replicas = info.config.num_replicas or DEFAULT_REPLICAS
+        # Every bus must agree on how long a terminal record lives: whoever
+        # reopens an id after it expired sends no hint (see _states), so the
+        # stream's retention, not each process's setting, is the one used.
+        kept = info.config.max_age or s.envelope_max_age
+        if abs(kept - s.envelope_max_age) >= 1.0:
+            logger.warning("stream %s keeps envelopes %.0f s, not the %.0f s asked for: "
+                           "using %.0f s", n.envelope_stream, kept, s.envelope_max_age, kept)
+        self.envelope_max_age = kept
 
     async def _ensure_stream(self, config: api.StreamConfig) -> api.StreamInfo:
         assert config.name is not None

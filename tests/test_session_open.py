@@ -11,6 +11,7 @@ notices it opened again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -178,3 +179,22 @@ async def test_an_end_older_than_the_record_lifetime_is_read_again(
     except SessionNotFound:
         return  # expired already, as it may at one second
     assert info.state is SessionState.CLOSED
+
+
+async def test_every_bus_keeps_terminal_records_as_long_as_the_stream_keeps_envelopes(
+    nats_server: NatsServer, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # How long an end is trusted rests on every bus writing terminal records
+    # with the same TTL: a bus asking for less than the stream keeps adopts
+    # the stream's retention (and says so), like its partition count.
+    first = await bus_factory(nats_server.url, envelope_max_age=3600.0)
+    with caplog.at_level(logging.WARNING, logger="sessionbus.bus.core"):
+        short = await bus_factory(nats_server.url, envelope_max_age=5.0)
+    assert (first.envelope_max_age, short.envelope_max_age) == (3600.0, 3600.0)
+    assert any("not the 5 s asked for" in r.getMessage() for r in caplog.records)
+    await short.open("kept", ttl=None)
+    await short.session("kept").close("done")
+    msg = await short.js.get_last_msg(short.sessions_kv.stream,
+                                      f"$KV.{short.sessions_kv.name}.{short.names.session_key('kept')}")
+    assert msg.headers is not None and msg.headers.get("Nats-TTL") in ("3600", "3600s")
+
