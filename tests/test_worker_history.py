@@ -131,3 +131,19 @@ def test_history_reads_like_a_list_and_cannot_change() -> None:
     with pytest.raises(TypeError):
         hash(window)
     assert History(envs) == envs and len(History([])) == 0
+
+
+def test_iterating_a_history_stops_at_its_window_while_the_list_grows() -> None:
+    """The worker appends while a turn iterates (with awaits): nothing past the window shows."""
+    envs = [Envelope(session_id="a", sender_id="c", event_data={"text": f"e{i}"})
+            for i in range(6)]
+    items = envs[:3]
+    for window, want in ((History(items), envs[:3]), (History(items, 1, 3), envs[1:3])):
+        seen = []
+        for e in window:
+            seen.append(e)
+            items.append(envs[len(items)])  # stored after the turn's own envelope
+        assert seen == want
+        del items[3:]
+    assert list(History(items)) == envs[:3]
+

@@ -60,8 +60,8 @@ class History(Sequence[Envelope]):
         return self._items[self._lo + i]
 
     def __iter__(self) -> Iterator[Envelope]:
-        if self._lo == 0 and self._hi == len(self._items):
-            return iter(self._items)
+        # Bounded by the window even when the list grows while a turn iterates
+        # (a list's own iterator would run on into what was stored later).
         return itertools.islice(self._items, self._lo, self._hi)
 
     def __eq__(self, other: object) -> bool:
