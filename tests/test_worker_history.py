@@ -147,3 +147,18 @@ def test_iterating_a_history_stops_at_its_window_while_the_list_grows() -> None:
         del items[3:]
     assert list(History(items)) == envs[:3]
 
+
+
+def test_a_session_at_its_bound_holds_at_most_a_quarter_more_in_its_lists() -> None:
+    """Old envelopes dropped from the front are let go of soon, not after a whole bound."""
+    per_session = 64
+    recent = RecentHistory(per_session=per_session, total=10_000)
+    env = Envelope(session_id="a", sender_id="c", event_data={"text": "x"})
+    held = []
+    for seq in range(1, per_session * 4):
+        recent.observe(0, seq, seq, "a", env)
+        entry = recent._entries["a"]
+        held.append(len(entry.envelopes))
+        assert len(entry.seqs) == len(entry.envelopes)
+    assert recent.size == per_session
+    assert max(held) <= per_session + per_session // 4

@@ -58,8 +58,9 @@ class _Entry:
 
     The session's envelopes are ``envelopes[start:]`` (their sequences
     ``seqs[start:]``). Both lists are only ever appended to: dropping old
-    envelopes moves ``start``, and when half a list is dropped, or older
-    envelopes go in front, the entry takes new lists. So a
+    envelopes moves ``start``, and when the dropped part reaches a quarter
+    of the per-session bound, or older envelopes go in front, the entry
+    takes new lists (so it holds at most 1.25 times the bound). So a
     :class:`~sessionbus.workers._historyseq.History` window handed to a
     turn stays what it was, whatever the worker pulls meanwhile.
     """
@@ -95,8 +96,10 @@ class _Entry:
         if self.ttls:
             self.ttls -= sum(1 for e in itertools.islice(self.envelopes, start, end)
                              if e.ttl_seconds is not None)
-        if end * 2 >= len(self.seqs):
-            # New lists (windows handed out keep the old ones, unchanged).
+        if end * 4 >= keep:
+            # New lists once the dropped head is a quarter of the bound, so an
+            # entry's lists hold at most 1.25 times it (windows handed out keep
+            # the old ones, unchanged).
             self.seqs = self.seqs[end:]
             self.envelopes = self.envelopes[end:]
             end = 0
