@@ -66,7 +66,9 @@ class Replies:
                 starting.exception()  # retrieved: the next call tries again
                 raise
             self._starting.set_result(None)
-        await self._starting
+        # Shielded: a caller cancelled while another starts the inbox must
+        # not cancel the start every other caller waits on.
+        await asyncio.shield(self._starting)
 
     async def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix):], None)
