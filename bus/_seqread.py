@@ -26,15 +26,18 @@ with no bound, at what was stored when the read got there.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from nats.aio.client import Client
 from sessionbus.bus._jsapi import API_TIMEOUT, DEFAULT_API_PREFIX, JetStreamAPIError
 from sessionbus.bus._rawsub import RawInbox, header_value
-from sessionbus.bus.errors import BusTimeout
+from sessionbus.bus.errors import BusError, BusTimeout
 
-__all__ = ["CONSUMER_PAST", "read_range"]
+__all__ = ["CONSUMER_PAST", "UntrustedDeliveries", "read_range"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -54,6 +57,14 @@ _SEQ = b"\r\nNats-Sequence:"
 _PENDING = b"\r\nNats-Num-Pending:"
 _LAST = b"\r\nNats-Last-Sequence:"
 _DESCRIPTION_AT = 13  # after "NATS/1.0 NNN "
+
+
+class UntrustedDeliveries(BusError):
+    """A history consumer's deliveries cannot be taken as they come: read the rest otherwise.
+
+    A delivery skipped some (a reconnect lost what was written to the dead
+    connection), or its ack subject has a shape this code does not know.
+    """
 
 
 def _description(headers: bytes) -> str:
@@ -94,7 +105,7 @@ class _Range(Generic[T]):
         """One consumer delivery: its sequence and what is pending are in the reply subject."""
         if self.done:
             return True
-        seq, pending = _stream_seq_and_pending(reply)
+        seq, _, pending = _ack_numbers(reply)
         if self.up_to is not None and seq > self.up_to:
             self.done = True
             return True
@@ -137,7 +148,9 @@ async def read_range(
                 await _consume(nc, inbox, found, stream=stream, subject_filter=subject_filter,
                                start=start, api_prefix=api_prefix)
                 return found.out
-            except (JetStreamAPIError, BusTimeout):
+            except (JetStreamAPIError, BusTimeout, UntrustedDeliveries) as e:
+                if isinstance(e, UntrustedDeliveries):
+                    logger.warning("%s; reading on with Direct Get", e)
                 # Read on with Direct Get (a fresh inbox) from where it stopped.
                 consumer_ok = False
                 found.done = False
@@ -181,13 +194,20 @@ async def _direct_pages(
     return None
 
 
-def _stream_seq_and_pending(reply: bytes) -> tuple[int, int]:
+def _ack_numbers(reply: bytes) -> tuple[int, int, int]:
+    """Stream sequence, consumer sequence and pending count from a delivery's ack subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
     # with <domain>.<account hash> after ACK and a trailing token.
     tokens = reply.split(b".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
+    if tokens[:2] == [b"$JS", b"ACK"]:
+        at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else 0
+        if at:
+            try:
+                return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+            except ValueError:
+                pass
+    shown = reply[:120].decode("utf-8", "replace")
+    raise UntrustedDeliveries(f"a history consumer's delivery has an unknown ack subject {shown!r}")
 
 
 async def _consume(

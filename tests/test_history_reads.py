@@ -20,8 +20,9 @@ from sessionbus.bus import SessionBus, _seqread
 from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
-from sessionbus.bus._seqread import read_range
+from sessionbus.bus._seqread import UntrustedDeliveries, read_range
 from sessionbus.bus._server import NatsCluster
+from sessionbus.bus.errors import BusError
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
@@ -243,3 +244,36 @@ async def test_a_long_read_on_a_replicated_stream(
     stored = await _interleaved(sb, 30)
     assert _texts(await read_history(sb, "a")) == stored["a"]
     assert small_pages == ["read"]
+
+
+async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
+    bus: SessionBus, small_pages: list[str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delivery whose ack subject does not parse is a typed error, never IndexError."""
+    found = _seqread._Range(lambda seq, data: seq, None)
+    for reply in (b"", b"_INBOX.a.b", b"$JS.ACK.S.C.1.x.1.1700000000.0", b"$JS.ACK.S.C.1.2.3",
+                  b"$JS.NAK.S.C.1.2.1.1700000000.0"):
+        with pytest.raises(UntrustedDeliveries) as raised:
+            found.on_pushed(reply, b"", None)
+        assert isinstance(raised.value, BusError)
+    assert not found.on_pushed(b"$JS.ACK.S.C.1.42.1.1700000000.5", b"", None)
+    assert found.on_pushed(b"$JS.ACK.d.h.S.C.1.43.2.1700000000.0.t", b"", None)
+    assert found.out == [(42, 42), (43, 43)]
+    # In a read: the consumer phase ends at the odd delivery and Direct Get reads the rest.
+    await bus.open("odd", participant="client")
+    seqs = await _store(bus, "odd", [f"o{i}" for i in range(30)])
+    on_pushed = _seqread._Range.on_pushed
+
+    def odd_tenth(self: _seqread._Range[Any], reply: bytes, data: bytes,
+                  headers: bytes | None) -> bool:
+        if self.got == 10:
+            reply = b"_INBOX.not.an.ack"
+        return on_pushed(self, reply, data, headers)
+
+    monkeypatch.setattr(_seqread._Range, "on_pushed", odd_tenth)
+    with caplog.at_level(logging.WARNING, logger="sessionbus.bus._seqread"):
+        found_all = await read_history(bus, "odd")
+    assert _texts(found_all) == list(zip(seqs, [f"o{i}" for i in range(30)], strict=True))
+    assert small_pages == ["UntrustedDeliveries"]
+    assert any("unknown ack subject" in r.getMessage() for r in caplog.records)
