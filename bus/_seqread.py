@@ -10,7 +10,8 @@ Two server paths, both into one :class:`~sessionbus.bus._rawsub.RawInbox`
   (a short session, the gap in front of a worker's cached history) end
   there, in one round trip.
 * when the first page's end-of-batch status says more than
-  ``CONSUMER_PAST`` messages are still to come, an ephemeral push
+  ``CONSUMER_PAST`` messages are still to come (and the range to
+  ``up_to`` is longer than that), an ephemeral push
   consumer (no acks, flow controlled, in memory) delivers the rest from the
   next sequence on: on nats-server 2.15 a consumer delivers about twice as
   fast as Direct Get batches. It is created without a name (what a
@@ -189,7 +190,10 @@ async def _direct_pages(
         if pending == 0:
             return None
         seq = int(header_value(eob, _LAST) or b"0") + 1
-        if hand_over and pending > CONSUMER_PAST and (up_to is None or seq <= up_to):
+        # ``pending`` counts to the end of the stream: with a bound, no more
+        # than ``up_to - seq + 1`` of them are in the range.
+        left = pending if up_to is None else min(pending, up_to - seq + 1)
+        if hand_over and left > CONSUMER_PAST:
             return seq
     return None
 

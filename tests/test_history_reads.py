@@ -277,3 +277,20 @@ async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
     assert _texts(found_all) == list(zip(seqs, [f"o{i}" for i in range(30)], strict=True))
     assert small_pages == ["UntrustedDeliveries"]
     assert any("unknown ack subject" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_short_bounded_read_of_a_long_session_needs_no_consumer(
+    bus: SessionBus, small_pages: list[str],
+) -> None:
+    """Much is stored after ``up_to``: only what is left up to it decides the hand-over."""
+    await bus.open("short", participant="client")
+    texts = [f"s{i}" for i in range(40)]
+    seqs = await _store(bus, "short", texts)
+    stored = list(zip(seqs, texts, strict=True))
+    # First page 4, then 4 left up to the bound (under CONSUMER_PAST 6), 32 after it.
+    assert _texts(await read_history(bus, "short", up_to=seqs[7])) == stored[:8]
+    assert _texts(await read_history(bus, "short", after=seqs[9], up_to=seqs[19])) == (
+        stored[10:20])
+    assert small_pages == []  # Direct Get only
+    assert _texts(await read_history(bus, "short", up_to=seqs[30])) == stored[:31]
+    assert small_pages == ["read"]  # a long rest still goes to a consumer
