@@ -44,6 +44,7 @@ from sessionbus.bus._feeds import Feed
 from sessionbus.bus._states import SessionStates
 from sessionbus.bus._timers import IdleTimers
 from sessionbus.bus.errors import (
+    BusError,
     ConcurrentUpdate,
     ConfigError,
     DecodeError,
@@ -79,6 +80,8 @@ MAX_CAS_ATTEMPTS = 25
 MAX_TERMINAL_TASKS = 256
 #: A record older than this with no idle timer is expired when read.
 _IDLE_GRACE = 2.0
+#: Seconds the delete marker of a removed idle timer is kept.
+_TIMER_MARKER_TTL = 60.0
 _TASK_NS = uuid.UUID("0b5e8d7e-2f55-4a4e-8f0e-7f5d1c9b3a20")
 
 
@@ -118,16 +121,21 @@ class Lifecycle:
         await self.states.start()
 
     async def stop(self) -> None:
-        """End the open feeds, stop the expiry watcher and the close listener."""
+        """End the feeds, settle the idle timers, stop the expiry watcher and close listener.
+
+        Timers this bus wrote without their ack and the watcher has not
+        confirmed are written acknowledged first (a few seconds at most).
+        """
         for feed in list(self._feeds):
             try:
                 await feed.aclose()
             except Exception:
                 logger.exception("error closing %r", feed)
+        # Before the watcher stops: it confirms the timers it sees meanwhile.
+        await self.timers.stop(watching=self._watcher is not None and self._watcher.ready)
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
-        self.timers.stop()
         await self.states.stop()
 
     def adopt(self, feed: Feed[Any]) -> None:
@@ -164,8 +172,9 @@ class Lifecycle:
         the same flush, and is confirmed by this bus's expiry watcher (see
         :mod:`sessionbus.bus._timers`).
         The record is still a compare-and-set create: :class:`SessionExists`
-        if the id is taken (the timer then only pushed back the taken
-        session's idle timer, as a send would).
+        if the id is taken. The timer went out before that was known, with
+        this open's TTL; it is then put back as the taken session has it
+        (see :meth:`_restore_timer`).
         """
         ttl = meta.ttl_seconds
         if ttl is None:
@@ -176,15 +185,46 @@ class Lifecycle:
         watcher = self._watcher
         if self.timers.can_skip_ack(watching=watcher is not None and watcher.ready):
             sid = meta.session_id
-            await self.create(meta, also=lambda: self.timers.write_unacked(sid, ttl))
+            try:
+                await self.create(meta, also=lambda: self.timers.write_unacked(sid, ttl))
+            except SessionExists:
+                await self._restore_timer(sid)
+                raise
             return
         results = await asyncio.gather(
             self.create(meta), self.timers.refresh(meta.session_id, ttl, force=True),
             return_exceptions=True,
         )
+        if isinstance(results[0], SessionExists):
+            await self._restore_timer(meta.session_id)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def _restore_timer(self, session_id: str) -> None:
+        """Undo the timer a refused open wrote over a taken session's.
+
+        Rare (a racing open of one id), so it costs a read and a write: an
+        active session's timer is written again with its own TTL, one with
+        no TTL loses the timer key; an ended session needs nothing (a timer
+        that runs out on a terminal record changes nothing). The refused
+        open's write is no longer confirmed nor repaired. Written after the
+        wrong timer on the same connection, so stored after it.
+        """
+        self.timers.forget(session_id)
+        try:
+            meta = await self.load(session_id)
+            if meta is None or meta.is_terminal():
+                return
+            if meta.ttl_seconds is not None:
+                await self.timers.refresh(session_id, meta.ttl_seconds, force=True)
+                return
+            with nats_errors(f"deleting the timer of {session_id!r}"):
+                await self._bus.sessions_kv.delete(
+                    self._bus.names.session_timer_key(session_id), ttl=_TIMER_MARKER_TTL)
+        except BusError as e:
+            logger.error("session %r may expire early: a refused open wrote its idle timer"
+                         " and restoring it failed: %s", session_id, e)
 
     async def create(self, meta: SessionMetadata, *,
                      also: Callable[[], Awaitable[None]] | None = None) -> None:

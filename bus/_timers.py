@@ -26,11 +26,21 @@ the writes it is already behind on. This path is only taken once an
 acknowledged timer write has succeeded on this bus (the bucket takes per-key
 TTLs) and while the watcher is subscribed; otherwise the open waits for both
 acks.
+
+A repair that fails (the stream has no leader, the server is restarting) is
+tried again after a growing pause until it succeeds or the session ends
+(:meth:`IdleTimers.forget`, or the watcher sees the timer deleted);
+:data:`REPAIR_CONCURRENCY` repairs run at once and the rest wait their turn,
+so a watcher that stalled does not start one write per session. A closing
+bus gives the watcher a moment to confirm what it has not seen yet, then
+writes the rest acknowledged, all within :data:`STOP_WITHIN` seconds: a
+session opened just before the process exits still expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -43,7 +53,15 @@ from sessionbus.bus.errors import BusError, nats_errors
 if TYPE_CHECKING:
     from sessionbus.bus.core import SessionBus
 
-__all__ = ["CONFIRM_WITHIN", "LAG_LIMIT", "TIMER_SLACK", "IdleTimers", "timer_seconds"]
+__all__ = [
+    "CONFIRM_WITHIN",
+    "LAG_LIMIT",
+    "REPAIR_CONCURRENCY",
+    "STOP_WITHIN",
+    "TIMER_SLACK",
+    "IdleTimers",
+    "timer_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +75,14 @@ TIMER_CACHE_SIZE = 100_000
 CONFIRM_WITHIN = 2.0
 #: How many times CONFIRM_WITHIN a timer waits for a watcher that confirms nothing.
 LAG_LIMIT = 5
+#: Timer repairs written at once; the others wait their turn.
+REPAIR_CONCURRENCY = 16
+#: Seconds a closing bus spends on the timers the watcher has not confirmed.
+STOP_WITHIN = 3.0
+#: The part of STOP_WITHIN spent waiting for the watcher before writing.
+_STOP_CONFIRM_WAIT = 1.0
+#: Pause before a failed repair is tried again: doubles from the first to the second.
+_RETRY_MIN, _RETRY_MAX = 0.2, 5.0
 _TTL = "Nats-TTL"
 
 
@@ -73,11 +99,16 @@ class IdleTimers:
         self._written: OrderedDict[str, float] = OrderedDict()
         #: Timer key -> (session id, ttl, when sent, number), in the order sent.
         self._unconfirmed: OrderedDict[str, tuple[str, float, float, int]] = OrderedDict()
+        #: Timer key -> (session id, ttl): not seen in time, waiting to be written again.
+        self._due: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Timer key -> (session id, ttl): being written again (or waiting to retry).
+        self._repairing: dict[str, tuple[str, float]] = {}
         self._sent = 0
         self._seen_through = 0  # the number of the latest timer the watcher saw
         self._behind = False  # the watcher's last delivery said more were pending
         self._sweep: asyncio.Handle | None = None
         self._repairs: set[asyncio.Task[None]] = set()
+        self._all_seen: asyncio.Event | None = None  # set while a closing bus waits
         self._acked_once = False
         #: Seconds an unacknowledged timer may go unseen before it is written again.
         self.confirm_within = CONFIRM_WITHIN
@@ -85,20 +116,64 @@ class IdleTimers:
         """Timers written without their ack that the watcher saw."""
         self.repaired = 0
         """Timers written again because the watcher did not see them in time."""
+        self.retried = 0
+        """Repair writes that failed and were tried again."""
+        self.withdrawn = 0
+        """Timers not seen that the watcher saw deleted instead (the session ended)."""
 
     @property
     def unconfirmed(self) -> int:
         """Timers written without their ack and not seen by the watcher yet."""
         return len(self._unconfirmed)
 
-    def stop(self) -> None:
-        """Cancel the pending repairs (the bus is closing)."""
+    @property
+    def repairing(self) -> int:
+        """Timers not seen in time whose acknowledged write has not succeeded yet."""
+        return len(self._due) + len(self._repairing)
+
+    async def stop(self, *, watching: bool, within: float = STOP_WITHIN) -> None:
+        """The bus is closing: make sure every timer it sent is stored, within ``within`` s.
+
+        Called while the watcher still runs (``watching``): it gets a moment
+        to confirm the timers it has not seen yet; those still unconfirmed,
+        and those due for repair, are then written acknowledged, pipelined.
+        """
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        deadline = time.monotonic() + within
+        connected = self._bus.sessions_kv.nc.is_connected
+        if watching and connected and self._unconfirmed:
+            self._all_seen = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_seen.wait(), min(_STOP_CONFIRM_WAIT, within))
+            self._all_seen = None
         for task in self._repairs:
             task.cancel()
+        for task in list(self._repairs):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        rest = {key: (sid, ttl) for key, (sid, ttl, _, _) in self._unconfirmed.items()}
+        rest.update(self._due)
+        rest.update(self._repairing)
         self._unconfirmed.clear()
+        self._due.clear()
+        self._repairing.clear()
+        if not rest:
+            return
+        if not connected:
+            logger.error("%d sessions may not expire when idle: closing while disconnected"
+                         " before their timers were confirmed", len(rest))
+            return
+        writes = [asyncio.ensure_future(self.refresh(sid, ttl, force=True))
+                  for sid, ttl in rest.values()]
+        done, pending = await asyncio.wait(writes, timeout=max(deadline - time.monotonic(), 0.1))
+        for write in pending:
+            write.cancel()
+        failed = len(pending) + sum(1 for w in done if w.exception() is not None)
+        if failed:
+            logger.error("%d sessions may not expire when idle: their timer writes failed"
+                         " while the bus closed", failed)
 
     def _claim(self, session_id: str, now: float) -> None:
         self._written[session_id] = now
@@ -109,7 +184,14 @@ class IdleTimers:
     def forget(self, session_id: str) -> None:
         """The session ended: no refresh is due, nor any repair of its timer."""
         self._written.pop(session_id, None)
-        self._unconfirmed.pop(self._bus.names.session_timer_key(session_id), None)
+        self._withdraw(self._bus.names.session_timer_key(session_id))
+        self._note_all_seen()
+
+    def _withdraw(self, key: str) -> bool:
+        """Stop confirming or repairing the timer ``key``; True if one was pending."""
+        pending = self._unconfirmed.pop(key, None) is not None
+        pending = self._due.pop(key, None) is not None or pending
+        return self._repairing.pop(key, None) is not None or pending
 
     async def refresh(self, session_id: str, ttl: float, *, force: bool = False) -> bool:
         """Push back the idle timer, unless its slack still covers ``ttl``; True if written."""
@@ -142,6 +224,7 @@ class IdleTimers:
         now = time.monotonic()
         self._claim(session_id, now)
         self._sent += 1
+        self._withdraw(key)  # this write replaces any repair still pending
         self._unconfirmed[key] = (session_id, ttl, now, self._sent)
         self._unconfirmed.move_to_end(key)
         if self._sweep is None:
@@ -161,12 +244,19 @@ class IdleTimers:
     def seen(self, event: KVEvent) -> None:
         """The expiry watcher delivered ``event`` (a timer write, expiry or delete)."""
         self._behind = event.pending > 0
+        if event.op in (KVOp.DELETE, KVOp.PURGE):
+            # The session ended (closed here or elsewhere): no timer is wanted.
+            if self._withdraw(event.key):
+                self.withdrawn += 1
+            self._note_all_seen()
+            return
         if event.op is not KVOp.PUT:
             return
         entry = self._unconfirmed.pop(event.key, None)
         if entry is None:
             return
         self.confirmed += 1
+        self._note_all_seen()
         if entry[3] > self._seen_through:
             self._seen_through = entry[3]
             oldest = next(iter(self._unconfirmed.values()), None)
@@ -175,6 +265,10 @@ class IdleTimers:
                 if self._sweep is not None:
                     self._sweep.cancel()
                 self._sweep = asyncio.get_running_loop().call_soon(self._check)
+
+    def _note_all_seen(self) -> None:
+        if self._all_seen is not None and not self._unconfirmed:
+            self._all_seen.set()
 
     def _check(self) -> None:
         """Write again, acknowledged, every timer the watcher has not seen in time."""
@@ -187,20 +281,38 @@ class IdleTimers:
             if number > self._seen_through and waited < limit:
                 self._sweep = asyncio.get_running_loop().call_later(
                     max(limit - waited, 0.01), self._check)
-                return
+                break
             del self._unconfirmed[key]
+            self._due[key] = (session_id, ttl)
             self.repaired += 1
-            task = asyncio.get_running_loop().create_task(self._repair(session_id, ttl))
+        loop = asyncio.get_running_loop()
+        running = sum(1 for task in self._repairs if not task.done())
+        for _ in range(min(REPAIR_CONCURRENCY - running, len(self._due))):
+            task = loop.create_task(self._repair())
             self._repairs.add(task)
             task.add_done_callback(self._repairs.discard)
 
-    async def _repair(self, session_id: str, ttl: float) -> None:
-        logger.debug("the timer of %r was not seen stored: writing it again", session_id)
-        try:
-            await self.refresh(session_id, ttl, force=True)
-        except BusError as e:
-            logger.error("session %r may not expire when idle: its timer write failed: %s",
-                         session_id, e)
+    async def _repair(self) -> None:
+        """Write the due timers, one at a time, each until it is stored or withdrawn."""
+        pause = _RETRY_MIN
+        while self._due:
+            key, entry = self._due.popitem(last=False)
+            self._repairing[key] = entry
+            session_id, ttl = entry
+            logger.debug("the timer of %r was not seen stored: writing it again", session_id)
+            while self._repairing.get(key) is entry:
+                try:
+                    await self.refresh(session_id, ttl, force=True)
+                except Exception as e:
+                    self.retried += 1
+                    logger.warning("writing the timer of %r failed (%s): trying again in"
+                                   " %.1fs", session_id, e, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _RETRY_MAX)
+                    continue
+                pause = _RETRY_MIN
+                if self._repairing.get(key) is entry:
+                    del self._repairing[key]
 
     async def drop(self, session_id: str) -> None:
         """Delete a closed session's idle timer without waiting for the ack.
@@ -222,4 +334,4 @@ class IdleTimers:
 
     def __repr__(self) -> str:
         return (f"<IdleTimers written={len(self._written)} unconfirmed={len(self._unconfirmed)}"
-                f" repaired={self.repaired}>")
+                f" repairing={self.repairing} repaired={self.repaired}>")

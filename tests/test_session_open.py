@@ -124,7 +124,7 @@ async def test_a_lost_timer_is_rewritten_once_a_later_one_is_seen(
                 within=5)
     assert time.monotonic() - started < timers.confirm_within
     assert dropped == [bus.names.session_timer_key("lost-timer")]
-    await until(lambda: not timers._repairs, "the repair write")
+    await until(lambda: timers.repairing == 0, "the repair write")
     assert await bus.sessions_kv.get(bus.names.session_timer_key("lost-timer")) is not None
 
 
