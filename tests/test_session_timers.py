@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import pytest
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsServer
-from sessionbus.bus._timers import timer_seconds
+from sessionbus.bus._timers import REPAIR_CONCURRENCY, timer_seconds
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import SessionState
 
@@ -168,3 +168,23 @@ async def test_a_timer_deleted_by_another_bus_is_not_written_again(
     assert timers.repaired == 0 and timers.withdrawn == 1
     assert await opener.sessions_kv.get(
         opener.names.session_timer_key("closed-elsewhere")) is None
+
+
+async def test_repairs_run_a_bounded_number_at_once(bus: SessionBus) -> None:
+    await warmed(bus)
+    watcher = bus.lifecycle.watcher
+    assert watcher is not None
+    await watcher.stop()  # a stalled watcher: it confirms nothing
+    timers = bus.lifecycle.timers
+    sessions = [f"stalled-{i}" for i in range(3 * REPAIR_CONCURRENCY)]
+    for sid in sessions:
+        await timers.write_unacked(sid, 600)
+    assert timers.unconfirmed == len(sessions)
+    timers.confirm_within = 0.0
+    timers._check()  # every one is due now
+    assert timers.repaired == len(sessions)
+    assert 0 < sum(not task.done() for task in timers._repairs) <= REPAIR_CONCURRENCY
+    await until(lambda: timers.repairing == 0, "the repairs")
+    stored = await bus.sessions_kv.get_many(
+        [bus.names.session_timer_key(sid) for sid in sessions])
+    assert len(stored) == len(sessions)
