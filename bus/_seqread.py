@@ -18,7 +18,12 @@ Two server paths, both into one :class:`~sessionbus.bus._rawsub.RawInbox`
   client's permissions allow on the envelope stream) and the server drops
   it ``_LINGER`` seconds after the read unsubscribes. Should the server
   refuse it (the stream's consumer limit, a leader election), the read
-  goes on with Direct Get pages.
+  goes on with Direct Get pages. So it does, from the last message
+  received, when the consumer's deliveries may have lost some: their
+  delivery sequence skips (what the server wrote to a connection that
+  died is gone; nats-py subscribes again on the new one and the consumer
+  goes on past it), or the consumer is silent after a reconnect. A read
+  never returns a range with a hole.
 
 Both end at ``up_to`` (what is stored after it is dropped unread), or,
 with no bound, at what was stored when the read got there.
@@ -51,6 +56,8 @@ PAGE = 2048
 CONSUMER_PAST = 256
 #: Seconds the server keeps a history consumer after its reader unsubscribed.
 _LINGER = 2.0
+#: Seconds without a delivery after which a history read checks its connection.
+_SILENT = 0.5
 #: Flow control and idle heartbeat interval asked of a history consumer (seconds).
 _HEARTBEAT = 5.0
 
@@ -76,7 +83,7 @@ def _description(headers: bytes) -> str:
 class _Range(Generic[T]):
     """What one read collected: ``(seq, converted)`` in stream order, up to ``up_to``."""
 
-    __slots__ = ("convert", "done", "expected", "got", "out", "up_to")
+    __slots__ = ("convert", "done", "expected", "got", "next_delivery", "out", "up_to")
 
     def __init__(self, convert: Callable[[int, bytes], T], up_to: int | None) -> None:
         self.convert = convert
@@ -85,6 +92,7 @@ class _Range(Generic[T]):
         self.done = False
         self.got = 0
         self.expected: int | None = None
+        self.next_delivery = 1
 
     def next_seq(self, seq: int) -> int:
         """Where to read on from: past ``seq`` and past everything collected."""
@@ -103,10 +111,21 @@ class _Range(Generic[T]):
         return False
 
     def on_pushed(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
-        """One consumer delivery: its sequence and what is pending are in the reply subject."""
+        """One consumer delivery: its sequences and what is pending are in the reply subject.
+
+        The consumer numbers its deliveries 1, 2, 3...: a step other than +1
+        means some were lost (written to a connection that died before the
+        client read them; nats-py subscribes again on the new one and the
+        consumer goes on), so the read cannot go on from here.
+        """
         if self.done:
             return True
-        seq, _, pending = _ack_numbers(reply)
+        seq, delivery, pending = _ack_numbers(reply)
+        if delivery != self.next_delivery:
+            raise UntrustedDeliveries(
+                f"a history consumer's deliveries went from {self.next_delivery - 1} to "
+                f"{delivery}: some were lost (a reconnect?)")
+        self.next_delivery = delivery + 1
         if self.up_to is not None and seq > self.up_to:
             self.done = True
             return True
@@ -228,6 +247,8 @@ async def _consume(
     }
     create = f"{api_prefix}.CONSUMER.CREATE.{stream}"
     body = json.dumps({"stream_name": stream, "config": config}).encode()
+    found.next_delivery = 1
+    reconnects = nc.stats["reconnects"]
     inbox.on_msg = found.on_pushed
     try:
         reply = await nc.request(create, body, timeout=API_TIMEOUT)
@@ -241,7 +262,20 @@ async def _consume(
     found.expected = int(info.get("num_pending", 0))
     if found.got >= found.expected:
         found.done = True
+    silent = 0.0
     while not found.done:
-        status = await inbox.wait(create, idle=API_TIMEOUT)
+        got = found.got
+        try:
+            status = await inbox.wait(create, idle=_SILENT)
+        except BusTimeout:
+            # Silent: if the connection was lost meanwhile, what the consumer
+            # wrote to the old one (perhaps all the rest) will never come.
+            if nc.stats["reconnects"] != reconnects or not nc.is_connected:
+                raise UntrustedDeliveries("the connection was lost while a history consumer "
+                                          "delivered") from None
+            silent = _SILENT if found.got != got else silent + _SILENT
+            if silent >= API_TIMEOUT:
+                raise
+            continue
         if status is not None and not found.done:  # the consumer went away (409 deleted, ...)
             raise JetStreamAPIError(status[0], 0, _description(status[1]) or create)

@@ -16,12 +16,13 @@ import time
 from typing import Any
 
 import pytest
+from faults.proxy import LinkProxy
 from sessionbus.bus import SessionBus, _seqread
 from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
 from sessionbus.bus._seqread import UntrustedDeliveries, read_range
-from sessionbus.bus._server import NatsCluster
+from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusError
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
@@ -294,3 +295,45 @@ async def test_a_short_bounded_read_of_a_long_session_needs_no_consumer(
     assert small_pages == []  # Direct Get only
     assert _texts(await read_history(bus, "short", up_to=seqs[30])) == stored[:31]
     assert small_pages == ["read"]  # a long rest still goes to a consumer
+
+
+
+@pytest.mark.parametrize("silent", [_seqread._SILENT, _seqread.API_TIMEOUT],
+                         ids=["default", "gap-check-only"])
+async def test_a_link_cut_while_a_consumer_delivers_loses_nothing(
+    nats_server: NatsServer, bus_factory: BusFactory, small_pages: list[str],
+    monkeypatch: pytest.MonkeyPatch, silent: float,
+) -> None:
+    """What the server wrote to the dead connection is read again, never left out.
+
+    The consumer's heartbeat is short, so a consumer stalled by the cut
+    resumes soon after the reconnect, past what was lost: the case that
+    returned a range with a hole. With the silence check held off, only
+    the delivery sequence check can see the loss.
+    """
+    monkeypatch.setattr(_seqread, "PAGE", 2048)  # the read on after the cut: a few pages
+    monkeypatch.setattr(_seqread, "_HEARTBEAT", 0.3)
+    monkeypatch.setattr(_seqread, "_SILENT", silent)
+    n, cut_at = 3000, 300
+    on_pushed = _seqread._Range.on_pushed
+    with LinkProxy(target_port=nats_server.port) as proxy:
+        sb = await bus_factory(proxy.url)
+        await sb.open("cut", participant="client")
+        texts = [f"c{i}:{'x' * 1000}" for i in range(n)]
+        stored = list(zip(await _store(sb, "cut", texts), texts, strict=True))
+        cuts: list[int] = []
+
+        def cut_midway(self: _seqread._Range[Any], reply: bytes, data: bytes,
+                       headers: bytes | None) -> bool:
+            if self.got == cut_at and not cuts:
+                cuts.append(self.got)
+                proxy.cut()  # the client's read loop waits meanwhile: the socket dies mid-flow
+                proxy.restore()
+            return on_pushed(self, reply, data, headers)
+
+        monkeypatch.setattr(_seqread._Range, "on_pushed", cut_midway)
+        found = await asyncio.wait_for(read_history(sb, "cut"), 20)
+    assert cuts == [cut_at]
+    assert len(found) == n, f"{n - len(found)} envelopes left out"
+    assert _texts(found) == stored  # every one, in order
+    assert small_pages in (["UntrustedDeliveries"], ["read"]), small_pages
