@@ -13,23 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import SessionExists, SessionNotFound, SessionTerminated
 from sessionbus.schemas import SessionState
+from waiting import until
 
 from sessionbus.testing import BusFactory
-
-
-async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def heard_everything_before(publisher: SessionBus, listener: SessionBus) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -22,16 +22,9 @@ from sessionbus.bus._server import NatsServer
 from sessionbus.bus._timers import REPAIR_CONCURRENCY, timer_seconds
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import SessionState
+from waiting import until
 
 from sessionbus.testing import BusFactory
-
-
-async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def warmed(bus: SessionBus) -> SessionBus:
