@@ -7,11 +7,13 @@ envelopes ran or were dropped) beside what it asserts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import waiting
 from faults.proxy import LinkProxy
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
@@ -50,18 +52,13 @@ async def start_worker(bus_factory: BusFactory, nats_server: NatsServer
         await worker.stop()
 
 
-async def until(cond: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+until = functools.partial(waiting.until, within=15.0, every=0.01)
 
 
 async def waited(cond: Callable[[], bool], within: float) -> bool:
     """Like :func:`until` but returns False on timeout (so a figure can be printed first)."""
     try:
-        await until(cond, "", within)
+        await until(cond, "", within=within)
     except AssertionError:
         return False
     return True

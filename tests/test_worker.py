@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ from sessionbus.workers import (
     WorkerConfig,
     WorkerState,
 )
+from waiting import until
 from worker_proc import FAST, ensure_sessions, envelope, poll, publish, publish_many
 
 from sessionbus.testing import BusFactory
@@ -57,13 +59,8 @@ async def start_worker(sb: SessionBus) -> AsyncIterator[WorkerFactory]:
         await worker.stop()
 
 
-async def wait_for(cond: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    """Poll ``cond`` until true, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+#: Poll a condition until true, failing after ``within`` (15) seconds.
+wait_for = functools.partial(until, within=15.0, every=0.01)
 
 
 async def unsettled(sb: SessionBus, group: str = "g") -> tuple[int, int]:

@@ -40,14 +40,18 @@ async def handle_until(sb: SessionBus, count: int, config: WorkerConfig = FAST
         if len(handled) == count:
             enough.set()
 
-    worker = Worker(sb, group="g", handler=handle, config=config)
+    await run_until(sb, Worker(sb, group="g", handler=handle, config=config), enough)
+    return handled
+
+
+async def run_until(sb: SessionBus, worker: Worker, done: asyncio.Event) -> None:
+    """Run ``worker`` until ``done`` is set and everything it pulled is settled."""
     await worker.start()
     try:
-        await asyncio.wait_for(enough.wait(), 15)
+        await asyncio.wait_for(done.wait(), 15)
         await settled(sb)
     finally:
         await worker.stop()
-    return handled
 
 
 async def record_of(sb: SessionBus, group: str, sid: str) -> int | None:
@@ -70,13 +74,8 @@ async def test_a_turn_starts_only_once_its_predecessor_is_recorded(
             done.set()
 
     seqs = await send_all(sb, session, ["a", "b", "c"])
-    worker = Worker(sb, group="g", handler=handle, config=FAST, only_addressed=False)
-    await worker.start()
-    try:
-        await asyncio.wait_for(done.wait(), 15)
-        await settled(sb)
-    finally:
-        await worker.stop()
+    await run_until(sb, Worker(sb, group="g", handler=handle, config=FAST,
+                               only_addressed=False), done)
     assert seen == [(seqs[0], None), (seqs[1], seqs[0]), (seqs[2], seqs[1])]
     assert await record_of(sb, "g", "chain") == seqs[2]
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+import functools
 from typing import cast
 
 import pytest
@@ -14,17 +13,12 @@ from sessionbus.schemas import Envelope
 from sessionbus.workers import Turn, Worker
 from sessionbus.workers._historyseq import History
 from sessionbus.workers._recent import RecentHistory, delivery_seq
+from waiting import until
 from worker_proc import FAST
 
 from sessionbus.testing import BusFactory
 
-
-async def _until(cond: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+_until = functools.partial(until, within=15.0, every=0.01)
 
 
 async def test_each_turn_sees_the_session_up_to_its_own_envelope(

@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 
 
-async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail naming ``what`` after ``within`` seconds."""
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0,
+                every: float = 0.02) -> None:
+    """Poll ``condition`` every ``every`` s; fail naming ``what`` after ``within`` seconds."""
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(every)
