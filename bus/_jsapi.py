@@ -86,6 +86,37 @@ class LastMsg(NamedTuple):
     seq: int
 
 
+class AckNumbers(NamedTuple):
+    """What a JetStream delivery's ack subject says about it."""
+
+    delivered: int
+    """How many times the message has been delivered (1: the first time)."""
+    stream_seq: int
+    consumer_seq: int
+    """The consumer's count of deliveries, this one included (1, 2, 3...)."""
+    pending: int
+    """Messages the consumer still had to deliver after this one."""
+
+
+def ack_numbers(reply: str) -> AckNumbers | None:
+    """The numbers in a delivery's ack subject, None if ``reply`` is not one.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``,
+    or with ``<domain>.<account hash>`` after ``ACK`` (and a trailing token)
+    in the newer form. Read here, once per delivery, because nats-py's
+    ``metadata`` also builds a datetime per message.
+    """
+    tokens = reply.split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    at = 4 if len(tokens) == 9 else 6
+    try:
+        return AckNumbers(int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]),
+                          int(tokens[at + 4]))
+    except ValueError:
+        return None
+
+
 def status_of(msg: Msg) -> Status | None:
     """Return the status carried by ``msg``, or None if it is a data message.
 

@@ -38,6 +38,7 @@ from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     TooManyResultsError,
+    ack_numbers,
     direct_get_last_for_subjects,
 )
 from sessionbus.bus._names import kv_subject
@@ -164,18 +165,10 @@ def _op_of(headers: dict[str, str] | None) -> KVOp:
 
 
 def _delivery(msg: Msg) -> tuple[int, int]:
-    """The stream sequence and the consumer's pending count in a delivery's ack subject.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``
-    (9 tokens), or with ``<domain>.<account hash>`` after ``ACK`` (11 or
-    more): read without building nats-py's whole metadata (timestamps
-    included) for every event.
-    """
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9 and tokens[1] == "ACK":
-        return int(tokens[5]), int(tokens[8])
-    if len(tokens) >= 11 and tokens[1] == "ACK":
-        return int(tokens[7]), int(tokens[10])
+    """The stream sequence and the consumer's pending count of a delivery."""
+    numbers = ack_numbers(msg.reply or "")
+    if numbers is not None:
+        return numbers.stream_seq, numbers.pending
     meta = msg.metadata
     return int(meta.sequence.stream), int(meta.num_pending or 0)
 

@@ -31,10 +31,11 @@ from sessionbus.bus._jsapi import (
     API_TIMEOUT,
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
+    ack_numbers,
     read_page,
     status_of,
 )
-from sessionbus.bus.errors import BusTimeout
+from sessionbus.bus.errors import BusError, BusTimeout
 
 __all__ = ["StoredMsg", "direct_get_range", "last_per_subject"]
 
@@ -135,12 +136,10 @@ async def direct_get_range(
 
 
 def _seq_and_pending(reply: str) -> tuple[int, int]:
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
-    # with <domain>.<account hash> after ACK and a trailing token.
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
+    numbers = ack_numbers(reply)
+    if numbers is None:
+        raise BusError(f"a delivery with an unknown ack subject {reply[:120]!r}")
+    return numbers.stream_seq, numbers.pending
 
 
 async def _api(nc: Client, subject: str, body: dict[str, Any] | None) -> Any:

@@ -37,7 +37,12 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from nats.aio.client import Client
-from sessionbus.bus._jsapi import API_TIMEOUT, DEFAULT_API_PREFIX, JetStreamAPIError
+from sessionbus.bus._jsapi import (
+    API_TIMEOUT,
+    DEFAULT_API_PREFIX,
+    JetStreamAPIError,
+    ack_numbers,
+)
 from sessionbus.bus._rawsub import RawInbox, header_value
 from sessionbus.bus.errors import BusError, BusTimeout
 
@@ -219,16 +224,9 @@ async def _direct_pages(
 
 def _ack_numbers(reply: bytes) -> tuple[int, int, int]:
     """Stream sequence, consumer sequence and pending count from a delivery's ack subject."""
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
-    # with <domain>.<account hash> after ACK and a trailing token.
-    tokens = reply.split(b".")
-    if tokens[:2] == [b"$JS", b"ACK"]:
-        at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else 0
-        if at:
-            try:
-                return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
-            except ValueError:
-                pass
+    numbers = ack_numbers(reply.decode("utf-8", "replace"))
+    if numbers is not None:
+        return numbers.stream_seq, numbers.consumer_seq, numbers.pending
     shown = reply[:120].decode("utf-8", "replace")
     raise UntrustedDeliveries(f"a history consumer's delivery has an unknown ack subject {shown!r}")
 

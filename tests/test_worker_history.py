@@ -8,11 +8,12 @@ from typing import cast
 
 import pytest
 from sessionbus.bus import SessionBus
+from sessionbus.bus._jsapi import ack_numbers
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import Envelope
 from sessionbus.workers import Turn, Worker
 from sessionbus.workers._historyseq import History
-from sessionbus.workers._recent import RecentHistory, delivery_seq
+from sessionbus.workers._recent import RecentHistory
 from waiting import until
 from worker_proc import FAST
 
@@ -82,9 +83,9 @@ def test_a_delivery_gap_drops_the_partitions_cached_sessions() -> None:
     assert recent.size == 5  # b at its per-session bound of 4
     recent.drop_partition(1)
     assert recent.size == 1
-    assert delivery_seq("$JS.ACK.S.C.1.42.7.1700000000.3") == 7
-    assert delivery_seq("$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == 9
-    assert delivery_seq("_INBOX.x") is None
+    assert ack_numbers("$JS.ACK.S.C.1.42.7.1700000000.3") == (1, 42, 7, 3)
+    assert ack_numbers("$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == (1, 42, 9, 3)
+    assert ack_numbers("_INBOX.x") is None
 
 
 async def test_a_history_handed_out_stays_as_it_was() -> None:

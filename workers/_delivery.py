@@ -81,25 +81,6 @@ class Held:
         return self.envelope.priority if self.envelope is not None else 0
 
 
-def ack_info(reply: str) -> tuple[int, int] | None:
-    """``(stream sequence, delivery count)`` from a JetStream ack subject, None if not one.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``,
-    or with ``<domain>.<account hash>`` after ``ACK`` (and a trailing
-    token) in the newer form. Parsed here because nats-py's ``metadata``
-    also builds a datetime per message, a tenth of the worker's time.
-    """
-    tokens = reply.split(".")
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
-        return None
-    try:
-        if len(tokens) == 9:
-            return int(tokens[5]), int(tokens[4])
-        return int(tokens[7]), int(tokens[6])
-    except ValueError:
-        return None
-
-
 async def ack(nc: Client, held: Held) -> None:
     """Acknowledge: the server forgets the message."""
     await nc.publish(held.msg.reply, _ACK)

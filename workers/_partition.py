@@ -45,12 +45,13 @@ from nats.errors import Error as NatsError
 from sessionbus.bus._jsapi import (
     ConsumerNotFoundError,
     PinnedPuller,
+    ack_numbers,
     create_pinned_consumer,
     unpin,
 )
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError
-from sessionbus.workers._delivery import ack_info, nak_in_order
+from sessionbus.workers._delivery import nak_in_order
 from sessionbus.workers._scheduler import Scheduler
 from sessionbus.workers.config import WorkerConfig
 
@@ -389,5 +390,5 @@ class PartitionPuller:
 
 
 def _first_delivery(msg: Msg) -> bool:
-    info = ack_info(msg.reply)
-    return info is not None and info[1] == 1
+    numbers = ack_numbers(msg.reply)
+    return numbers is not None and numbers.delivered == 1

@@ -32,25 +32,7 @@ from sessionbus.bus.core import SessionBus
 from sessionbus.schemas import Envelope
 from sessionbus.workers._historyseq import History
 
-__all__ = ["RecentHistory", "delivery_seq"]
-
-
-def delivery_seq(reply: str) -> int | None:
-    """The consumer's delivery sequence from a JetStream ack subject, None if not one.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``,
-    or with ``<domain>.<account hash>`` after ``ACK`` and a trailing token.
-    """
-    tokens = reply.split(".")
-    n = len(tokens)
-    try:
-        if n == 9:
-            return int(tokens[6])
-        if n >= 11:
-            return int(tokens[8])
-    except ValueError:
-        return None
-    return None
+__all__ = ["RecentHistory"]
 
 
 class _Entry:

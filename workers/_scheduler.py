@@ -36,14 +36,15 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from sessionbus.bus._jsapi import ack_numbers
 from sessionbus.bus._names import Names
 from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError
 from sessionbus.schemas import Envelope, decode
 from sessionbus.workers._cancel import RECANCEL_AFTER
 from sessionbus.workers._completions import Completions
-from sessionbus.workers._delivery import Held, ack, ack_info, touch
+from sessionbus.workers._delivery import Held, ack, touch
 from sessionbus.workers._outcome import ACKED, Action, CancelReason, Outcome, Running
-from sessionbus.workers._recent import RecentHistory, delivery_seq
+from sessionbus.workers._recent import RecentHistory
 from sessionbus.workers.config import WorkerConfig
 
 __all__ = ["Scheduler"]
@@ -263,11 +264,11 @@ class Scheduler:
         self._pump()
 
     async def _offer_one(self, partition: int, msg: Msg, now: float) -> None:
-        info = ack_info(msg.reply)
-        if info is None:  # not a JetStream delivery: nothing to ack
+        numbers = ack_numbers(msg.reply)
+        if numbers is None:  # not a JetStream delivery: nothing to ack
             logger.warning("ignoring a non-JetStream message on %s", msg.subject)
             return
-        seq, delivered = info
+        seq, delivered = numbers.stream_seq, numbers.delivered
         token = msg.subject.rsplit(".", 1)[-1]
         error: DecodeError | None = None
         envelope: Envelope | None = None
@@ -292,7 +293,7 @@ class Scheduler:
                 error = e
         if self._recent is not None:
             # Every delivery, whatever becomes of it: the cache mirrors the stream.
-            dseq = delivery_seq(msg.reply)
+            dseq = numbers.consumer_seq
             if error is None or envelope is not None:
                 self._recent.observe(partition, dseq, seq, sid, envelope)
             else:
