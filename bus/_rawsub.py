@@ -32,13 +32,14 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from sessionbus.bus.errors import BusTimeout
 
-__all__ = ["RawInbox", "header_value"]
+__all__ = ["RawInbox", "header_value", "subscribe_raw"]
 
 #: A status message's header block starts so (then the code, 3 digits).
 _STATUS_LINE = b"NATS/1.0 "
 _ROUTES = "_sessionbus_raw_routes"
 
-Deliver = Callable[[bytes, bytes, bytes | None], None]
+#: ``deliver(subject, reply, data, headers)``, in the client's read loop.
+Deliver = Callable[[bytes, bytes, bytes, bytes | None], None]
 ProcessMsg = Callable[..., Awaitable[None]]
 
 
@@ -73,11 +74,32 @@ def _routes(nc: Client) -> dict[int, Deliver]:
             return
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        deliver(reply, data, headers)
+        deliver(subject, reply, data, headers)
 
     nc.__dict__[_ROUTES] = found
     nc._process_msg = process_msg  # type: ignore[method-assign]
     return found
+
+
+async def subscribe_raw(nc: Client, subject: str, deliver: Deliver) -> Any:
+    """Subscribe ``subject`` through nats-py and hand its deliveries, as bytes, to ``deliver``.
+
+    nats-py keeps the subscription (resubscribed on reconnect, counted in
+    its stats); nothing is built or queued per delivery. Returns the
+    nats-py subscription; :func:`unsubscribe_raw` ends it.
+    """
+    sub = await nc.subscribe(subject)
+    _routes(nc)[sub._id] = deliver
+    return sub
+
+
+async def unsubscribe_raw(nc: Client, sub: Any) -> None:
+    """End a subscription made by :func:`subscribe_raw` (idempotent)."""
+    try:
+        with contextlib.suppress(NatsError):
+            await sub.unsubscribe()
+    finally:
+        _unroute(nc, sub._id)
 
 
 def _unroute(nc: Client, sid: int) -> None:
@@ -136,17 +158,13 @@ class RawInbox:
     async def close(self) -> None:
         """Unsubscribe and stop routing (idempotent)."""
         self.on_msg = _ignore
-        try:
-            with contextlib.suppress(NatsError):
-                await self._sub.unsubscribe()
-        finally:
-            _unroute(self._nc, self._sid)
+        await unsubscribe_raw(self._nc, self._sub)
 
     def _wake(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
-    def _deliver(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+    def _deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not data and headers is not None and headers.startswith(_STATUS_LINE):
             code = headers[9:12]
             if code == b"100":

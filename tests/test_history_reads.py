@@ -209,10 +209,11 @@ async def test_a_long_read_of_large_envelopes_is_flow_controlled(
     requests: list[bytes] = []
     deliver = RawInbox._deliver
 
-    def counted(self: RawInbox, reply: bytes, data: bytes, headers: bytes | None) -> None:
+    def counted(self: RawInbox, subject: bytes, reply: bytes, data: bytes,
+                headers: bytes | None) -> None:
         if not data and reply and (headers or b"").startswith(b"NATS/1.0 100"):
             requests.append(reply)
-        deliver(self, reply, data, headers)
+        deliver(self, subject, reply, data, headers)
 
     monkeypatch.setattr(RawInbox, "_deliver", counted)
     await bus.open("big", participant="client")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
+from nats.js.api import DiscardPolicy
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.session import Session
 from sessionbus.workers import Turn, Worker, WorkerConfig
+from sessionbus.workers import _completions as _completions_module
+from sessionbus.workers._completions import Completions
 from test_worker import settled
 from worker_proc import FAST
 
@@ -121,3 +125,70 @@ async def test_records_can_be_switched_off(
     handled = await handle_until(sb, 2, FAST.replace(completion_records=False))
     assert handled == [("off", "a"), ("off", "b")]
     assert await record_of(sb, "g", "off") is None
+
+
+async def _completions(sb: SessionBus, group: str = "g") -> Completions:
+    records = Completions(nc=sb.nc, bucket=sb.workers_kv, names=sb.names, group=group,
+                          api_prefix=sb.api_prefix, ttl=60)
+    await records.start()
+    return records
+
+
+async def test_a_record_is_confirmed_by_the_servers_ack(
+    nats_server: NatsServer, bus_factory: BusFactory
+) -> None:
+    sb = await bus_factory(nats_server.url, prefix="cw", partitions=2)
+    records = await _completions(sb)
+    try:
+        for seq in (3, 7):  # the second write of a session replaces the first
+            await records.record("s", seq, partition=0)
+        assert records.unconfirmed == 1
+        await asyncio.wait_for(records.confirm("s"), 5)
+        assert records.unconfirmed == 0
+        assert await record_of(sb, "g", "s") == 7
+        assert await records.lookup(["s", "never"]) == {"s": 7}
+    finally:
+        await records.stop()
+
+
+async def test_a_refused_record_is_written_again_then_given_up(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The workers bucket's stream refuses every write (its message limit is
+    # reached): the server answers with an error, not a PubAck.
+    monkeypatch.setattr(_completions_module, "_CONFIRM_WAIT", 0.05)
+    sb = await bus_factory(nats_server.url, prefix="cx", partitions=2)
+    stream = sb.workers_kv.stream
+    info = await sb.js.stream_info(stream)
+    await sb.js.update_stream(replace(info.config, max_msgs=max(1, info.state.messages),
+                                      discard=DiscardPolicy.NEW))
+    if info.state.messages == 0:
+        await sb.workers_kv.put("filler", b"x")
+    records = await _completions(sb)
+    try:
+        await records.record("s", 5, partition=0)
+        await asyncio.wait_for(records.confirm("s"), 10)
+        assert records.unconfirmed == 0
+        assert await record_of(sb, "g", "s") is None
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("not stored after 5 attempts" in e and "refused" in e for e in errors)
+    finally:
+        await records.stop()
+
+
+async def test_a_record_without_a_stream_gets_the_servers_status(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(_completions_module, "_CONFIRM_WAIT", 0.05)
+    sb = await bus_factory(nats_server.url, prefix="cy", partitions=2)
+    records = await _completions(sb)
+    await sb.js.delete_stream(sb.workers_kv.stream)
+    try:
+        await records.record("s", 5, partition=0)
+        await asyncio.wait_for(records.confirm("s"), 10)
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("not stored after 5 attempts (status 503" in e for e in errors), errors
+    finally:
+        await records.stop()

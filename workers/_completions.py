@@ -24,13 +24,14 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from sessionbus.bus._jsapi import JetStreamAPIError, direct_get_last_for_subjects, status_of
+from sessionbus.bus._jsapi import JetStreamAPIError, direct_get_last_for_subjects
 from sessionbus.bus._kv import Bucket, wire_ttl
 from sessionbus.bus._names import TTL_HEADER, Names
+from sessionbus.bus._rawpub import header_block, publish
+from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout
 
 __all__ = ["Completions"]
@@ -47,10 +48,33 @@ _REPLY_EXPIRES = 30.0
 _CONFIRM_ATTEMPTS = 5
 #: Unconfirmed records kept before those whose write already failed are dropped.
 _MAX_UNCONFIRMED = 65_536
+#: A PubAck starts so; anything else in a reply is a refusal.
+_PUB_ACK = b'{"stream":'
 
 
 class RecordNotStored(BusError):
     """The server refused or did not confirm a completion record."""
+
+
+@dataclass(slots=True, eq=False)
+class _Write:
+    """One record write, until its reply (or its expiry) settles it."""
+
+    seq: int
+    partition: int
+    written: float
+    settled: bool = False
+    error: RecordNotStored | None = None
+    waiter: asyncio.Future[None] | None = None
+    """Created only when a turn waits for this write."""
+
+    def settle(self, error: RecordNotStored | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        self.error = error
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class Completions:
@@ -63,32 +87,36 @@ class Completions:
         self._names = names
         self._group = group
         self._api_prefix = api_prefix
-        self._headers = {TTL_HEADER: str(wire_ttl(ttl))}
+        self._headers = header_block({TTL_HEADER: str(wire_ttl(ttl))})
         # Records are stored under $KV.<bucket>.<key> whatever the domain a
         # worker writes them through: that is what a lookup names.
         self._stored_prefix = f"$KV.{bucket.name}."
         self._inbox = nc.new_inbox()
-        self._sub: Subscription | None = None
+        self._reply_prefix = len(self._inbox) + 1
+        self._sub: object | None = None
         self._tokens = itertools.count()
-        # Reply token -> (loop time written, confirmation), oldest first.
-        self._replies: dict[str, tuple[float, asyncio.Future[None]]] = {}
-        # Session id -> (sequence, confirmation, partition) of its last write,
-        # until confirmed.
-        self._unconfirmed: dict[str, tuple[int, asyncio.Future[None], int]] = {}
+        # Reply token -> (session id, write), oldest first: replies come in
+        # write order or never (a server that went away).
+        self._writes: dict[int, tuple[str, _Write]] = {}
+        # Session id -> its last write, until the server confirms it.
+        self._unconfirmed: dict[str, _Write] = {}
 
     async def start(self) -> None:
         """Subscribe to the replies of record writes."""
         if self._sub is None:
-            self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+            # Replies skip nats-py's message objects and subscription queue:
+            # one per handled turn, and all a reply says is in a few bytes.
+            self._sub = await subscribe_raw(self._nc, f"{self._inbox}.*", self._on_reply)
 
     async def stop(self) -> None:
         """Stop taking replies; writes not yet confirmed stay unconfirmed."""
         sub, self._sub = self._sub, None
         if sub is not None:
-            await sub.unsubscribe()
-        for _, future in self._replies.values():
-            future.cancel()
-        self._replies.clear()
+            await unsubscribe_raw(self._nc, sub)
+        for _, write in self._writes.values():
+            if write.waiter is not None:
+                write.waiter.cancel()
+        self._writes.clear()
 
     @property
     def unconfirmed(self) -> int:
@@ -107,34 +135,25 @@ class Completions:
         Never raises for a connection that is down: the write stays
         unconfirmed, and :meth:`confirm` writes it again.
         """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         self._expire(now)
-        token = str(next(self._tokens))
-        future: asyncio.Future[None] = loop.create_future()
-        entry = (seq, future, partition)
+        token = next(self._tokens)
+        write = _Write(seq, partition, now)
         if len(self._unconfirmed) >= _MAX_UNCONFIRMED:
             self._drop_failed()
-        self._unconfirmed[session_id] = entry
-        self._replies[token] = (now, future)
-        future.add_done_callback(lambda f: self._done(session_id, entry, f))
+        self._unconfirmed[session_id] = write
+        self._writes[token] = (session_id, write)
         try:
-            await self._nc.publish(self._subject(session_id), str(seq).encode(),
-                                   reply=f"{self._inbox}.{token}", headers=self._headers)
+            await publish(self._nc, self._subject(session_id), str(seq).encode(),
+                                  reply=f"{self._inbox}.{token}", headers=self._headers)
         except Exception as e:  # the connection: confirm() writes it again
             logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
-            if not future.done():
-                future.set_exception(RecordNotStored(repr(e)))
-
-    def _done(self, session_id: str, entry: tuple[int, asyncio.Future[None], int],
-              future: asyncio.Future[None]) -> None:
-        if (not future.cancelled() and future.exception() is None
-                and self._unconfirmed.get(session_id) is entry):
-            del self._unconfirmed[session_id]
+            self._writes.pop(token, None)
+            write.settle(RecordNotStored(repr(e)))
 
     def _drop_failed(self) -> None:
-        for sid, (_, future, _) in list(self._unconfirmed.items()):
-            if future.done():
+        for sid, write in list(self._unconfirmed.items()):
+            if write.settled:
                 del self._unconfirmed[sid]
 
     def forget_partition(self, partition: int) -> None:
@@ -143,36 +162,40 @@ class Completions:
         Writing one again later, once another owner recorded more, would
         move the record back.
         """
-        for sid, entry in list(self._unconfirmed.items()):
-            if entry[2] == partition:
+        for sid, write in list(self._unconfirmed.items()):
+            if write.partition == partition:
                 del self._unconfirmed[sid]
 
     def _expire(self, now: float) -> None:
-        # Replies come in write order or never (a server that went away).
         limit = now - _REPLY_EXPIRES
-        while self._replies:
-            token, (written, future) = next(iter(self._replies.items()))
-            if written > limit:
+        writes = self._writes
+        while writes:
+            token = next(iter(writes))
+            write = writes[token][1]
+            if write.written > limit:
                 break
-            del self._replies[token]
-            if not future.done():
-                future.set_exception(RecordNotStored("no reply within "
-                                                     f"{_REPLY_EXPIRES:.0f}s"))
+            del writes[token]
+            write.settle(RecordNotStored(f"no reply within {_REPLY_EXPIRES:.0f}s"))
 
-    async def _on_reply(self, msg: Msg) -> None:
-        entry = self._replies.pop(msg.subject.rsplit(".", 1)[-1], None)
-        if entry is None or entry[1].done():
+    def _on_reply(self, subject: bytes, reply: bytes, data: bytes,
+                  headers: bytes | None) -> None:
+        try:
+            entry = self._writes.pop(int(subject[self._reply_prefix:]), None)
+        except ValueError:
             return
-        future = entry[1]
-        status = status_of(msg)
-        if status is not None:
-            future.set_exception(RecordNotStored(f"status {status.code} {status.description}"))
+        if entry is None:
             return
-        # A PubAck names the stream and sequence; anything else is a refusal.
-        if msg.data.startswith(b'{"stream":') and b'"error"' not in msg.data:
-            future.set_result(None)
+        session_id, write = entry
+        if data.startswith(_PUB_ACK) and b'"error"' not in data:
+            if self._unconfirmed.get(session_id) is write:
+                del self._unconfirmed[session_id]
+            write.settle(None)
+        elif not data and headers:
+            # A status instead of a PubAck (503: no stream answered).
+            line = headers.split(b"\r\n", 1)[0][9:].decode(errors="replace").strip()
+            write.settle(RecordNotStored(f"status {line}"))
         else:
-            future.set_exception(RecordNotStored(f"refused: {msg.data[:200]!r}"))
+            write.settle(RecordNotStored(f"refused: {data[:200]!r}"))
 
     async def confirm(self, session_id: str) -> None:
         """Return once the session's last record is stored, writing it again if need be.
@@ -181,32 +204,38 @@ class Completions:
         handback cancels the turn that waits.
         """
         attempts = 0
-        while (pending := self._unconfirmed.get(session_id)) is not None:
-            seq, future, partition = pending
-            try:
-                async with asyncio.timeout(_CONFIRM_WAIT):
-                    await asyncio.shield(future)
-            except (TimeoutError, RecordNotStored) as e:
-                attempts += 1
-                if attempts >= _CONFIRM_ATTEMPTS:
-                    # Refused for good (permissions, a missing bucket) while the
-                    # partition is still pulled: stalling the session forever
-                    # would be worse than giving this guarantee up for one turn.
-                    logger.error("completion record %d of %r not stored after %d attempts "
-                                 "(%s); going on without it", seq, session_id, attempts, e)
-                    if self._unconfirmed.get(session_id) is pending:
-                        del self._unconfirmed[session_id]
-                    return
-                logger.warning("completion record %d of %r not confirmed (%s); writing it again",
-                               seq, session_id, e or "timed out")
-                if not future.done():
-                    future.cancel()
-                if isinstance(e, RecordNotStored):
-                    await asyncio.sleep(_CONFIRM_WAIT)  # refused at once: do not spin
-                await self.record(session_id, seq, partition)
+        while (write := self._unconfirmed.get(session_id)) is not None:
+            error: BaseException | None = write.error
+            if not write.settled:
+                if write.waiter is None:
+                    write.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout(_CONFIRM_WAIT):
+                        await asyncio.shield(write.waiter)
+                except TimeoutError as e:
+                    error = e
+                else:
+                    error = write.error
+            if error is None:
+                if self._unconfirmed.get(session_id) is write:
+                    del self._unconfirmed[session_id]
                 continue
-            if self._unconfirmed.get(session_id) is pending:
-                del self._unconfirmed[session_id]
+            attempts += 1
+            if attempts >= _CONFIRM_ATTEMPTS:
+                # Refused for good (permissions, a missing bucket) while the
+                # partition is still pulled: stalling the session forever
+                # would be worse than giving this guarantee up for one turn.
+                logger.error("completion record %d of %r not stored after %d attempts "
+                             "(%s); going on without it", write.seq, session_id, attempts, error)
+                if self._unconfirmed.get(session_id) is write:
+                    del self._unconfirmed[session_id]
+                return
+            logger.warning("completion record %d of %r not confirmed (%s); writing it again",
+                           write.seq, session_id, error or "timed out")
+            write.settle(RecordNotStored("written again"))
+            if isinstance(error, RecordNotStored):
+                await asyncio.sleep(_CONFIRM_WAIT)  # refused at once: do not spin
+            await self.record(session_id, write.seq, write.partition)
 
     async def lookup(self, session_ids: Iterable[str]) -> dict[str, int]:
         """The recorded last settled sequence of each session (absent: none recorded)."""
