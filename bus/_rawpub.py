@@ -9,12 +9,14 @@ encoded once (:func:`header_block`) and writes the ``PUB``/``HPUB``
 command into nats-py's pending buffer, as ``Client.publish`` does, with
 its connection-state checks and its flusher kick.
 
-Only for subjects the bus built from validated names: nothing here
-checks the subject.
+Subjects and replies are still checked for what would break the
+protocol framing (empty, or holding whitespace), since a delivery's reply
+subject can come from another client.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from nats import errors
@@ -23,6 +25,7 @@ from nats.aio.client import Client
 __all__ = ["header_block", "publish"]
 
 _CRLF = b"\r\n"
+_blank = re.compile(r"\s").search
 
 
 def header_block(headers: Mapping[str, str]) -> bytes:
@@ -39,9 +42,12 @@ async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "",
                   headers: bytes | None = None) -> None:
     """Publish like ``nc.publish``, with a header block from :func:`header_block`.
 
-    Raises what ``Client.publish`` raises for a closed or draining
-    connection, a full reconnect buffer or an oversized payload.
+    Raises what ``Client.publish`` raises for a subject or reply that is
+    empty or holds whitespace, a closed or draining connection, a full
+    reconnect buffer or an oversized payload.
     """
+    if not subject or _blank(subject) is not None or (reply and _blank(reply) is not None):
+        raise errors.BadSubjectError
     if nc.is_closed:
         raise errors.ConnectionClosedError
     if nc.is_draining_pubs:

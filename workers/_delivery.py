@@ -5,7 +5,8 @@ Every envelope pulled from a partition is *held* until the worker acks it
 owner). While held it gets an ``in_progress`` before ``ack_wait`` runs out,
 queued or running alike, or the server would redeliver it behind the
 worker's back. Answers are published straight to the message's reply
-subject (one core publish each, no per-message state in nats-py), so a
+subject (one core publish each, framed without nats-py's per-call checks:
+the server wrote that subject; no per-message state in nats-py), so a
 redelivered copy can replace the original without "already acked" errors.
 """
 
@@ -20,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JsError
+from sessionbus.bus._rawpub import publish
 from sessionbus.bus.errors import DecodeError, WorkerError
 from sessionbus.schemas import Envelope
 
@@ -83,18 +85,18 @@ class Held:
 
 async def ack(nc: Client, held: Held) -> None:
     """Acknowledge: the server forgets the message."""
-    await nc.publish(held.msg.reply, _ACK)
+    await publish(nc, held.msg.reply, _ACK)
 
 
 async def touch(nc: Client, held: Held, now: float) -> None:
     """Send ``in_progress`` so the server restarts the message's ``ack_wait``."""
-    await nc.publish(held.msg.reply, _WPI)
+    await publish(nc, held.msg.reply, _WPI)
     held.touched = now
 
 
 async def nak(nc: Client, held: Held) -> None:
     """Hand the message back for immediate redelivery (to whoever holds the pin)."""
-    await nc.publish(held.msg.reply, _NAK)
+    await publish(nc, held.msg.reply, _NAK)
 
 
 async def nak_in_order(nc: Client, held: list[Held], *, confirm_within: float = 2.0) -> None:
