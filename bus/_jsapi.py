@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from sessionbus.bus._headers import parse_header_lines
+from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
@@ -39,6 +42,8 @@ _NS = 1_000_000_000
 # Grace on top of a pull's server-side expiry, so the server's own 408
 # normally ends a fetch rather than the client clock.
 _FETCH_GRACE = 0.25
+#: Where a data message's header lines start: after ``NATS/1.0\r\n``.
+_HEADER_LINE_END = 10
 # err_code values for a missing consumer / stream in JSON API replies.
 _NOT_FOUND_ERR_CODES = frozenset({10014, 10059})
 # Per-page bookkeeping on Direct Get replies, dropped so results compare
@@ -289,7 +294,8 @@ class PinnedPuller:
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
         self._sub: Subscription | None = None
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._received: deque[tuple[bytes, bytes, bytes, bytes | None]] = deque()
+        self._wake: asyncio.Future[None] | None = None
         self._seq = 0
         self.pin_id: str | None = None
         """The pin id the server last gave this puller, None when not pinned."""
@@ -316,21 +322,24 @@ class PinnedPuller:
         pt = info["config"].get("priority_timeout")
         self.priority_timeout = pt / _NS if pt else None
         self._inbox = self._nc.new_inbox()
-        # No callback: deliveries wait in the subscription's own queue and
-        # fetch() takes them from there. A callback would cost a coroutine
-        # per message in nats-py's subscription task and a second queue hop,
-        # a twentieth of a busy worker's time. fetch() keeps the pending
-        # byte count as nats-py's next_msg() does.
-        sub = await self._nc.subscribe(f"{self._inbox}.*")
-        self._queue = sub._pending_queue
-        self._sub = sub
+        # Deliveries come in as bytes (see bus._rawsub): no Msg built,
+        # header block parsed and queue hop in nats-py for a status or a
+        # delivery fetch() looks at once; data messages become Msgs here.
+        self._received.clear()
+        self._sub = await subscribe_raw(self._nc, f"{self._inbox}.*", self._deliver)
+
+    def _deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self._received.append((subject, reply, data, headers))
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     async def stop(self) -> None:
         """Unsubscribe. Messages delivered but not fetched come back after ack_wait."""
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            await sub.unsubscribe()
-        self._queue = asyncio.Queue()
+            await unsubscribe_raw(self._nc, sub)
+        self._received.clear()
         self.pin_id = None
 
     async def fetch(self, batch: int, expires: float) -> list[Msg]:
@@ -365,28 +374,35 @@ class PinnedPuller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + expires + _FETCH_GRACE
         out: list[Msg] = []
-        sub, queue = self._sub, self._queue
+        received, nc, sid = self._received, self._nc, self._sub._id
+        pull_reply = reply.encode()
         while len(out) < batch:
-            try:
-                msg = queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if not received:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
+                self._wake = loop.create_future()
                 try:
                     async with asyncio.timeout(remaining):
-                        msg = await queue.get()
+                        await self._wake
                 except TimeoutError:
                     break
-            sub._pending_size -= len(msg.data)
-            status = status_of(msg)
-            if status is None:
-                pin = (msg.headers or {}).get(PIN_ID_HEADER)
-                if pin:
-                    self.pin_id = pin
-                out.append(msg)
+                finally:
+                    self._wake = None
                 continue
-            if msg.subject != reply:
+            subject, msg_reply, data, headers = received.popleft()
+            status = None if data else _raw_status(headers)
+            if status is None:
+                fields = None
+                if headers is not None and len(headers) > _HEADER_LINE_END:
+                    fields = parse_header_lines(headers[_HEADER_LINE_END:])
+                    pin = fields.get(PIN_ID_HEADER)
+                    if pin:
+                        self.pin_id = pin
+                out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),
+                               data=data, headers=fields, _sid=sid))
+                continue
+            if subject != pull_reply:
                 continue  # the end of an earlier pull we stopped waiting for
             self.last_status = status
             if status.code == 423:
@@ -396,6 +412,17 @@ class PinnedPuller:
                 raise cls(status.code, 0, status.description or self._next_subject)
             break
         return out
+
+
+def _raw_status(headers: bytes | None) -> Status | None:
+    """The status of a message with no body, from its raw header block; None for data."""
+    if headers is None or not headers.startswith(b"NATS/1.0 "):
+        return None
+    line = headers[9:].split(b"\r\n", 1)[0]
+    code, _, description = line.partition(b" ")
+    if not code.isdigit():
+        return None
+    return Status(int(code), description.strip().decode("utf-8", "replace"))
 
 
 async def direct_get_last_for_subjects(
