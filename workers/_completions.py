@@ -48,6 +48,8 @@ _REPLY_EXPIRES = 30.0
 _CONFIRM_ATTEMPTS = 5
 #: Unconfirmed records kept before those whose write already failed are dropped.
 _MAX_UNCONFIRMED = 65_536
+#: Write subjects kept per session id (a turn's record is written once per turn).
+_SUBJECTS_KEPT = 16_384
 #: A PubAck starts so; anything else in a reply is a refusal.
 _PUB_ACK = b'{"stream":'
 
@@ -100,6 +102,7 @@ class Completions:
         self._writes: dict[int, tuple[str, _Write]] = {}
         # Session id -> its last write, until the server confirms it.
         self._unconfirmed: dict[str, _Write] = {}
+        self._subjects: dict[str, str] = {}
 
     async def start(self) -> None:
         """Subscribe to the replies of record writes."""
@@ -124,7 +127,13 @@ class Completions:
         return len(self._unconfirmed)
 
     def _subject(self, session_id: str) -> str:
-        return self._bucket.subject(self._names.completion_key(self._group, session_id))
+        subject = self._subjects.get(session_id)
+        if subject is None:
+            if len(self._subjects) >= _SUBJECTS_KEPT:
+                self._subjects.clear()
+            subject = self._bucket.subject(self._names.completion_key(self._group, session_id))
+            self._subjects[session_id] = subject
+        return subject
 
     def _stored_subject(self, session_id: str) -> str:
         return self._stored_prefix + self._names.completion_key(self._group, session_id)
