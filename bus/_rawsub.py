@@ -1,24 +1,29 @@
-"""Inbox subscriptions that take deliveries as raw bytes, for bulk reads.
+"""Subscriptions that take deliveries as raw bytes: bulk reads and a worker's hot path.
 
 nats-py turns every delivery into a :class:`nats.aio.msg.Msg`: it parses
 the header block into a dict, decodes subject and reply, and queues the
 message through an ``asyncio.Queue``; that is most of the client's time
-per message on a read of thousands (a history of 1,000 envelopes). A
-bulk reader needs none of it: the stream sequence is in the reply
-subject (a consumer's delivery) or one header (a Direct Get reply), and
-the body is decoded by the caller anyway.
+per message on a read of thousands (a history of 1,000 envelopes), and a
+good part of a worker's per turn (its pulls' deliveries, its completion
+records' replies). None of that is needed there: the stream sequence is
+in the reply subject (a consumer's delivery) or one header (a Direct Get
+reply), a reply token in the subject, and the body is decoded by the
+caller anyway.
 
-:class:`RawInbox` subscribes to a fresh inbox through nats-py (so the
-subscription is registered, resubscribed on reconnect and unsubscribed
-as usual) and routes that subscription's deliveries, before nats-py
-builds anything, to a plain list of ``(reply, data, headers)`` bytes.
-The route is an attribute on the one client instance, put in place while
-at least one raw inbox is open and removed with the last: a connection
-with no bulk read under way runs nats-py's own code unchanged.
+:func:`subscribe_raw` subscribes through nats-py (so the subscription is
+registered, resubscribed on reconnect and unsubscribed as usual) and
+routes that subscription's deliveries, before nats-py builds anything,
+to a handler of ``(subject, reply, data, headers)`` bytes. The route is
+an attribute on the one client instance, put in place while at least one
+raw subscription is open and removed with the last: a connection with
+none runs nats-py's own code unchanged, and one with some hands every
+other subscription's deliveries to nats-py as before.
 
-Server status messages (an empty body and a ``NATS/1.0 <code>`` header
-line) end a request: :meth:`RawInbox.wait` returns when one arrives, or
-when ``want`` messages have, and skips idle heartbeats (100).
+:class:`RawInbox` is the request form: a fresh inbox collecting one
+reader's answers. Server status messages (an empty body and a
+``NATS/1.0 <code>`` header line) end a request: :meth:`RawInbox.wait`
+returns when one arrives, or when ``want`` messages have, and skips idle
+heartbeats (100).
 """
 
 from __future__ import annotations
