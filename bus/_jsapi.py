@@ -274,7 +274,8 @@ class PinnedPuller:
     (they are ours to ack), while a stale pull's status is told apart by
     its subject and ignored. Returned messages are ordinary nats-py ``Msg``
     objects, so ``ack``, ``in_progress``, ``nak``, ``term`` and
-    ``metadata`` work on them.
+    ``metadata`` work on them. One fetch at a time: deliveries wait in one
+    queue for whichever fetch runs.
     """
 
     def __init__(
@@ -395,8 +396,8 @@ class PinnedPuller:
             if status is None:
                 fields = None
                 if headers is not None and len(headers) > _HEADER_LINE_END:
-                    fields = parse_header_lines(headers[_HEADER_LINE_END:])
-                    pin = fields.get(PIN_ID_HEADER)
+                    fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
+                    pin = fields.get(PIN_ID_HEADER) if fields else None
                     if pin:
                         self.pin_id = pin
                 out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),

@@ -79,7 +79,10 @@ def _routes(nc: Client) -> dict[int, Deliver]:
             return
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        deliver(subject, reply, data, headers)
+        try:
+            deliver(subject, reply, data, headers)
+        except Exception as e:  # a handler's bug must not end the client's read loop
+            await nc._error_cb(e)
 
     nc.__dict__[_ROUTES] = found
     nc._process_msg = process_msg  # type: ignore[method-assign]

@@ -337,4 +337,6 @@ async def test_a_link_cut_while_a_consumer_delivers_loses_nothing(
     assert cuts == [cut_at]
     assert len(found) == n, f"{n - len(found)} envelopes left out"
     assert _texts(found) == stored  # every one, in order
-    assert small_pages in (["UntrustedDeliveries"], ["read"]), small_pages
+    # The consumer was used once, and the loss was seen by whichever check came
+    # first: the skipped delivery, the silence, or a status after the reconnect.
+    assert small_pages in (["UntrustedDeliveries"], ["read"], ["JetStreamAPIError"]), small_pages

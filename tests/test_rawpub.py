@@ -83,3 +83,28 @@ async def test_a_raw_subscription_hands_over_bytes_and_ends(nats_server: NatsSer
         assert len(got) == 1
     finally:
         await nc.close()
+
+
+async def test_a_raising_raw_handler_leaves_the_connection_reading(
+    nats_server: NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    other = await nats.connect(nats_server.url)
+    try:
+        def broken(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            raise ValueError("a handler's bug")
+
+        raw = await subscribe_raw(nc, "broken", broken)
+        plain = await nc.subscribe("plain")
+        await nc.flush()
+        await other.publish("broken", b"x")
+        await other.publish("plain", b"y")
+        await other.flush()
+        # Without the guard nats-py's read loop ends: nothing more arrives on
+        # any subscription while the client still says it is connected.
+        assert (await plain.next_msg(timeout=5)).data == b"y"
+        assert nc._reading_task is not None and not nc._reading_task.done()
+        await unsubscribe_raw(nc, raw)
+    finally:
+        await nc.close()
+        await other.close()

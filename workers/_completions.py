@@ -222,7 +222,8 @@ class Completions:
                     async with asyncio.timeout(_CONFIRM_WAIT):
                         await asyncio.shield(write.waiter)
                 except TimeoutError as e:
-                    error = e
+                    # A reply in the same loop step as the timeout still counts.
+                    error = write.error if write.settled else e
                 else:
                     error = write.error
             if error is None:
