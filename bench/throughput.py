@@ -8,6 +8,9 @@ Measures, for 1 and 2 worker processes:
 * turn-start latency p50/p99 on idle sessions: one envelope at a time into
   a session with nothing queued, from just before the publish to the
   handler's first line (clocks of one machine, reported back over core NATS);
+* CPU per envelope over the throughput part, of the worker processes
+  together and of nats-server (from /proc; blank where there is none):
+  where the time goes when the two cores are shared;
 
 and, in the same run, the raw baseline: the same envelopes published to a
 plain stream, pulled in batches from one durable pull consumer shared by
@@ -102,6 +105,44 @@ class Result:
     rate: float
     p50_us: float
     p99_us: float
+    worker_cpu_us: float | None = None
+    """CPU of the worker processes together, per envelope (None without /proc)."""
+    server_cpu_us: float | None = None
+    """CPU of nats-server per envelope (None without /proc)."""
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far, from /proc (None elsewhere)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU per envelope of some processes over a span: :meth:`start`, then :meth:`per_envelope`."""
+
+    def __init__(self, pids: list[int | None]) -> None:
+        self._pids = pids
+        self._start: list[float | None] = []
+
+    def start(self) -> None:
+        """Note every process's CPU so far."""
+        self._start = [cpu_seconds(pid) for pid in self._pids]
+
+    def per_envelope(self, count: int) -> float | None:
+        """Microseconds of CPU per envelope since :meth:`start`, summed over the processes."""
+        total = 0.0
+        for pid, begun in zip(self._pids, self._start, strict=True):
+            now = cpu_seconds(pid)
+            if now is None or begun is None:
+                return None
+            total += now - begun
+        return total / count * 1e6
 
 
 class Procs:
@@ -116,6 +157,11 @@ class Procs:
             [sys.executable, str(Path(__file__).resolve()), "--loop", self.loop, *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The children's process ids."""
+        return [p.pid for p in self.procs]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -179,8 +225,9 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
     return percentile(delays, 0.5), percentile(delays, 0.99)
 
 
-async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int,
-                           samples: int, loop: str, records: bool = True) -> Result:
+async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, count: int,
+                           sessions: int, samples: int, loop: str,
+                           records: bool = True) -> Result:
     prefix = f"bench{procs_count}"
     procs = Procs(loop)
     async with SessionBus(url, prefix=prefix) as sb:
@@ -212,12 +259,16 @@ async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int
                                  + [f"{prefix}-idle-{i}" for i in range(samples)])
             batch = [(sb.names.inbound(e.session_id), encode(e), e.envelope_id)
                      for e in envelopes(count, sessions, prefix)]
+            workers_cpu, server_cpu = CpuMeter(procs.pids), CpuMeter([server_pid])
+            workers_cpu.start()
+            server_cpu.start()
             start = time.perf_counter()
             futures = [await sb.js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
                        for subject, data, eid in batch]
             await asyncio.gather(*futures)
             await until(all_acked, "every envelope acked", PHASE_LIMIT)
             rate = count / (time.perf_counter() - start)
+            worker_us, server_us = workers_cpu.per_envelope(count), server_cpu.per_envelope(count)
 
             async def publish(env: Envelope) -> None:
                 await sb.js.publish(sb.names.inbound(env.session_id), encode(env),
@@ -226,11 +277,11 @@ async def sessionbus_phase(url: str, procs_count: int, count: int, sessions: int
             p50, p99 = await measure_latency(sb.nc, publish, samples, prefix)
         finally:
             procs.stop()
-    return Result(rate, p50, p99)
+    return Result(rate, p50, p99, worker_us, server_us)
 
 
-async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
-                    samples: int, loop: str) -> Result:
+async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: int,
+                    sessions: int, samples: int, loop: str) -> Result:
     nc = await nats.connect(url)
     js = nc.jetstream()
     with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -255,12 +306,16 @@ async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
         await until(pullers_ready, "raw pullers", 60)
         batch = [(f"raw.{e.session_id}", encode(e), e.envelope_id)
                  for e in envelopes(count, sessions, "raw")]
+        workers_cpu, server_cpu = CpuMeter(procs.pids), CpuMeter([server_pid])
+        workers_cpu.start()
+        server_cpu.start()
         start = time.perf_counter()
         futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
                    for subject, data, eid in batch]
         await asyncio.gather(*futures)
         await until(all_acked, "every raw message acked", PHASE_LIMIT)
         rate = count / (time.perf_counter() - start)
+        worker_us, server_us = workers_cpu.per_envelope(count), server_cpu.per_envelope(count)
 
         async def publish(env: Envelope) -> None:
             await js.publish(f"raw.{env.session_id}", encode(env),
@@ -271,7 +326,15 @@ async def raw_phase(url: str, procs_count: int, count: int, sessions: int,
         procs.stop()
         await js.delete_stream(RAW_STREAM)
         await nc.close()
-    return Result(rate, p50, p99)
+    return Result(rate, p50, p99, worker_us, server_us)
+
+
+def _cpu(us: float | None) -> str:
+    return "-" if us is None else f"{us:.1f}"
+
+
+def _cpu_ratio(ours: float | None, raw: float | None) -> str:
+    return "-" if ours is None or raw is None else f"{ratio(ours, raw):.2f}"
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -282,21 +345,25 @@ async def bench(args: argparse.Namespace) -> None:
               f"{args.samples} latency samples")
         rows = []
         for n in (1, 2):
-            ours = await sessionbus_phase(server.url, n, args.envelopes, args.sessions,
+            ours = await sessionbus_phase(server.url, server.pid, n, args.envelopes, args.sessions,
                                           args.samples, args.loop,
                                           records=not args.no_completion_records)
-            raw = await raw_phase(server.url, n, args.envelopes, args.sessions, args.samples,
+            raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
+                                  args.samples,
                                   args.loop)
             rows.append((n, ours, raw))
-        print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8}")
+        print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
+              f"{'worker CPU us/env':>17} | {'server CPU us/env':>17}")
         for n, ours, raw in rows:
-            print(f"{n:>7} | {'sessionbus':10} | {ours.rate:8.0f} | {ours.p50_us:8.0f} | "
-                  f"{ours.p99_us:8.0f}")
-            print(f"{'':>7} | {'raw nats-py':10} | {raw.rate:8.0f} | {raw.p50_us:8.0f} | "
-                  f"{raw.p99_us:8.0f}")
+            for name, r in (("sessionbus", ours), ("raw nats-py", raw)):
+                print(f"{n if r is ours else '':>7} | {name:10} | {r.rate:8.0f} | "
+                      f"{r.p50_us:8.0f} | {r.p99_us:8.0f} | {_cpu(r.worker_cpu_us):>17} | "
+                      f"{_cpu(r.server_cpu_us):>17}")
             print(f"{'':>7} | {'ratio':10} | {ratio(ours.rate, raw.rate):8.2f} | "
                   f"{ratio(ours.p50_us, raw.p50_us):8.2f} | "
-                  f"{ratio(ours.p99_us, raw.p99_us):8.2f}")
+                  f"{ratio(ours.p99_us, raw.p99_us):8.2f} | "
+                  f"{_cpu_ratio(ours.worker_cpu_us, raw.worker_cpu_us):>17} | "
+                  f"{_cpu_ratio(ours.server_cpu_us, raw.server_cpu_us):>17}")
         print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r)}
                           for n, o, r in rows}))
     finally:
