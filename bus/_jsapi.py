@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from sessionbus.bus._headers import parse_header_lines
-from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
+from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
@@ -392,8 +392,8 @@ class PinnedPuller:
                     self._wake = None
                 continue
             subject, msg_reply, data, headers = received.popleft()
-            status = None if data else _raw_status(headers)
-            if status is None:
+            line = None if data else status_line(headers)
+            if line is None:
                 fields = None
                 if headers is not None and len(headers) > _HEADER_LINE_END:
                     fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
@@ -405,7 +405,7 @@ class PinnedPuller:
                 continue
             if subject != pull_reply:
                 continue  # the end of an earlier pull we stopped waiting for
-            self.last_status = status
+            status = self.last_status = Status(*line)
             if status.code == 423:
                 self.pin_id = None  # pin moved: pull without an id to be pinned anew
             elif not out and (status.code in (400, 503) or "Deleted" in status.description):
@@ -413,17 +413,6 @@ class PinnedPuller:
                 raise cls(status.code, 0, status.description or self._next_subject)
             break
         return out
-
-
-def _raw_status(headers: bytes | None) -> Status | None:
-    """The status of a message with no body, from its raw header block; None for data."""
-    if headers is None or not headers.startswith(b"NATS/1.0 "):
-        return None
-    line = headers[9:].split(b"\r\n", 1)[0]
-    code, _, description = line.partition(b" ")
-    if not code.isdigit():
-        return None
-    return Status(int(code), description.strip().decode("utf-8", "replace"))
 
 
 async def direct_get_last_for_subjects(

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from sessionbus.bus.errors import BusTimeout
 
-__all__ = ["RawInbox", "header_value", "subscribe_raw"]
+__all__ = ["RawInbox", "header_value", "status_line", "subscribe_raw"]
 
 #: A status message's header block starts so (then the code, 3 digits).
 _STATUS_LINE = b"NATS/1.0 "
@@ -60,6 +60,21 @@ def header_value(headers: bytes, name: bytes) -> bytes | None:
     start += len(name)
     end = headers.find(b"\r\n", start)
     return headers[start:end if end >= 0 else None].strip(b" \t")
+
+
+def status_line(headers: bytes | None) -> tuple[int, str] | None:
+    """Code and description of a status header block (``NATS/1.0 503 ...``), None if not one.
+
+    What follows the code on the first line is the description (empty for
+    a bare code); a line without a numeric code is no status.
+    """
+    if headers is None or not headers.startswith(_STATUS_LINE):
+        return None
+    first = headers[len(_STATUS_LINE):].split(b"\r\n", 1)[0]
+    code, _, description = first.partition(b" ")
+    if not code.isdigit():
+        return None
+    return int(code), description.strip().decode("utf-8", "replace")
 
 
 def _routes(nc: Client) -> dict[int, Deliver]:

@@ -43,7 +43,7 @@ from sessionbus.bus._jsapi import (
     JetStreamAPIError,
     ack_numbers,
 )
-from sessionbus.bus._rawsub import RawInbox, header_value
+from sessionbus.bus._rawsub import RawInbox, header_value, status_line
 from sessionbus.bus.errors import BusError, BusTimeout
 
 __all__ = ["CONSUMER_PAST", "UntrustedDeliveries", "read_range"]
@@ -69,7 +69,6 @@ _HEARTBEAT = 5.0
 _SEQ = b"\r\nNats-Sequence:"
 _PENDING = b"\r\nNats-Num-Pending:"
 _LAST = b"\r\nNats-Last-Sequence:"
-_DESCRIPTION_AT = 13  # after "NATS/1.0 NNN "
 
 
 class UntrustedDeliveries(BusError):
@@ -81,8 +80,8 @@ class UntrustedDeliveries(BusError):
 
 
 def _description(headers: bytes) -> str:
-    line = headers[_DESCRIPTION_AT:].split(b"\r\n", 1)[0]
-    return line.decode("utf-8", "replace").strip()
+    status = status_line(headers)
+    return status[1] if status is not None else ""
 
 
 class _Range(Generic[T]):

@@ -31,7 +31,7 @@ from sessionbus.bus._jsapi import JetStreamAPIError, direct_get_last_for_subject
 from sessionbus.bus._kv import Bucket, wire_ttl
 from sessionbus.bus._names import TTL_HEADER, Names
 from sessionbus.bus._rawpub import header_block, publish
-from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
+from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout
 
 __all__ = ["Completions"]
@@ -154,7 +154,7 @@ class Completions:
         self._writes[token] = (session_id, write)
         try:
             await publish(self._nc, self._subject(session_id), str(seq).encode(),
-                                  reply=f"{self._inbox}.{token}", headers=self._headers)
+                          reply=f"{self._inbox}.{token}", headers=self._headers)
         except Exception as e:  # the connection: confirm() writes it again
             logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
             self._writes.pop(token, None)
@@ -195,14 +195,13 @@ class Completions:
         if entry is None:
             return
         session_id, write = entry
+        status = None if data else status_line(headers)
         if data.startswith(_PUB_ACK) and b'"error"' not in data:
             if self._unconfirmed.get(session_id) is write:
                 del self._unconfirmed[session_id]
             write.settle(None)
-        elif not data and headers:
-            # A status instead of a PubAck (503: no stream answered).
-            line = headers.split(b"\r\n", 1)[0][9:].decode(errors="replace").strip()
-            write.settle(RecordNotStored(f"status {line}"))
+        elif status is not None:  # a status instead of a PubAck (503: no stream answered)
+            write.settle(RecordNotStored(f"status {status[0]} {status[1]}".rstrip()))
         else:
             write.settle(RecordNotStored(f"refused: {data[:200]!r}"))
 
