@@ -38,7 +38,7 @@ SCRIPT = str(Path(__file__).with_name("worker_proc.py"))
 SESSIONS = 1000
 PER_SESSION = 20
 TOTAL = SESSIONS * PER_SESSION
-PARTITIONS = 32  # rendezvous gives w1, w2, w3 11, 8 and 13 of them
+PARTITIONS = 32  # w1, w2, w3 get 10 or 11 each
 PREFIX = "mp"
 #: An ack is published right after the handler returns; a SIGKILL landing in
 #: between loses it and the envelope is handled again (at-least-once). Lines
@@ -125,7 +125,7 @@ async def leases(sb: SessionBus) -> dict[str, Lease]:
 
 
 async def wait_assigned(sb: SessionBus, members: set[str], within: float = 30.0) -> None:
-    """Wait until exactly ``members`` hold leases, each claiming its rendezvous share."""
+    """Wait until exactly ``members`` hold leases, each claiming its assigned share."""
     wanted = {m: frozenset(ps) for m, ps in assign(PARTITIONS, members).items()}
     deadline = time.monotonic() + within
     while True:
@@ -170,7 +170,7 @@ async def test_sigkill_one_of_three_workers_midway(sb: SessionBus, procs: Procs)
         procs.spawn(wid)
     await wait_assigned(sb, {"w1", "w2", "w3"})
     owned = (await leases(sb))["w2"].claims
-    assert len(owned) == 8
+    assert len(owned) in (PARTITIONS // 3, PARTITIONS // 3 + 1)  # a balanced share
     publisher = asyncio.create_task(publish_rounds(sb, pause=0.03))
     await wait_lines(procs, TOTAL * 3 // 10, within=40)
     killed_at = procs.kill("w2")
