@@ -17,7 +17,7 @@ plain stream, pulled in batches from one durable pull consumer shared by
 the same number of processes, decoded and acked one by one (no partitions,
 no pinning, no per-session order). Ratios are sessionbus / raw.
 
-    python bench/throughput.py [--quick] [--envelopes N] [--sessions S]
+    python bench/throughput.py [--quick] [--envelopes N] [--sessions S] [--partitions P]
 """
 
 from __future__ import annotations
@@ -227,10 +227,11 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
 
 async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, count: int,
                            sessions: int, samples: int, loop: str,
-                           records: bool = True) -> Result:
+                           records: bool = True, partitions: int | None = None) -> Result:
     prefix = f"bench{procs_count}"
     procs = Procs(loop)
-    async with SessionBus(url, prefix=prefix) as sb:
+    # The workers take the partition count of the stream this creates.
+    async with SessionBus(url, prefix=prefix, partitions=partitions) as sb:
         try:
             ids = [f"w{i}" for i in range(procs_count)]
             for wid in ids:
@@ -347,12 +348,13 @@ async def bench(args: argparse.Namespace) -> None:
     try:
         print(f"{environment()}, {os.cpu_count()} cpus; "
               f"{args.envelopes} envelopes over {args.sessions} sessions, "
-              f"{args.samples} latency samples")
+              f"{args.partitions or 'default'} partitions, {args.samples} latency samples")
         rows = []
         for n in (1, 2):
             ours = await sessionbus_phase(server.url, server.pid, n, args.envelopes, args.sessions,
                                           args.samples, args.loop,
-                                          records=not args.no_completion_records)
+                                          records=not args.no_completion_records,
+                                          partitions=args.partitions)
             raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
                                   args.samples,
                                   args.loop)
@@ -390,6 +392,8 @@ def main() -> None:
     parser.add_argument("--id", help=argparse.SUPPRESS)
     parser.add_argument("--no-completion-records", action="store_true",
                         help="workers write no completion records (what they cost)")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="partitions of the envelope stream (default: the settings' 64)")
     add_loop_option(parser)
     args = parser.parse_args()
     if args.role == "worker":
