@@ -154,7 +154,7 @@ class Lease:
                 expires_at=float(body.get("expires_at", 0.0)),
                 assignment=int(body.get("assignment", RENDEZVOUS)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise DecodeError(f"invalid lease: {e}", raw) from e
 
 
