@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -185,5 +187,46 @@ async def test_a_record_the_server_does_not_store_is_written_again_then_given_up
         assert records.unconfirmed == 0
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert any("not stored after 5 attempts" in e and reported in e for e in errors), errors
+    finally:
+        await records.stop()
+
+
+async def test_an_unanswered_record_is_waited_for_then_written_again(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(_completions_module, "_CONFIRM_WAIT", 0.3)
+    monkeypatch.setattr(_completions_module, "_SWEEP_EVERY", 0.05)
+    sb = await bus_factory(nats_server.url, prefix="cu", partitions=2)
+    records = await _completions(sb)
+    assert nats_server.pid is not None
+    loop = asyncio.get_running_loop()
+    os.kill(nats_server.pid, signal.SIGSTOP)  # writes go out; no reply comes back
+    try:
+        await records.record("s", 5, partition=0)
+        # A turn cancelled while it waits (a fence) leaves the write to the next one.
+        cancelled = asyncio.create_task(records.confirm("s"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        began = loop.time()
+        waiting = asyncio.create_task(records.confirm("s"))
+
+        def rewritten() -> bool:
+            return any("writing it again" in r.getMessage() for r in caplog.records)
+
+        while not rewritten():
+            assert not waiting.done()
+            assert loop.time() - began < 5, "the wait never gave up"
+            await asyncio.sleep(0.02)
+        assert loop.time() - began >= 0.3  # not before the confirmation wait is over
+        assert not waiting.done()
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(waiting, 10)  # the rewrite's reply confirms it
+        assert records.unconfirmed == 0
+        assert await record_of(sb, "g", "s") == 5
     finally:
         await records.stop()

@@ -40,8 +40,11 @@ logger = logging.getLogger(__name__)
 
 #: Subjects asked for in one Direct Get (the server answers at most 1,024).
 _LOOKUP_BATCH = 512
-#: Seconds to wait for a record's confirmation before writing it again.
+#: Seconds to wait for a record's confirmation before writing it again
+#: (up to ``_SWEEP_EVERY`` more: one timer checks every wait).
 _CONFIRM_WAIT = 2.0
+#: Seconds between checks of the waits for confirmations.
+_SWEEP_EVERY = 0.25
 #: Seconds after which a write's reply is no longer waited for.
 _REPLY_EXPIRES = 30.0
 #: Writes of one record refused or unanswered before the next turn goes ahead anyway.
@@ -69,6 +72,8 @@ class _Write:
     error: RecordNotStored | None = None
     waiter: asyncio.Future[None] | None = None
     """Created only when a turn waits for this write."""
+    wait_until: float = 0.0
+    """Loop time the current wait for this write gives up."""
 
     def settle(self, error: RecordNotStored | None) -> None:
         if self.settled:
@@ -103,6 +108,10 @@ class Completions:
         # Session id -> its last write, until the server confirms it.
         self._unconfirmed: dict[str, _Write] = {}
         self._subjects: dict[str, str] = {}
+        # Writes waited for, and the one timer that ends overdue waits: a
+        # timeout (and a shield) per turn cost more than the rest of the wait.
+        self._waiting: list[_Write] = []
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Subscribe to the replies of record writes."""
@@ -120,6 +129,10 @@ class Completions:
             if write.waiter is not None:
                 write.waiter.cancel()
         self._writes.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._waiting.clear()
 
     @property
     def unconfirmed(self) -> int:
@@ -159,6 +172,34 @@ class Completions:
             logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
             self._writes.pop(token, None)
             write.settle(RecordNotStored(repr(e)))
+
+    def _wait_for(self, write: _Write) -> asyncio.Future[None]:
+        """A future settled with ``write``, or failed with TimeoutError once it is overdue."""
+        loop = asyncio.get_running_loop()
+        write.wait_until = loop.time() + _CONFIRM_WAIT
+        self._waiting.append(write)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+        return loop.create_future()
+
+    def _sweep(self) -> None:
+        """End the overdue waits; check again later while any are left."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        left = []
+        for write in self._waiting:
+            waiter = write.waiter
+            if waiter is None or waiter.done():
+                continue  # settled, or its turn was cancelled
+            if now >= write.wait_until:
+                waiter.set_exception(TimeoutError(
+                    f"no confirmation within {_CONFIRM_WAIT:.0f}s"))
+            else:
+                left.append(write)
+        self._waiting = left
+        if left:
+            self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def _drop_failed(self) -> None:
         for sid, write in list(self._unconfirmed.items()):
@@ -209,17 +250,19 @@ class Completions:
         """Return once the session's last record is stored, writing it again if need be.
 
         Waits as long as that takes (a server restarting); a fence or a
-        handback cancels the turn that waits.
+        handback cancels the turn that waits. One turn of a session waits
+        at a time (the scheduler runs them one by one), so a cancelled wait
+        can take its write's waiter with it: the next wait makes another.
         """
         attempts = 0
         while (write := self._unconfirmed.get(session_id)) is not None:
             error: BaseException | None = write.error
             if not write.settled:
-                if write.waiter is None:
-                    write.waiter = asyncio.get_running_loop().create_future()
+                waiter = write.waiter
+                if waiter is None or waiter.done():
+                    waiter = write.waiter = self._wait_for(write)
                 try:
-                    async with asyncio.timeout(_CONFIRM_WAIT):
-                        await asyncio.shield(write.waiter)
+                    await waiter
                 except TimeoutError as e:
                     # A reply in the same loop step as the timeout still counts.
                     error = write.error if write.settled else e
