@@ -297,6 +297,7 @@ class PinnedPuller:
         self._sub: Subscription | None = None
         self._received: deque[tuple[bytes, bytes, bytes, bytes | None]] = deque()
         self._wake: asyncio.Future[None] | None = None
+        self._time_up = False
         self._seq = 0
         self.pin_id: str | None = None
         """The pin id the server last gave this puller, None when not pinned."""
@@ -328,6 +329,12 @@ class PinnedPuller:
         # delivery fetch() looks at once; data messages become Msgs here.
         self._received.clear()
         self._sub = await subscribe_raw(self._nc, f"{self._inbox}.*", self._deliver)
+
+    def _end_wait(self) -> None:
+        self._time_up = True
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         self._received.append((subject, reply, data, headers))
@@ -377,41 +384,49 @@ class PinnedPuller:
         out: list[Msg] = []
         received, nc, sid = self._received, self._nc, self._sub._id
         pull_reply = reply.encode()
-        while len(out) < batch:
-            if not received:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wake = loop.create_future()
-                try:
-                    async with asyncio.timeout(remaining):
+        # One timer per fetch (not a timeout per wait): it wakes the wait it
+        # finds and marks the fetch as over.
+        timer: asyncio.TimerHandle | None = None
+        self._time_up = False
+        try:
+            while len(out) < batch:
+                if not received:
+                    if timer is None:
+                        if loop.time() >= deadline:
+                            break
+                        timer = loop.call_at(deadline, self._end_wait)
+                    elif self._time_up:
+                        break
+                    self._wake = loop.create_future()
+                    try:
                         await self._wake
-                except TimeoutError:
-                    break
-                finally:
-                    self._wake = None
-                continue
-            subject, msg_reply, data, headers = received.popleft()
-            line = None if data else status_line(headers)
-            if line is None:
-                fields = None
-                if headers is not None and len(headers) > _HEADER_LINE_END:
-                    fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
-                    pin = fields.get(PIN_ID_HEADER) if fields else None
-                    if pin:
-                        self.pin_id = pin
-                out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),
-                               data=data, headers=fields, _sid=sid))
-                continue
-            if subject != pull_reply:
-                continue  # the end of an earlier pull we stopped waiting for
-            status = self.last_status = Status(*line)
-            if status.code == 423:
-                self.pin_id = None  # pin moved: pull without an id to be pinned anew
-            elif not out and (status.code in (400, 503) or "Deleted" in status.description):
-                cls = ConsumerNotFoundError if status.code != 400 else JetStreamAPIError
-                raise cls(status.code, 0, status.description or self._next_subject)
-            break
+                    finally:
+                        self._wake = None
+                    continue
+                subject, msg_reply, data, headers = received.popleft()
+                line = None if data else status_line(headers)
+                if line is None:
+                    fields = None
+                    if headers is not None and len(headers) > _HEADER_LINE_END:
+                        fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
+                        pin = fields.get(PIN_ID_HEADER) if fields else None
+                        if pin:
+                            self.pin_id = pin
+                    out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),
+                                   data=data, headers=fields, _sid=sid))
+                    continue
+                if subject != pull_reply:
+                    continue  # the end of an earlier pull we stopped waiting for
+                status = self.last_status = Status(*line)
+                if status.code == 423:
+                    self.pin_id = None  # pin moved: pull without an id to be pinned anew
+                elif not out and (status.code in (400, 503) or "Deleted" in status.description):
+                    cls = ConsumerNotFoundError if status.code != 400 else JetStreamAPIError
+                    raise cls(status.code, 0, status.description or self._next_subject)
+                break
+        finally:
+            if timer is not None:
+                timer.cancel()
         return out
 
 

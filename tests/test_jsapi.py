@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
@@ -134,6 +136,32 @@ async def test_only_the_pinned_puller_gets_messages(connect: Connect) -> None:
     assert a.last_status is not None and a.last_status.code == 423 and not a.pinned
     await b.stop()
     await a.stop()
+
+
+async def test_a_fetch_the_server_never_answers_ends_on_the_clients_clock(
+    nats_server: NatsServer, connect: Connect
+) -> None:
+    nc, nc_a = await connect(), await connect()
+    await _stream_with_consumer(nc)
+    puller = jsapi.PinnedPuller(nc_a, stream="S", consumer="C", group="g")
+    await puller.start()
+    assert nats_server.pid is not None
+    loop = asyncio.get_running_loop()
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        began = loop.time()
+        async with asyncio.timeout(5):
+            assert await puller.fetch(5, 0.3) == []
+        took = loop.time() - began
+        # The server's 408 never came: the client gave up on its own.
+        assert puller.last_status is None
+        assert 0.3 + jsapi._FETCH_GRACE <= took < 3.0, took
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    await nc.jetstream().publish("s.1", b"1")
+    got = await _fetch_until(puller, lambda got: len(got) >= 1)
+    assert [m.data for m in got] == [b"1"]
+    await puller.stop()
 
 
 async def test_expires_must_be_shorter_than_priority_timeout(connect: Connect) -> None:
