@@ -46,7 +46,8 @@ from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
-from sessionbus.workers._membership import Lease, assign
+from sessionbus.workers._assignment import assign
+from sessionbus.workers._membership import Lease
 
 LATENCY_SUBJECT = "bench.latency"
 RAW_STREAM = "RAW"

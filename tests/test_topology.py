@@ -21,7 +21,7 @@ from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.schemas import EV_TEXT
 from sessionbus.workers import Turn, Worker, WorkerConfig
-from sessionbus.workers._membership import assign
+from sessionbus.workers._assignment import assign
 
 DOMAIN = "hub"
 PARTITIONS = 8

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.workers import Handler, Turn, Worker
-from sessionbus.workers._membership import assign
+from sessionbus.workers._assignment import assign
 from worker_proc import FAST, envelope, poll, publish_many
 
 from sessionbus.testing import BusFactory, LeafTopology

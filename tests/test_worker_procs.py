@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsServer
-from sessionbus.workers._membership import Lease, assign
+from sessionbus.workers._assignment import assign
+from sessionbus.workers._membership import Lease
 from worker_proc import (
     FAST,
     Record,

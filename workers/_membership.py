@@ -5,14 +5,13 @@ written with a per-key TTL and refreshed by compare-and-set. Its value is a
 :class:`Lease`: the partitions the worker has *claimed* (is pulling, or is
 still handing back) and whether it is draining. Every worker watches the
 group's keys, so all of them see the same members and compute the same
-assignment from them (:func:`assign`): each member gets
-``partitions // members`` partitions or one more, chosen by rendezvous
-scores so that a join or a leave moves not many more than the newcomer's
-(or the leaver's) share. Plain rendezvous hashing, the scheme of older versions,
-balances only on average (the busiest of 8 workers holds 1.55x the mean
-share, 2x with 16); a group uses it while any live member announces
-nothing newer in its lease, so a rolling upgrade never has two versions
-disagree on who pulls what.
+assignment from them (see :mod:`sessionbus.workers._assignment`). Each
+lease announces the newest assignment scheme its worker runs, and the
+group runs the oldest announced: while a worker of an older version is
+live (or, after a rejoin, may still come back), every worker splits the
+partitions by plain rendezvous hashing; once the last one drains or is
+gone, all switch to the balanced split at once, which moves many
+partitions that one time.
 
 Assignment says who *should* pull a partition; claims say who still does.
 A worker starts pulling a partition it is assigned only once no other live
@@ -26,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -38,83 +36,18 @@ from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, KeyConflict, WorkerError
 from sessionbus.schemas import decode_map, encode
 from sessionbus.schemas.errors import DecodeError
+from sessionbus.workers._assignment import AssignmentScheme, group_scheme, share_while_held_back
 from sessionbus.workers._cancel import cancel_and_wait
 from sessionbus.workers._liveness import Liveness
 from sessionbus.workers.config import WorkerConfig
 
-__all__ = ["BALANCED", "RENDEZVOUS", "Lease", "Membership", "assign"]
+__all__ = ["Lease", "Membership"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds past a lease's own ``expires_at`` before another process of the
 #: same worker id may take the key over (clock skew between hosts).
 _TAKEOVER_GRACE = 1.0
-
-
-def score(worker_id: str, partition: int) -> int:
-    """Rendezvous weight of ``worker_id`` for ``partition`` (64-bit, stable across hosts)."""
-    digest = hashlib.blake2b(f"{worker_id}\x00{partition}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def owner_of(partition: int, members: Iterable[str]) -> str | None:
-    """The member that should pull ``partition``, None when there are none."""
-    best: str | None = None
-    best_score = -1
-    for member in members:
-        s = score(member, partition)
-        if s > best_score or (s == best_score and best is not None and member > best):
-            best, best_score = member, s
-    return best
-
-
-#: Assignment schemes a lease can announce (the highest its worker runs).
-#: Plain rendezvous hashing: each partition to its highest-scoring member.
-RENDEZVOUS = 1
-#: Rendezvous scores with bounded loads: shares differ by at most one partition.
-BALANCED = 2
-
-
-def assign(
-    partitions: int, members: Iterable[str], *, scheme: int = BALANCED
-) -> dict[str, set[int]]:
-    """Every member's partitions out of ``range(partitions)``, under ``scheme``.
-
-    ``BALANCED`` hands out (member, partition) pairs by descending score,
-    each partition once, so that every member gets ``partitions // members``
-    or one more. A member's best-scoring partitions stay its own as the
-    group changes, so a join moves the newcomer's share and some more
-    (1.1-2x of it on average with 64 partitions and 2-16 members, 3x at
-    worst). The result depends only on the set of members, so every
-    worker computes the same one.
-    """
-    listed = sorted(set(members))
-    out: dict[str, set[int]] = {m: set() for m in listed}
-    if not listed:
-        return out
-    if scheme <= RENDEZVOUS:
-        for p in range(partitions):
-            owner = owner_of(p, listed)
-            if owner is not None:
-                out[owner].add(p)
-        return out
-    room, extra = divmod(partitions, len(listed))
-    pairs = sorted(((score(m, p), m, p) for m in listed for p in range(partitions)),
-                   reverse=True)
-    owned: set[int] = set()
-    for _, member, p in pairs:
-        if p in owned:
-            continue
-        share = out[member]
-        if len(share) == room and extra:
-            extra -= 1  # one of the ``partitions % members`` shares one larger
-        elif len(share) >= room:
-            continue
-        share.add(p)
-        owned.add(p)
-        if len(owned) == partitions:
-            break
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +61,9 @@ class Lease:
     started_at: float = 0.0
     #: Wall-clock time the lease runs out unless refreshed (informational).
     expires_at: float = 0.0
-    #: The newest assignment scheme this worker runs (absent in older
-    #: versions' leases: ``RENDEZVOUS``).
-    assignment: int = BALANCED
+    #: The newest assignment scheme this worker runs (on the wire as
+    #: ``assignment``; absent from older versions' leases: RENDEZVOUS).
+    scheme: AssignmentScheme = AssignmentScheme.BALANCED
 
     def encode(self) -> bytes:
         """Wire form (the schemas msgpack codec)."""
@@ -138,7 +71,7 @@ class Lease:
             "worker_id": self.worker_id, "node_id": self.node_id,
             "claims": sorted(self.claims), "draining": self.draining,
             "started_at": self.started_at, "expires_at": self.expires_at,
-            "assignment": self.assignment,
+            "assignment": int(self.scheme),
         })
 
     @classmethod
@@ -152,7 +85,8 @@ class Lease:
                 draining=bool(body.get("draining", False)),
                 started_at=float(body.get("started_at", 0.0)),
                 expires_at=float(body.get("expires_at", 0.0)),
-                assignment=int(body.get("assignment", RENDEZVOUS)),
+                scheme=AssignmentScheme.from_wire(
+                    int(body.get("assignment", AssignmentScheme.RENDEZVOUS))),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise DecodeError(f"invalid lease: {e}", raw) from e
@@ -190,9 +124,9 @@ class Membership:
         self._revision = 0
         # Loop time of the last rejoin, and when other members vanished.
         self._rejoined_at: float | None = None
-        self._gone: dict[str, float] = {}
-        self._gone_scheme: dict[str, int] = {}
-        self._assignment: tuple[tuple[int, frozenset[str], int], frozenset[int]] | None = None
+        # Loop time each vanished member was last seen, and its scheme.
+        self._gone: dict[str, tuple[float, AssignmentScheme]] = {}
+        self._share: tuple[tuple[object, ...], frozenset[int]] | None = None
         # started_at of the lease this object last created: tells its own
         # lease from another process's (or another Worker's) of the same id.
         self._created_at: float | None = None
@@ -240,8 +174,7 @@ class Membership:
         loop = asyncio.get_running_loop()
         self._rejoined_at = loop.time()
         horizon = self._rejoined_at - 2 * self.rejoin_grace
-        self._gone = {wid: at for wid, at in self._gone.items() if at >= horizon}
-        self._gone_scheme = {wid: self._gone_scheme.get(wid, RENDEZVOUS) for wid in self._gone}
+        self._gone = {wid: gone for wid, gone in self._gone.items() if gone[0] >= horizon}
         self.lost.clear()
         self.changed.set()
         # Take the held-back shares once the grace is over, if nobody came back.
@@ -411,8 +344,8 @@ class Membership:
             del self._members[worker_id]
             self._liveness.gone(worker_id)
             if not current.lease.draining:
-                self._gone[worker_id] = asyncio.get_running_loop().time()
-                self._gone_scheme[worker_id] = current.lease.assignment
+                self._gone[worker_id] = (asyncio.get_running_loop().time(),
+                                         current.lease.scheme)
             self.changed.set()
 
     def members(self) -> dict[str, Lease]:
@@ -432,32 +365,33 @@ class Membership:
 
         Right after this worker rejoined (its lease was lost, most often to
         a server restart that cost every lease), members that vanished
-        shortly before keep their share for :attr:`rejoin_grace` seconds:
+        shortly before are held back for :attr:`rejoin_grace` seconds:
         they are probably rejoining too, and taking their partitions now
         would move every session to a worker that never saw it (its
         completed envelopes, whose acks the restart may have lost, would
-        run again there).
+        run again there). Meanwhile this worker takes only what is its own
+        with them and without them, so nothing it takes moves again.
         """
         leases = {wid: lease for wid, lease in self.members().items() if not lease.draining}
         if self.worker_id not in leases:
             return set()
-        schemes = {wid: lease.assignment for wid, lease in leases.items()}
+        schemes = [lease.scheme for lease in leases.values()]
+        held_back: frozenset[str] = frozenset()
         now = asyncio.get_running_loop().time()
         if self._rejoined_at is not None and now - self._rejoined_at < self.rejoin_grace:
             since = self._rejoined_at - self.rejoin_grace
-            schemes |= {wid: self._gone_scheme.get(wid, RENDEZVOUS)
-                        for wid, at in self._gone.items() if at >= since and wid not in leases}
-        key = (partitions, frozenset(schemes), self.scheme(schemes.values()))
-        if self._assignment is None or self._assignment[0] != key:
+            gone = {wid: scheme for wid, (at, scheme) in self._gone.items()
+                    if at >= since and wid not in leases}
+            held_back = frozenset(gone)
+            schemes += gone.values()
+        scheme = group_scheme(schemes)
+        key = (partitions, frozenset(leases), held_back, scheme)
+        if self._share is None or self._share[0] != key:
             # Every lease refresh of every member asks again: compute once per view.
-            shares = assign(partitions, key[1], scheme=key[2])
-            self._assignment = (key, frozenset(shares.get(self.worker_id, ())))
-        return set(self._assignment[1])
-
-    @staticmethod
-    def scheme(announced: Iterable[int]) -> int:
-        """The scheme a group runs: the oldest any member announces (this code's at most)."""
-        return max(RENDEZVOUS, min([BALANCED, *announced]))
+            share = share_while_held_back(partitions, self.worker_id, leases, held_back,
+                                          scheme=scheme)
+            self._share = (key, frozenset(share))
+        return set(self._share[1])
 
     @property
     def rejoin_grace(self) -> float:
