@@ -249,10 +249,11 @@ class Completions:
     async def confirm(self, session_id: str) -> None:
         """Return once the session's last record is stored, writing it again if need be.
 
-        Waits as long as that takes (a server restarting); a fence or a
-        handback cancels the turn that waits. One turn of a session waits
-        at a time (the scheduler runs them one by one), so a cancelled wait
-        can take its write's waiter with it: the next wait makes another.
+        Gives up after 5 writes refused or unconfirmed (each waited for
+        about 2 s), logging it; a fence or a handback cancels the waiting
+        turn before that. One turn of a session waits at a time (the
+        scheduler runs them one by one), so a cancelled wait can take its
+        write's waiter with it: the next wait makes another.
         """
         attempts = 0
         while (write := self._unconfirmed.get(session_id)) is not None:

@@ -6,9 +6,11 @@ from its own connection, and pings the other members every
 ``refresh_interval``. A member that has not answered for ``bound`` seconds
 (counted from when its lease was first seen, so a new worker joins at
 once) is left out of the assignment and its claims are ignored. For at
-most ``bound`` seconds, then, a forged lease stalls the share assigned to
-it and moves a few partitions between the live workers (the shares are
-balanced over every member), and moves them back when it is dropped.
+most ``bound`` seconds, then, a forged lease is a member like any other:
+the share assigned to it (a full one) stalls, up to as many partitions
+again move between the live workers (shares are balanced over every
+member), and one announcing the older scheme switches the group to plain
+rendezvous hashing; all of it is undone when the lease is dropped.
 
 This is the liveness rule only. Bucket permissions (workers only may write
 leases) are what keeps a client from writing leases in the first place.
