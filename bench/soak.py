@@ -27,6 +27,7 @@ import logging
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -52,8 +53,7 @@ async def _one(name: str, run_timeout: float, keep: Path | None, index: int) -> 
         except TimeoutError:
             return f"timed out after {run_timeout:.0f}s"
         except Exception as e:  # a scenario's own wait failed: report it, go on
-            first = str(e).splitlines()[0] if str(e) else ""
-            return f"{type(e).__name__}: {first}"
+            return f"{type(e).__name__}: {e}"
 
 
 def _row(values: dict[str, float | int | None]) -> str:
@@ -91,7 +91,11 @@ async def _main(args: argparse.Namespace) -> int:
             outcome = await _one(name, args.run_timeout, args.keep, i + 1)
             if isinstance(outcome, str):
                 errors[name] += 1
-                print(f"{name} #{i + 1}: ERROR {outcome}", flush=True)
+                first, _, rest = outcome.partition("\n")
+                print(f"{name} #{i + 1}: ERROR {first}", flush=True)
+                if args.verbose and rest.strip():
+                    # The processes' stderr tails: all there is to go on afterwards.
+                    print(textwrap.indent(rest.rstrip(), "    "), flush=True)
                 continue
             results[name].append(outcome)
             r = outcome.report
@@ -121,7 +125,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each run's process logs under this directory")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print violations")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print violations, and the processes' stderr of a failed run")
     args = parser.parse_args()
     # The bus in this process reconnects through the faults; keep its warnings out.
     logging.basicConfig(level=logging.ERROR)
