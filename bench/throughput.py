@@ -40,6 +40,7 @@ from _common import add_loop_option, environment, percentile, ratio, run_loop
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
+from nats.js.client import JetStreamContext
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
@@ -203,6 +204,28 @@ async def create_records(sb: SessionBus, session_ids: list[str]) -> None:
     await asyncio.gather(*(create(sid) for sid in session_ids))
 
 
+async def timed_throughput(
+    js: JetStreamContext, batch: list[tuple[str, bytes, str]],
+    all_acked: Callable[[], Awaitable[bool]], what: str,
+    worker_pids: list[int | None], server_pid: int | None,
+) -> tuple[float, float | None, float | None]:
+    """Publish ``batch`` (subject, body, msg id) and wait until ``all_acked``.
+
+    Returns envelopes/s from the first publish, and the CPU per envelope
+    of the workers together and of the server over that span.
+    """
+    workers_cpu, server_cpu = CpuMeter(worker_pids), CpuMeter([server_pid])
+    workers_cpu.start()
+    server_cpu.start()
+    start = time.perf_counter()
+    futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
+               for subject, data, eid in batch]
+    await asyncio.gather(*futures)
+    await until(all_acked, what, PHASE_LIMIT)
+    rate = len(batch) / (time.perf_counter() - start)
+    return rate, workers_cpu.per_envelope(len(batch)), server_cpu.per_envelope(len(batch))
+
+
 async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[None]],
                           samples: int, tag: str) -> tuple[float, float]:
     """Send one envelope at a time into an idle session; p50/p99 start delay in us."""
@@ -266,16 +289,8 @@ async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, c
                                  + [f"{prefix}-idle-{i}" for i in range(samples)])
             batch = [(sb.names.inbound(e.session_id), encode(e), e.envelope_id)
                      for e in envelopes(count, sessions, prefix)]
-            workers_cpu, server_cpu = CpuMeter(procs.pids), CpuMeter([server_pid])
-            workers_cpu.start()
-            server_cpu.start()
-            start = time.perf_counter()
-            futures = [await sb.js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
-                       for subject, data, eid in batch]
-            await asyncio.gather(*futures)
-            await until(all_acked, "every envelope acked", PHASE_LIMIT)
-            rate = count / (time.perf_counter() - start)
-            worker_us, server_us = workers_cpu.per_envelope(count), server_cpu.per_envelope(count)
+            rate, worker_us, server_us = await timed_throughput(
+                sb.js, batch, all_acked, "every envelope acked", procs.pids, server_pid)
 
             async def publish(env: Envelope) -> None:
                 await sb.js.publish(sb.names.inbound(env.session_id), encode(env),
@@ -313,16 +328,8 @@ async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: i
         await until(pullers_ready, "raw pullers", 60)
         batch = [(f"raw.{e.session_id}", encode(e), e.envelope_id)
                  for e in envelopes(count, sessions, "raw")]
-        workers_cpu, server_cpu = CpuMeter(procs.pids), CpuMeter([server_pid])
-        workers_cpu.start()
-        server_cpu.start()
-        start = time.perf_counter()
-        futures = [await js.publish_async(subject, data, headers={"Nats-Msg-Id": eid})
-                   for subject, data, eid in batch]
-        await asyncio.gather(*futures)
-        await until(all_acked, "every raw message acked", PHASE_LIMIT)
-        rate = count / (time.perf_counter() - start)
-        worker_us, server_us = workers_cpu.per_envelope(count), server_cpu.per_envelope(count)
+        rate, worker_us, server_us = await timed_throughput(
+            js, batch, all_acked, "every raw message acked", procs.pids, server_pid)
 
         async def publish(env: Envelope) -> None:
             await js.publish(f"raw.{env.session_id}", encode(env),
@@ -357,8 +364,7 @@ async def bench(args: argparse.Namespace) -> None:
                                           records=not args.no_completion_records,
                                           partitions=args.partitions)
             raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
-                                  args.samples,
-                                  args.loop)
+                                  args.samples, args.loop)
             rows.append((n, ours, raw))
         print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
               f"{'worker CPU us/env':>17} | {'server CPU us/env':>17}")
