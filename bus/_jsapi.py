@@ -332,12 +332,13 @@ class PinnedPuller:
 
     def _end_wait(self) -> None:
         self._time_up = True
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        self._notify()
 
     def _deliver(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         self._received.append((subject, reply, data, headers))
+        self._notify()
+
+    def _notify(self) -> None:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
