@@ -13,11 +13,10 @@ caller anyway.
 :func:`subscribe_raw` subscribes through nats-py (so the subscription is
 registered, resubscribed on reconnect and unsubscribed as usual) and
 routes that subscription's deliveries, before nats-py builds anything,
-to a handler of ``(subject, reply, data, headers)`` bytes. The route is
-an attribute on the one client instance, put in place while at least one
-raw subscription is open and removed with the last: a connection with
-none runs nats-py's own code unchanged, and one with some hands every
-other subscription's deliveries to nats-py as before.
+to a handler of ``(subject, reply, data, headers)`` bytes: the client's
+protocol reader (``bus._wire``) calls it as it cuts each message out of
+what it read. Every other subscription's deliveries go to nats-py as
+before.
 
 :class:`RawInbox` is the request form: a fresh inbox collecting one
 reader's answers. Server status messages (an empty body and a
@@ -30,22 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from sessionbus.bus._wire import Deliver, routes
 from sessionbus.bus.errors import BusTimeout
 
 __all__ = ["RawInbox", "header_value", "status_line", "subscribe_raw"]
 
 #: A status message's header block starts so (then the code, 3 digits).
 _STATUS_LINE = b"NATS/1.0 "
-_ROUTES = "_sessionbus_raw_routes"
-
-#: ``deliver(subject, reply, data, headers)``, in the client's read loop.
-Deliver = Callable[[bytes, bytes, bytes, bytes | None], None]
-ProcessMsg = Callable[..., Awaitable[None]]
 
 
 def header_value(headers: bytes, name: bytes) -> bytes | None:
@@ -77,33 +72,6 @@ def status_line(headers: bytes | None) -> tuple[int, str] | None:
     return int(code), description.strip().decode("utf-8", "replace")
 
 
-def _routes(nc: Client) -> dict[int, Deliver]:
-    """The client's raw routes by subscription id, putting the route in place if needed."""
-    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
-    if routes is not None:
-        return routes
-    found: dict[int, Deliver] = {}
-    original: ProcessMsg = nc._process_msg
-    stats = nc.stats
-
-    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes,
-                          headers: bytes | None) -> None:
-        deliver = found.get(sid)
-        if deliver is None:
-            await original(sid, subject, reply, data, headers)
-            return
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        try:
-            deliver(subject, reply, data, headers)
-        except Exception as e:  # a handler's bug must not end the client's read loop
-            await nc._error_cb(e)
-
-    nc.__dict__[_ROUTES] = found
-    nc._process_msg = process_msg  # type: ignore[method-assign]
-    return found
-
-
 async def subscribe_raw(nc: Client, subject: str, deliver: Deliver) -> Any:
     """Subscribe ``subject`` through nats-py and hand its deliveries, as bytes, to ``deliver``.
 
@@ -112,7 +80,7 @@ async def subscribe_raw(nc: Client, subject: str, deliver: Deliver) -> Any:
     nats-py subscription; :func:`unsubscribe_raw` ends it.
     """
     sub = await nc.subscribe(subject)
-    _routes(nc)[sub._id] = deliver
+    routes(nc)[sub._id] = deliver
     return sub
 
 
@@ -126,14 +94,7 @@ async def unsubscribe_raw(nc: Client, sub: Any) -> None:
 
 
 def _unroute(nc: Client, sid: int) -> None:
-    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
-    if routes is None:
-        return
-    routes.pop(sid, None)
-    if not routes:
-        # Back to nats-py's own method for every delivery.
-        del nc.__dict__[_ROUTES]
-        nc.__dict__.pop("_process_msg", None)
+    routes(nc).pop(sid, None)
 
 
 class RawInbox:
@@ -169,7 +130,7 @@ class RawInbox:
         """Subscribe to a fresh inbox of ``nc`` and route its deliveries here."""
         sub = await nc.subscribe(nc.new_inbox())
         inbox = cls(nc, sub)
-        _routes(nc)[inbox._sid] = inbox._deliver
+        routes(nc)[inbox._sid] = inbox._deliver
         return inbox
 
     async def __aenter__(self) -> RawInbox:

@@ -25,6 +25,7 @@ from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._loop import check_running_loop
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._wire import install as install_parser
 from sessionbus.bus.errors import (
     AuthenticationFailed,
     BusClosedError,
@@ -204,6 +205,7 @@ class SessionBus:
             await asyncio.to_thread(self.embedded.start)
             servers = [self.embedded.url]
         nc = Client()
+        install_parser(nc)
         self._refused = asyncio.get_running_loop().create_future()
         try:
             # nats-py retries the first connect forever when reconnects are
