@@ -43,7 +43,7 @@ from sessionbus.bus._jsapi import (
 )
 from sessionbus.bus._names import kv_subject
 from sessionbus.bus._reads import last_per_subject
-from sessionbus.bus._replies import Pending, Replies
+from sessionbus.bus._replies import NoResponders, Pending, Replies
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
 __all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
@@ -106,14 +106,17 @@ class KVEvent:
     pending: int = 0
 
 
-class _ReadRetry:
-    """Paces the retries of a read that no replica answered, up to a deadline.
+class _Retry:
+    """Paces the retries of a request that no replica answered, up to a deadline.
 
     When a replicated bucket's stream leader is lost, the other replicas stop
-    answering Direct Gets until a new leader is elected (about 1.5 s on
-    loopback): "no responders". A Direct Get in flight to the node that died
-    is never answered at all. Reads wait both out (each attempt bounded by
-    ``_READ_ATTEMPT`` seconds) instead of failing.
+    answering Direct Gets for a while (about 1.5 s on loopback), and nothing
+    takes a write until a new leader is elected (5-7 s after a SIGKILL on
+    loopback): "no responders". A Direct Get in flight to the node that
+    died is never answered at all. Reads wait both out (each attempt
+    bounded by ``_READ_ATTEMPT`` seconds) instead of failing; writes wait
+    out the first only: a write that got no answer at all may have been
+    stored, so it is not sent again.
     """
 
     def __init__(self, within: float) -> None:
@@ -122,8 +125,12 @@ class _ReadRetry:
         self._unanswered = False
 
     def attempt_timeout(self) -> float:
-        """How long the next attempt may wait for its answer."""
+        """How long the next read attempt may wait for its answer."""
         return max(0.001, min(_READ_ATTEMPT, self._deadline - time.monotonic()))
+
+    def left(self) -> float:
+        """Seconds to the deadline (0 once past)."""
+        return max(0.0, self._deadline - time.monotonic())
 
     def error(self, cause: BaseException, what: str) -> BusError:
         """The error to raise once retries are exhausted.
@@ -212,7 +219,7 @@ class Bucket:
             raise ConfigError(f"get_many takes at most {MAX_GET_MANY} keys, got {len(keys)}")
         if not keys:
             return {}
-        retry = _ReadRetry(self.timeout)
+        retry = _Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -258,7 +265,7 @@ class Bucket:
         return int(info.state.last_seq)
 
     async def _direct_last(self, key: str) -> api.RawStreamMsg | None:
-        retry = _ReadRetry(self.timeout)
+        retry = _Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -277,18 +284,34 @@ class Bucket:
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str],
                        also: Callable[[], Awaitable[None]] | None = None) -> int:
-        """Write and wait for the stream's ack; ``also`` is published before the wait."""
-        pending = await self._replies.send(self.subject(key), value, headers or None)
-        if also is not None:
-            try:
-                await also()
-            except BaseException:
-                self._replies.discard(pending)
-                raise
-        return await self._acked(key, pending, headers)
+        """Write and wait for the stream's ack; ``also`` is published before the wait.
 
-    async def _acked(self, key: str, pending: Pending, headers: dict[str, str]) -> int:
-        msg = await self._replies.wait(pending, within=self.timeout,
+        A write that reached no stream (no responders) is sent again, ``also``
+        with it, paced as reads are, until the bucket's timeout: a stream
+        electing a new leader takes writes again within seconds.
+        """
+        retry = _Retry(self.timeout)
+        within = self.timeout
+        while True:
+            pending = await self._replies.send(self.subject(key), value, headers or None)
+            if also is not None:
+                try:
+                    await also()
+                except BaseException:
+                    self._replies.discard(pending)
+                    raise
+            try:
+                return await self._acked(key, pending, headers, within)
+            except NoResponders as e:
+                if not await retry.again(e):
+                    raise
+            # A later attempt waits for what is left of the timeout, and no
+            # less than a read attempt: a leader just elected answers at once.
+            within = max(_READ_ATTEMPT, retry.left())
+
+    async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
+                     within: float) -> int:
+        msg = await self._replies.wait(pending, within=within,
                                        what=f"write {self.name}/{key}")
         if not msg.data:
             # An empty reply: a leaf link or route cut mid-write.
@@ -376,7 +399,7 @@ class Bucket:
         the last message per subject through a one-shot consumer, deleted
         when the listing is done.
         """
-        retry = _ReadRetry(self.timeout)
+        retry = _Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -398,7 +421,7 @@ class Bucket:
             if _op_of(m.headers) is KVOp.PUT
         ]
 
-    async def _list_by_consumer(self, key_filter: str, retry: _ReadRetry
+    async def _list_by_consumer(self, key_filter: str, retry: _Retry
                                 ) -> builtins.list[KVEntry]:
         while True:
             try:

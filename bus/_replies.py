@@ -26,10 +26,18 @@ from sessionbus.bus.errors import BusTimeout, ConnectionFailed
 if TYPE_CHECKING:
     from nats.aio.subscription import Subscription
 
-__all__ = ["Pending", "Replies"]
+__all__ = ["NoResponders", "Pending", "Replies"]
 
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
+
+
+class NoResponders(ConnectionFailed):
+    """Nobody subscribes to a request's subject: it reached no one, so it may be sent again.
+
+    A replicated stream electing a new leader, a stream that does not
+    exist, or a cut leaf link.
+    """
 
 
 class Pending:
@@ -96,8 +104,8 @@ class Replies:
         self._waiting.pop(pending.token, None)
 
     async def wait(self, pending: Pending, *, within: float, what: str) -> Msg:
-        """The reply to ``pending``; BusTimeout after ``within`` s, ConnectionFailed if
-        nobody listens on the subject (no stream, or a cut leaf link)."""
+        """The reply to ``pending``; BusTimeout after ``within`` s, NoResponders if
+        nobody listens on the subject (no stream, an election, a cut leaf link)."""
         future = pending.future
         timer = asyncio.get_running_loop().call_later(within, _expire, future)
         try:
@@ -108,7 +116,7 @@ class Replies:
             timer.cancel()
             self._waiting.pop(pending.token, None)
         if not msg.data and msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
-            raise ConnectionFailed(f"{what}: no JetStream answering")
+            raise NoResponders(f"{what}: no JetStream answering")
         return msg
 
 

@@ -9,7 +9,11 @@ import pytest
 from nats.aio.msg import Msg
 from sessionbus.bus import SessionBus
 from sessionbus.bus._kv import Bucket
+from sessionbus.bus._server import NatsCluster
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed, KeyConflict
+from sessionbus.workers import Turn, Worker
+
+from sessionbus.testing import BusFactory
 
 
 async def test_concurrent_writes_each_get_their_own_ack(bus: SessionBus) -> None:
@@ -33,8 +37,10 @@ async def test_concurrent_writes_each_get_their_own_ack(bus: SessionBus) -> None
 
 async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
     missing = Bucket(nc=bus.nc, js=bus.js, name="absent", timeout=0.5)
-    with pytest.raises(ConnectionFailed):  # no stream: no responders, at once
+    start = time.monotonic()
+    with pytest.raises(ConnectionFailed):  # no stream: no responders, sent again till timeout
         await missing.put("k", b"v")
+    assert 0.5 <= time.monotonic() - start < 2.0
     # A subscriber that never replies stands in for a stream that went silent.
     silent = await bus.nc.subscribe("$KV.silent.>")
     try:
@@ -47,3 +53,63 @@ async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
         assert got.data == b"v" and got.reply
     finally:
         await silent.unsubscribe()
+
+
+#: Seconds a request may take in the election tests (nats-server waits a few
+#: seconds without heartbeats before its replicas elect a new leader).
+_ELECTION = 15.0
+
+
+async def test_writes_ride_out_the_election_of_a_new_stream_leader(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    kv = first.sessions_kv
+    revision = await kv.put("steady", b"0")
+    info = await first.js.stream_info(kv.stream)
+    assert info.cluster is not None
+    victim = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    survivor = next(s for s in nats_cluster.servers if s is not victim)
+    # Through a node that stays up: only the stream's leader goes away. An
+    # election after a SIGKILL can take longer than the default timeout.
+    sb = await bus_factory(survivor.url, replicas=3, request_timeout=_ELECTION)
+    kv = sb.sessions_kv
+    victim.kill()
+    slowest = 0.0
+    written = []
+    for i in range(20):
+        start = time.monotonic()
+        # While no replica leads, nothing takes the write ("no responders"):
+        # it is sent again until one does, within the bucket's timeout.
+        written.append(await kv.create(f"k.{i}", b"%d" % i))
+        revision = await kv.update("steady", b"%d" % (i + 1), last=revision)
+        slowest = max(slowest, time.monotonic() - start)
+    assert slowest < kv.timeout
+    for i in range(20):
+        entry = await kv.get(f"k.{i}")
+        assert entry is not None and entry.value == b"%d" % i and entry.revision == written[i]
+    steady = await kv.get("steady")
+    assert steady is not None and steady.value == b"20" and steady.revision == revision
+
+
+async def test_a_worker_starting_during_an_election_joins(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.workers_kv.stream)
+    assert info.cluster is not None
+    victim = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    survivor = next(s for s in nats_cluster.servers if s is not victim)
+    sb = await bus_factory(survivor.url, replicas=3, request_timeout=_ELECTION)
+
+    async def handle(turn: Turn) -> None:
+        pass
+
+    victim.kill()
+    worker = Worker(sb, group="g", handler=handle, worker_id="w-election")
+    await worker.start()
+    try:
+        lease = await sb.workers_kv.get(sb.names.worker_key("g", "w-election"))
+        assert lease is not None
+    finally:
+        await worker.stop()
