@@ -67,6 +67,11 @@ _LATE_GRACE = 0.5
 _CATCH_UP_PROBE = 0.25
 #: Pulls made to collect in-flight deliveries before handing back.
 _DRAIN_PULLS = 20
+#: Seconds before the second attempt in a row to recreate a partition's consumer
+#: (doubling up to ``_RECOVER_MAX``): while a replicated consumer elects a
+#: leader its create succeeds at once and its pulls keep failing.
+_RECOVER_FIRST = 0.05
+_RECOVER_MAX = 1.0
 
 
 class PartitionPuller:
@@ -97,6 +102,8 @@ class PartitionPuller:
         self._in_flight_until = 0.0
         # Loop time from which the messages of the latest pull count their age.
         self._requested_at = 0.0
+        # Consumer recoveries since the server last answered a pull.
+        self._recoveries = 0
         self.contact = 0.0
         """Loop time of the server's last answer to a pull (messages or a status)."""
 
@@ -192,8 +199,8 @@ class PartitionPuller:
                     self._check_caught_up(msgs, asked=ask or 1)
                 if msgs:
                     await asyncio.sleep(0)  # let the turns just queued start before pulling on
-            except ConsumerNotFoundError:
-                await self._recover_consumer()
+            except ConsumerNotFoundError as e:
+                await self._recover_consumer(e)
                 continue
             except (BusError, NatsError, OSError) as e:
                 logger.warning("partition %d: pull failed: %s", self.partition, e)
@@ -251,7 +258,16 @@ class PartitionPuller:
             self._in_flight_until = max(self._in_flight_until, sent + expires + _LATE_GRACE)
         if msgs or self._puller.last_status is not None:
             self.contact = asyncio.get_running_loop().time()
+            self._recoveries = 0
         return msgs
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` (room freeing up does not end it); True if stopping."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self._stopping and (left := deadline - loop.time()) > 0:
+            await self._sleep(left)
+        return self._stopping
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early when stopping or when room frees up; True if stopping."""
@@ -275,9 +291,22 @@ class PartitionPuller:
         # Stay frozen: if the pin comes back here, catch up first again.
         self._catching_up = True
 
-    async def _recover_consumer(self) -> None:
-        logger.error("partition %d: consumer %s is gone; recreating it (what was held is "
-                     "dropped, the new consumer redelivers)", self.partition, self._consumer)
+    async def _recover_consumer(self, cause: ConsumerNotFoundError) -> None:
+        self._recoveries += 1
+        why = f"{cause.code} {cause.description}".strip()
+        if self._recoveries == 1:
+            logger.error("partition %d: consumer %s is gone (a pull got %s); recreating it "
+                         "(what was held is dropped, the new consumer redelivers)",
+                         self.partition, self._consumer, why)
+        else:
+            # Still no answer to a pull: a replicated consumer without a
+            # leader is "recreated" at once and fails again; wait it out.
+            pause = min(_RECOVER_MAX, _RECOVER_FIRST * 2 ** (self._recoveries - 2))
+            logger.debug("partition %d: consumer %s still not answering (a pull got %s, "
+                         "attempt %d); recreating it in %.2fs", self.partition, self._consumer,
+                         why, self._recoveries, pause)
+            if await self._pause(pause):
+                return
         sched = self._scheduler
         sched.freeze(self.partition)
         await sched.cancel_partition(self.partition)
