@@ -8,6 +8,7 @@ import time
 import pytest
 from sessionbus.bus._server import NatsServer
 from sessionbus.workers import Turn, Worker
+from sessionbus.workers._partition import recovery_pause
 from waiting import until
 from worker_proc import FAST
 
@@ -48,3 +49,10 @@ async def test_a_consumer_whose_pulls_nobody_answers_is_recreated_at_a_pace(
     errors = [r for r in attempts() if r.levelno >= logging.ERROR]
     assert len(errors) == 1  # one error an episode, the rest at debug level
     assert "503" in errors[0].getMessage()
+
+
+def test_the_pause_doubles_to_its_cap_however_long_the_episode() -> None:
+    pauses = [recovery_pause(n) for n in range(1, 9)]
+    assert pauses == [0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    # An outage of hours: thousands of attempts in a row.
+    assert recovery_pause(10_000) == recovery_pause(10**9) == 1.0

@@ -55,7 +55,7 @@ from sessionbus.workers._delivery import nak_in_order
 from sessionbus.workers._scheduler import Scheduler
 from sessionbus.workers.config import WorkerConfig
 
-__all__ = ["PartitionPuller"]
+__all__ = ["PartitionPuller", "recovery_pause"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ _DRAIN_PULLS = 20
 #: leader its create succeeds at once and its pulls keep failing.
 _RECOVER_FIRST = 0.05
 _RECOVER_MAX = 1.0
+
+
+def recovery_pause(attempt: int) -> float:
+    """Seconds to wait before attempt number ``attempt`` (1, 2, ...) in a row to recreate."""
+    if attempt <= 1:
+        return 0.0
+    # The exponent is capped first: 2.0 ** 1024 does not fit in a float.
+    return min(_RECOVER_MAX, _RECOVER_FIRST * 2.0 ** min(attempt - 2, 16))
 
 
 class PartitionPuller:
@@ -301,7 +309,7 @@ class PartitionPuller:
         else:
             # Still no answer to a pull: a replicated consumer without a
             # leader is "recreated" at once and fails again; wait it out.
-            pause = min(_RECOVER_MAX, _RECOVER_FIRST * 2 ** (self._recoveries - 2))
+            pause = recovery_pause(self._recoveries)
             logger.debug("partition %d: consumer %s still not answering (a pull got %s, "
                          "attempt %d); recreating it in %.2fs", self.partition, self._consumer,
                          why, self._recoveries, pause)
