@@ -34,7 +34,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from sessionbus.bus._wire import Deliver, routes
+from sessionbus.bus._wire import Deliver, installed, routes
 from sessionbus.bus.errors import BusTimeout
 
 __all__ = ["RawInbox", "header_value", "status_line", "subscribe_raw"]
@@ -94,7 +94,8 @@ async def unsubscribe_raw(nc: Client, sub: Any) -> None:
 
 
 def _unroute(nc: Client, sid: int) -> None:
-    routes(nc).pop(sid, None)
+    if installed(nc):
+        routes(nc).pop(sid, None)
 
 
 class RawInbox:

@@ -15,8 +15,10 @@ state fields as nats-py's parser (``buf``, ``state``, ``needed``,
 ``header_needed``, ``msg_arg``), so a reset on reconnect works as before,
 and it hands every other operation (``PING``, ``PONG``, ``+OK``,
 ``-ERR``, ``INFO``, or anything it does not know) to nats-py's own
-parser, one complete line at a time: what is not a message behaves
-exactly as nats-py makes it. On 20,000 header-carrying deliveries read
+parser, one complete line at a time, so those behave as nats-py makes
+them. (One difference, for a line no server sends: an unknown line past
+nats-py's 4 KB limit is a protocol error, where nats-py waits for more of
+it for good.) On 20,000 header-carrying deliveries read
 64 KB at a time it takes 3.3 µs per message where nats-py's takes 3.9
 (2-core machine, Python 3.11).
 
@@ -34,6 +36,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.errors import ProtocolError
 from nats.protocol import parser as nats_parser
+from nats.protocol.parser import Parser
 
 __all__ = ["Deliver", "install", "installed", "routes"]
 
@@ -130,8 +133,11 @@ def install(nc: Client) -> None:
                     finally:
                         if ps.buf is line:
                             ps.buf = buf
+                    if line and ps.buf is buf:
+                        # nats-py waits for more of a line past its size limit.
+                        raise ProtocolError("nats: unknown protocol")
                     if ps.buf is not buf:
-                        return
+                        return  # reset by what the line made the client do
                     continue
                 pos = end + 2
         finally:
@@ -141,21 +147,24 @@ def install(nc: Client) -> None:
     ps.parse = parse  # type: ignore[method-assign]
 
 
-def _message_line(ps: Any, args: list[bytes], *, headers: bool) -> None:
-    """Take a ``MSG``/``HMSG`` line's arguments into the parser's state."""
+def _message_line(ps: Parser, args: list[bytes], *, headers: bool) -> None:
+    """Take a ``MSG``/``HMSG`` line's arguments into the parser's state.
+
+    ``MSG <subject> <sid> [reply] <size>``, ``HMSG <subject> <sid> [reply]
+    <header size> <total size>``: sizes in digits only, as nats-py reads them.
+    """
+    count = 5 if headers else 4
+    sizes = args[-2:] if headers else args[-1:]
+    if len(args) not in (count - 1, count) or not all(size.isdigit() for size in sizes):
+        raise ProtocolError("nats: malformed MSG")
     try:
-        if headers:
-            ps.header_needed = int(args[-2])
-            count = 5
-        else:
-            count = 4
-        if len(args) not in (count - 1, count):
-            raise ValueError(args)
-        ps.needed = int(args[-1])
-        arg = ps.msg_arg
-        arg["subject"] = args[0]
-        arg["sid"] = int(args[1])
-        arg["reply"] = args[2] if len(args) == count else b""
-    except (ValueError, IndexError):
+        sid = int(args[1])
+    except ValueError:
         raise ProtocolError("nats: malformed MSG") from None
+    ps.header_needed = int(args[-2]) if headers else 0
+    ps.needed = int(args[-1])
+    arg = ps.msg_arg
+    arg["subject"] = args[0]
+    arg["sid"] = sid
+    arg["reply"] = args[2] if len(args) == count else b""
     ps.state = _PAYLOAD

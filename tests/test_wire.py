@@ -73,7 +73,7 @@ def _traffic(rng: random.Random, count: int) -> tuple[bytes, int]:
             out += b"HMSG %s %d %d\r\n%s%s\r\n" % (args, len(headers), len(headers) + len(body),
                                                    headers, body)
         elif kind == 6:
-            op = rng.choice([b"PING\r\n", b"PONG\r\n", b"+OK\r\n"])
+            op = rng.choice([b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"-ERR 'Some Error'\r\n"])
             silent += op == b"+OK\r\n"
             out += op
         elif kind == 7:
@@ -114,6 +114,8 @@ async def test_split_anywhere_the_stream_dispatches_as_nats_py_does(seed: int) -
     b"MSG a 1 r extra 3\r\nabc\r\n",     # too many arguments
     b"HMSG a 1 x 3\r\nabc\r\n",          # a header size that is no number
     b"MSG a\r\n",                        # too few
+    b"MSG a 1 +3\r\nabc\r\n",            # a size that is not all digits
+    b"HMSG a 1 0_3 5\r\nabcde\r\n",
     b"BOGUS op\r\n",                     # no operation at all
 ])
 async def test_a_line_nats_py_refuses_is_refused(line: bytes) -> None:
@@ -163,6 +165,30 @@ async def test_a_reset_during_a_delivery_drops_the_rest_as_nats_py_does(fast: bo
     assert not nc._ps.buf
     await nc._ps.parse(b"MSG c 1 1\r\nz\r\n")  # the next connection's first delivery
     assert events == [(1, b"a"), (1, b"c")]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "bus"])
+async def test_a_reset_by_an_error_line_drops_the_rest_as_nats_py_does(fast: bool) -> None:
+    events: list[Event] = []
+    nc = _client(events, fast=fast)
+
+    async def stale(message: str) -> None:
+        events.append(("err", message))
+        nc._ps.reset()  # what a stale connection error leads to: a reconnect
+
+    nc._process_err = stale  # type: ignore[method-assign]
+    await nc._ps.parse(b"MSG a 1 1\r\nx\r\n-ERR 'Stale Connection'\r\nMSG b 1 1\r\ny\r\n")
+    assert events == [("msg", 1, b"a", b"", b"x", None), ("err", "'stale connection'")]
+    assert not nc._ps.buf
+    await nc._ps.parse(b"PING\r\nMSG c 1 1\r\nz\r\n")  # the next connection
+    assert events[2:] == [("ping",), ("msg", 1, b"c", b"", b"z", None)]
+
+
+async def test_an_unknown_line_past_the_size_limit_is_refused() -> None:
+    events: list[Event] = []
+    with pytest.raises(ProtocolError):
+        await _client(events, fast=True)._ps.parse(b"X" * 5_000 + b"\r\nPING\r\n")
+    assert events == []
 
 
 async def test_the_bus_reads_with_it_and_every_payload_arrives_whole(
