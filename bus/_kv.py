@@ -54,6 +54,9 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 #: Seconds one read attempt waits before it is retried (Direct Gets answer in
 #: well under a millisecond when a replica is there to answer).
 _READ_ATTEMPT = 1.0
+#: Seconds a write sent again is given at least to be answered (a leader
+#: answers in well under a millisecond on loopback).
+_LAST_ATTEMPT = 0.1
 #: Most keys one :meth:`Bucket.get_many` reads (a Direct Get answers 1,024 subjects).
 MAX_GET_MANY = 256
 #: Seconds an ended watch spends deleting its consumer at most (a server
@@ -114,9 +117,9 @@ class _Retry:
     takes a write until a new leader is elected (5-7 s after a SIGKILL on
     loopback): "no responders". A Direct Get in flight to the node that
     died is never answered at all. Reads wait both out (each attempt
-    bounded by ``_READ_ATTEMPT`` seconds) instead of failing; writes wait
-    out the first only: a write that got no answer at all may have been
-    stored, so it is not sent again.
+    bounded by ``_READ_ATTEMPT`` seconds) instead of failing. Writes are
+    sent again only after "no responders": one that got no answer at all
+    may have been stored.
     """
 
     def __init__(self, within: float) -> None:
@@ -283,14 +286,18 @@ class Bucket:
         return msg
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str],
-                       also: Callable[[], Awaitable[None]] | None = None) -> int:
+                       also: Callable[[], Awaitable[None]] | None = None, *,
+                       resend_within: float | None = None) -> int:
         """Write and wait for the stream's ack; ``also`` is published before the wait.
 
         A write that reached no stream (no responders) is sent again, ``also``
-        with it, paced as reads are, until the bucket's timeout: a stream
-        electing a new leader takes writes again within seconds.
+        with it, paced as reads are, for ``resend_within`` seconds (the
+        bucket's timeout by default): a stream electing a new leader takes
+        writes again within seconds. Then ConnectionFailed; BusTimeout if an
+        attempt got no answer at all (it may have been stored, so it is not
+        sent again).
         """
-        retry = _Retry(self.timeout)
+        retry = _Retry(self.timeout if resend_within is None else resend_within)
         within = self.timeout
         while True:
             pending = await self._replies.send(self.subject(key), value, headers or None)
@@ -303,11 +310,9 @@ class Bucket:
             try:
                 return await self._acked(key, pending, headers, within)
             except NoResponders as e:
-                if not await retry.again(e):
-                    raise
-            # A later attempt waits for what is left of the timeout, and no
-            # less than a read attempt: a leader just elected answers at once.
-            within = max(_READ_ATTEMPT, retry.left())
+                # A later attempt waits only for what is left of the time.
+                if not await retry.again(e) or (within := retry.left()) < _LAST_ATTEMPT:
+                    raise ConnectionFailed(str(e)) from e
 
     async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
                      within: float) -> int:
@@ -334,44 +339,52 @@ class Bucket:
         return await self._publish(key, value, headers)
 
     async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None,
-                     also: Callable[[], Awaitable[None]] | None = None) -> int:
+                     also: Callable[[], Awaitable[None]] | None = None,
+                     resend_within: float | None = None) -> int:
         """Write only if the key is at revision ``last`` (0: absent); else KeyConflict.
 
         ``also`` is awaited once the write is on its way, before its ack is
-        awaited: a publish there leaves in the same flush.
+        awaited: a publish there leaves in the same flush (again with each
+        resend). ``resend_within``: how long a write no stream took is sent
+        again (the bucket's timeout by default; 0: never).
         """
         headers = {_EXPECT_LAST: str(last)}
         if ttl is not None:
             headers[_TTL] = str(wire_ttl(ttl))
-        return await self._publish(key, value, headers, also)
+        return await self._publish(key, value, headers, also, resend_within=resend_within)
 
-    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None,
+                     resend_within: float | None = None) -> int:
         """Write only if the key is absent, deleted or expired; else KeyConflict.
 
         After a delete or an expiry the key's last message is a marker, so a
         plain "expect revision 0" fails: retry against the marker's revision.
+        ``resend_within`` as in :meth:`update`.
         """
-        revision, _ = await self.insert(key, value, ttl=ttl)
+        revision, _ = await self.insert(key, value, ttl=ttl, resend_within=resend_within)
         return revision
 
     async def insert(self, key: str, value: bytes, *, ttl: float | None = None,
-                     also: Callable[[], Awaitable[None]] | None = None) -> tuple[int, bool]:
+                     also: Callable[[], Awaitable[None]] | None = None,
+                     resend_within: float | None = None) -> tuple[int, bool]:
         """:meth:`create`, also telling whether the key held anything before.
 
         Returns the revision and ``replaced``: False when the key's subject
         held no message at all (never written, or its last marker expired
         too), True when it held a delete or expiry marker. Known without an
-        extra round trip: only a replacement needs the retry. ``also`` runs
-        once, as in :meth:`update`.
+        extra round trip: only a replacement needs the retry. ``also`` goes
+        with the first write only (and its resends), as in :meth:`update`.
         """
         try:
-            return await self.update(key, value, last=0, ttl=ttl, also=also), False
+            return await self.update(key, value, last=0, ttl=ttl, also=also,
+                                     resend_within=resend_within), False
         except KeyConflict:
             head = await self.head(key)
             if head is not None and head.op is KVOp.PUT:
                 raise
             last = head.revision if head else 0
-            return await self.update(key, value, last=last, ttl=ttl), True
+            return await self.update(key, value, last=last, ttl=ttl,
+                                     resend_within=resend_within), True
 
     async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None) -> int:
         """Place a delete marker (only at revision ``last`` if given); return its revision.

@@ -240,11 +240,14 @@ class TurnLock:
         return True
 
     async def _create(self, value: bytes) -> int:
+        # Not sent again when no stream takes it: acquire() has its own
+        # deadline and polls, and try_acquire() answers at once.
         hint, self._hint = self._hint, None
         if hint is not None:
             with contextlib.suppress(KeyConflict):
-                return await self._kv.update(self.key, value, last=hint, ttl=self.lease)
-        return await self._kv.create(self.key, value, ttl=self.lease)
+                return await self._kv.update(self.key, value, last=hint, ttl=self.lease,
+                                             resend_within=0)
+        return await self._kv.create(self.key, value, ttl=self.lease, resend_within=0)
 
     async def _read_quietly(self) -> LockState | None:
         try:

@@ -9,9 +9,10 @@ import pytest
 from nats.aio.msg import Msg
 from sessionbus.bus import SessionBus
 from sessionbus.bus._kv import Bucket
-from sessionbus.bus._server import NatsCluster
+from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed, KeyConflict
 from sessionbus.workers import Turn, Worker
+from waiting import until
 
 from sessionbus.testing import BusFactory
 
@@ -51,6 +52,9 @@ async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
         assert 0.25 <= time.monotonic() - start < 2.0
         got: Msg = await silent.next_msg(timeout=1)
         assert got.data == b"v" and got.reply
+        # Unanswered, it may have been stored: it is not sent again.
+        await bus.nc.flush()
+        assert silent.pending_msgs == 0
     finally:
         await silent.unsubscribe()
 
@@ -58,6 +62,19 @@ async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
 #: Seconds a request may take in the election tests (nats-server waits a few
 #: seconds without heartbeats before its replicas elect a new leader).
 _ELECTION = 15.0
+
+
+async def _route_gone(survivor: NatsServer, victim: NatsServer) -> None:
+    """Wait until ``survivor`` has dropped its routes to the killed ``victim``.
+
+    Until then it forwards writes to the dead leader, where they are never
+    answered (and so, rightly, not sent again).
+    """
+    def routed() -> bool:
+        routes = survivor.monitor("routez").get("routes") or []
+        return any(r.get("remote_name") == victim.name for r in routes)
+
+    await until(lambda: not routed(), "the route to the killed node to close")
 
 
 async def test_writes_ride_out_the_election_of_a_new_stream_leader(
@@ -75,6 +92,7 @@ async def test_writes_ride_out_the_election_of_a_new_stream_leader(
     sb = await bus_factory(survivor.url, replicas=3, request_timeout=_ELECTION)
     kv = sb.sessions_kv
     victim.kill()
+    await _route_gone(survivor, victim)
     slowest = 0.0
     written = []
     for i in range(20):
@@ -84,7 +102,8 @@ async def test_writes_ride_out_the_election_of_a_new_stream_leader(
         written.append(await kv.create(f"k.{i}", b"%d" % i))
         revision = await kv.update("steady", b"%d" % (i + 1), last=revision)
         slowest = max(slowest, time.monotonic() - start)
-    assert slowest < kv.timeout
+    # The first write waited for the election (seconds), well within the timeout.
+    assert 0.5 < slowest < kv.timeout
     for i in range(20):
         entry = await kv.get(f"k.{i}")
         assert entry is not None and entry.value == b"%d" % i and entry.revision == written[i]
@@ -106,6 +125,7 @@ async def test_a_worker_starting_during_an_election_joins(
         pass
 
     victim.kill()
+    await _route_gone(survivor, victim)
     worker = Worker(sb, group="g", handler=handle, worker_id="w-election")
     await worker.start()
     try:
