@@ -31,7 +31,8 @@ async def test_a_consumer_whose_pulls_nobody_answers_is_recreated_at_a_pace(
 
     def attempts() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.name == "sessionbus.workers._partition"
-                and ("is gone" in r.getMessage() or "still not answering" in r.getMessage())]
+                and ("the consumer is gone" in r.getMessage()
+                     or "still not answering" in r.getMessage())]
 
     caplog.set_level(logging.DEBUG, logger="sessionbus.workers._partition")
     worker = Worker(sb, group="g", handler=handle, config=FAST)

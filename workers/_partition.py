@@ -303,9 +303,9 @@ class PartitionPuller:
         self._recoveries += 1
         why = f"{cause.code} {cause.description}".strip()
         if self._recoveries == 1:
-            logger.error("partition %d: consumer %s is gone (a pull got %s); recreating it "
-                         "(what was held is dropped, the new consumer redelivers)",
-                         self.partition, self._consumer, why)
+            logger.error("partition %d: a pull of consumer %s got %s: the consumer is gone, "
+                         "or has no leader; recreating it (what was held is dropped, the "
+                         "consumer redelivers it)", self.partition, self._consumer, why)
         else:
             # Still no answer to a pull: a replicated consumer without a
             # leader is "recreated" at once and fails again; wait it out.

@@ -343,8 +343,14 @@ class Worker:
                     await self._rebalance()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("worker %s: rebalancing failed; retrying", self.worker_id)
+            except Exception as e:
+                if isinstance(e, BusError):
+                    # The server's answer (a lost lease, no JetStream while a
+                    # leader is elected): expected under faults, no traceback.
+                    logger.warning("worker %s: rebalancing failed (%s); retrying",
+                                   self.worker_id, e)
+                else:
+                    logger.exception("worker %s: rebalancing failed; retrying", self.worker_id)
                 await asyncio.sleep(0.5)
                 membership.changed.set()
 
