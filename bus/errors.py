@@ -45,6 +45,7 @@ import contextlib
 from collections.abc import Iterator
 
 import nats.errors
+import nats.js.errors
 from sessionbus.schemas.errors import BusError, CodecError, DecodeError, EncodeError
 
 __all__ = [
@@ -295,7 +296,8 @@ class WorkerError(BusError):
 def nats_errors(what: str) -> Iterator[None]:
     """Translate nats-py exceptions raised in the block; ``what`` names the operation.
 
-    Lost or closed connections become :class:`ConnectionFailed`, timeouts
+    Lost or closed connections, and nobody answering (no stream takes a
+    publish), become :class:`ConnectionFailed`, timeouts
     :class:`BusTimeout`, any other nats error a plain :class:`BusError`.
     sessionbus errors pass through unchanged.
     """
@@ -303,7 +305,8 @@ def nats_errors(what: str) -> Iterator[None]:
         yield
     except BusError:
         raise
-    except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+    except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+            nats.errors.ConnectionClosedError,
             nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
             nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError,
             ConnectionError) as e:

@@ -22,6 +22,7 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,8 +31,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
@@ -72,6 +75,9 @@ if TYPE_CHECKING:
 __all__ = ["Interrupt", "Session", "open_session"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds an envelope sent again is given at least to be stored.
+_LAST_ATTEMPT = 0.1
 
 def _check_participant(value: object, *, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
@@ -313,10 +319,8 @@ class Session:
         if envelope.ttl_seconds is not None:
             headers[TTL_HEADER] = str(wire_ttl(envelope.ttl_seconds))
         with nats_errors(f"sending into {envelope.session_id!r}"):
-            await self._bus.js.publish(
-                self._bus.names.inbound(envelope.session_id), data, headers=headers,
-                timeout=self._bus.settings.request_timeout,
-            )
+            await _publish_stored(self._bus.js, self._bus.names.inbound(envelope.session_id),
+                                  data, headers, within=self._bus.settings.request_timeout)
         self._bus.lifecycle.remember(envelope)
 
     # -- lifecycle --------------------------------------------------------------
@@ -439,3 +443,29 @@ class Session:
     def __repr__(self) -> str:
         return (f"<Session {self.session_id!r} {self.state.value} "
                 f"as {self._participant or '(anonymous)'!r}>")
+
+
+async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
+                          headers: dict[str, str], *, within: float) -> None:
+    """Publish into the envelope stream and wait for its ack, for at most ``within`` s.
+
+    While no stream takes the subject ("no responders": a replicated
+    stream electing a leader, or one just created on another node), the
+    envelope reached no one, so it is sent again, paced, until the time is
+    up. (Sent again after a lost answer, the stream's deduplication on
+    ``Nats-Msg-Id`` would store it once too.)
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pause = 0.02
+    while True:
+        try:
+            await js.publish(subject, data, headers=headers,
+                             timeout=max(_LAST_ATTEMPT, deadline - loop.time()))
+            return
+        except nats.js.errors.NoStreamResponseError:
+            left = deadline - loop.time()
+            if left <= _LAST_ATTEMPT:
+                raise
+            await asyncio.sleep(min(pause, left - _LAST_ATTEMPT))
+            pause = min(pause * 2, 0.25)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 from sessionbus.bus._server import NatsServer, free_port
@@ -107,8 +108,25 @@ async def test_cluster_provisioning_with_replicas(nats_cluster: object,
     sb = await bus_factory(nats_cluster.urls, replicas=3)
     info = await sb.js.stream_info(sb.names.envelope_stream)
     assert info.config.num_replicas == 3
-    ack = await sb.js.publish(sb.names.inbound("s"), b"x")
-    assert ack.seq == 1
+    # At once, though the new streams may not take writes through this
+    # node yet: the record write and the send are sent again until they do.
+    session = await sb.open("s", participant="client", participants=["client", "g"])
+    await session.send("x")
+    info = await sb.js.stream_info(sb.names.envelope_stream)
+    assert info.state.messages == 1
+
+
+async def test_a_send_no_stream_takes_is_sent_again_then_fails_typed(
+    nats_server_factory: ServerFactory, bus_factory: BusFactory,
+) -> None:
+    # Envelopes go nowhere ("no responders"); records and everything else work.
+    server = nats_server_factory(extra_config='mappings = { "np.in.>": "nowhere.>" }')
+    sb = await bus_factory(server.url, prefix="np", request_timeout=0.5)
+    session = await sb.open("s", participant="client", participants=["client", "g"])
+    start = time.monotonic()
+    with pytest.raises(ConnectionFailed, match="sending into 's'"):
+        await session.send("x")
+    assert 0.4 <= time.monotonic() - start < 2.0
 
 
 @pytest.mark.skipif(
