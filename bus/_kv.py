@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -44,19 +43,14 @@ from sessionbus.bus._jsapi import (
 from sessionbus.bus._names import kv_subject
 from sessionbus.bus._reads import last_per_subject
 from sessionbus.bus._replies import NoResponders, Pending, Replies
-from sessionbus.bus.errors import BusError, BusTimeout, ConfigError, ConnectionFailed, KeyConflict
+from sessionbus.bus._retry import Retry
+from sessionbus.bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
 __all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
 
 logger = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
-#: Seconds one read attempt waits before it is retried (Direct Gets answer in
-#: well under a millisecond when a replica is there to answer).
-_READ_ATTEMPT = 1.0
-#: Seconds a write sent again is given at least to be answered (a leader
-#: answers in well under a millisecond on loopback).
-_LAST_ATTEMPT = 0.1
 #: Most keys one :meth:`Bucket.get_many` reads (a Direct Get answers 1,024 subjects).
 MAX_GET_MANY = 256
 #: Seconds an ended watch spends deleting its consumer at most (a server
@@ -107,53 +101,6 @@ class KVEvent:
     value: bytes
     revision: int
     pending: int = 0
-
-
-class _Retry:
-    """Paces the retries of a request that no replica answered, up to a deadline.
-
-    When a replicated bucket's stream leader is lost, the other replicas stop
-    answering Direct Gets for a while (about 1.5 s on loopback), and nothing
-    takes a write until a new leader is elected (5-7 s after a SIGKILL on
-    loopback): "no responders". A Direct Get in flight to the node that
-    died is never answered at all. Reads wait both out (each attempt
-    bounded by ``_READ_ATTEMPT`` seconds) instead of failing. Writes are
-    sent again only after "no responders": one that got no answer at all
-    may have been stored.
-    """
-
-    def __init__(self, within: float) -> None:
-        self._deadline = time.monotonic() + within
-        self._delay = 0.02
-        self._unanswered = False
-
-    def attempt_timeout(self) -> float:
-        """How long the next read attempt may wait for its answer."""
-        return max(0.001, min(_READ_ATTEMPT, self._deadline - time.monotonic()))
-
-    def left(self) -> float:
-        """Seconds to the deadline (0 once past)."""
-        return max(0.0, self._deadline - time.monotonic())
-
-    def error(self, cause: BaseException, what: str) -> BusError:
-        """The error to raise once retries are exhausted.
-
-        ConnectionFailed if any attempt found nobody answering, else BusTimeout.
-        """
-        if self._unanswered or not isinstance(cause, TimeoutError):
-            return ConnectionFailed(f"{what}: no JetStream answering")
-        return BusTimeout(f"{what} timed out")
-
-    async def again(self, cause: BaseException) -> bool:
-        """Sleep before the next attempt; False once the deadline has passed."""
-        if not isinstance(cause, TimeoutError):
-            self._unanswered = True
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            return False
-        await asyncio.sleep(min(self._delay, left))
-        self._delay = min(self._delay * 2, 0.25)
-        return True
 
 
 def _op_of(headers: dict[str, str] | None) -> KVOp:
@@ -222,7 +169,7 @@ class Bucket:
             raise ConfigError(f"get_many takes at most {MAX_GET_MANY} keys, got {len(keys)}")
         if not keys:
             return {}
-        retry = _Retry(self.timeout)
+        retry = Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -268,7 +215,7 @@ class Bucket:
         return int(info.state.last_seq)
 
     async def _direct_last(self, key: str) -> api.RawStreamMsg | None:
-        retry = _Retry(self.timeout)
+        retry = Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -297,7 +244,7 @@ class Bucket:
         attempt got no answer at all (it may have been stored, so it is not
         sent again).
         """
-        retry = _Retry(self.timeout if resend_within is None else resend_within)
+        retry = Retry(self.timeout if resend_within is None else resend_within)
         within = self.timeout
         while True:
             pending = await self._replies.send(self.subject(key), value, headers or None)
@@ -311,8 +258,10 @@ class Bucket:
                 return await self._acked(key, pending, headers, within)
             except NoResponders as e:
                 # A later attempt waits only for what is left of the time.
-                if not await retry.again(e) or (within := retry.left()) < _LAST_ATTEMPT:
+                resend_wait = await retry.resend(e)
+                if resend_wait is None:
                     raise ConnectionFailed(str(e)) from e
+                within = resend_wait
 
     async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
                      within: float) -> int:
@@ -412,7 +361,7 @@ class Bucket:
         the last message per subject through a one-shot consumer, deleted
         when the listing is done.
         """
-        retry = _Retry(self.timeout)
+        retry = Retry(self.timeout)
         while True:
             try:
                 async with asyncio.timeout(retry.attempt_timeout()):
@@ -434,7 +383,7 @@ class Bucket:
             if _op_of(m.headers) is KVOp.PUT
         ]
 
-    async def _list_by_consumer(self, key_filter: str, retry: _Retry
+    async def _list_by_consumer(self, key_filter: str, retry: Retry
                                 ) -> builtins.list[KVEntry]:
         while True:
             try:

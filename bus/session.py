@@ -22,7 +22,6 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -41,6 +40,7 @@ from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
+from sessionbus.bus._retry import LAST_ATTEMPT, Retry
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     CausationNotFound,
@@ -75,9 +75,6 @@ if TYPE_CHECKING:
 __all__ = ["Interrupt", "Session", "open_session"]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds an envelope sent again is given at least to be stored.
-_LAST_ATTEMPT = 0.1
 
 def _check_participant(value: object, *, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
@@ -455,17 +452,12 @@ async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
     up. (Sent again after a lost answer, the stream's deduplication on
     ``Nats-Msg-Id`` would store it once too.)
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    pause = 0.02
+    retry = Retry(within)
     while True:
         try:
             await js.publish(subject, data, headers=headers,
-                             timeout=max(_LAST_ATTEMPT, deadline - loop.time()))
+                             timeout=max(LAST_ATTEMPT, retry.left()))
             return
-        except nats.js.errors.NoStreamResponseError:
-            left = deadline - loop.time()
-            if left <= _LAST_ATTEMPT:
+        except nats.js.errors.NoStreamResponseError as e:
+            if await retry.resend(e) is None:
                 raise
-            await asyncio.sleep(min(pause, left - _LAST_ATTEMPT))
-            pause = min(pause * 2, 0.25)

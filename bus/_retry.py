@@ -1,0 +1,77 @@
+"""Pacing requests that no replica answered, up to a deadline.
+
+When a replicated stream's leader is lost, the other replicas stop
+answering Direct Gets for a while (about 1.5 s on loopback), and nothing
+takes a write until a new leader is elected (5-7 s after a SIGKILL on
+loopback): "no responders". A Direct Get in flight to the node that died
+is never answered at all.
+
+Reads wait both out (each attempt bounded by :data:`READ_ATTEMPT`
+seconds) instead of failing. Writes, bucket writes and envelope sends
+alike, are sent again only after "no responders" (:meth:`Retry.resend`):
+one that got no answer at all may have been stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
+
+__all__ = ["LAST_ATTEMPT", "READ_ATTEMPT", "Retry"]
+
+#: Seconds one read attempt waits before it is retried (Direct Gets answer in
+#: well under a millisecond when a replica is there to answer).
+READ_ATTEMPT = 1.0
+#: Seconds a request sent again is given at least to be answered (a leader
+#: answers in well under a millisecond on loopback).
+LAST_ATTEMPT = 0.1
+
+
+class Retry:
+    """The retries of one request: 20 ms apart at first, doubling up to 250 ms."""
+
+    def __init__(self, within: float) -> None:
+        self._deadline = time.monotonic() + within
+        self._delay = 0.02
+        self._unanswered = False
+
+    def attempt_timeout(self) -> float:
+        """How long the next read attempt may wait for its answer."""
+        return max(0.001, min(READ_ATTEMPT, self._deadline - time.monotonic()))
+
+    def left(self) -> float:
+        """Seconds to the deadline (0 once past)."""
+        return max(0.0, self._deadline - time.monotonic())
+
+    def error(self, cause: BaseException, what: str) -> BusError:
+        """The error to raise once retries are exhausted.
+
+        ConnectionFailed if any attempt found nobody answering, else BusTimeout.
+        """
+        if self._unanswered or not isinstance(cause, TimeoutError):
+            return ConnectionFailed(f"{what}: no JetStream answering")
+        return BusTimeout(f"{what} timed out")
+
+    async def again(self, cause: BaseException) -> bool:
+        """Sleep before the next attempt; False once the deadline has passed."""
+        if not isinstance(cause, TimeoutError):
+            self._unanswered = True
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(self._delay, left))
+        self._delay = min(self._delay * 2, 0.25)
+        return True
+
+    async def resend(self, cause: BaseException) -> float | None:
+        """Sleep before sending again what nobody answered.
+
+        Returns how long the resend may wait for its answer (what is left of
+        the time, at least :data:`LAST_ATTEMPT`), or None when that is up.
+        """
+        if not await self.again(cause):
+            return None
+        left = self.left()
+        return left if left >= LAST_ATTEMPT else None
