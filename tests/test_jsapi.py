@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from sessionbus.bus import _jsapi as jsapi
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import ConfigError
+from waiting import sigstop
 
 Connect = Callable[[], Awaitable[Client]]
 
@@ -147,7 +148,7 @@ async def test_a_fetch_the_server_never_answers_ends_on_the_clients_clock(
     await puller.start()
     assert nats_server.pid is not None
     loop = asyncio.get_running_loop()
-    os.kill(nats_server.pid, signal.SIGSTOP)
+    await sigstop(nats_server.pid)
     try:
         began = loop.time()
         async with asyncio.timeout(5):

@@ -17,6 +17,7 @@ from sessionbus.workers import Turn, Worker, WorkerConfig
 from sessionbus.workers import _completions as _completions_module
 from sessionbus.workers._completions import Completions
 from test_worker import settled
+from waiting import sigstop
 from worker_proc import FAST
 
 from sessionbus.testing import BusFactory, ServerFactory
@@ -201,7 +202,7 @@ async def test_an_unanswered_record_is_waited_for_then_written_again(
     records = await _completions(sb)
     assert nats_server.pid is not None
     loop = asyncio.get_running_loop()
-    os.kill(nats_server.pid, signal.SIGSTOP)  # writes go out; no reply comes back
+    await sigstop(nats_server.pid)  # writes go out; no reply comes back
     try:
         await records.record("s", 5, partition=0)
         # A turn cancelled while it waits (a fence) leaves the write to the next one.

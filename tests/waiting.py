@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 async def until(condition: Callable[[], bool], what: str, within: float = 10.0,
@@ -15,3 +18,25 @@ async def until(condition: Callable[[], bool], what: str, within: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(every)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (``T`` in /proc)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread ended
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
+async def sigstop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until all its threads have stopped.
+
+    The signal is only queued when ``os.kill`` returns: a thread running on
+    another core may still handle what arrives meanwhile.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    await until(lambda: _all_stopped(pid), f"process {pid} to stop", every=0.001)
