@@ -170,6 +170,7 @@ _WORKER = textwrap.dedent("""
     import nats
     from ag2.context import ConversationContext
     from ag2.events import ModelRequest, TextInput
+    from sessionbus.bus._subscriptions import server_holds_subscriptions
     from sessionbus.integrations.ag2 import SessionStore
 
     async def main():
@@ -178,7 +179,7 @@ _WORKER = textwrap.dedent("""
         await store._bucket()
         nc = await nats.connect(sys.argv[1])
         go = await nc.subscribe("test.go")
-        await nc.flush()  # the subscription is in place before the test hears "ready"
+        await server_holds_subscriptions(nc, 5)  # before the test hears "ready"
         print("ready", flush=True)
         await go.next_msg(timeout=60)  # both processes open the new session at once
         await nc.close()

@@ -9,6 +9,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 from sessionbus.bus._server import NatsCluster, free_port
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 
 from sessionbus._cli_server import build_server
 from sessionbus.cli import build_parser
@@ -40,7 +41,7 @@ async def test_repeated_leaf_remote_is_one_remote_with_several_urls(
     edge_nc = await nats.connect(edge.url)
     try:
         await hub_nc.subscribe("probe", cb=on_msg)
-        await hub_nc.flush()
+        await server_holds_subscriptions(hub_nc, 5)
         for _ in range(200):  # until interest has crossed the leaf link
             await edge_nc.publish("probe", b"ping")
             await edge_nc.flush()

@@ -10,6 +10,7 @@ from nats import errors
 from sessionbus.bus._rawpub import header_block, publish
 from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 
 
 async def test_a_raw_publish_arrives_as_a_nats_py_publish_would(nats_server: NatsServer) -> None:
@@ -96,7 +97,7 @@ async def test_a_raising_raw_handler_leaves_the_connection_reading(
 
         raw = await subscribe_raw(nc, "broken", broken)
         plain = await nc.subscribe("plain")
-        await nc.flush()
+        await server_holds_subscriptions(nc, 5)
         await other.publish("broken", b"x")
         await other.publish("plain", b"y")
         await other.flush()

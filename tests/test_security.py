@@ -26,6 +26,7 @@ from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus, S
 from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.settings import BusSettings
 from sessionbus.schemas import SessionState
 from sessionbus.workers import DeadLetter, Turn, Worker
@@ -164,7 +165,7 @@ async def test_a_tenant_reaches_nothing_of_another(
             sentinel_heard.set()
 
     await spy.nc.subscribe(">", cb=hear)
-    await spy.nc.flush()
+    await server_holds_subscriptions(spy.nc, 5)
 
     session = await acme.open("shared-id", participant="alice")
     await session.send("acme's secret")

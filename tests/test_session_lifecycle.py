@@ -12,6 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import BusClosedError
 from sessionbus.schemas import SessionState, TaskState
 
@@ -176,7 +177,7 @@ async def test_one_broadcast_per_expiry_with_many_watchers(
 
         await nc.subscribe(buses[0].names.closed("contested"), cb=on_closed)
         await nc.subscribe("test.sentinel", cb=on_sentinel)
-        await nc.flush()
+        await server_holds_subscriptions(nc, 5)
         s = await buses[0].open("contested", ttl=1)
         async with asyncio.timeout(15):
             await s.wait_closed()

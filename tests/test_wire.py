@@ -14,6 +14,7 @@ from nats.errors import ProtocolError
 from sessionbus.bus import SessionBus
 from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus._wire import install, installed, routes
 
 Event = tuple[Any, ...]
@@ -209,7 +210,7 @@ async def test_the_bus_reads_with_it_and_every_payload_arrives_whole(
 
         raw = await subscribe_raw(sb.nc, "wire.raw.*", deliver)
         plain = await sb.nc.subscribe("wire.plain.*")
-        await sb.nc.flush()
+        await server_holds_subscriptions(sb.nc, 5)
         try:
             bodies = [rng.randbytes(size) for size in sizes]
             for i, body in enumerate(bodies):
