@@ -110,7 +110,7 @@ class SessionStates:
         self._known: OrderedDict[str, Known] = OrderedDict()
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._reading: dict[str, asyncio.Future[Known]] = {}
-        self._queued: list[str] = []
+        self._queued: list[tuple[str, asyncio.Future[Known]]] = []
         self._batches: set[asyncio.Task[None]] = set()
         self._last_reread: dict[str, float] = {}
         self._generation = 0
@@ -208,16 +208,22 @@ class SessionStates:
 
     def note(self, meta: SessionMetadata, revision: int, *, read_at: float | None = None) -> Known:
         """Record what a read or a write of the record showed; fires close events."""
-        light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
-        known = Known(meta.session_id, light, revision, self._generation,
-                      time.time() if read_at is None else read_at, full=light is meta)
-        return self._put(known)
+        return self._put(self._seen(meta, revision, time.time() if read_at is None else read_at,
+                                    self._generation))
 
     def note_missing(self, session_id: str, *, read_at: float | None = None) -> Known:
         """Record that the session's record did not exist."""
-        known = Known(session_id, None, 0, self._generation,
-                      time.time() if read_at is None else read_at)
-        return self._put(known)
+        return self._put(self._missing(session_id, time.time() if read_at is None else read_at,
+                                       self._generation))
+
+    @staticmethod
+    def _seen(meta: SessionMetadata, revision: int, read_at: float, generation: int) -> Known:
+        light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
+        return Known(meta.session_id, light, revision, generation, read_at, full=light is meta)
+
+    @staticmethod
+    def _missing(session_id: str, read_at: float, generation: int) -> Known:
+        return Known(session_id, None, 0, generation, read_at)
 
     def _put(self, known: Known) -> Known:
         sid = known.session_id
@@ -242,8 +248,13 @@ class SessionStates:
         return known
 
     def forget(self, session_id: str) -> None:
-        """Drop what is known of ``session_id`` (read afresh next time)."""
+        """Drop what is known of ``session_id`` (read afresh next time).
+
+        A read already out is answered to whoever waits on it but not kept:
+        it may carry the record an open hint replaced.
+        """
         self._known.pop(session_id, None)
+        self._reading.pop(session_id, None)
 
     # -- reading the authority --------------------------------------------------
 
@@ -259,7 +270,7 @@ class SessionStates:
         if pending is None:
             loop = asyncio.get_running_loop()
             pending = self._reading[session_id] = loop.create_future()
-            self._queued.append(session_id)
+            self._queued.append((session_id, pending))
             if len(self._queued) == 1:
                 loop.call_soon(self._start_reads)
         return await asyncio.shield(pending)
@@ -272,7 +283,8 @@ class SessionStates:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _read_batch(self, sids: list[str]) -> None:
+    async def _read_batch(self, batch: list[tuple[str, asyncio.Future[Known]]]) -> None:
+        sids = [sid for sid, _ in batch]
         results: list[Known | BaseException]
         try:
             if len(sids) == 1:
@@ -282,14 +294,20 @@ class SessionStates:
         except BaseException as e:
             results = [e] * len(sids)
             if not isinstance(e, Exception):
-                self._settle_reads(sids, [BusClosedError("the bus was closed")] * len(sids))
+                self._settle_reads(batch, [BusClosedError("the bus was closed")] * len(sids))
                 raise
-        self._settle_reads(sids, results)
+        self._settle_reads(batch, results)
 
-    def _settle_reads(self, sids: list[str], results: list[Known | BaseException]) -> None:
-        for sid, result in zip(sids, results, strict=True):
-            fut = self._reading.pop(sid, None)
-            if fut is None or fut.done():
+    def _settle_reads(self, batch: list[tuple[str, asyncio.Future[Known]]],
+                      results: list[Known | BaseException]) -> None:
+        """Keep what each read showed, unless forgotten meanwhile, and answer its waiters."""
+        for (sid, fut), result in zip(batch, results, strict=True):
+            current = self._reading.get(sid) is fut
+            if current:
+                del self._reading[sid]
+                if isinstance(result, Known):
+                    result = self._put(result)
+            if fut.done():
                 continue
             if isinstance(result, BaseException):
                 fut.set_exception(result)
@@ -298,7 +316,7 @@ class SessionStates:
                 fut.set_result(result)
 
     async def _read_many(self, sids: list[str]) -> list[Known | BaseException]:
-        started = time.time()
+        started, generation = time.time(), self._generation  # hints after this may be missed
         keys = [self._bus.names.session_key(sid) for sid in sids]
         self.reads += len(sids)
         with nats_errors(f"reading {len(sids)} sessions"):
@@ -307,26 +325,25 @@ class SessionStates:
         for sid, key in zip(sids, keys, strict=True):
             entry = entries.get(key)
             if entry is None:
-                out.append(self.note_missing(sid, read_at=started))
+                out.append(self._missing(sid, started, generation))
                 continue
             try:
                 meta = decode(entry.value, SessionMetadata)
             except DecodeError as e:
                 out.append(e)
                 continue
-            out.append(self.note(meta, entry.revision, read_at=started))
+            out.append(self._seen(meta, entry.revision, started, generation))
         return out
 
     async def _read(self, session_id: str) -> Known:
-        started = time.time()
+        started, generation = time.time(), self._generation
         key = self._bus.names.session_key(session_id)
         self.reads += 1
         with nats_errors(f"reading session {session_id!r}"):
             entry = await self._bus.sessions_kv.get(key)
         if entry is None:
-            return self.note_missing(session_id, read_at=started)
-        meta = decode(entry.value, SessionMetadata)
-        return self.note(meta, entry.revision, read_at=started)
+            return self._missing(session_id, started, generation)
+        return self._seen(decode(entry.value, SessionMetadata), entry.revision, started, generation)
 
     async def current(self, session_id: str) -> Known:
         """What is known if fresh, else one read of the record."""

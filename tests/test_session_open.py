@@ -19,7 +19,7 @@ from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import SessionExists, SessionNotFound, SessionTerminated
 from sessionbus.schemas import SessionState
-from waiting import until
+from waiting import stepped_until, until
 
 from sessionbus.testing import BusFactory
 
@@ -144,11 +144,47 @@ async def test_an_id_opened_again_is_noticed_by_a_bus_that_saw_it_end(
     # The record goes (as the session store evicts it, or as it expires) and
     # the id is opened again over the marker it left.
     await bus.sessions_kv.delete(bus.names.session_key("again"))
+    await heard_everything_before(bus, other)  # the close hint is not the open hint
     hints = other.lifecycle.states.hints
     await bus.open("again", ttl=600)
     await until(lambda: other.lifecycle.states.hints > hints, "the open hint")
     assert not other.session("again").is_terminal()
     await other.session("again").send("second life")
+
+
+async def test_a_read_started_before_an_open_hint_is_not_kept(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    # A read in flight when the id's open hint arrives may carry the record
+    # the hint replaced; kept, it would refuse sends to the new session.
+    other = await bus_factory(nats_server.url)
+    await bus.open("in-flight", ttl=600)
+    await bus.session("in-flight").close("first life")
+    states = other.lifecycle.states
+    reads = states.reads
+    reading = asyncio.ensure_future(states.read("in-flight"))
+    await stepped_until(lambda: states.reads > reads, "the read's request")
+    states.forget("in-flight")  # what the open hint does, while the read is out
+    assert (await reading).meta is not None and (await reading).meta.is_terminal()
+    assert states.get("in-flight") is None
+    assert not other.session("in-flight").is_terminal()
+    assert (await states.read("in-flight")).meta is not None  # a new read is made and kept
+    assert states.reads == reads + 2 and states.get("in-flight") is not None
+
+
+async def test_a_read_out_across_a_reconnect_is_kept_as_stale(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    # Hints missed while the connection was down may be newer than the read.
+    other = await bus_factory(nats_server.url)
+    await bus.open("across", ttl=600)
+    states = other.lifecycle.states
+    reads = states.reads
+    reading = asyncio.ensure_future(states.read("across"))
+    await stepped_until(lambda: states.reads > reads, "the read's request")
+    states.stale()  # what a disconnect does, while the read is out
+    assert (await reading).active
+    assert states.get("across") is not None and states.fresh("across") is None
 
 
 async def test_an_end_older_than_the_record_lifetime_is_read_again(

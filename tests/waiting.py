@@ -20,6 +20,20 @@ async def until(condition: Callable[[], bool], what: str, within: float = 10.0,
         await asyncio.sleep(every)
 
 
+async def stepped_until(condition: Callable[[], bool], what: str, steps: int = 10_000) -> None:
+    """Run the event loop one step at a time until ``condition`` holds (no clock involved).
+
+    For catching a request between being sent and being answered: the
+    condition is checked after every step, and the answer is a round trip
+    to the server away, where a sleep of any length could let it in.
+    """
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what} did not happen within {steps} loop steps")
+
+
 def _all_stopped(pid: int) -> bool:
     """Whether every thread of process ``pid`` is stopped (``T`` in /proc)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
