@@ -32,6 +32,7 @@ from sessionbus.bus import Session, SessionBus
 from sessionbus.bus._kv import bucket_config
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 
 
 async def run(url: str, args: argparse.Namespace) -> tuple[dict[str, Rate | Latency],
@@ -136,7 +137,7 @@ async def core_latency(nc: Client, sub_nc: Client, args: argparse.Namespace) -> 
         got.put_nowait(time.perf_counter())
 
     await sub_nc.subscribe("raw.latency", cb=on_msg)
-    await sub_nc.flush()
+    await server_holds_subscriptions(sub_nc, 5)
     samples: list[float] = []
     deadline = time.perf_counter() + args.max_seconds
     for _ in range(args.latency_samples):

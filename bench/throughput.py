@@ -44,6 +44,7 @@ from nats.js.client import JetStreamContext
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
@@ -235,7 +236,7 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
         got.put_nowait(float(msg.data))
 
     sub = await nc.subscribe(LATENCY_SUBJECT, cb=on_msg)
-    await nc.flush()
+    await server_holds_subscriptions(nc, 5)
     delays: list[float] = []
     try:
         for i in range(samples):
