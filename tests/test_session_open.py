@@ -17,6 +17,7 @@ import time
 import pytest
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists, SessionNotFound, SessionTerminated
 from sessionbus.schemas import SessionState
 from waiting import stepped_until, until
@@ -25,16 +26,24 @@ from sessionbus.testing import BusFactory
 
 
 async def heard_everything_before(publisher: SessionBus, listener: SessionBus) -> None:
-    """Return once ``listener`` got every hint ``publisher`` sent before this call.
+    """Return once ``listener`` has handled every hint ``publisher`` sent before this call.
 
-    A probe published after them on the same connection, to subjects the
-    listener holds on one connection, arrives after them.
+    A probe published after them reaches the listener's connection after
+    them; once a subscription of the test's own on that connection has it,
+    the earlier hints are queued to the listener's hint subscriptions, and
+    once those queues are empty, each has been taken and counted.
     """
     probe = f"probe-{time.monotonic_ns()}"
-    before = listener.lifecycle.states.hints
-    wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
-    await publisher.nc.publish(publisher.names.closed(probe), wire)
-    await until(lambda: listener.lifecycle.states.hints > before, "the probe")
+    heard = await listener.nc.subscribe(listener.names.closed(probe))
+    try:
+        await server_holds_subscriptions(listener.nc, 5)
+        wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
+        await publisher.nc.publish(publisher.names.closed(probe), wire)
+        await heard.next_msg(timeout=10)
+        hint_subs = listener.lifecycle.states._subs
+        await until(lambda: all(sub.pending_msgs == 0 for sub in hint_subs), "the earlier hints")
+    finally:
+        await heard.unsubscribe()
 
 
 async def opened_unacked(bus: SessionBus, session_id: str, *, ttl: float) -> None:
