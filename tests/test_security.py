@@ -157,12 +157,14 @@ async def test_a_tenant_reaches_nothing_of_another(
     beta = await bus_factory(url, nkey_seed_file=provisioned.seed("beta", "client"))
     spy = await raw("beta", "admin")  # everything beta's account allows
     overheard: list[str] = []
-    sentinel_heard = asyncio.Event()
+    sentinel_heard, mark_heard = asyncio.Event(), asyncio.Event()
 
     async def hear(msg: Any) -> None:
         overheard.append(msg.subject)
         if msg.subject == "sentinel":
             sentinel_heard.set()
+        elif msg.subject == "mark":
+            mark_heard.set()
 
     await spy.nc.subscribe(">", cb=hear)
     await server_holds_subscriptions(spy.nc, 5)
@@ -178,7 +180,6 @@ async def test_a_tenant_reaches_nothing_of_another(
     await other.send("from beta")
     await other.close("beta closes its own")
     await spy.nc.publish(N.closed("shared-id"), b"forged")
-    await spy.nc.flush()
     record = await acme.lifecycle.load("shared-id")
     assert record is not None and record.state is SessionState.ACTIVE
     texts = [e.content for e in [e async for e in session.history()]]
@@ -188,7 +189,11 @@ async def test_a_tenant_reaches_nothing_of_another(
     # own JetStream (API requests and the server's advisories on them, and
     # replies and consumer heartbeats to its inboxes, e.g. re-reading the
     # record after the forged close), which a busy machine may delay.
-    mark = len(overheard)
+    # Beta's own hints and the forged close are heard before the mark.
+    await server_holds_subscriptions(beta.nc, 5)
+    await spy.nc.publish("mark", b"")
+    await asyncio.wait_for(mark_heard.wait(), 5)
+    mark = overheard.index("mark") + 1
     await acme.session("shared-id").send("still open")
     await (await acme.open("another", participant="alice")).close()
     await spy.nc.publish("sentinel", b"")

@@ -94,7 +94,7 @@ async def test_a_timer_write_that_was_lost_is_written_again(
 
     monkeypatch.setattr(timers, "_publish", lost)
     await bus.open("unlucky", ttl=1)
-    assert timers.unconfirmed == 1
+    assert timers.unconfirmed + timers.repaired == 1  # the sweep may have run already
     timer_key = bus.names.session_timer_key("unlucky")
     assert await bus.sessions_kv.get(timer_key) is None
     await until(lambda: timers.repaired == 1 and timers.unconfirmed == 0, "the repair")
@@ -107,7 +107,7 @@ async def test_a_lost_timer_is_rewritten_once_a_later_one_is_seen(
 ) -> None:
     timers = bus.lifecycle.timers
     await bus.open("first", ttl=600)
-    assert timers.confirm_within >= 2.0  # the default: not what repairs it here
+    timers.confirm_within = 30.0  # not what repairs it here
     publish = timers._publish
     dropped: list[str] = []
 
@@ -118,12 +118,10 @@ async def test_a_lost_timer_is_rewritten_once_a_later_one_is_seen(
         await publish(key, seconds)
 
     monkeypatch.setattr(timers, "_publish", lose_the_first)
-    started = time.monotonic()
     await bus.open("lost-timer", ttl=600)
     await bus.open("seen-timer", ttl=600)  # stored after it: seeing it shows the loss
     await until(lambda: timers.repaired == 1 and timers.unconfirmed == 0, "the repair",
                 within=5)
-    assert time.monotonic() - started < timers.confirm_within
     assert dropped == [bus.names.session_timer_key("lost-timer")]
     await until(lambda: timers.repairing == 0, "the repair write")
     assert await bus.sessions_kv.get(bus.names.session_timer_key("lost-timer")) is not None

@@ -65,7 +65,7 @@ async def test_a_repair_that_fails_is_tried_again(
     with caplog.at_level(logging.WARNING, logger="sessionbus.bus._timers"):
         async with writes_refused(bus, allow=1):  # the record, not its timer
             await bus.open("unlucky", ttl=1)
-            assert timers.unconfirmed == 1
+            assert timers.unconfirmed + timers.repaired == 1  # the sweep may have run already
             # The repair is refused too (as in an outage that outlasts it).
             await until(lambda: any("timer" in r.getMessage() for r in caplog.records),
                         "a refused repair")
@@ -152,7 +152,7 @@ async def test_a_timer_deleted_by_another_bus_is_not_written_again(
     opener = await warmed(await bus_factory(nats_server.url))
     closer = await bus_factory(nats_server.url)
     timers = opener.lifecycle.timers
-    timers.confirm_within = 1.0
+    timers.confirm_within = 30.0  # a repair would come long after the delete is seen
     async with writes_refused(opener, allow=1):
         await opener.open("closed-elsewhere", ttl=600)
     assert timers.unconfirmed == 1

@@ -138,9 +138,15 @@ async def wait_assigned(sb: SessionBus, members: set[str], within: float = 30.0)
         await asyncio.sleep(0.1)
 
 
-async def publish_rounds(sb: SessionBus, pause: float) -> None:
-    """Round i sends envelope i of every session; order per session is send order."""
+async def publish_rounds(sb: SessionBus, pause: float, *, hold_after: int = PER_SESSION,
+                         until: asyncio.Event | None = None) -> None:
+    """Round i sends envelope i of every session; order per session is send order.
+
+    With ``until``, rounds from ``hold_after`` on wait for it to be set.
+    """
     for idx in range(PER_SESSION):
+        if idx == hold_after and until is not None:
+            await until.wait()
         await publish_many(sb, [envelope(f"s{s:04d}", idx) for s in range(SESSIONS)])
         await asyncio.sleep(pause)
 
@@ -215,13 +221,19 @@ async def test_worker_joins_midway_without_overlap_or_duplicates(
     for wid in ("w1", "w2"):
         procs.spawn(wid)
     await wait_assigned(sb, {"w1", "w2"})
-    publisher = asyncio.create_task(publish_rounds(sb, pause=0.15))
+    # Half the rounds go out before the join and half after it, so it lands
+    # midway however long the new process takes to start.
+    joined = asyncio.Event()
+    publisher = asyncio.create_task(
+        publish_rounds(sb, pause=0.05, hold_after=PER_SESSION // 2, until=joined))
     await wait_lines(procs, TOTAL * 3 // 10, within=40)
     procs.spawn("w3")
     joined_at = time.time()
     await wait_assigned(sb, {"w1", "w2", "w3"})
     settled_at = time.time()
-    assert procs.lines() < TOTAL * 9 // 10, "the join must land midway"
+    handled_before = procs.lines()
+    assert handled_before <= TOTAL // 2
+    joined.set()
     await publisher
     records = await wait_all_handled(procs, within=60)
     codes = procs.terminate_all()
@@ -233,6 +245,7 @@ async def test_worker_joins_midway_without_overlap_or_duplicates(
     assert len(records) == TOTAL
     newcomer = [r for r in records if r.worker == "w3"]
     assert newcomer, "the new worker got no partitions"
-    print(f"\njoin run: {elapsed:.1f}s, w3 handled {len(newcomer)} turns, partitions "
-          f"rebalanced {settled_at - joined_at:.2f}s after spawning it")
+    print(f"\njoin run: {elapsed:.1f}s, {handled_before} turns before the join, w3 handled "
+          f"{len(newcomer)}, partitions rebalanced {settled_at - joined_at:.2f}s after "
+          f"spawning it")
     assert set(codes.values()) == {0}, procs.errors()
