@@ -177,7 +177,7 @@ async def _exercise_bucket_through(writer: Bucket, reader: Bucket) -> None:
     rev = await writer.update("k.1", b"b", last=rev)
     with pytest.raises(KeyConflict):
         await writer.update("k.1", b"stale", last=rev - 1)
-    await writer.create("k.2", b"c", ttl=1)
+    await writer.create("k.2", b"c", ttl=3)
     with pytest.raises(KeyConflict):
         await writer.create("k.2", b"dup")
     assert sorted(e.key for e in await writer.list("k.*")) == ["k.1", "k.2"]
@@ -193,7 +193,7 @@ async def _exercise_bucket_through(writer: Bucket, reader: Bucket) -> None:
         await asyncio.wait_for(ready.wait(), 5)
         await writer.delete("k.1", ttl=5)
         assert (await asyncio.wait_for(seen.get(), 5)).op is KVOp.DELETE
-        expired = await asyncio.wait_for(seen.get(), 5)  # k.2's 1 s TTL runs out
+        expired = await asyncio.wait_for(seen.get(), 10)  # k.2's 3 s TTL runs out
         assert (expired.key, expired.op) == ("k.2", KVOp.EXPIRED)
     finally:
         task.cancel()

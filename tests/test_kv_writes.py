@@ -41,7 +41,7 @@ async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
     start = time.monotonic()
     with pytest.raises(ConnectionFailed):  # no stream: no responders, sent again till timeout
         await missing.put("k", b"v")
-    assert 0.5 <= time.monotonic() - start < 2.0
+    assert 0.5 <= time.monotonic() - start < 3.0
     # A subscriber that never replies stands in for a stream that went silent.
     silent = await bus.nc.subscribe("$KV.silent.>")
     try:
@@ -49,7 +49,7 @@ async def test_a_write_nobody_answers_fails_typed(bus: SessionBus) -> None:
         start = time.monotonic()
         with pytest.raises(BusTimeout):
             await quiet.put("k", b"v")
-        assert 0.25 <= time.monotonic() - start < 2.0
+        assert 0.25 <= time.monotonic() - start < 3.0
         got: Msg = await silent.next_msg(timeout=1)
         assert got.data == b"v" and got.reply
         # Unanswered, it may have been stored: it is not sent again.

@@ -153,9 +153,9 @@ async def test_sub_second_ttl_reads_absent_then_is_physically_gone(bus: SessionB
         read_absent = time.monotonic() - start
         await _poll(gone, within=5.0, step=0.01)
         physically_gone = time.monotonic() - start
-    # Measured on an idle machine: ~0.5 s and ~1.0 s.
-    assert 0.4 <= read_absent < 1.5
-    assert physically_gone <= 2.5
+    # Measured on an idle machine: ~0.5 s and ~1.0 s; the upper bounds allow a loaded one.
+    assert 0.4 <= read_absent < 3.0
+    assert physically_gone <= 5.0
 
 
 # -- heartbeats ---------------------------------------------------------------

@@ -143,7 +143,7 @@ async def test_connections_without_valid_credentials_are_refused_at_once(
         started = time.monotonic()
         with pytest.raises(AuthenticationFailed) as caught:
             await SessionBus(secured.server.url, **options).start()
-        assert time.monotonic() - started < 2.0, options
+        assert time.monotonic() - started < 4.0, options
         message = str(caught.value)
         assert "\n" not in message and "Authorization Violation" in message
         assert "guess" not in message and "password" not in message.lower()

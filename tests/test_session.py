@@ -161,16 +161,16 @@ async def test_idempotency_key_stores_once(bus: SessionBus) -> None:
 
 async def test_priority_and_ttl_are_carried(bus: SessionBus) -> None:
     s = await bus.open("carry")
-    envelope_id = await s.send("urgent", priority=7, ttl_seconds=0.4, trace_id="t-1")
+    envelope_id = await s.send("urgent", priority=7, ttl_seconds=1.6, trace_id="t-1")
     raw = await bus.js.get_msg(bus.names.envelope_stream,
                                subject=bus.names.stored("carry", bus.partitions))
     assert raw.headers is not None
     assert raw.headers[MSG_ID_HEADER] == envelope_id
-    assert raw.headers[TTL_HEADER] == "1"  # whole seconds, rounded up
+    assert raw.headers[TTL_HEADER] == "2"  # whole seconds, rounded up
     from sessionbus.schemas import decode
 
     envelope = decode(raw.data or b"", Envelope)
-    assert (envelope.priority, envelope.ttl_seconds, envelope.trace_id) == (7, 0.4, "t-1")
+    assert (envelope.priority, envelope.ttl_seconds, envelope.trace_id) == (7, 1.6, "t-1")
     # The server drops it once its TTL has run out.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 15

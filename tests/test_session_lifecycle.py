@@ -39,14 +39,19 @@ async def wait_for_interest(publisher: SessionBus, listener: SessionBus) -> None
     """Return once ``listener`` hears close broadcasts from ``publisher`` (leaf interest)."""
     probe = f"probe-{uuid.uuid4().hex}"
     wire = ClosedEvent(probe, SessionState.CLOSED, "probe", time.time()).to_wire()
-
-    before = listener.lifecycle.states.hints
-
-    async def heard() -> bool:
-        await publisher.nc.publish(publisher.names.closed(probe), wire)
-        return listener.lifecycle.states.hints > before
-
-    await until(heard, every=0.1)
+    heard = await listener.nc.subscribe(listener.names.closed(probe))
+    try:
+        await server_holds_subscriptions(listener.nc, 5)
+        deadline = time.monotonic() + 20
+        while True:  # interest crosses the leaf link in its own time
+            await publisher.nc.publish(publisher.names.closed(probe), wire)
+            try:
+                await heard.next_msg(timeout=0.1)
+                return
+            except TimeoutError:  # nats-py's is one
+                assert time.monotonic() < deadline, "no interest across the link"
+    finally:
+        await heard.unsubscribe()
 
 
 async def test_close_is_heard_by_a_second_connection(

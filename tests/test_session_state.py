@@ -120,9 +120,10 @@ async def test_a_forged_close_drops_nothing(sb: SessionBus, start_worker: Worker
     # A client that heard the forged close still sends into the active session.
     other = await bus_factory(nats_server.url, partitions=4)
     handle_other = other.session("victim", participant="client")
+    hints = other.lifecycle.states.hints
     await other.nc.publish(other.names.closed("victim"), forged.to_wire())
-    await other.nc.flush()
-    await asyncio.sleep(0.2)
+    await until(lambda: other.lifecycle.states.hints > hints, "the forged close")
+    await asyncio.sleep(0.2)  # and whatever it might make the client do meanwhile
     refused = handle_other.is_terminal()
     if not refused:
         await handle_other.send(event_data={"idx": 9}, event_type="work")

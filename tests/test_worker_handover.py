@@ -62,7 +62,12 @@ async def test_a_dead_owners_envelopes_run_in_stream_order(
                           consumer=sb.names.worker_consumer("g", 0),
                           group=sb.names.worker_priority_group)
     await puller.start()
-    assert len(await puller.fetch(total, 1.0)) == total
+    held = 0
+    for _ in range(10):  # a loaded server may answer one pull with part of it
+        held += len(await puller.fetch(total - held, 1.0))
+        if held == total:
+            break
+    assert held == total
     await dead.close()
 
     seen: dict[str, list[int]] = {sid: [] for sid in sids}

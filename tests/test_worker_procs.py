@@ -44,7 +44,7 @@ PREFIX = "mp"
 #: An ack is published right after the handler returns; a SIGKILL landing in
 #: between loses it and the envelope is handled again (at-least-once). Lines
 #: logged this long before the kill must not be handled twice.
-ACK_MARGIN = 0.5
+ACK_MARGIN = 1.5
 
 
 class Procs:
