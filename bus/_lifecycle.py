@@ -251,15 +251,15 @@ class Lifecycle:
 
     async def load(self, session_id: str) -> SessionMetadata | None:
         """The stored record, or None."""
-        started = time.time()
+        read = self.states.mark()
         key = self._bus.names.session_key(session_id)
         with nats_errors(f"reading session {session_id!r}"):
             entry = await self._bus.sessions_kv.get(key)
         if entry is None:
-            self.states.note_missing(session_id, read_at=started)
+            self.states.note_missing(session_id, read=read)
             return None
         meta = decode(entry.value, SessionMetadata)
-        self.states.note(meta, entry.revision, read_at=started)
+        self.states.note(meta, entry.revision, read=read)
         return meta
 
     async def modify(
@@ -287,16 +287,16 @@ class Lifecycle:
                 return written
         backoff = 0.002
         for _ in range(MAX_CAS_ATTEMPTS):
-            started = time.time()
+            read = self.states.mark()
             with nats_errors(f"reading session {session_id!r}"):
                 entry = await kv.get(key)
             if entry is None:
-                self.states.note_missing(session_id, read_at=started)
+                self.states.note_missing(session_id, read=read)
                 raise SessionNotFound(session_id)
             current = decode(entry.value, SessionMetadata)
             updated = change(current)
             if updated is None:
-                self.states.note(current, entry.revision, read_at=started)
+                self.states.note(current, entry.revision, read=read)
                 return current, entry.revision, False
             # Terminal records go away with the history they describe.
             ttl = self._bus.envelope_max_age if updated.is_terminal() else None

@@ -54,7 +54,7 @@ from sessionbus.schemas import DecodeError, Envelope, SessionMetadata, decode
 if TYPE_CHECKING:
     from sessionbus.bus.core import SessionBus
 
-__all__ = ["Known", "SessionStates"]
+__all__ = ["Known", "ReadMark", "SessionStates"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ DEPTH_SIZE = 100_000
 CLOCK_MARGIN = 0.25
 #: Shortest interval between two such re-reads of one session.
 REREAD_INTERVAL = 0.2
+#: Ids whose last forgetting is remembered (so reads sent before it are not kept).
+FORGOTTEN_SIZE = 4096
 
 CloseListener = Callable[[ClosedEvent], None]
 StaleListener = Callable[[], None]
@@ -81,6 +83,7 @@ class Known:
     ``read_at`` is the wall-clock time the read started. ``full`` says
     ``meta`` is the whole record at ``revision`` (it had no tasks to leave
     out), so a compare-and-set may be tried from it without a read.
+    ``sent`` orders reads and writes within this process (a monotonic clock).
     """
 
     session_id: str
@@ -89,6 +92,7 @@ class Known:
     generation: int
     read_at: float
     full: bool = False
+    sent: float = 0.0
 
     @property
     def exists(self) -> bool:
@@ -101,6 +105,40 @@ class Known:
         return self.meta is not None and not self.meta.is_terminal()
 
 
+@dataclass(frozen=True, slots=True)
+class ReadMark:
+    """When a record read was sent, taken with :meth:`SessionStates.mark` before sending it.
+
+    What the read shows is kept only if nothing made the id's knowledge
+    void since (an open hint, a removal), and it is fresh only until the
+    next disconnect after ``generation``.
+    """
+
+    at: float
+    generation: int
+    epoch: int
+    sent: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Forgotten:
+    epoch: int
+    waiters: tuple[asyncio.Future[ClosedEvent], ...]
+    known: Known | None
+
+
+def _newer(before: Known, known: Known) -> bool:
+    """Whether ``before`` is newer than ``known``: a later revision, or a later read or write.
+
+    Revisions order two records; when either found none (a missing
+    record, or one removed and created again), the order of the reads and
+    writes in this process does.
+    """
+    if before.meta is not None and known.meta is not None:
+        return before.revision > known.revision
+    return before.sent > known.sent
+
+
 class SessionStates:
     """One process's knowledge of sessions, fed by their records (see the module doc)."""
 
@@ -110,7 +148,11 @@ class SessionStates:
         self._known: OrderedDict[str, Known] = OrderedDict()
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._reading: dict[str, asyncio.Future[Known]] = {}
+        self._outstanding: set[asyncio.Future[Known]] = set()
         self._queued: list[tuple[str, asyncio.Future[Known]]] = []
+        self._epoch = 0
+        self._forgotten: OrderedDict[str, _Forgotten] = OrderedDict()
+        self._forgotten_floor = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._last_reread: dict[str, float] = {}
         self._generation = 0
@@ -148,8 +190,9 @@ class SessionStates:
                 await sub.unsubscribe()
         for task in [*self._confirming, *self._batches]:
             task.cancel()
-        reading, self._reading, self._queued = self._reading, {}, []
-        for read in reading.values():
+        reads, self._outstanding = self._outstanding, set()
+        self._reading, self._queued = {}, []
+        for read in reads:
             if not read.done():
                 read.set_exception(BusClosedError("the bus was closed"))
                 read.exception()
@@ -206,34 +249,78 @@ class SessionStates:
 
     # -- feeding it -------------------------------------------------------------
 
-    def note(self, meta: SessionMetadata, revision: int, *, read_at: float | None = None) -> Known:
-        """Record what a read or a write of the record showed; fires close events."""
-        return self._put(self._seen(meta, revision, time.time() if read_at is None else read_at,
-                                    self._generation))
+    def mark(self) -> ReadMark:
+        """Take just before sending a record read; pass to :meth:`note` with what it showed."""
+        return ReadMark(time.time(), self._generation, self._epoch, time.monotonic())
 
-    def note_missing(self, session_id: str, *, read_at: float | None = None) -> Known:
-        """Record that the session's record did not exist."""
-        return self._put(self._missing(session_id, time.time() if read_at is None else read_at,
-                                       self._generation))
+    def note(self, meta: SessionMetadata, revision: int, *, read: ReadMark | None = None) -> Known:
+        """Record what a write of the record, or a read sent at ``read``, showed.
+
+        Fires close events. A read sent before the id was forgotten is
+        returned but not kept (see :meth:`forget`).
+        """
+        return self._keep(self._seen(meta, revision, read or self.mark()), read)
+
+    def note_missing(self, session_id: str, *, read: ReadMark | None = None) -> Known:
+        """Record that the session's record did not exist (as a read sent at ``read`` found)."""
+        return self._keep(self._missing(session_id, read or self.mark()), read)
 
     @staticmethod
-    def _seen(meta: SessionMetadata, revision: int, read_at: float, generation: int) -> Known:
+    def _seen(meta: SessionMetadata, revision: int, read: ReadMark) -> Known:
         light = meta.model_copy(update={"tasks": {}}) if meta.tasks else meta
-        return Known(meta.session_id, light, revision, generation, read_at, full=light is meta)
+        return Known(meta.session_id, light, revision, read.generation, read.at,
+                     full=light is meta, sent=read.sent)
 
     @staticmethod
-    def _missing(session_id: str, read_at: float, generation: int) -> Known:
-        return Known(session_id, None, 0, generation, read_at)
+    def _missing(session_id: str, read: ReadMark) -> Known:
+        return Known(session_id, None, 0, read.generation, read.at, sent=read.sent)
+
+    def _keep(self, known: Known, read: ReadMark | None) -> Known:
+        if read is not None:
+            forgotten = self._forgotten_since(known.session_id, read)
+            if forgotten is not None:
+                self._ended_before(known, forgotten)
+                return known
+        return self._put(known)
+
+    def _forgotten_since(self, session_id: str, read: ReadMark) -> _Forgotten | None:
+        """The id's forgetting after ``read`` was sent, or None if there was none."""
+        forgotten = self._forgotten.get(session_id)
+        if forgotten is not None:
+            return forgotten if forgotten.epoch > read.epoch else None
+        if self._forgotten_floor > read.epoch:
+            return _Forgotten(self._forgotten_floor, (), None)  # no longer remembered: assume so
+        return None
+
+    def _ended_before(self, known: Known, forgotten: _Forgotten) -> None:
+        """A read that was out when its id was forgotten shows an end: tell who waited then.
+
+        Those who waited for the id's close before it was forgotten waited
+        for that life; the feeds hear the close unless they heard it when
+        it was known. Close listeners are not called: they act on the id,
+        which may be in use again by now.
+        """
+        meta = known.meta
+        if meta is None or not meta.is_terminal():
+            return
+        event = ClosedEvent.of(meta, revision=known.revision)
+        for fut in forgotten.waiters:
+            if not fut.done():
+                fut.set_result(event)
+        old = forgotten.known.meta if forgotten.known is not None else None
+        if old is None or not old.is_terminal() or old.created_at != meta.created_at:
+            for feed in self._feeds:
+                feed.push(event)
 
     def _put(self, known: Known) -> Known:
         sid = known.session_id
         before = self._known.get(sid)
-        if (before is not None and known.meta is not None and before.meta is not None
-                and before.revision > known.revision):
-            # An older read finishing late: keep the newer record, refresh the stamp.
-            if known.generation != before.generation:
+        if before is not None and _newer(before, known):
+            # An older read finishing late: keep the newer knowledge, and stamp
+            # it fresh if this read was sent after a reconnect.
+            if known.generation > before.generation:
                 before = Known(sid, before.meta, before.revision, known.generation,
-                               before.read_at, full=before.full)
+                               before.read_at, full=before.full, sent=before.sent)
                 self._known[sid] = before
             return before
         self._known[sid] = known
@@ -248,13 +335,21 @@ class SessionStates:
         return known
 
     def forget(self, session_id: str) -> None:
-        """Drop what is known of ``session_id`` (read afresh next time).
+        """Drop what is known of ``session_id``: the id was opened again or removed.
 
-        A read already out is answered to whoever waits on it but not kept:
-        it may carry the record an open hint replaced.
+        It is read afresh next time. A read already out is answered to
+        whoever waits on it but not kept, as no read sent before now is: it
+        may carry the record this replaced.
         """
-        self._known.pop(session_id, None)
+        known = self._known.pop(session_id, None)
         self._reading.pop(session_id, None)
+        self._epoch += 1
+        self._forgotten[session_id] = _Forgotten(
+            self._epoch, tuple(self._waiters.get(session_id, ())), known)
+        self._forgotten.move_to_end(session_id)
+        if len(self._forgotten) > FORGOTTEN_SIZE:
+            _, oldest = self._forgotten.popitem(last=False)
+            self._forgotten_floor = max(self._forgotten_floor, oldest.epoch)
 
     # -- reading the authority --------------------------------------------------
 
@@ -270,6 +365,7 @@ class SessionStates:
         if pending is None:
             loop = asyncio.get_running_loop()
             pending = self._reading[session_id] = loop.create_future()
+            self._outstanding.add(pending)
             self._queued.append((session_id, pending))
             if len(self._queued) == 1:
                 loop.call_soon(self._start_reads)
@@ -285,28 +381,33 @@ class SessionStates:
 
     async def _read_batch(self, batch: list[tuple[str, asyncio.Future[Known]]]) -> None:
         sids = [sid for sid, _ in batch]
+        read = self.mark()
         results: list[Known | BaseException]
         try:
             if len(sids) == 1:
-                results = [await self._read(sids[0])]
+                results = [await self._read(sids[0], read)]
             else:
-                results = await self._read_many(sids)
+                results = await self._read_many(sids, read)
         except BaseException as e:
             results = [e] * len(sids)
             if not isinstance(e, Exception):
-                self._settle_reads(batch, [BusClosedError("the bus was closed")] * len(sids))
+                self._settle_reads(batch, [BusClosedError("the bus was closed")] * len(sids),
+                                   read)
                 raise
-        self._settle_reads(batch, results)
+        self._settle_reads(batch, results, read)
 
     def _settle_reads(self, batch: list[tuple[str, asyncio.Future[Known]]],
-                      results: list[Known | BaseException]) -> None:
-        """Keep what each read showed, unless forgotten meanwhile, and answer its waiters."""
+                      results: list[Known | BaseException], read: ReadMark) -> None:
+        """Keep what each read showed (unless forgotten meanwhile) and answer its waiters."""
         for (sid, fut), result in zip(batch, results, strict=True):
-            current = self._reading.get(sid) is fut
-            if current:
+            if self._reading.get(sid) is fut:
                 del self._reading[sid]
-                if isinstance(result, Known):
-                    result = self._put(result)
+            self._outstanding.discard(fut)
+            if isinstance(result, Known):
+                try:
+                    result = self._keep(result, read)
+                except Exception as e:  # answer the waiters whatever happens
+                    result = e
             if fut.done():
                 continue
             if isinstance(result, BaseException):
@@ -315,8 +416,7 @@ class SessionStates:
             else:
                 fut.set_result(result)
 
-    async def _read_many(self, sids: list[str]) -> list[Known | BaseException]:
-        started, generation = time.time(), self._generation  # hints after this may be missed
+    async def _read_many(self, sids: list[str], read: ReadMark) -> list[Known | BaseException]:
         keys = [self._bus.names.session_key(sid) for sid in sids]
         self.reads += len(sids)
         with nats_errors(f"reading {len(sids)} sessions"):
@@ -325,25 +425,24 @@ class SessionStates:
         for sid, key in zip(sids, keys, strict=True):
             entry = entries.get(key)
             if entry is None:
-                out.append(self._missing(sid, started, generation))
+                out.append(self._missing(sid, read))
                 continue
             try:
                 meta = decode(entry.value, SessionMetadata)
             except DecodeError as e:
                 out.append(e)
                 continue
-            out.append(self._seen(meta, entry.revision, started, generation))
+            out.append(self._seen(meta, entry.revision, read))
         return out
 
-    async def _read(self, session_id: str) -> Known:
-        started, generation = time.time(), self._generation
+    async def _read(self, session_id: str, read: ReadMark) -> Known:
         key = self._bus.names.session_key(session_id)
         self.reads += 1
         with nats_errors(f"reading session {session_id!r}"):
             entry = await self._bus.sessions_kv.get(key)
         if entry is None:
-            return self._missing(session_id, started, generation)
-        return self._seen(decode(entry.value, SessionMetadata), entry.revision, started, generation)
+            return self._missing(session_id, read)
+        return self._seen(decode(entry.value, SessionMetadata), entry.revision, read)
 
     async def current(self, session_id: str) -> Known:
         """What is known if fresh, else one read of the record."""
@@ -360,9 +459,10 @@ class SessionStates:
         read; a later envelope may belong to the id opened again, so the
         record is read again (at most every ``REREAD_INTERVAL`` s per session).
         """
+        asked = time.time()
         known = self.fresh(session_id)
         if known is None:
-            return await self.read(session_id)
+            return await self._read_after(session_id, asked)
         if known.active or stored_at() < known.read_at - CLOCK_MARGIN:
             return known
         loop = asyncio.get_running_loop()
@@ -375,7 +475,19 @@ class SessionStates:
         self._last_reread[session_id] = loop.time()
         if len(self._last_reread) > self._size:
             self._last_reread.clear()
-        return await self.read(session_id)
+        return await self._read_after(session_id, asked)
+
+    async def _read_after(self, session_id: str, asked: float) -> Known:
+        """A read sent after ``asked``, when an earlier one shows no active session.
+
+        :meth:`read` joins a read already out, which may have been sent
+        before the envelope being admitted was stored, and so miss the
+        session it was sent to (opened again meanwhile).
+        """
+        known = await self.read(session_id)
+        if not known.active and known.read_at < asked:
+            known = await self.read(session_id)
+        return known
 
     # -- hints ------------------------------------------------------------------
 
@@ -447,9 +559,10 @@ class SessionStates:
         try:
             await self.read(session_id)
         except BusError as e:
-            # Not confirmed: mark it stale so its next use reads the record.
+            # Not confirmed: drop it so its next use reads the record (reads
+            # already out are still kept: nothing made them void).
             logger.warning("could not confirm the close of %r: %s", session_id, e)
-            self.forget(session_id)
+            self._known.pop(session_id, None)
 
     async def _on_opened_hint(self, msg: Msg) -> None:
         self.hints += 1

@@ -13,12 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
-from sessionbus.bus.errors import SessionExists, SessionNotFound, SessionTerminated
+from sessionbus.bus.errors import (
+    BusClosedError,
+    SessionExists,
+    SessionNotFound,
+    SessionTerminated,
+)
 from sessionbus.schemas import SessionState
 from waiting import stepped_until, until
 
@@ -159,39 +166,131 @@ async def test_an_id_opened_again_is_noticed_by_a_bus_that_saw_it_end(
     await other.session("again").send("second life")
 
 
+class HeldReads:
+    """Counts the record reads of a bus; while ``hold`` is set, answers wait for it."""
+
+    def __init__(self, sb: SessionBus, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent = self.served = 0
+        self.hold: asyncio.Event | None = None
+        get = sb.sessions_kv.get
+
+        async def counted(key: str) -> Any:
+            self.sent += 1
+            hold = self.hold
+            entry = await get(key)
+            self.served += 1
+            if hold is not None:
+                await hold.wait()
+            return entry
+
+        monkeypatch.setattr(sb.sessions_kv, "get", counted)
+
+
+def reader(sb: SessionBus, path: str) -> Callable[[str], Awaitable[object]]:
+    """A record read through the owner of session state, or the lifecycle's own."""
+    return sb.lifecycle.states.read if path == "owner" else sb.lifecycle.load
+
+
+@pytest.mark.parametrize("path", ["owner", "load"])
 async def test_a_read_started_before_an_open_hint_is_not_kept(
-    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch, path: str,
 ) -> None:
     # A read in flight when the id's open hint arrives may carry the record
     # the hint replaced; kept, it would refuse sends to the new session.
     other = await bus_factory(nats_server.url)
     await bus.open("in-flight", ttl=600)
     await bus.session("in-flight").close("first life")
-    states = other.lifecycle.states
-    reads = states.reads
-    reading = asyncio.ensure_future(states.read("in-flight"))
-    await stepped_until(lambda: states.reads > reads, "the read's request")
+    states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
+    reading = asyncio.ensure_future(reader(other, path)("in-flight"))
+    await stepped_until(lambda: reads.sent == 1, "the read's request")
     states.forget("in-flight")  # what the open hint does, while the read is out
-    assert (await reading).meta is not None and (await reading).meta.is_terminal()
+    await reading
     assert states.get("in-flight") is None
     assert not other.session("in-flight").is_terminal()
-    assert (await states.read("in-flight")).meta is not None  # a new read is made and kept
-    assert states.reads == reads + 2 and states.get("in-flight") is not None
+    await reader(other, path)("in-flight")  # a read sent after it is kept
+    assert reads.sent == 2 and states.get("in-flight") is not None
 
 
+@pytest.mark.parametrize("path", ["owner", "load"])
 async def test_a_read_out_across_a_reconnect_is_kept_as_stale(
-    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch, path: str,
 ) -> None:
     # Hints missed while the connection was down may be newer than the read.
     other = await bus_factory(nats_server.url)
     await bus.open("across", ttl=600)
-    states = other.lifecycle.states
-    reads = states.reads
-    reading = asyncio.ensure_future(states.read("across"))
-    await stepped_until(lambda: states.reads > reads, "the read's request")
+    states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
+    reading = asyncio.ensure_future(reader(other, path)("across"))
+    await stepped_until(lambda: reads.sent == 1, "the read's request")
     states.stale()  # what a disconnect does, while the read is out
-    assert (await reading).active
+    await reading
     assert states.get("across") is not None and states.fresh("across") is None
+
+
+async def test_who_waited_before_the_id_was_forgotten_hears_the_end_a_late_read_shows(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = await bus_factory(nats_server.url)
+    await bus.open("waited", ttl=600)
+    states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
+    for sub in states._subs:
+        await sub.unsubscribe()  # hints would read the record at times of their own
+    waiting = asyncio.ensure_future(other.session("waited").wait_closed())
+    await until(lambda: "waited" in states._waiters, "the waiter")
+    await bus.session("waited").close("first life")
+    reads.hold = asyncio.Event()
+    sent = reads.sent
+    confirming = asyncio.ensure_future(states.read("waited"))  # as a close hint makes it
+    await stepped_until(lambda: reads.sent > sent, "the confirming read")
+    states.forget("waited")  # the id opened again before the answer
+    reads.hold.set()
+    await confirming
+    event = await asyncio.wait_for(waiting, 5)
+    assert event.state is SessionState.CLOSED and event.reason == "first life"
+    assert states.get("waited") is None
+
+
+async def test_a_stop_answers_reads_that_were_forgotten(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
+) -> None:
+    other = await bus_factory(nats_server.url)
+    states = other.lifecycle.states
+    reading = asyncio.ensure_future(states.read("never-answered"))
+    await asyncio.sleep(0)  # queued, not sent
+    states.forget("never-answered")
+    await states.stop()
+    with pytest.raises(BusClosedError):
+        await asyncio.wait_for(reading, 5)
+
+
+async def test_an_envelope_is_admitted_by_a_read_sent_after_it_was_stored(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker asked to admit an envelope of a reopened id whose open hint
+    # has not arrived yet, while an older read of the id is out, must not
+    # settle the envelope on what that read shows.
+    other = await bus_factory(nats_server.url)
+    await bus.open("readmit", ttl=600)
+    await bus.session("readmit").close("first life")
+    states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
+    for sub in states._subs:
+        await sub.unsubscribe()  # the open hint is late
+    reads.hold = asyncio.Event()
+    first = asyncio.ensure_future(states.read("readmit"))
+    await until(lambda: reads.served == 1, "the first read's answer")  # held from its reader
+    await bus.sessions_kv.delete(bus.names.session_key("readmit"))
+    await bus.open("readmit", ttl=600)
+    stored = time.time()
+    admitted = asyncio.ensure_future(states.admit("readmit", lambda: stored))
+    await asyncio.sleep(0)
+    hold, reads.hold = reads.hold, None  # the first read is answered; later ones are not held
+    hold.set()
+    assert (await first).meta is not None and not (await first).active
+    known = await asyncio.wait_for(admitted, 5)
+    assert known.active and reads.sent == 2
 
 
 async def test_an_end_older_than_the_record_lifetime_is_read_again(
