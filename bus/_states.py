@@ -67,8 +67,10 @@ DEPTH_SIZE = 100_000
 CLOCK_MARGIN = 0.25
 #: Shortest interval between two such re-reads of one session.
 REREAD_INTERVAL = 0.2
-#: Ids whose last forgetting is remembered (so reads sent before it are not kept).
+#: Ids whose forgetting is remembered (so reads sent before it are not kept).
 FORGOTTEN_SIZE = 4096
+#: Forgettings remembered per id.
+FORGETS_PER_ID = 4
 
 CloseListener = Callable[[ClosedEvent], None]
 StaleListener = Callable[[], None]
@@ -120,11 +122,22 @@ class ReadMark:
     sent: float
 
 
-@dataclass(frozen=True, slots=True)
-class _Forgotten:
+@dataclass(slots=True)
+class _Forget:
+    """One forgetting of an id: when, who waited for its close then, and what was known.
+
+    ``known`` becomes the end a late read showed once that end is told, so
+    it is told once.
+    """
+
     epoch: int
     waiters: tuple[asyncio.Future[ClosedEvent], ...]
     known: Known | None
+
+
+#: A read sent before the oldest forgetting still remembered: whether its id
+#: was forgotten since is not known.
+_UNKNOWN = _Forget(-1, (), None)
 
 
 def _newer(before: Known, known: Known) -> bool:
@@ -151,7 +164,7 @@ class SessionStates:
         self._outstanding: set[asyncio.Future[Known]] = set()
         self._queued: list[tuple[str, asyncio.Future[Known]]] = []
         self._epoch = 0
-        self._forgotten: OrderedDict[str, _Forgotten] = OrderedDict()
+        self._forgotten: OrderedDict[str, list[_Forget]] = OrderedDict()
         self._forgotten_floor = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._last_reread: dict[str, float] = {}
@@ -277,38 +290,47 @@ class SessionStates:
 
     def _keep(self, known: Known, read: ReadMark | None) -> Known:
         if read is not None:
-            forgotten = self._forgotten_since(known.session_id, read)
-            if forgotten is not None:
-                self._ended_before(known, forgotten)
+            forget = self._forgotten_since(known.session_id, read)
+            if forget is _UNKNOWN:
+                self._confirm_soon(known.session_id)  # read again, and keep that
+                return known
+            if forget is not None:
+                self._ended_before(known, forget)
                 return known
         return self._put(known)
 
-    def _forgotten_since(self, session_id: str, read: ReadMark) -> _Forgotten | None:
-        """The id's forgetting after ``read`` was sent, or None if there was none."""
-        forgotten = self._forgotten.get(session_id)
-        if forgotten is not None:
-            return forgotten if forgotten.epoch > read.epoch else None
+    def _forgotten_since(self, session_id: str, read: ReadMark) -> _Forget | None:
+        """The id's first forgetting after ``read`` was sent, None if none, or ``_UNKNOWN``.
+
+        Of more than ``FORGETS_PER_ID`` forgettings in one read's time, the
+        oldest remembered stands for the first.
+        """
+        forgets = self._forgotten.get(session_id)
+        if forgets is not None:
+            return next((forget for forget in forgets if forget.epoch > read.epoch), None)
         if self._forgotten_floor > read.epoch:
-            return _Forgotten(self._forgotten_floor, (), None)  # no longer remembered: assume so
+            return _UNKNOWN
         return None
 
-    def _ended_before(self, known: Known, forgotten: _Forgotten) -> None:
+    def _ended_before(self, known: Known, forget: _Forget) -> None:
         """A read that was out when its id was forgotten shows an end: tell who waited then.
 
         Those who waited for the id's close before it was forgotten waited
-        for that life; the feeds hear the close unless they heard it when
-        it was known. Close listeners are not called: they act on the id,
-        which may be in use again by now.
+        for that life; the feeds hear the close unless they heard it already.
+        Close listeners are not called: they act on the id, which may be in
+        use again by now.
         """
         meta = known.meta
         if meta is None or not meta.is_terminal():
             return
         event = ClosedEvent.of(meta, revision=known.revision)
-        for fut in forgotten.waiters:
+        waiters, forget.waiters = forget.waiters, ()
+        for fut in waiters:
             if not fut.done():
                 fut.set_result(event)
-        old = forgotten.known.meta if forgotten.known is not None else None
+        old = forget.known.meta if forget.known is not None else None
         if old is None or not old.is_terminal() or old.created_at != meta.created_at:
+            forget.known = known
             for feed in self._feeds:
                 feed.push(event)
 
@@ -344,12 +366,13 @@ class SessionStates:
         known = self._known.pop(session_id, None)
         self._reading.pop(session_id, None)
         self._epoch += 1
-        self._forgotten[session_id] = _Forgotten(
-            self._epoch, tuple(self._waiters.get(session_id, ())), known)
+        forgets = self._forgotten.setdefault(session_id, [])
+        forgets.append(_Forget(self._epoch, tuple(self._waiters.get(session_id, ())), known))
+        del forgets[:-FORGETS_PER_ID]
         self._forgotten.move_to_end(session_id)
         if len(self._forgotten) > FORGOTTEN_SIZE:
-            _, oldest = self._forgotten.popitem(last=False)
-            self._forgotten_floor = max(self._forgotten_floor, oldest.epoch)
+            _, dropped = self._forgotten.popitem(last=False)
+            self._forgotten_floor = max(self._forgotten_floor, dropped[-1].epoch)
 
     # -- reading the authority --------------------------------------------------
 
@@ -459,7 +482,7 @@ class SessionStates:
         read; a later envelope may belong to the id opened again, so the
         record is read again (at most every ``REREAD_INTERVAL`` s per session).
         """
-        asked = time.time()
+        asked = time.monotonic()
         known = self.fresh(session_id)
         if known is None:
             return await self._read_after(session_id, asked)
@@ -478,14 +501,14 @@ class SessionStates:
         return await self._read_after(session_id, asked)
 
     async def _read_after(self, session_id: str, asked: float) -> Known:
-        """A read sent after ``asked``, when an earlier one shows no active session.
+        """A read sent after ``asked`` (monotonic), when an earlier one shows no active session.
 
         :meth:`read` joins a read already out, which may have been sent
         before the envelope being admitted was stored, and so miss the
         session it was sent to (opened again meanwhile).
         """
         known = await self.read(session_id)
-        if not known.active and known.read_at < asked:
+        if not known.active and known.sent < asked:
             known = await self.read(session_id)
         return known
 
@@ -549,9 +572,13 @@ class SessionStates:
             if (event.session_id == sid and known is not None and known.meta is not None
                     and known.meta.is_terminal() and known.revision >= event.revision):
                 return
-        if sid not in self._known and sid not in self._waiters and not self._feeds:
+        self._confirm_soon(sid)
+
+    def _confirm_soon(self, session_id: str) -> None:
+        """Read the record in a task of its own, if anything here depends on it."""
+        if session_id not in self._known and session_id not in self._waiters and not self._feeds:
             return  # nothing here depends on it; a later use reads the record
-        task = asyncio.get_running_loop().create_task(self._confirm(sid))
+        task = asyncio.get_running_loop().create_task(self._confirm(session_id))
         self._confirming.add(task)
         task.add_done_callback(self._confirming.discard)
 
@@ -561,7 +588,7 @@ class SessionStates:
         except BusError as e:
             # Not confirmed: drop it so its next use reads the record (reads
             # already out are still kept: nothing made them void).
-            logger.warning("could not confirm the close of %r: %s", session_id, e)
+            logger.warning("could not read the record of %r again: %s", session_id, e)
             self._known.pop(session_id, None)
 
     async def _on_opened_hint(self, msg: Msg) -> None:

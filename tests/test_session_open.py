@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus._states import FORGOTTEN_SIZE
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     BusClosedError,
@@ -26,7 +27,7 @@ from sessionbus.bus.errors import (
     SessionNotFound,
     SessionTerminated,
 )
-from sessionbus.schemas import SessionState
+from sessionbus.schemas import SessionMetadata, SessionState, decode
 from waiting import stepped_until, until
 
 from sessionbus.testing import BusFactory
@@ -250,6 +251,95 @@ async def test_who_waited_before_the_id_was_forgotten_hears_the_end_a_late_read_
     event = await asyncio.wait_for(waiting, 5)
     assert event.state is SessionState.CLOSED and event.reason == "first life"
     assert states.get("waited") is None
+
+
+async def stored(sb: SessionBus, session_id: str) -> tuple[SessionMetadata, int]:
+    """The session's record as stored, and its revision."""
+    entry = await sb.sessions_kv.get(sb.names.session_key(session_id))
+    assert entry is not None
+    return decode(entry.value, SessionMetadata), entry.revision
+
+
+async def test_knowledge_is_replaced_only_by_newer_knowledge(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    states = other.lifecycle.states
+    await bus.open("ordered", ttl=600)
+    meta, revision = await stored(bus, "ordered")
+    before_write = states.mark()  # a read that found nothing, sent before a write
+    states.note(meta, revision)  # the write
+    states.note_missing("ordered", read=before_write)
+    assert states.get("ordered") is not None and states.get("ordered").revision == revision
+    found = states.mark()  # a read that found the record, sent before one that found none
+    states.note_missing("ordered", read=states.mark())
+    states.note(meta, revision, read=found)
+    assert states.get("ordered") is not None and states.get("ordered").meta is None
+
+
+async def test_a_late_end_is_told_once_to_the_feeds_and_never_to_close_listeners(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    states = other.lifecycle.states
+    await bus.open("told-once", ttl=600)
+    await bus.session("told-once").close("first life")
+    meta, revision = await stored(bus, "told-once")
+    heard: list[ClosedEvent] = []
+    states.on_closed(heard.append)
+    async with states.closed_feed() as feed:
+        first, second = states.mark(), states.mark()  # two reads out, on two paths
+        states.forget("told-once")
+        states.note(meta, revision, read=first)
+        states.note(meta, revision, read=second)
+        event = await asyncio.wait_for(anext(feed), 5)
+        assert event.reason == "first life"
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(feed), 0.2)  # not a second time
+    assert heard == [] and states.get("told-once") is None
+
+
+async def test_a_read_out_across_two_forgets_tells_only_who_waited_before_the_first(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    other = await bus_factory(nats_server.url)
+    states = other.lifecycle.states
+    await bus.open("two-lives", ttl=600)
+    await bus.session("two-lives").close("first life")
+    meta, revision = await stored(bus, "two-lives")
+    first_life = asyncio.ensure_future(states.wait_closed("two-lives"))
+    await stepped_until(lambda: "two-lives" in states._waiters, "the first waiter")
+    read = states.mark()
+    states.forget("two-lives")
+    second_life = asyncio.ensure_future(states.wait_closed("two-lives"))
+    await stepped_until(lambda: len(states._waiters["two-lives"]) == 2, "the second waiter")
+    states.forget("two-lives")
+    states.note(meta, revision, read=read)
+    assert (await asyncio.wait_for(first_life, 5)).reason == "first life"
+    await asyncio.sleep(0)
+    assert not second_life.done()
+    second_life.cancel()
+
+
+async def test_a_read_older_than_what_is_remembered_is_read_again(
+    bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
+) -> None:
+    # Past FORGOTTEN_SIZE ids forgotten while a read was out, whether its
+    # own id was is unknown: it is not kept, and the record is read again.
+    other = await bus_factory(nats_server.url)
+    states = other.lifecycle.states
+    await bus.open("long-out", ttl=600)
+    await bus.session("long-out").close("done")
+    meta, revision = await stored(bus, "long-out")
+    waiting = asyncio.ensure_future(states.wait_closed("long-out"))
+    await stepped_until(lambda: "long-out" in states._waiters, "the waiter")
+    read = states.mark()
+    for i in range(FORGOTTEN_SIZE + 1):
+        states.forget(f"other-{i}")
+    states.note(meta, revision, read=read)
+    assert states.get("long-out") is None
+    assert (await asyncio.wait_for(waiting, 5)).reason == "done"  # from the read again
+    assert states.get("long-out") is not None
 
 
 async def test_a_stop_answers_reads_that_were_forgotten(
