@@ -39,7 +39,7 @@ class Retry:
 
     def attempt_timeout(self) -> float:
         """How long the next read attempt may wait for its answer."""
-        return max(0.001, min(READ_ATTEMPT, self._deadline - time.monotonic()))
+        return max(0.001, min(READ_ATTEMPT, self.left()))
 
     def left(self) -> float:
         """Seconds to the deadline (0 once past)."""
@@ -58,7 +58,7 @@ class Retry:
         """Sleep before the next attempt; False once the deadline has passed."""
         if not isinstance(cause, TimeoutError):
             self._unanswered = True
-        left = self._deadline - time.monotonic()
+        left = self.left()
         if left <= 0:
             return False
         await asyncio.sleep(min(self._delay, left))

@@ -140,6 +140,12 @@ class _Forget:
 _UNKNOWN = _Forget(-1, (), None)
 
 
+def _end_is_news(before: Known | None, meta: SessionMetadata) -> bool:
+    """Whether the end ``meta`` shows is not the end ``before`` already showed (same life)."""
+    old = before.meta if before is not None else None
+    return old is None or not old.is_terminal() or old.created_at != meta.created_at
+
+
 def _newer(before: Known, known: Known) -> bool:
     """Whether ``before`` is newer than ``known``: a later revision, or a later read or write.
 
@@ -328,8 +334,7 @@ class SessionStates:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(event)
-        old = forget.known.meta if forget.known is not None else None
-        if old is None or not old.is_terminal() or old.created_at != meta.created_at:
+        if _end_is_news(forget.known, meta):
             forget.known = known
             for feed in self._feeds:
                 feed.push(event)
@@ -350,10 +355,8 @@ class SessionStates:
         if len(self._known) > self._size:
             self._known.popitem(last=False)
         meta = known.meta
-        if meta is not None and meta.is_terminal():
-            old = before.meta if before is not None else None
-            if old is None or not old.is_terminal() or old.created_at != meta.created_at:
-                self._announce(ClosedEvent.of(meta, revision=known.revision))
+        if meta is not None and meta.is_terminal() and _end_is_news(before, meta):
+            self._announce(ClosedEvent.of(meta, revision=known.revision))
         return known
 
     def forget(self, session_id: str) -> None:

@@ -192,6 +192,15 @@ def reader(sb: SessionBus, path: str) -> Callable[[str], Awaitable[object]]:
     return sb.lifecycle.states.read if path == "owner" else sb.lifecycle.load
 
 
+async def read_out(sb: SessionBus, path: str, reads: HeldReads,
+                   session_id: str) -> asyncio.Future[object]:
+    """Start a record read of ``session_id``; return once it is sent, before its answer."""
+    sent = reads.sent
+    reading = asyncio.ensure_future(reader(sb, path)(session_id))
+    await stepped_until(lambda: reads.sent > sent, "the read's request")
+    return reading
+
+
 @pytest.mark.parametrize("path", ["owner", "load"])
 async def test_a_read_started_before_an_open_hint_is_not_kept(
     bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer,
@@ -203,8 +212,7 @@ async def test_a_read_started_before_an_open_hint_is_not_kept(
     await bus.open("in-flight", ttl=600)
     await bus.session("in-flight").close("first life")
     states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
-    reading = asyncio.ensure_future(reader(other, path)("in-flight"))
-    await stepped_until(lambda: reads.sent == 1, "the read's request")
+    reading = await read_out(other, path, reads, "in-flight")
     states.forget("in-flight")  # what the open hint does, while the read is out
     await reading
     assert states.get("in-flight") is None
@@ -222,8 +230,7 @@ async def test_a_read_out_across_a_reconnect_is_kept_as_stale(
     other = await bus_factory(nats_server.url)
     await bus.open("across", ttl=600)
     states, reads = other.lifecycle.states, HeldReads(other, monkeypatch)
-    reading = asyncio.ensure_future(reader(other, path)("across"))
-    await stepped_until(lambda: reads.sent == 1, "the read's request")
+    reading = await read_out(other, path, reads, "across")
     states.stale()  # what a disconnect does, while the read is out
     await reading
     assert states.get("across") is not None and states.fresh("across") is None
@@ -260,6 +267,13 @@ async def stored(sb: SessionBus, session_id: str) -> tuple[SessionMetadata, int]
     return decode(entry.value, SessionMetadata), entry.revision
 
 
+async def ended(sb: SessionBus, session_id: str, reason: str) -> tuple[SessionMetadata, int]:
+    """Open ``session_id`` and close it; its terminal record as stored, and its revision."""
+    await sb.open(session_id, ttl=600)
+    await sb.session(session_id).close(reason)
+    return await stored(sb, session_id)
+
+
 async def test_knowledge_is_replaced_only_by_newer_knowledge(
     bus: SessionBus, bus_factory: BusFactory, nats_server: NatsServer
 ) -> None:
@@ -282,9 +296,7 @@ async def test_a_late_end_is_told_once_to_the_feeds_and_never_to_close_listeners
 ) -> None:
     other = await bus_factory(nats_server.url)
     states = other.lifecycle.states
-    await bus.open("told-once", ttl=600)
-    await bus.session("told-once").close("first life")
-    meta, revision = await stored(bus, "told-once")
+    meta, revision = await ended(bus, "told-once", "first life")
     heard: list[ClosedEvent] = []
     states.on_closed(heard.append)
     async with states.closed_feed() as feed:
@@ -304,9 +316,7 @@ async def test_a_read_out_across_two_forgets_tells_only_who_waited_before_the_fi
 ) -> None:
     other = await bus_factory(nats_server.url)
     states = other.lifecycle.states
-    await bus.open("two-lives", ttl=600)
-    await bus.session("two-lives").close("first life")
-    meta, revision = await stored(bus, "two-lives")
+    meta, revision = await ended(bus, "two-lives", "first life")
     first_life = asyncio.ensure_future(states.wait_closed("two-lives"))
     await stepped_until(lambda: "two-lives" in states._waiters, "the first waiter")
     read = states.mark()
@@ -328,9 +338,7 @@ async def test_a_read_older_than_what_is_remembered_is_read_again(
     # own id was is unknown: it is not kept, and the record is read again.
     other = await bus_factory(nats_server.url)
     states = other.lifecycle.states
-    await bus.open("long-out", ttl=600)
-    await bus.session("long-out").close("done")
-    meta, revision = await stored(bus, "long-out")
+    meta, revision = await ended(bus, "long-out", "done")
     waiting = asyncio.ensure_future(states.wait_closed("long-out"))
     await stepped_until(lambda: "long-out" in states._waiters, "the waiter")
     read = states.mark()
@@ -373,8 +381,8 @@ async def test_an_envelope_is_admitted_by_a_read_sent_after_it_was_stored(
     await until(lambda: reads.served == 1, "the first read's answer")  # held from its reader
     await bus.sessions_kv.delete(bus.names.session_key("readmit"))
     await bus.open("readmit", ttl=600)
-    stored = time.time()
-    admitted = asyncio.ensure_future(states.admit("readmit", lambda: stored))
+    stored_at = time.time()
+    admitted = asyncio.ensure_future(states.admit("readmit", lambda: stored_at))
     await asyncio.sleep(0)
     hold, reads.hold = reads.hold, None  # the first read is answered; later ones are not held
     hold.set()
