@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from sessionbus.bus._headers import parse_header_lines
-from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
+from sessionbus.bus._rawsub import header_value, status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
@@ -44,6 +44,7 @@ _NS = 1_000_000_000
 _FETCH_GRACE = 0.25
 #: Where a data message's header lines start: after ``NATS/1.0\r\n``.
 _HEADER_LINE_END = 10
+_PIN_ID = f"\r\n{PIN_ID_HEADER}:".encode()
 # err_code values for a missing consumer / stream in JSON API replies.
 _NOT_FOUND_ERR_CODES = frozenset({10014, 10059})
 # Per-page bookkeeping on Direct Get replies, dropped so results compare
@@ -275,7 +276,9 @@ class PinnedPuller:
     its subject and ignored. Returned messages are ordinary nats-py ``Msg``
     objects, so ``ack``, ``in_progress``, ``nak``, ``term`` and
     ``metadata`` work on them. One fetch at a time: deliveries wait in one
-    queue for whichever fetch runs.
+    queue for whichever fetch runs. With ``headers=False`` their ``headers``
+    stay None (the pin id is still read): for a caller that needs only
+    bodies and reply subjects, which saves parsing every delivery's block.
     """
 
     def __init__(
@@ -286,8 +289,10 @@ class PinnedPuller:
         consumer: str,
         group: str,
         api_prefix: str = DEFAULT_API_PREFIX,
+        headers: bool = True,
     ) -> None:
         self._nc = nc
+        self._parse_headers = headers
         self._stream = stream
         self._consumer = consumer
         self._group = group
@@ -409,8 +414,12 @@ class PinnedPuller:
                 if line is None:
                     fields = None
                     if headers is not None and len(headers) > _HEADER_LINE_END:
-                        fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
-                        pin = fields.get(PIN_ID_HEADER) if fields else None
+                        if self._parse_headers:
+                            fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
+                            pin = fields.get(PIN_ID_HEADER) if fields else None
+                        else:
+                            found = header_value(headers, _PIN_ID)
+                            pin = found.decode("utf-8", "replace") if found else None
                         if pin:
                             self.pin_id = pin
                     out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),

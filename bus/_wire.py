@@ -154,8 +154,8 @@ def _message_line(ps: Parser, args: list[bytes], *, headers: bool) -> None:
     <header size> <total size>``: sizes in digits only, as nats-py reads them.
     """
     count = 5 if headers else 4
-    sizes = args[-2:] if headers else args[-1:]
-    if len(args) not in (count - 1, count) or not all(size.isdigit() for size in sizes):
+    if (not count - 1 <= len(args) <= count or not args[-1].isdigit()
+            or (headers and not args[-2].isdigit())):
         raise ProtocolError("nats: malformed MSG")
     try:
         sid = int(args[1])

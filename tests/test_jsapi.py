@@ -104,7 +104,8 @@ async def test_only_the_pinned_puller_gets_messages(connect: Connect) -> None:
     await _stream_with_consumer(nc)
     js = nc.jetstream()
     a = jsapi.PinnedPuller(nc_a, stream="S", consumer="C", group="g")
-    b = jsapi.PinnedPuller(nc_b, stream="S", consumer="C", group="g")
+    # B reads only the pin id of each delivery's headers.
+    b = jsapi.PinnedPuller(nc_b, stream="S", consumer="C", group="g", headers=False)
     await a.start()
     await b.start()
     for i in range(5):
@@ -133,6 +134,9 @@ async def test_only_the_pinned_puller_gets_messages(connect: Connect) -> None:
     await jsapi.unpin(nc, stream="S", consumer="C", group="g")
     got_b = await _fetch_until(b, lambda got: len(got) >= 1)
     assert [m.data for m in got_b] == [b"10"] and b.pinned and b.pin_id != a.pin_id
+    assert got_b[0].headers is None
+    info = await jsapi.consumer_info(nc, stream="S", consumer="C")
+    assert info["priority_groups"][0]["pinned_client_id"] == b.pin_id
     assert await a.fetch(1, 0.5) == []
     assert a.last_status is not None and a.last_status.code == 423 and not a.pinned
     await b.stop()

@@ -140,7 +140,7 @@ class PartitionPuller:
         await self._ensure_consumer()
         self._puller = PinnedPuller(
             self._bus.nc, stream=self._stream, consumer=self._consumer,
-            group=self._priority_group, api_prefix=self._bus.api_prefix,
+            group=self._priority_group, api_prefix=self._bus.api_prefix, headers=False,
         )
         await self._puller.start()
         self.contact = asyncio.get_running_loop().time()
