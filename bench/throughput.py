@@ -17,7 +17,12 @@ plain stream, pulled in batches from one durable pull consumer shared by
 the same number of processes, decoded and acked one by one (no partitions,
 no pinning, no per-session order). Ratios are sessionbus / raw.
 
+Both kinds of worker process run the cyclic garbage collector as
+``sessionbus worker`` does (:func:`sessionbus.workers.tune_gc`);
+``--gc-threshold 0`` keeps Python's default in both.
+
     python bench/throughput.py [--quick] [--envelopes N] [--sessions S] [--partitions P]
+                               [--gc-threshold N] [--loop uvloop]
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
-from sessionbus.workers import Turn, Worker, WorkerConfig
+from sessionbus.workers import Turn, Worker, WorkerConfig, tune_gc
 from sessionbus.workers._assignment import assign
+from sessionbus.workers._gc import GC_THRESHOLD
 from sessionbus.workers._membership import Lease
 
 LATENCY_SUBJECT = "bench.latency"
@@ -151,13 +157,15 @@ class CpuMeter:
 class Procs:
     """Child processes of one phase, stopped by PID."""
 
-    def __init__(self, loop: str) -> None:
+    def __init__(self, loop: str, gc_threshold: int) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.loop = loop
+        self.gc_threshold = gc_threshold
 
     def spawn(self, *args: str) -> None:
         self.procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--loop", self.loop, *args],
+            [sys.executable, str(Path(__file__).resolve()), "--loop", self.loop,
+             "--gc-threshold", str(self.gc_threshold), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         ))
 
@@ -251,10 +259,10 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
 
 
 async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, count: int,
-                           sessions: int, samples: int, loop: str,
+                           sessions: int, samples: int, loop: str, gc_threshold: int,
                            records: bool = True, partitions: int | None = None) -> Result:
     prefix = f"bench{procs_count}"
-    procs = Procs(loop)
+    procs = Procs(loop, gc_threshold)
     # The workers take the partition count of the stream this creates.
     async with SessionBus(url, prefix=prefix, partitions=partitions) as sb:
         try:
@@ -304,7 +312,7 @@ async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, c
 
 
 async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: int,
-                    sessions: int, samples: int, loop: str) -> Result:
+                    sessions: int, samples: int, loop: str, gc_threshold: int) -> Result:
     nc = await nats.connect(url)
     js = nc.jetstream()
     with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -313,7 +321,7 @@ async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: i
     await js.add_consumer(RAW_STREAM, api.ConsumerConfig(
         durable_name=RAW_CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=20_000,
     ))
-    procs = Procs(loop)
+    procs = Procs(loop, gc_threshold)
     try:
         for _ in range(procs_count):
             procs.spawn("--role", "raw", "--url", url)
@@ -357,15 +365,16 @@ async def bench(args: argparse.Namespace) -> None:
     try:
         print(f"{environment()}, {os.cpu_count()} cpus; "
               f"{args.envelopes} envelopes over {args.sessions} sessions, "
-              f"{args.partitions or 'default'} partitions, {args.samples} latency samples")
+              f"{args.partitions or 'default'} partitions, {args.samples} latency samples, "
+              f"gc threshold {args.gc_threshold or 'Python default'}")
         rows = []
         for n in (1, 2):
             ours = await sessionbus_phase(server.url, server.pid, n, args.envelopes, args.sessions,
-                                          args.samples, args.loop,
+                                          args.samples, args.loop, args.gc_threshold,
                                           records=not args.no_completion_records,
                                           partitions=args.partitions)
             raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
-                                  args.samples, args.loop)
+                                  args.samples, args.loop, args.gc_threshold)
             rows.append((n, ours, raw))
         print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
               f"{'worker CPU us/env':>17} | {'server CPU us/env':>17}")
@@ -402,8 +411,13 @@ def main() -> None:
                         help="workers write no completion records (what they cost)")
     parser.add_argument("--partitions", type=int, default=None,
                         help="partitions of the envelope stream (default: the settings' 64)")
+    parser.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
+                        help="young-generation threshold of the worker processes' garbage "
+                             "collector, both kinds (default: tune_gc's; 0: Python's)")
     add_loop_option(parser)
     args = parser.parse_args()
+    if args.role in ("worker", "raw") and args.gc_threshold:
+        tune_gc(args.gc_threshold)
     if args.role == "worker":
         run_loop(run_sessionbus_worker(args.url, args.prefix, args.id,
                                        records=not args.no_completion_records), args.loop)

@@ -240,6 +240,38 @@ async def test_worker_answers_send_wait_and_drains_on_sigterm(
     await worker.aexpect("err", "left group 'echo'")
 
 
+_GC_PROBE = """
+import gc
+
+async def handle(turn):
+    await turn.reply(str(gc.get_threshold()[0]))
+"""
+
+
+@pytest.mark.parametrize(("flags", "young"), [((), "10000"), (("--gc-threshold", "2500"), "2500")])
+async def test_a_worker_process_runs_the_young_collection_less_often(
+    nats_server: NatsServer, running: Callable[..., Running], tmp_path: Path,
+    flags: tuple[str, ...], young: str,
+) -> None:
+    (tmp_path / "gcprobe.py").write_text(_GC_PROBE)
+    url = nats_server.url
+    worker = running("worker", "gcprobe:handle", "--group", "probe", *flags, url=url,
+                     cwd=tmp_path)
+    await worker.aexpect("err", "running gcprobe:handle")
+    opened = await asyncio.to_thread(run_cli, "sessions", "open", "gc", url=url)
+    assert opened.returncode == 0, opened.stderr
+    result = await asyncio.to_thread(run_cli, "send", "gc", "what threshold?", "--wait", "30",
+                                     url=url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[1].endswith(f"probe -> *  {young}"), result.stdout
+
+
+def test_a_worker_refuses_a_negative_gc_threshold(nats_server: NatsServer) -> None:
+    result = run_cli("worker", "examples.echo:handle", "--group", "echo",
+                     "--gc-threshold", "-1", url=nats_server.url)
+    assert_one_line_error(result, "gc threshold must be an integer >= 1, got -1")
+
+
 async def test_send_wait_without_a_reply_times_out(nats_server: NatsServer) -> None:
     async with SessionBus(nats_server.url) as sb:
         await sb.open("nobody-home")
