@@ -104,17 +104,23 @@ class AckNumbers(NamedTuple):
     """Messages the consumer still had to deliver after this one."""
 
 
-def ack_numbers(reply: str) -> AckNumbers | None:
-    """The numbers in a delivery's ack subject, None if ``reply`` is not one.
+def ack_numbers(reply: str | bytes) -> AckNumbers | None:
+    """The numbers in a delivery's ack subject (text or raw bytes), None if ``reply`` is not one.
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``,
     or with ``<domain>.<account hash>`` after ``ACK`` (and a trailing token)
     in the newer form. Read here, once per delivery, because nats-py's
     ``metadata`` also builds a datetime per message.
     """
-    tokens = reply.split(".")
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
-        return None
+    tokens: list[str] | list[bytes]
+    if isinstance(reply, bytes):
+        tokens = reply.split(b".")
+        if len(tokens) < 9 or tokens[0] != b"$JS" or tokens[1] != b"ACK":
+            return None
+    else:
+        tokens = reply.split(".")
+        if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+            return None
     at = 4 if len(tokens) == 9 else 6
     try:
         return AckNumbers(int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]),

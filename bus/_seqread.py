@@ -223,7 +223,7 @@ async def _direct_pages(
 
 def _ack_numbers(reply: bytes) -> tuple[int, int, int]:
     """Stream sequence, consumer sequence and pending count from a delivery's ack subject."""
-    numbers = ack_numbers(reply.decode("utf-8", "replace"))
+    numbers = ack_numbers(reply)
     if numbers is not None:
         return numbers.stream_seq, numbers.consumer_seq, numbers.pending
     shown = reply[:120].decode("utf-8", "replace")
