@@ -48,8 +48,12 @@ def header_value(headers: bytes, name: bytes) -> bytes | None:
 
     Exact-case match of the name, the value stripped of spaces and tabs:
     what the bus's own readers need from the headers the server writes.
+    The *last* line of that name counts, as in nats-py's header dict: a
+    stored message keeps whatever headers its publisher set (a forged
+    ``Nats-Sequence`` or ``Nats-Pin-Id`` among them), and the server adds
+    its own after them.
     """
-    start = headers.find(name)
+    start = headers.rfind(name)
     if start < 0:
         return None
     start += len(name)

@@ -115,6 +115,27 @@ async def test_every_range_reads_exactly_what_is_stored_in_it(
 
 
 @pytest.mark.usefixtures("small_pages")
+async def test_headers_stored_with_an_envelope_do_not_pass_for_the_servers(
+    bus: SessionBus,
+) -> None:
+    """A raw publish can store any header; a Direct Get reply adds the server's after them."""
+    await bus.open("f", participant="client")
+    first = await _store(bus, "f", ["f0", "f1"])
+    forged = Envelope(session_id="f", sender_id="client", event_data={"text": "forged"})
+    ack = await bus.js.publish(bus.names.inbound("f"), encode(forged), headers={
+        "Nats-Sequence": "999999", "Nats-Num-Pending": "0", "Nats-Last-Sequence": "999999"})
+    rest = await _store(bus, "f", ["f3", "f4", "f5"])
+    want = list(zip([*first, ack.seq, *rest], ["f0", "f1", "forged", "f3", "f4", "f5"],
+                    strict=True))
+    assert _texts(await read_history(bus, "f")) == want
+    # Bounded as a turn reads: a forged sequence past the bound must not end it early.
+    assert _texts(await read_history(bus, "f", up_to=rest[1])) == want[:5]
+    envelopes, cursor = await bus.session("f").history_page(after=first[0])
+    assert [e.content for e in envelopes] == ["f1", "forged", "f3", "f4", "f5"]
+    assert cursor == rest[-1]
+
+
+@pytest.mark.usefixtures("small_pages")
 async def test_undecodable_messages_are_skipped_in_place(
     bus: SessionBus, caplog: pytest.LogCaptureFixture,
 ) -> None:

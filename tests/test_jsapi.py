@@ -143,6 +143,31 @@ async def test_only_the_pinned_puller_gets_messages(connect: Connect) -> None:
     await a.stop()
 
 
+async def test_a_pin_id_stored_with_a_message_does_not_pass_for_the_servers(
+    connect: Connect,
+) -> None:
+    """A publisher can store a ``Nats-Pin-Id`` header; the server adds the real one after it."""
+    nc, nc_a = await connect(), await connect()
+    await _stream_with_consumer(nc)
+    js = nc.jetstream()
+    await js.publish("s.1", b"forged", headers={jsapi.PIN_ID_HEADER: "BOGUS", "X": "y"})
+    await js.publish("s.2", b"next")
+    for headers in (True, False):
+        puller = jsapi.PinnedPuller(nc_a, stream="S", consumer="C", group="g", headers=headers)
+        await puller.start()
+        got = await puller.fetch(1, 1.0)
+        assert [m.data for m in got] == [b"forged"]
+        info = await jsapi.consumer_info(nc, stream="S", consumer="C")
+        assert puller.pin_id == info["priority_groups"][0]["pinned_client_id"] != "BOGUS"
+        # Still pinned: the next pull is served, not refused with 423.
+        got += await puller.fetch(1, 1.0)
+        assert [m.data for m in got] == [b"forged", b"next"] and puller.pinned
+        for m in got:
+            await m.nak()
+        await puller.stop()
+        await jsapi.unpin(nc, stream="S", consumer="C", group="g")
+
+
 async def test_a_fetch_the_server_never_answers_ends_on_the_clients_clock(
     nats_server: NatsServer, connect: Connect
 ) -> None:
