@@ -125,7 +125,7 @@ def ack_numbers(reply: str | bytes) -> AckNumbers | None:
     try:
         return AckNumbers(int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]),
                           int(tokens[at + 4]))
-    except ValueError:
+    except (ValueError, IndexError):  # not a number, or a form too short (10 tokens)
         return None
 
 

@@ -91,6 +91,7 @@ def test_a_delivery_gap_drops_the_partitions_cached_sessions() -> None:
     assert ack_numbers(b"$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == (1, 42, 9, 3)
     assert ack_numbers(b"_INBOX.x.y.z.1.2.3.4.5") is None
     assert ack_numbers(b"$JS.ACK.S.C.1.4x.7.1700000000.3") is None
+    assert ack_numbers("$JS.ACK.dom.acc.S.C.1.42.9.1700000000") is None  # 10 tokens
 
 
 async def test_a_history_handed_out_stays_as_it_was() -> None:
