@@ -18,7 +18,7 @@ the same number of processes, decoded and acked one by one (no partitions,
 no pinning, no per-session order). Ratios are sessionbus / raw.
 
 Both kinds of worker process run the cyclic garbage collector as
-``sessionbus worker`` does (:func:`sessionbus.workers.tune_gc`);
+``sessionbus worker`` does (its young generation every 10,000 allocations);
 ``--gc-threshold 0`` keeps Python's default in both.
 
     python bench/throughput.py [--quick] [--envelopes N] [--sessions S] [--partitions P]
@@ -52,9 +52,9 @@ from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, decode, encode
-from sessionbus.workers import Turn, Worker, WorkerConfig, tune_gc
+from sessionbus.workers import Turn, Worker, WorkerConfig
 from sessionbus.workers._assignment import assign
-from sessionbus.workers._gc import GC_THRESHOLD
+from sessionbus.workers._gc import GC_THRESHOLD, tune_gc
 from sessionbus.workers._membership import Lease
 
 LATENCY_SUBJECT = "bench.latency"
@@ -413,9 +413,11 @@ def main() -> None:
                         help="partitions of the envelope stream (default: the settings' 64)")
     parser.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
                         help="young-generation threshold of the worker processes' garbage "
-                             "collector, both kinds (default: tune_gc's; 0: Python's)")
+                             "collector, both kinds (default: %(default)s; 0: Python's)")
     add_loop_option(parser)
     args = parser.parse_args()
+    if args.gc_threshold < 0:
+        parser.error(f"--gc-threshold must be >= 0 (0 keeps Python's), got {args.gc_threshold}")
     if args.role in ("worker", "raw") and args.gc_threshold:
         tune_gc(args.gc_threshold)
     if args.role == "worker":

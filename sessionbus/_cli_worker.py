@@ -22,6 +22,7 @@ from typing import Any
 
 from sessionbus._cli_common import Commands, add_command, checked_id, note, open_bus
 from sessionbus.bus.errors import ConfigError
+from sessionbus.workers._gc import GC_THRESHOLD, tune_gc
 
 __all__ = ["add_parser", "load_handler"]
 
@@ -46,10 +47,10 @@ def add_parser(commands: Commands) -> None:
                         "(default: %(default)s)")
     p.add_argument("--max-attempts", type=int, default=5, metavar="N",
                    help="runs of one envelope before it is dead-lettered (default: %(default)s)")
-    p.add_argument("--gc-threshold", type=int, default=None, metavar="N",
+    p.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD, metavar="N",
                    help="allocations between two young collections of Python's cyclic "
                         "garbage collector in this process; 0 keeps Python's own "
-                        "(default: that of sessionbus.workers.tune_gc)")
+                        "(default: %(default)s)")
     timing = p.add_argument_group(
         "timing", "Failover pacing (seconds; see sessionbus.WorkerConfig). Every worker of a "
                   "group should use the same values. Defaults move a dead worker's sessions "
@@ -101,16 +102,17 @@ def load_handler(spec: str, *, search_path: str | None = None) -> Callable[..., 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Run the worker until a signal drains it."""
-    from sessionbus.workers import Worker, WorkerConfig, tune_gc
+    from sessionbus.workers import Worker, WorkerConfig
 
     handler = load_handler(args.handler)
     group = checked_id(args.group, "group")
     agent = checked_id(args.agent, "agent id") if args.agent else None
     timings = {name: getattr(args, name) for name in _TIMINGS if getattr(args, name) is not None}
     config = WorkerConfig().replace(**timings)
-    if args.gc_threshold is None:
-        tune_gc()
-    elif args.gc_threshold:
+    if args.gc_threshold < 0:
+        raise ConfigError(f"--gc-threshold must be >= 0 (0 keeps Python's), "
+                          f"got {args.gc_threshold}")
+    if args.gc_threshold:
         tune_gc(args.gc_threshold)
     async with open_bus(args) as sb:
         worker = Worker(sb, group=group, handler=handler, agent=agent,

@@ -35,7 +35,6 @@ DEAD_HEADERS = [
     "DEAD_ATTEMPTS_HEADER", "DEAD_GROUP_HEADER", "DEAD_REASON_HEADER",
     "DEAD_SEQUENCE_HEADER", "DEAD_SUBJECT_HEADER",
 ]
-PROCESS = ["tune_gc"]
 WIRE = [
     "EV_DELEGATE", "EV_ERROR", "EV_TEXT", "EV_TOOL_CALL", "EV_TOOL_RESULT",
     "Envelope", "SessionInfo", "SessionMetadata", "SessionState", "TaskInfo", "TaskState",
@@ -51,7 +50,7 @@ SCHEMAS = [
 PUBLIC = {
     "sessionbus": BUS + WORKERS + WIRE + ERRORS,
     "sessionbus.bus": BUS + ERRORS,
-    "sessionbus.workers": WORKERS + DEAD_HEADERS + PROCESS,
+    "sessionbus.workers": WORKERS + DEAD_HEADERS,
     "sessionbus.schemas": SCHEMAS,
     # Importable without Vision Agents installed; the AG2 module needs ag2.
     "sessionbus.integrations.vision_agents": ["NatsSessionKVStore", "decode_key", "encode_key"],

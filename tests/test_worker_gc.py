@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from sessionbus.bus.errors import ConfigError
-from sessionbus.workers import tune_gc
-from sessionbus.workers._gc import GC_THRESHOLD
+from sessionbus.workers._gc import GC_THRESHOLD, tune_gc
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ from sessionbus.workers._delivery import DEAD_GROUP_HEADER as DEAD_GROUP_HEADER
 from sessionbus.workers._delivery import DEAD_REASON_HEADER as DEAD_REASON_HEADER
 from sessionbus.workers._delivery import DEAD_SEQUENCE_HEADER as DEAD_SEQUENCE_HEADER
 from sessionbus.workers._delivery import DEAD_SUBJECT_HEADER as DEAD_SUBJECT_HEADER
-from sessionbus.workers._gc import tune_gc as tune_gc
 from sessionbus.workers.config import WorkerConfig as WorkerConfig
 from sessionbus.workers.control import DeadLetter as DeadLetter
 from sessionbus.workers.control import Drop as Drop
@@ -32,8 +31,6 @@ __all__ = [
     "Drop",
     "Retry",
     "TurnControl",
-    # The worker process
-    "tune_gc",
     # Headers of dead-lettered envelopes
     "DEAD_ATTEMPTS_HEADER",
     "DEAD_GROUP_HEADER",

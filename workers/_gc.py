@@ -2,15 +2,15 @@
 
 A worker keeps a large, steady heap (held envelopes, each session's recent
 history, the dedupe memory) and allocates a few dozen tracked objects per
-envelope it runs. With Python's default threshold (a young collection per
-700 net allocations of tracked objects) a busy worker spends about a
-tenth of its CPU in the collector; at :data:`GC_THRESHOLD` it spends a
+envelope it runs. At CPython's default threshold (a young collection per
+700 net allocations of tracked objects, on 3.11-3.13) a busy worker spent
+about a seventh of its CPU in the collector; at :data:`GC_THRESHOLD`, a
 third of that (README, "Benchmarks").
 
 This is process-wide, so the library leaves it to the program:
-``sessionbus worker`` calls :func:`tune_gc` unless ``--gc-threshold 0``;
-a program that runs a :class:`~sessionbus.workers.Worker` itself can call
-it once at start-up.
+``sessionbus worker`` calls :func:`tune_gc` unless ``--gc-threshold 0``; a
+program that runs a :class:`~sessionbus.workers.Worker` itself can call
+``gc.set_threshold(10_000)`` once at start-up.
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ __all__ = ["GC_THRESHOLD", "tune_gc"]
 GC_THRESHOLD = 10_000
 
 
-def tune_gc(threshold: int = GC_THRESHOLD) -> tuple[int, int, int]:
+def tune_gc(threshold: int = GC_THRESHOLD) -> tuple[int, ...]:
     """Run the cyclic garbage collector's young generation every ``threshold`` allocations.
 
-    Process-wide (``gc.set_threshold``); the older generations keep their
-    settings, and nothing else changes: cycles are still collected, a
-    little later. Returns the thresholds before, for ``gc.set_threshold``
-    to restore them. Raises ConfigError unless ``threshold`` is at least 1.
+    Process-wide (``gc.set_threshold`` with one argument: the other
+    thresholds stay as they are). Cycles are still collected, a little
+    later. Returns the thresholds before, for ``gc.set_threshold`` to
+    restore them. Raises ConfigError unless ``threshold`` is an integer of
+    at least 1.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ConfigError(f"gc threshold must be an integer >= 1, got {threshold!r}")
-    before: tuple[int, int, int] = gc.get_threshold()
-    gc.set_threshold(threshold, before[1], before[2])
+    before: tuple[int, ...] = gc.get_threshold()
+    gc.set_threshold(threshold)
     return before
