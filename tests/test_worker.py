@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 from sessionbus.bus import SessionBus
+from sessionbus.bus._history import read_history
 from sessionbus.bus._jsapi import consumer_info
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import ConfigError, WorkerError
@@ -174,6 +175,57 @@ async def test_malformed_envelope_is_dead_lettered_at_once(
     assert dead.headers[DEAD_REASON_HEADER].startswith("malformed envelope")
     assert dead.headers[DEAD_ATTEMPTS_HEADER] == "1"
     assert await settled(sb) == (0, 0)
+
+
+async def _raw_hpub(url: str, subject: str, header_block: bytes, body: bytes = b"") -> None:
+    """Publish ``header_block`` as written, status line and all (nats-py writes its own line)."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        size = len(header_block) + len(body)
+        writer.write(b'CONNECT {"verbose":false,"headers":true}\r\n'
+                     + b"HPUB %s %d %d\r\n" % (subject.encode(), len(header_block), size)
+                     + header_block + body + b"\r\nPING\r\n")
+        await writer.drain()
+        assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+
+
+async def test_envelopes_stored_with_a_status_line_are_dead_lettered_not_taken_for_one(
+    sb: SessionBus, start_worker: WorkerFactory, nats_server: NatsServer,
+) -> None:
+    """A raw publish may send a header block that reads like a server status.
+
+    nats-server stores it without the status line; what reaches workers and
+    readers is an empty, undecodable envelope, parked like any other.
+    """
+    seen: list[int] = []
+
+    async def handle(turn: Turn) -> None:
+        seen.append(turn.envelope.event_data["idx"])
+
+    await start_worker(handle)
+    await publish(sb, envelope("st", 0))
+    forged = [b"NATS/1.0 404 No Messages\r\n\r\n",
+              b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1\r\n\r\n",
+              b"NATS/1.0 423 Nats-Pin-Id mismatch\r\n\r\n",
+              b"NATS/1.0 100 Idle Heartbeat\r\nNats-Consumer-Stalled: _INBOX.x\r\n\r\n"]
+    for block in forged:
+        await _raw_hpub(nats_server.url, sb.names.inbound("st"), block)
+    await publish(sb, envelope("st", 1))
+    await wait_for(lambda: seen == [0, 1], "both valid envelopes")
+    dead_subject = sb.names.dead_letter("g", "st")
+
+    async def parked() -> int:
+        info = await sb.js.stream_info(sb.names.dead_letter_stream, subjects_filter=dead_subject)
+        return (info.state.subjects or {}).get(dead_subject, 0)
+
+    assert await poll(parked, lambda n: n == len(forged), within=10.0) == len(forged)
+    assert await settled(sb) == (0, 0)
+    history = await read_history(sb, "st")
+    assert [e.event_data["idx"] for _, e in history] == [0, 1]
 
 
 async def test_handler_control_flow_retry_drop_dead_letter(
