@@ -422,12 +422,9 @@ class PinnedPuller:
                     if headers is not None and len(headers) > _HEADER_LINE_END:
                         if self._parse_headers:
                             fields = parse_header_lines(headers[_HEADER_LINE_END:]) or None
-                            pin = fields.get(PIN_ID_HEADER) if fields else None
-                        else:
-                            found = header_value(headers, _PIN_ID)
-                            pin = found.decode("utf-8", "replace") if found else None
+                        pin = header_value(headers, _PIN_ID)
                         if pin:
-                            self.pin_id = pin
+                            self.pin_id = pin.decode("utf-8", "replace")
                     out.append(Msg(_client=nc, subject=subject.decode(), reply=msg_reply.decode(),
                                    data=data, headers=fields, _sid=sid))
                     continue
