@@ -127,6 +127,28 @@ async def test_a_line_nats_py_refuses_is_refused(line: bytes) -> None:
         assert events == []
 
 
+async def test_a_header_block_longer_than_its_message_is_refused() -> None:
+    # nats-py reads this (headers that run past the message); the bus refuses it.
+    events: list[Event] = []
+    nc = _client(events, fast=True)
+    with pytest.raises(ProtocolError):
+        await nc._ps.parse(b"HMSG a 1 r 12 3\r\nNATS/1.0\r\n\r\n\r\nMSG b 1 1\r\nx\r\n")
+    assert events == []
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "bus"])
+async def test_a_payload_read_in_many_pieces_arrives_whole_with_what_follows(fast: bool) -> None:
+    events: list[Event] = []
+    nc = _client(events, fast=fast)
+    body = bytes(range(256)) * 4_000  # about 1 MB
+    headers = b"NATS/1.0\r\nA: 1\r\n\r\n"
+    data = (b"HMSG big 1 r %d %d\r\n%s%s\r\nMSG next 2 1\r\nz\r\n"
+            % (len(headers), len(headers) + len(body), headers, body))
+    await _feed(nc, data, list(range(1_000, len(data), 4_096)))
+    assert events == [("msg", 1, b"big", b"r", body, headers), ("msg", 2, b"next", b"", b"z", None)]
+    assert not nc._ps.buf
+
+
 async def test_a_routed_delivery_skips_nats_py_and_a_failing_handler_stops_nothing() -> None:
     events: list[Event] = []
     nc = _client(events, fast=True)
