@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -123,10 +124,15 @@ def ack_numbers(reply: str | bytes) -> AckNumbers | None:
             return None
     at = 4 if len(tokens) == 9 else 6
     try:
-        return AckNumbers(int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 2]),
-                          int(tokens[at + 4]))
+        # tuple.__new__: a third of the time of AckNumbers(...), once per delivery.
+        return _make_numbers(AckNumbers, (int(tokens[at]), int(tokens[at + 1]),
+                                          int(tokens[at + 2]), int(tokens[at + 4])))
     except (ValueError, IndexError):  # not a number, or a form too short (10 tokens)
         return None
+
+
+_make_numbers: Callable[[type[AckNumbers], tuple[int, int, int, int]], AckNumbers] = (
+    tuple.__new__)
 
 
 def status_of(msg: Msg) -> Status | None:

@@ -8,7 +8,7 @@ from typing import cast
 
 import pytest
 from sessionbus.bus import SessionBus
-from sessionbus.bus._jsapi import ack_numbers
+from sessionbus.bus._jsapi import AckNumbers, ack_numbers
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import Envelope
 from sessionbus.workers import Turn, Worker
@@ -83,7 +83,11 @@ def test_a_delivery_gap_drops_the_partitions_cached_sessions() -> None:
     assert recent.size == 5  # b at its per-session bound of 4
     recent.drop_partition(1)
     assert recent.size == 1
-    assert ack_numbers("$JS.ACK.S.C.1.42.7.1700000000.3") == (1, 42, 7, 3)
+    numbers = ack_numbers("$JS.ACK.S.C.1.42.7.1700000000.3")
+    assert numbers == (1, 42, 7, 3)
+    assert isinstance(numbers, AckNumbers)
+    assert (numbers.delivered, numbers.stream_seq, numbers.consumer_seq, numbers.pending) == (
+        1, 42, 7, 3)
     assert ack_numbers("$JS.ACK.dom.acc.S.C.1.42.9.1700000000.3.x") == (1, 42, 9, 3)
     assert ack_numbers("_INBOX.x") is None
     # The same subjects as the raw bytes a history read gets.
