@@ -32,6 +32,37 @@ def test_envelope_roundtrip_keeps_every_field() -> None:
     assert back.content == "hi"
 
 
+def test_an_envelope_is_written_without_the_fields_at_their_default() -> None:
+    plain = Envelope(session_id="s", event_data={"text": "hi"})
+    assert set(decode_map(encode(plain))) == {"envelope_id", "session_id", "event_data",
+                                              "created_at"}
+    assert decode(encode(plain), Envelope) == plain
+    bare = Envelope(session_id="s")
+    assert set(decode_map(encode(bare))) == {"envelope_id", "session_id", "created_at"}
+    assert decode(encode(bare), Envelope) == bare
+    # Every field away from its default is written, each of them.
+    full = Envelope(
+        session_id="s", sender_id="a", audience=["b"], event_type="x", event_data={"k": 1},
+        causation_id="c", trace_id="t", depth=1, idempotency_key="k", ttl_seconds=2.0,
+        priority=1,
+    )
+    assert set(decode_map(encode(full))) == set(Envelope.model_fields)
+    # An empty audience (nobody) is not the default (everyone but the sender).
+    nobody = Envelope(session_id="s", audience=[])
+    assert decode_map(encode(nobody))["audience"] == []
+    assert decode(encode(nobody), Envelope).audience == ()
+
+
+def test_an_envelope_written_with_every_field_reads_the_same() -> None:
+    # What earlier writers stored: every field, defaults included.
+    env = Envelope(session_id="s", sender_id="a", event_data={"text": "hi"})
+    written_in_full = msgpack.packb([FORMAT_VERSION, env.model_dump(mode="json")],
+                                    use_bin_type=True)
+    assert len(decode_map(written_in_full)) == len(Envelope.model_fields)
+    assert decode(written_in_full, Envelope) == env
+    assert len(encode(env)) < len(written_in_full) * 0.75
+
+
 def test_audience_rules() -> None:
     broadcast = Envelope(session_id="s", sender_id="a")
     assert broadcast.is_for("b") and not broadcast.is_for("a")
