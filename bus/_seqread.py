@@ -124,7 +124,12 @@ class _Range(Generic[T]):
         """
         if self.done:
             return True
-        seq, delivery, pending = _ack_numbers(reply)
+        numbers = ack_numbers(reply)
+        if numbers is None:
+            shown = reply[:120].decode("utf-8", "replace")
+            raise UntrustedDeliveries(
+                f"a history consumer's delivery has an unknown ack subject {shown!r}")
+        _, seq, delivery, pending = numbers
         if delivery != self.next_delivery:
             raise UntrustedDeliveries(
                 f"a history consumer's deliveries went from {self.next_delivery - 1} to "
@@ -219,15 +224,6 @@ async def _direct_pages(
         if hand_over and left > CONSUMER_PAST:
             return seq
     return None
-
-
-def _ack_numbers(reply: bytes) -> tuple[int, int, int]:
-    """Stream sequence, consumer sequence and pending count from a delivery's ack subject."""
-    numbers = ack_numbers(reply)
-    if numbers is not None:
-        return numbers.stream_seq, numbers.consumer_seq, numbers.pending
-    shown = reply[:120].decode("utf-8", "replace")
-    raise UntrustedDeliveries(f"a history consumer's delivery has an unknown ack subject {shown!r}")
 
 
 async def _consume(

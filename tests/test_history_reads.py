@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from faults.proxy import LinkProxy
-from sessionbus.bus import SessionBus, _seqread
+from sessionbus.bus import SessionBus, _seqread, _states
 from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
@@ -361,3 +361,22 @@ async def test_a_link_cut_while_a_consumer_delivers_loses_nothing(
     # The consumer was used once, and the loss was seen by whichever check came
     # first: the skipped delivery, the silence, or a status after the reconnect.
     assert small_pages in (["UntrustedDeliveries"], ["read"], ["JetStreamAPIError"]), small_pages
+
+
+async def test_a_read_remembers_each_depth_within_the_bound(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A reply to any envelope a read returned needs no scan for its depth; the
+    # memory keeps the most recently read (or re-read) envelopes.
+    monkeypatch.setattr(_states, "DEPTH_SIZE", 6)
+    await bus.open("a", participant="client")
+    await _store(bus, "a", [f"m{i}" for i in range(4)])
+    first = [e for _, e in await read_history(bus, "a")]
+    assert [bus.lifecycle.known_depth("a", e.envelope_id) for e in first] == [0] * 4
+    assert bus.lifecycle.known_depth("b", first[0].envelope_id) is None  # not b's
+    await _store(bus, "a", ["m4", "m5", "m6"])
+    everything = [e for _, e in await read_history(bus, "a", after=0)]
+    # The second read refreshes m0-m3 and adds m4-m6: seven for six places, so
+    # m0, the least recently read, goes.
+    assert bus.lifecycle.known_depth("a", everything[0].envelope_id) is None
+    assert all(bus.lifecycle.known_depth("a", e.envelope_id) == 0 for e in everything[1:])
