@@ -104,6 +104,8 @@ def install(nc: Client) -> None:
                     reply: bytes = args["reply"]
                     header_size: int = ps.header_needed
                     needed: int = ps.needed
+                    ps.header_needed = 0
+                    ps.state = _CONTROL
                     start = pos
                 else:
                     end = view.find(_CRLF, pos)
@@ -155,12 +157,10 @@ def install(nc: Client) -> None:
                     ps.state = _PAYLOAD
                     pos = start
                     return
-                ps.state = _CONTROL
                 headers: bytes | None = None
                 if header_size:
                     headers = view[start:start + header_size]
                     payload = view[start + header_size:stop]
-                    ps.header_needed = 0
                 else:
                     payload = view[start:stop]
                 pos = stop + 2
