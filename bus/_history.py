@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -112,12 +112,16 @@ async def read_history(
     server paths: Direct Get, then a short-lived consumer for a long read).
     """
 
+    skipped = 0
+
     def convert(seq: int, data: bytes) -> Envelope | None:
+        nonlocal skipped
         try:
             return decode(data, Envelope)
         except DecodeError as e:
             logger.warning("skipping an undecodable envelope of %r at stream sequence %d: %s",
                            session_id, seq, e)
+            skipped += 1
             return None
 
     with nats_errors(f"reading the history of {session_id!r}"):
@@ -131,7 +135,9 @@ async def read_history(
             if e.code == 503:
                 raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
             raise
-    out = [(seq, envelope) for seq, envelope in found if envelope is not None]
+    # Without a None, the pairs as they are: no second tuple per envelope.
+    out = (cast("list[tuple[int, Envelope]]", found) if not skipped
+           else [(seq, envelope) for seq, envelope in found if envelope is not None])
     bus.lifecycle.remember_all(envelope for _, envelope in out)
     return out
 
