@@ -143,6 +143,9 @@ def install(nc: Client) -> None:
                             raise ProtocolError("nats: unknown protocol")
                         if ps.buf is not buf:
                             return  # reset by what the line made the client do
+                        # A message line nats-py's expressions take and this loop
+                        # does not (``MSG\t...``): its payload follows here.
+                        resume = ps.state == _PAYLOAD
                         continue
                     start = end + 2
                 stop = start + needed

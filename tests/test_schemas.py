@@ -18,6 +18,7 @@ from sessionbus.schemas import (
     encode,
     idempotent_envelope_id,
 )
+from sessionbus.schemas.codec import _ENVELOPE_DEFAULTS
 
 
 def test_envelope_roundtrip_keeps_every_field() -> None:
@@ -51,6 +52,16 @@ def test_an_envelope_is_written_without_the_fields_at_their_default() -> None:
     nobody = Envelope(session_id="s", audience=[])
     assert decode_map(encode(nobody))["audience"] == []
     assert decode(encode(nobody), Envelope).audience == ()
+
+
+def test_the_defaults_left_out_of_an_envelope_stay_what_every_reader_fills_in() -> None:
+    # Stored envelopes rely on these: changing one would change what stored
+    # history reads as. Every release so far has had exactly these.
+    assert dict(_ENVELOPE_DEFAULTS) == {
+        "sender_id": "", "audience": None, "event_type": "text", "event_data": {},
+        "causation_id": None, "trace_id": None, "depth": 0, "idempotency_key": None,
+        "ttl_seconds": None, "priority": 0,
+    }
 
 
 def test_an_envelope_written_with_every_field_reads_the_same() -> None:

@@ -11,6 +11,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.errors import ProtocolError
+from nats.protocol import parser as nats_parser
 from sessionbus.bus import SessionBus
 from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus._server import NatsServer
@@ -80,9 +81,17 @@ def _traffic(rng: random.Random, count: int) -> tuple[bytes, int]:
         elif kind == 7:
             out += b"INFO " + json.dumps({"server_id": f"s{i}", "max_payload": 1024}).encode() \
                 + b"\r\n"
-        else:
+        elif rng.random() < 0.5:
             # Whitespace nats-py's expressions accept besides one space.
             out += b"MSG  tab.%d\t3  %d\r\n%s\r\n" % (i, len(body), body)
+        else:
+            # ... right after the operation too (bodies with protocol lines in them).
+            headers = b"NATS/1.0\r\nN: %d\r\n\r\n" % i
+            body = b"MSG b 2 0\r\n\r\n" + body
+            out += (b"MSG\ttab.%d 4 %d\r\n%s\r\n" % (i, len(body), body)
+                    + b"HMSG\ttab.%d 4 %d %d\r\n%s%s\r\n" % (
+                        i, len(headers), len(headers) + len(body), headers, body))
+            silent -= 1  # two operations dispatched for this one
     return bytes(out), count - silent
 
 
@@ -108,6 +117,7 @@ async def test_split_anywhere_the_stream_dispatches_as_nats_py_does(seed: int) -
         await _feed(fast, data, chunking)
         assert got == expected
         assert not fast._ps.buf
+        assert fast._ps.state == nats_parser.AWAITING_CONTROL_LINE
 
 
 @pytest.mark.parametrize("line", [
