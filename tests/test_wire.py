@@ -184,7 +184,11 @@ async def test_a_routed_delivery_skips_nats_py_and_a_failing_handler_stops_nothi
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["nats-py", "bus"])
-async def test_a_reset_during_a_delivery_drops_the_rest_as_nats_py_does(fast: bool) -> None:
+@pytest.mark.parametrize("cut", [0, 11, 12], ids=["one-read", "line-then-payload",
+                                                  "payload-split"])
+async def test_a_reset_during_a_delivery_drops_the_rest_as_nats_py_does(
+    fast: bool, cut: int,
+) -> None:
     events: list[Event] = []
     nc = _client(events, fast=fast)
 
@@ -193,7 +197,8 @@ async def test_a_reset_during_a_delivery_drops_the_rest_as_nats_py_does(fast: bo
         nc._ps.reset()  # what a reconnect does
 
     nc._process_msg = resetting  # type: ignore[method-assign]
-    await nc._ps.parse(b"MSG a 1 1\r\nx\r\nMSG b 1 1\r\ny\r\n")
+    # The first message's payload may come in a later read than its line.
+    await _feed(nc, b"MSG a 1 3\r\nxyz\r\nMSG b 1 1\r\ny\r\n", [cut] if cut else [])
     assert events == [(1, b"a")]
     assert not nc._ps.buf
     await nc._ps.parse(b"MSG c 1 1\r\nz\r\n")  # the next connection's first delivery
