@@ -87,7 +87,8 @@ def _description(headers: bytes) -> str:
 class _Range(Generic[T]):
     """What one read collected: ``(seq, converted)`` in stream order, up to ``up_to``."""
 
-    __slots__ = ("convert", "done", "expected", "got", "next_delivery", "out", "up_to")
+    __slots__ = ("ack_prefix", "convert", "done", "expected", "got", "next_delivery", "out",
+                 "up_to")
 
     def __init__(self, convert: Callable[[int, bytes], T], up_to: int | None) -> None:
         self.convert = convert
@@ -97,6 +98,8 @@ class _Range(Generic[T]):
         self.got = 0
         self.expected: int | None = None
         self.next_delivery = 1
+        self.ack_prefix = b""
+        """``$JS.ACK.<stream>.<consumer>.<delivered>.`` of the consumer's first delivery."""
 
     def next_seq(self, seq: int) -> int:
         """Where to read on from: past ``seq`` and past everything collected."""
@@ -114,6 +117,30 @@ class _Range(Generic[T]):
         self.out.append((seq, self.convert(seq, data)))
         return False
 
+    def _numbers(self, reply: bytes) -> tuple[int, int, int]:
+        """Stream sequence, delivery sequence and pending count of a consumer delivery.
+
+        A consumer's ack subjects all start the same: once the first is
+        read whole, only the numbers after that start are split off.
+        """
+        prefix = self.ack_prefix
+        if prefix and reply.startswith(prefix):
+            rest = reply[len(prefix):].split(b".")
+            if len(rest) == 4:
+                try:
+                    return int(rest[0]), int(rest[1]), int(rest[3])
+                except ValueError:
+                    pass  # not numbers: refused below
+        numbers = ack_numbers(reply)
+        if numbers is None:
+            shown = reply[:120].decode("utf-8", "replace")
+            raise UntrustedDeliveries(
+                f"a history consumer's delivery has an unknown ack subject {shown!r}")
+        tokens = reply.split(b".")
+        if not prefix and len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<4 more>
+            self.ack_prefix = b".".join(tokens[:5]) + b"."
+        return numbers.stream_seq, numbers.consumer_seq, numbers.pending
+
     def on_pushed(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
         """One consumer delivery: its sequences and what is pending are in the reply subject.
 
@@ -124,12 +151,7 @@ class _Range(Generic[T]):
         """
         if self.done:
             return True
-        numbers = ack_numbers(reply)
-        if numbers is None:
-            shown = reply[:120].decode("utf-8", "replace")
-            raise UntrustedDeliveries(
-                f"a history consumer's delivery has an unknown ack subject {shown!r}")
-        _, seq, delivery, pending = numbers
+        seq, delivery, pending = self._numbers(reply)
         if delivery != self.next_delivery:
             raise UntrustedDeliveries(
                 f"a history consumer's deliveries went from {self.next_delivery - 1} to "

@@ -283,6 +283,19 @@ async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
     assert not found.on_pushed(b"$JS.ACK.S.C.1.42.1.1700000000.5", b"", None)
     assert found.on_pushed(b"$JS.ACK.d.h.S.C.1.43.2.1700000000.0.t", b"", None)
     assert found.out == [(42, 42), (43, 43)]
+    # After the first delivery only the numbers past its start are split off:
+    # they are checked all the same.
+    found = _seqread._Range(lambda seq, data: seq, None)
+    assert not found.on_pushed(b"$JS.ACK.S.C.1.42.1.1700000000.5", b"", None)
+    for reply in (b"$JS.ACK.S.C.1.x.2.1700000000.4", b"$JS.ACK.S.C.1.43.2.1700000000",
+                  b"$JS.ACK.S.C.1.43.2.1700000000.4.5"):
+        with pytest.raises(UntrustedDeliveries):
+            found.on_pushed(reply, b"", None)
+    assert not found.on_pushed(b"$JS.ACK.S.C.1.43.2.1700000000.4", b"", None)
+    with pytest.raises(UntrustedDeliveries, match="from 2 to 4"):
+        found.on_pushed(b"$JS.ACK.S.C.1.45.4.1700000000.2", b"", None)
+    assert found.on_pushed(b"$JS.ACK.S.C.2.44.3.1700000000.0", b"", None)  # another start
+    assert found.out == [(42, 42), (43, 43), (44, 44)]
     # In a read: the consumer phase ends at the odd delivery and Direct Get reads the rest.
     await bus.open("odd", participant="client")
     seqs = await _store(bus, "odd", [f"o{i}" for i in range(30)])
