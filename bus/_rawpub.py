@@ -8,6 +8,10 @@ and the same header every time, so :func:`publish` takes a header block
 encoded once (:func:`header_block`) and writes the ``PUB``/``HPUB``
 command into nats-py's pending buffer, as ``Client.publish`` does, with
 its connection-state checks and its flusher kick.
+:func:`publish_nowait` does the same without a coroutine (nats-py's
+``publish`` awaits two or three per call): it returns the flush to await
+only when nats-py would wait there, its pending buffer past its limit or
+its flusher not running.
 
 Subjects and replies are still checked for what would break the
 protocol framing (empty, or holding whitespace), since a delivery's reply
@@ -16,13 +20,15 @@ subject can come from another client.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from nats import errors
 from nats.aio.client import Client
 
-__all__ = ["header_block", "publish"]
+__all__ = ["header_block", "publish", "publish_nowait"]
 
 _CRLF = b"\r\n"
 _blank = re.compile(r"\s").search
@@ -38,13 +44,15 @@ def header_block(headers: Mapping[str, str]) -> bytes:
     return _CRLF.join(lines) + _CRLF + _CRLF
 
 
-async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "",
-                  headers: bytes | None = None) -> None:
-    """Publish like ``nc.publish``, with a header block from :func:`header_block`.
+def publish_nowait(nc: Client, subject: str, payload: bytes, *, reply: str = "",
+                   headers: bytes | None = None) -> Coroutine[Any, Any, None] | None:
+    """Queue a publish like ``nc.publish`` without awaiting; what to await, if anything.
 
-    Raises what ``Client.publish`` raises for a subject or reply that is
-    empty or holds whitespace, a closed or draining connection, a full
-    reconnect buffer or an oversized payload.
+    The command goes into nats-py's pending buffer and the flusher is
+    kicked, all without a coroutine. Returns None then, or, when the
+    buffer is past nats-py's limit or its flusher is not running, the
+    flush ``nc.publish`` would await there: await it (or close it). Raises
+    what :func:`publish` raises.
     """
     if not subject or _blank(subject) is not None or (reply and _blank(reply) is not None):
         raise errors.BadSubjectError
@@ -66,6 +74,29 @@ async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "",
     stats = nc.stats
     stats["out_msgs"] += 1
     stats["out_bytes"] += size
-    await nc._send_command(cmd)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        await nc._flush_pending()
+    # What Client._send_command does, then its flusher kick (Client._flush_pending).
+    nc._pending.append(cmd)
+    nc._pending_data_size += len(cmd)
+    if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+        return nc._flush_pending(force_flush=True)
+    queue = nc._flush_queue
+    if queue is None or not queue.empty() or not nc.is_connected:
+        return None  # a kick is queued already, or the buffer waits for a reconnect
+    flusher = nc._flusher_task
+    if flusher is None or flusher.done():
+        return nc._flush_pending()  # nats-py writes inline then
+    queue.put_nowait(asyncio.get_running_loop().create_future())
+    return None
+
+
+async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "",
+                  headers: bytes | None = None) -> None:
+    """Publish like ``nc.publish``, with a header block from :func:`header_block`.
+
+    Raises what ``Client.publish`` raises for a subject or reply that is
+    empty or holds whitespace, a closed or draining connection, a full
+    reconnect buffer or an oversized payload.
+    """
+    flush = publish_nowait(nc, subject, payload, reply=reply, headers=headers)
+    if flush is not None:
+        await flush

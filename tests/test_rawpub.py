@@ -7,7 +7,7 @@ import asyncio
 import nats
 import pytest
 from nats import errors
-from sessionbus.bus._rawpub import header_block, publish
+from sessionbus.bus._rawpub import header_block, publish, publish_nowait
 from sessionbus.bus._rawsub import subscribe_raw, unsubscribe_raw
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
@@ -27,6 +27,33 @@ async def test_a_raw_publish_arrives_as_a_nats_py_publish_would(nats_server: Nat
         assert (two.subject, two.reply, two.data, two.headers) == ("raw.two", "", b"", None)
     finally:
         await nc.close()
+
+
+async def test_a_publish_queued_without_a_coroutine_is_written_by_the_flusher(
+    nats_server: NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("q.>")
+        await nc.flush()
+        assert publish_nowait(nc, "q.one", b"1") is None
+        assert publish_nowait(nc, "q.two", b"2", reply="r") is None  # a kick already queued
+        one, two = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)
+        assert [(m.subject, m.reply, m.data) for m in (one, two)] == [
+            ("q.one", "", b"1"), ("q.two", "r", b"2")]
+        # Past nats-py's pending limit the flush nc.publish would await comes back.
+        nc._max_pending_size = 10
+        flush = publish_nowait(nc, "q.three", b"3" * 20)
+        assert flush is not None
+        await flush
+        assert nc._pending_data_size == 0  # written out before it returned
+        assert (await sub.next_msg(timeout=5)).data == b"3" * 20
+        with pytest.raises(errors.BadSubjectError):
+            publish_nowait(nc, "a b", b"x")
+    finally:
+        await nc.close()
+    with pytest.raises(errors.ConnectionClosedError):
+        publish_nowait(nc, "late", b"x")
 
 
 @pytest.mark.parametrize(("subject", "reply"), [

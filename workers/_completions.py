@@ -23,14 +23,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.client import Client
 from sessionbus.bus._jsapi import JetStreamAPIError, direct_get_last_for_subjects
 from sessionbus.bus._kv import Bucket, wire_ttl
 from sessionbus.bus._names import TTL_HEADER, Names
-from sessionbus.bus._rawpub import header_block, publish
+from sessionbus.bus._rawpub import header_block, publish_nowait
 from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout
 
@@ -157,6 +158,13 @@ class Completions:
         Never raises for a connection that is down: the write stays
         unconfirmed, and :meth:`confirm` writes it again.
         """
+        flush = self.record_nowait(session_id, seq, partition)
+        if flush is not None:
+            await flush
+
+    def record_nowait(self, session_id: str, seq: int,
+                      partition: int) -> Coroutine[Any, Any, None] | None:
+        """:meth:`record` without a coroutine: the flush to await, if any (``publish_nowait``)."""
         now = asyncio.get_running_loop().time()
         self._expire(now)
         token = next(self._tokens)
@@ -166,12 +174,17 @@ class Completions:
         self._unconfirmed[session_id] = write
         self._writes[token] = (session_id, write)
         try:
-            await publish(self._nc, self._subject(session_id), str(seq).encode(),
-                          reply=f"{self._inbox}.{token}", headers=self._headers)
+            return publish_nowait(self._nc, self._subject(session_id), str(seq).encode(),
+                                  reply=f"{self._inbox}.{token}", headers=self._headers)
         except Exception as e:  # the connection: confirm() writes it again
             logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
             self._writes.pop(token, None)
             write.settle(RecordNotStored(repr(e)))
+            return None
+
+    def pending(self, session_id: str) -> bool:
+        """Whether the session's last record is not confirmed yet (:meth:`confirm` would wait)."""
+        return session_id in self._unconfirmed
 
     def _wait_for(self, write: _Write) -> asyncio.Future[None]:
         """A future settled with ``write``, or failed with TimeoutError once it is overdue."""

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JsError
-from sessionbus.bus._rawpub import publish
+from sessionbus.bus._rawpub import publish, publish_nowait
 from sessionbus.bus.errors import DecodeError, WorkerError
 from sessionbus.schemas import Envelope
 
@@ -86,6 +88,11 @@ class Held:
 async def ack(nc: Client, held: Held) -> None:
     """Acknowledge: the server forgets the message."""
     await publish(nc, held.msg.reply, _ACK)
+
+
+def ack_nowait(nc: Client, held: Held) -> Coroutine[Any, Any, None] | None:
+    """:func:`ack` queued without a coroutine: the flush to await, if any (``publish_nowait``)."""
+    return publish_nowait(nc, held.msg.reply, _ACK)
 
 
 async def touch(nc: Client, held: Held, now: float) -> None:

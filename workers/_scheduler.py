@@ -42,7 +42,7 @@ from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError
 from sessionbus.schemas import Envelope, decode
 from sessionbus.workers._cancel import RECANCEL_AFTER
 from sessionbus.workers._completions import Completions
-from sessionbus.workers._delivery import Held, ack, touch
+from sessionbus.workers._delivery import Held, ack, ack_nowait, touch
 from sessionbus.workers._outcome import ACKED, Action, CancelReason, Outcome, Running
 from sessionbus.workers._recent import RecentHistory
 from sessionbus.workers.config import WorkerConfig
@@ -459,7 +459,7 @@ class Scheduler:
             try:
                 if run.cancel_reason is not None:  # cancelled before it began
                     raise asyncio.CancelledError
-                if self._completions is not None:
+                if self._completions is not None and self._completions.pending(session.sid):
                     # The previous turn's record first: were its ack lost, this
                     # turn would otherwise be followed by a rerun of that one.
                     await self._completions.confirm(session.sid)
@@ -515,9 +515,14 @@ class Scheduler:
                 session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
                 return
         through = self._settled_through(session, held)
+        # Both queued without a coroutine each, the record first.
         if self._completions is not None and outcome.ran:
-            await self._completions.record(session.sid, through, held.partition)
-        await ack(self._nc, held)
+            flush = self._completions.record_nowait(session.sid, through, held.partition)
+            if flush is not None:
+                await flush
+        flush = ack_nowait(self._nc, held)
+        if flush is not None:
+            await flush
         self._pop_head(session, held, through)
 
     @staticmethod
