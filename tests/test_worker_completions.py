@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -153,6 +154,32 @@ async def test_a_record_is_confirmed_by_the_servers_ack(
         assert await records.lookup(["s", "never"]) == {"s": 7}
     finally:
         await records.stop()
+
+
+async def test_a_record_whose_flush_fails_is_not_written_and_nothing_raises(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    # With nats-py's flusher gone, a publish writes inline; the socket is
+    # dead, so that write fails. The record stays to be written again.
+    sb = await bus_factory(nats_server.url, prefix="cf", partitions=2)
+    records = await _completions(sb)
+    nc = sb.nc
+    try:
+        await nc.flush()
+        assert nc._flush_queue.empty()  # the flusher took the flush's kick
+        nc._flusher_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await nc._flusher_task
+        nc._transport._io_writer.transport.abort()
+        await records.record("s", 5, partition=0)  # raised ConnectionResetError before
+        assert records.unconfirmed == 1
+        assert not records._writes  # settled as not written, not left to the sweep
+        write = records._unconfirmed["s"]
+        assert write.settled and isinstance(write.error, _completions_module.RecordNotStored)
+    finally:
+        # Its unsubscribe writes inline on the dead socket too.
+        with contextlib.suppress(ConnectionResetError):
+            await records.stop()
 
 
 async def _fill_the_workers_stream(sb: SessionBus) -> None:

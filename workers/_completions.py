@@ -174,13 +174,25 @@ class Completions:
         self._unconfirmed[session_id] = write
         self._writes[token] = (session_id, write)
         try:
-            return publish_nowait(self._nc, self._subject(session_id), str(seq).encode(),
-                                  reply=f"{self._inbox}.{token}", headers=self._headers)
+            flush = publish_nowait(self._nc, self._subject(session_id), str(seq).encode(),
+                                   reply=f"{self._inbox}.{token}", headers=self._headers)
         except Exception as e:  # the connection: confirm() writes it again
-            logger.warning("completion record %d of %r not written: %r", seq, session_id, e)
-            self._writes.pop(token, None)
-            write.settle(RecordNotStored(repr(e)))
+            self._not_written(session_id, token, write, e)
             return None
+        return None if flush is None else self._flushed(flush, session_id, token, write)
+
+    async def _flushed(self, flush: Coroutine[Any, Any, None], session_id: str, token: int,
+                       write: _Write) -> None:
+        """Await the flush ``publish_nowait`` handed back; its failure is the write's."""
+        try:
+            await flush
+        except Exception as e:  # the connection: confirm() writes it again
+            self._not_written(session_id, token, write, e)
+
+    def _not_written(self, session_id: str, token: int, write: _Write, error: Exception) -> None:
+        logger.warning("completion record %d of %r not written: %r", write.seq, session_id, error)
+        self._writes.pop(token, None)
+        write.settle(RecordNotStored(repr(error)))
 
     def pending(self, session_id: str) -> bool:
         """Whether the session's last record is not confirmed yet (:meth:`confirm` would wait)."""
