@@ -666,14 +666,8 @@ class SessionStates:
 
     def remember_all(self, envelopes: Iterable[Envelope]) -> None:
         """:meth:`remember` each of ``envelopes`` in turn (one call for a history read)."""
-        depths = self._depths
-        to_end = depths.move_to_end
         for envelope in envelopes:
-            key = envelope.envelope_id
-            depths[key] = (envelope.session_id, envelope.depth)
-            to_end(key)
-        for _ in range(len(depths) - DEPTH_SIZE):
-            depths.popitem(last=False)
+            self.remember_depth(envelope.session_id, envelope.envelope_id, envelope.depth)
 
     def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
         """Note the depth of ``envelope_id`` in ``session_id``."""
