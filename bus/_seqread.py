@@ -136,9 +136,10 @@ class _Range(Generic[T]):
             shown = reply[:120].decode("utf-8", "replace")
             raise UntrustedDeliveries(
                 f"a history consumer's delivery has an unknown ack subject {shown!r}")
-        tokens = reply.split(b".")
-        if not prefix and len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<4 more>
-            self.ack_prefix = b".".join(tokens[:5]) + b"."
+        if not prefix:  # the first delivery: note the start its successors share
+            tokens = reply.split(b".")
+            if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<4 more>
+                self.ack_prefix = b".".join(tokens[:5]) + b"."
         return numbers.stream_seq, numbers.consumer_seq, numbers.pending
 
     def on_pushed(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
