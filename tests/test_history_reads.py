@@ -393,3 +393,15 @@ async def test_a_read_remembers_each_depth_within_the_bound(
     # m0, the least recently read, goes.
     assert bus.lifecycle.known_depth("a", everything[0].envelope_id) is None
     assert all(bus.lifecycle.known_depth("a", e.envelope_id) == 0 for e in everything[1:])
+    # A read of another session's envelope, then a re-read of all of a's: the
+    # re-read makes a's the most recent, in their order, so b's envelope and
+    # a's first (seven for six places again) are the ones that go.
+    await bus.open("b", participant="client")
+    await _store(bus, "b", ["x0"])
+    (_, other), = await read_history(bus, "b")
+    assert bus.lifecycle.known_depth("b", other.envelope_id) == 0
+    again = [e for _, e in await read_history(bus, "a")]
+    assert again == everything
+    assert bus.lifecycle.known_depth("b", other.envelope_id) is None
+    assert bus.lifecycle.known_depth("a", again[0].envelope_id) is None
+    assert all(bus.lifecycle.known_depth("a", e.envelope_id) == 0 for e in again[1:])
