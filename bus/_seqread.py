@@ -27,6 +27,13 @@ Two server paths, both into one :class:`~sessionbus.bus._rawsub.RawInbox`
 
 Both end at ``up_to`` (what is stored after it is dropped unread), or,
 with no bound, at what was stored when the read got there.
+
+A long read is bound by the client's CPU (decoding above all), not by
+these round trips. Two ways of starting the consumer sooner measured no
+faster on 1,000-3,000 envelopes: asking for it at the first page's first
+message (each carries ``Nats-Num-Pending``) while the page still arrives
+(its reply queues behind the page on the same connection), and a first
+page of 1, 8 or 32 messages.
 """
 
 from __future__ import annotations
