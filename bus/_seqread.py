@@ -94,7 +94,7 @@ def _description(headers: bytes) -> str:
 class _Range(Generic[T]):
     """What one read collected: ``(seq, converted)`` in stream order, up to ``up_to``."""
 
-    __slots__ = ("ack_prefix", "convert", "done", "expected", "got", "next_delivery", "out",
+    __slots__ = ("ack_head", "convert", "done", "expected", "got", "next_delivery", "out",
                  "up_to")
 
     def __init__(self, convert: Callable[[int, bytes], T], up_to: int | None) -> None:
@@ -105,8 +105,8 @@ class _Range(Generic[T]):
         self.got = 0
         self.expected: int | None = None
         self.next_delivery = 1
-        self.ack_prefix = b""
-        """``$JS.ACK.<stream>.<consumer>.<delivered>.`` of the consumer's first delivery."""
+        self.ack_head = b""
+        """``$JS.ACK.<stream>.<consumer>.<delivered>`` of the consumer's first delivery."""
 
     def next_seq(self, seq: int) -> int:
         """Where to read on from: past ``seq`` and past everything collected."""
@@ -127,26 +127,18 @@ class _Range(Generic[T]):
     def _numbers(self, reply: bytes) -> tuple[int, int, int]:
         """Stream sequence, delivery sequence and pending count of a consumer delivery.
 
-        A consumer's ack subjects all start the same: once the first is
-        read whole, only the numbers after that start are split off.
+        Notes the start of the first one's ack subject, which all of the
+        consumer's deliveries share (see :meth:`on_pushed`).
         """
-        prefix = self.ack_prefix
-        if prefix and reply.startswith(prefix):
-            rest = reply[len(prefix):].split(b".")
-            if len(rest) == 4:
-                try:
-                    return int(rest[0]), int(rest[1]), int(rest[3])
-                except ValueError:
-                    pass  # not numbers: refused below
         numbers = ack_numbers(reply)
         if numbers is None:
             shown = reply[:120].decode("utf-8", "replace")
             raise UntrustedDeliveries(
                 f"a history consumer's delivery has an unknown ack subject {shown!r}")
-        if not prefix:  # the first delivery: note the start its successors share
+        if not self.ack_head:
             tokens = reply.split(b".")
             if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<4 more>
-                self.ack_prefix = b".".join(tokens[:5]) + b"."
+                self.ack_head = b".".join(tokens[:5])
         return numbers.stream_seq, numbers.consumer_seq, numbers.pending
 
     def on_pushed(self, reply: bytes, data: bytes, headers: bytes | None) -> bool:
@@ -159,7 +151,16 @@ class _Range(Generic[T]):
         """
         if self.done:
             return True
-        seq, delivery, pending = self._numbers(reply)
+        # Past the first delivery, only the four numbers after the start
+        # its ack subject shares with the first are split off and read.
+        parts = reply.rsplit(b".", 4)
+        if len(parts) == 5 and parts[0] == self.ack_head:
+            try:
+                seq, delivery, pending = int(parts[1]), int(parts[2]), int(parts[4])
+            except ValueError:
+                seq, delivery, pending = self._numbers(reply)  # refuses what is not a number
+        else:
+            seq, delivery, pending = self._numbers(reply)
         if delivery != self.next_delivery:
             raise UntrustedDeliveries(
                 f"a history consumer's deliveries went from {self.next_delivery - 1} to "
