@@ -4,20 +4,22 @@ A session's envelopes are stored under ``<prefix>.p.<partition>.<sid>``;
 ``names.history_filter(sid)`` matches them whatever the partition.
 
 * :func:`read_history` reads what is stored in a range of stream
-  sequences with Direct Get batches (no consumer, a few thousand envelopes
-  per request): the history, a cursor's next page, or the gap in front of
-  a worker's cached history;
+  sequences (``bus/_seqread.py``: Direct Get, then a short-lived consumer
+  for a long read): the history, a cursor's next page, or the gap in
+  front of a worker's cached history;
+* :func:`find_depth` finds a causation envelope's depth: from what the
+  bus remembers, else by the same read of the whole session, taking ids
+  and depths from the headers (``Nats-Msg-Id`` and the depth header).
 
 The other readers are ephemeral *ordered* consumers on that filter
 (ARCHITECTURE: ordered consumers are for readers, never one per session
 for workers):
 
 * :func:`replay_messages` delivers everything stored, in stream order, and ends when
-  caught up;
+  caught up (how history was read before :func:`read_history`; its benchmark
+  compares the two);
 * :class:`LiveFeed` delivers what arrives from the moment it is opened
-  (optionally starting with the replay, with no gap between the two);
-* :func:`find_depth` scans headers only (``Nats-Msg-Id`` and the depth
-  header) to find a causation envelope's depth.
+  (optionally starting with the replay, with no gap between the two).
 
 Envelopes that do not decode are logged and skipped; expired ones (past
 their ``ttl_seconds``, not yet dropped by the server) are skipped too.
@@ -29,13 +31,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
+from sessionbus.bus._rawsub import header_value
 from sessionbus.bus._seqread import read_range
 from sessionbus.bus.errors import ConnectionFailed, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, decode
@@ -48,12 +51,17 @@ __all__ = ["LiveFeed", "find_depth", "read_history", "replay_envelopes", "replay
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+_MSG_ID = f"\r\n{MSG_ID_HEADER}:".encode()
+_DEPTH = f"\r\n{DEPTH_HEADER}:".encode()
+
 #: Seconds an ephemeral reader outlives its subscriber (then the server drops it).
 _INACTIVE = 10.0
 
 
 async def _subscribe(
-    bus: SessionBus, session_id: str, *, deliver_all: bool, headers_only: bool = False,
+    bus: SessionBus, session_id: str, *, deliver_all: bool,
     on_msg: Callable[[Msg], Awaitable[None]] | None = None,
 ) -> JetStreamContext.PushSubscription:
     policy = api.DeliverPolicy.ALL if deliver_all else api.DeliverPolicy.NEW
@@ -61,15 +69,13 @@ async def _subscribe(
         return await bus.js.subscribe(
             bus.names.history_filter(session_id), stream=bus.names.envelope_stream,
             cb=on_msg, ordered_consumer=True, deliver_policy=policy,
-            headers_only=headers_only, inactive_threshold=_INACTIVE,
+            inactive_threshold=_INACTIVE,
         )
 
 
-async def replay_messages(
-    bus: SessionBus, session_id: str, *, headers_only: bool = False
-) -> AsyncIterator[Msg]:
+async def replay_messages(bus: SessionBus, session_id: str) -> AsyncIterator[Msg]:
     """Every stored message of ``session_id`` in stream order, ending when caught up."""
-    sub = await _subscribe(bus, session_id, deliver_all=True, headers_only=headers_only)
+    sub = await _subscribe(bus, session_id, deliver_all=True)
     try:
         with nats_errors(f"reading the history of {session_id!r}"):
             info = await sub.consumer_info()
@@ -114,7 +120,7 @@ async def read_history(
 
     skipped = 0
 
-    def convert(seq: int, data: bytes) -> Envelope | None:
+    def convert(seq: int, data: bytes, headers: bytes | None) -> Envelope | None:
         nonlocal skipped
         try:
             return decode(data, Envelope)
@@ -124,9 +130,22 @@ async def read_history(
             skipped += 1
             return None
 
+    found = await _read(bus, session_id, convert, after=after, up_to=up_to)
+    # Without a None, the pairs as they are: no second tuple per envelope.
+    out = (cast("list[tuple[int, Envelope]]", found) if not skipped
+           else [(seq, envelope) for seq, envelope in found if envelope is not None])
+    bus.lifecycle.remember_all(envelope for _, envelope in out)
+    return out
+
+
+async def _read(
+    bus: SessionBus, session_id: str, convert: Callable[[int, bytes, bytes | None], T], *,
+    after: int = 0, up_to: int | None = None,
+) -> list[tuple[int, T]]:
+    """``read_range`` over the session's envelopes, with the bus's errors."""
     with nats_errors(f"reading the history of {session_id!r}"):
         try:
-            found = await read_range(
+            return await read_range(
                 bus.nc, convert, stream=bus.names.envelope_stream,
                 subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
                 api_prefix=bus.api_prefix,
@@ -135,11 +154,6 @@ async def read_history(
             if e.code == 503:
                 raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
             raise
-    # Without a None, the pairs as they are: no second tuple per envelope.
-    out = (cast("list[tuple[int, Envelope]]", found) if not skipped
-           else [(seq, envelope) for seq, envelope in found if envelope is not None])
-    bus.lifecycle.remember_all(envelope for _, envelope in out)
-    return out
 
 
 async def replay_envelopes(
@@ -203,32 +217,40 @@ class LiveFeed(QueueFeed[Envelope]):
 async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
     """The delegation depth of ``envelope_id`` in ``session_id``, or None if not stored there.
 
-    Answers from the bus's cache of envelopes it sent or read, else scans
-    the session's history headers (remembering every depth it passes).
+    Answers from the bus's cache of envelopes it sent or read, else reads
+    the session's history as :func:`read_history` does, taking each
+    envelope's id and depth from its headers (remembering every depth it
+    passes); a body is decoded only where the depth header is missing or
+    not a number (written by another client).
     """
     known = bus.lifecycle.known_depth(session_id, envelope_id)
     if known is not None:
         return known
-    found: int | None = None
-    async for msg in replay_messages(bus, session_id, headers_only=True):
-        headers = msg.headers or {}
-        msg_id = headers.get(MSG_ID_HEADER)
-        depth_text = headers.get(DEPTH_HEADER)
+    return await _scan_depths(bus, session_id, envelope_id)
+
+
+async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
+    """:func:`find_depth`'s read of the whole session, remembering every depth it passes."""
+    wanted = envelope_id.encode()
+    found: list[int | None] = []
+    remember = bus.lifecycle.remember_depth
+
+    def depth_of(seq: int, data: bytes, headers: bytes | None) -> None:
+        block = headers or b""
+        msg_id = header_value(block, _MSG_ID)
+        if not msg_id:
+            return
+        depth_text = header_value(block, _DEPTH)
         depth: int | None = None
         if depth_text is not None and depth_text.isdigit():
             depth = int(depth_text)
-            if msg_id:
-                bus.lifecycle.remember_depth(session_id, msg_id, depth)
-        if msg_id == envelope_id and found is None:
-            found = depth if depth is not None else await _depth_from_body(bus, msg)
-    return found
+        else:  # written around the bus: the body says
+            with contextlib.suppress(DecodeError):
+                depth = decode(data, Envelope).depth
+        if msg_id == wanted and not found:
+            found.append(depth)
+        if depth is not None:
+            remember(session_id, msg_id.decode("utf-8", "replace"), depth)
 
-
-async def _depth_from_body(bus: SessionBus, msg: Msg) -> int | None:
-    """Depth of an envelope stored without the depth header (written by another client)."""
-    with nats_errors("reading an envelope"):
-        raw = await bus.js.get_msg(bus.names.envelope_stream, msg.metadata.sequence.stream)
-    try:
-        return decode(raw.data or b"", Envelope).depth
-    except DecodeError:
-        return None
+    await _read(bus, session_id, depth_of)
+    return found[0] if found else None

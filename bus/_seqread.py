@@ -97,7 +97,8 @@ class _Range(Generic[T]):
     __slots__ = ("ack_head", "convert", "done", "expected", "got", "next_delivery", "out",
                  "up_to")
 
-    def __init__(self, convert: Callable[[int, bytes], T], up_to: int | None) -> None:
+    def __init__(self, convert: Callable[[int, bytes, bytes | None], T],
+                 up_to: int | None) -> None:
         self.convert = convert
         self.up_to = up_to
         self.out: list[tuple[int, T]] = []
@@ -121,7 +122,7 @@ class _Range(Generic[T]):
         if self.up_to is not None and seq > self.up_to:
             self.done = True
             return True
-        self.out.append((seq, self.convert(seq, data)))
+        self.out.append((seq, self.convert(seq, data, headers)))
         return False
 
     def _numbers(self, reply: bytes) -> tuple[int, int, int]:
@@ -169,7 +170,7 @@ class _Range(Generic[T]):
         if self.up_to is not None and seq > self.up_to:
             self.done = True
             return True
-        self.out.append((seq, self.convert(seq, data)))
+        self.out.append((seq, self.convert(seq, data, headers)))
         self.got += 1
         if pending == 0 or (self.expected is not None and self.got >= self.expected):
             self.done = True
@@ -178,7 +179,7 @@ class _Range(Generic[T]):
 
 async def read_range(
     nc: Client,
-    convert: Callable[[int, bytes], T],
+    convert: Callable[[int, bytes, bytes | None], T],
     *,
     stream: str,
     subject_filter: str,
@@ -186,11 +187,14 @@ async def read_range(
     up_to: int | None = None,
     api_prefix: str = DEFAULT_API_PREFIX,
 ) -> list[tuple[int, T]]:
-    """``(seq, convert(seq, body))`` per message on ``subject_filter``, ``after < seq <= up_to``.
+    """``(seq, convert(seq, body, headers))`` per message on the filter, ``after < seq <= up_to``.
 
     In stream order; ``up_to=None`` reads to the end. ``convert`` runs as
     each message arrives (decoding overlaps the transfer); it must not
-    block, and what it raises ends the read. The stream needs
+    block, and what it raises ends the read. ``headers`` is the header
+    block as the server sent it, if any: the stored message's headers,
+    followed by the server's own (``Nats-Sequence``, ...) on a Direct Get
+    reply. The stream needs
     ``allow_direct``. Raises JetStreamAPIError on an error status (503
     when no replica answers) and BusTimeout when nothing answers in time.
     """

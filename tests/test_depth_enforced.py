@@ -103,15 +103,14 @@ async def test_replies_take_the_depth_the_worker_holds(
 ) -> None:
     client = await bus_factory(nats_server.url, partitions=4)
     scans = 0
-    original = _history.replay_messages
+    original = _history._scan_depths
 
-    def counting(bus: SessionBus, session_id: str, *, headers_only: bool = False) -> Any:
+    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
         nonlocal scans
-        if headers_only:
-            scans += 1
-        return original(bus, session_id, headers_only=headers_only)
+        scans += 1
+        return original(bus, session_id, envelope_id)
 
-    monkeypatch.setattr(_history, "replay_messages", counting)
+    monkeypatch.setattr(_history, "_scan_depths", counting)
     replied: list[str] = []
 
     async def handle(turn: Turn) -> None:

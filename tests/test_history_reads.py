@@ -168,7 +168,7 @@ async def test_a_refused_consumer_leaves_the_read_to_direct_get(
     assert updated.config.max_consumers == config.max_consumers
     calls: list[int] = []
     converted = await read_range(
-        bus.nc, lambda seq, data: calls.append(seq) or seq,
+        bus.nc, lambda seq, data, headers: calls.append(seq) or seq,
         stream=bus.names.envelope_stream, subject_filter=bus.names.history_filter("a"),
         api_prefix=bus.api_prefix,
     )
@@ -274,7 +274,7 @@ async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A delivery whose ack subject does not parse is a typed error, never IndexError."""
-    found = _seqread._Range(lambda seq, data: seq, None)
+    found = _seqread._Range(lambda seq, data, headers: seq, None)
     for reply in (b"", b"_INBOX.a.b", b"$JS.ACK.S.C.1.x.1.1700000000.0", b"$JS.ACK.S.C.1.2.3",
                   b"$JS.NAK.S.C.1.2.1.1700000000.0"):
         with pytest.raises(UntrustedDeliveries) as raised:
@@ -285,7 +285,7 @@ async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
     assert found.out == [(42, 42), (43, 43)]
     # After the first delivery only the numbers past its start are split off:
     # they are checked all the same.
-    found = _seqread._Range(lambda seq, data: seq, None)
+    found = _seqread._Range(lambda seq, data, headers: seq, None)
     assert not found.on_pushed(b"$JS.ACK.S.C.1.42.1.1700000000.5", b"", None)
     for reply in (b"$JS.ACK.S.C.1.x.2.1700000000.4", b"$JS.ACK.S.C.1.43.2.1700000000",
                   b"$JS.ACK.S.C.1.43.2.1700000000.4.5"):

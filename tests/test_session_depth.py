@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from sessionbus.bus import SessionBus
-from sessionbus.bus._names import MSG_ID_HEADER
+from sessionbus.bus import SessionBus, _history, _seqread
+from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import CausationNotFound, DepthLimitExceeded
 from sessionbus.schemas import Envelope, encode
@@ -76,3 +78,52 @@ async def test_depth_of_an_envelope_stored_by_another_client(
     reply = await other.session("raw").send("reply", causation_id=raw.envelope_id)
     assert (await depths(sb, "raw"))[reply] == 3
     assert s.metadata.max_depth == sb.settings.max_depth
+
+
+async def test_depths_of_a_long_session_seen_by_a_fresh_client(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One read of the session, past its first page and through a consumer, answers them all."""
+    sb = await bus_factory(nats_server.url)
+    s = await sb.open("long", participant="user", max_depth=9)
+    count = _seqread.FIRST_PAGE + _seqread.CONSUMER_PAST + 100
+    sent = [await s.send(f"m{i}", depth=i % 5) for i in range(count)]
+    # Late in the session, two written around the bus: no depth header, and
+    # one that is not a number. Their bodies say 3 and 4.
+    plain = Envelope(session_id="long", sender_id="legacy", depth=3)
+    odd = Envelope(session_id="long", sender_id="legacy", depth=4)
+    for envelope, headers in ((plain, {}), (odd, {DEPTH_HEADER: "x"})):
+        await sb.js.publish(sb.names.inbound("long"), encode(envelope),
+                            headers={MSG_ID_HEADER: envelope.envelope_id, **headers})
+    sent.append(await s.send("last", depth=2))
+
+    scans = 0
+    original = _history._scan_depths
+
+    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
+        nonlocal scans
+        scans += 1
+        return original(bus, session_id, envelope_id)
+
+    monkeypatch.setattr(_history, "_scan_depths", counting)
+    fresh = await bus_factory(nats_server.url)
+    other = fresh.session("long", participant="agent")
+    replies = {
+        sent[1]: await other.send("re: early", causation_id=sent[1]),
+        sent[-2]: await other.send("re: late", causation_id=sent[-2]),
+        plain.envelope_id: await other.send("re: plain", causation_id=plain.envelope_id),
+        odd.envelope_id: await other.send("re: odd", causation_id=odd.envelope_id),
+        sent[-1]: await other.send("re: last", causation_id=sent[-1]),
+    }
+    assert scans == 1  # the first lookup remembered every depth it passed
+    for i in (0, count // 2, count - 1):
+        assert fresh.lifecycle.known_depth("long", sent[i]) == i % 5
+    assert fresh.lifecycle.known_depth("other", sent[0]) is None
+    stored = await depths(sb, "long")
+    parents = {sent[1]: 1, sent[-2]: (count - 1) % 5, plain.envelope_id: 3,
+               odd.envelope_id: 4, sent[-1]: 2}
+    assert {parent: stored[reply] for parent, reply in replies.items()} == {
+        parent: depth + 1 for parent, depth in parents.items()}
+    with pytest.raises(CausationNotFound):
+        await other.send("re: nothing", causation_id="f" * 32)
+    assert scans == 2  # an id the session does not hold is read for again
