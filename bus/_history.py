@@ -221,7 +221,10 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int 
     the session's history as :func:`read_history` does, taking each
     envelope's id and depth from its headers (remembering every depth it
     passes); a body is decoded only where the depth header is missing or
-    not a number (written by another client).
+    not a number (written by another client). A later lookup reads only
+    what was stored after that read, while every depth it noted is still
+    remembered: an id the session does not hold (a forged causation)
+    costs a read of what is new, not of the whole session.
     """
     known = bus.lifecycle.known_depth(session_id, envelope_id)
     if known is not None:
@@ -230,7 +233,7 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int 
 
 
 async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
-    """:func:`find_depth`'s read of the whole session, remembering every depth it passes."""
+    """:func:`find_depth`'s read of the session, remembering every depth it passes."""
     wanted = envelope_id.encode()
     found: list[int | None] = []
     remember = bus.lifecycle.remember_depth
@@ -252,5 +255,11 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> in
         if depth is not None:
             remember(session_id, msg_id.decode("utf-8", "replace"), depth)
 
-    await _read(bus, session_id, depth_of)
+    # Only what is stored past the last such read of the session, while the
+    # depths that read noted are all still remembered.
+    states = bus.lifecycle.states
+    scan = states.begin_depth_scan(session_id)
+    after = scan.seq
+    read = await _read(bus, session_id, depth_of, after=after)
+    states.end_depth_scan(session_id, scan, read[-1][0] if read else after)
     return found[0] if found else None

@@ -158,6 +158,13 @@ def _newer(before: Known, known: Known) -> bool:
     return before.sent > known.sent
 
 
+@dataclass(slots=True)
+class DepthScan:
+    """How far the reads of one session for depths got, all of whose depths are remembered."""
+
+    seq: int = 0
+
+
 class SessionStates:
     """One process's knowledge of sessions, fed by their records (see the module doc)."""
 
@@ -166,6 +173,7 @@ class SessionStates:
         self._size = size
         self._known: OrderedDict[str, Known] = OrderedDict()
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._depths_through: dict[str, DepthScan] = {}
         self._reading: dict[str, asyncio.Future[Known]] = {}
         self._outstanding: set[asyncio.Future[Known]] = set()
         self._queued: list[tuple[str, asyncio.Future[Known]]] = []
@@ -668,19 +676,57 @@ class SessionStates:
         """:meth:`remember` each of ``envelopes`` in turn (one call for a history read)."""
         depths = self._depths
         to_end = depths.move_to_end
+        through = self._depths_through
         for envelope in envelopes:  # remember_depth() inline: a thousand at a time
             envelope_id = envelope.envelope_id
-            depths[envelope_id] = (envelope.session_id, envelope.depth)
+            session_id = envelope.session_id
+            if through:
+                old = depths.get(envelope_id)
+                if old is not None and old[0] != session_id:
+                    through.pop(old[0], None)  # an id another session holds too
+            depths[envelope_id] = (session_id, envelope.depth)
             to_end(envelope_id)
-        for _ in range(len(depths) - DEPTH_SIZE):
-            depths.popitem(last=False)
+        self._trim_depths()
 
     def remember_depth(self, session_id: str, envelope_id: str, depth: int) -> None:
         """Note the depth of ``envelope_id`` in ``session_id``."""
-        self._depths[envelope_id] = (session_id, depth)
-        self._depths.move_to_end(envelope_id)
-        if len(self._depths) > DEPTH_SIZE:
-            self._depths.popitem(last=False)
+        depths = self._depths
+        if self._depths_through:
+            old = depths.get(envelope_id)
+            if old is not None and old[0] != session_id:
+                self._depths_through.pop(old[0], None)
+        depths[envelope_id] = (session_id, depth)
+        depths.move_to_end(envelope_id)
+        if len(depths) > DEPTH_SIZE:
+            self._trim_depths()
+
+    def _trim_depths(self) -> None:
+        depths = self._depths
+        through = self._depths_through
+        for _ in range(len(depths) - DEPTH_SIZE):
+            _, (session_id, _) = depths.popitem(last=False)
+            through.pop(session_id, None)
+
+    def begin_depth_scan(self, session_id: str) -> DepthScan:
+        """Where a read of ``session_id`` for depths can start: every depth up to it is here.
+
+        ``DepthScan.seq`` is the stream sequence the completed reads of the
+        session got to (see :meth:`end_depth_scan`) as long as none of the
+        depths they noted has been forgotten or taken by another session's
+        envelope since; else 0.
+        """
+        through = self._depths_through
+        scan = through.get(session_id)
+        if scan is None:
+            if len(through) >= KNOWN_SIZE:
+                del through[next(iter(through))]
+            scan = through[session_id] = DepthScan()
+        return scan
+
+    def end_depth_scan(self, session_id: str, scan: DepthScan, seq: int) -> None:
+        """The read begun with ``scan`` noted every depth of the session up to ``seq``."""
+        if self._depths_through.get(session_id) is scan:  # else one of them went meanwhile
+            scan.seq = max(scan.seq, seq)
 
     def known_depth(self, session_id: str, envelope_id: str) -> int | None:
         """The remembered depth of ``envelope_id`` if it belongs to ``session_id``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sessionbus.bus import SessionBus, _history, _seqread
+from sessionbus.bus import SessionBus, _history, _seqread, _states
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import CausationNotFound, DepthLimitExceeded
@@ -127,3 +127,51 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
     with pytest.raises(CausationNotFound):
         await other.send("re: nothing", causation_id="f" * 32)
     assert scans == 2  # an id the session does not hold is read for again
+
+
+async def test_a_lookup_reads_only_what_is_new_while_its_depths_are_remembered(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sb = await bus_factory(nats_server.url)
+    s = await sb.open("seen", participant="user", max_depth=9)
+    sent = [await s.send(f"m{i}", depth=i % 3) for i in range(20)]
+    reads: list[tuple[int, int]] = []  # (after, messages read) of each lookup's read
+    original = _history._read
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        out = await original(*args, **kwargs)
+        reads.append((kwargs.get("after", 0), len(out)))
+        return out
+
+    monkeypatch.setattr(_history, "_read", recording)
+    reader = await bus_factory(nats_server.url)
+    assert await _history.find_depth(reader, "seen", "f" * 32) is None
+    assert reads[-1][0] == 0 and reads[-1][1] == 20
+    through = reader.lifecycle.states.begin_depth_scan("seen").seq
+    assert through > 0
+    # A forged causation again: only what is new is read (nothing).
+    assert await _history.find_depth(reader, "seen", "e" * 32) is None
+    assert reads[-1] == (through, 0)
+    newer = await s.send("newer", depth=2)
+    assert await _history.find_depth(reader, "seen", newer) == 2
+    assert reads[-1] == (through, 1)
+
+    # Another session's envelope carrying one of this session's ids takes its
+    # place in the memory: the next lookup reads the whole session again.
+    taken = sent[4]
+    await sb.open("other", participant="user")
+    await sb.js.publish(sb.names.inbound("other"), encode(Envelope(
+        envelope_id=taken, session_id="other", sender_id="forger", depth=7)))
+    assert [e.envelope_id async for e in reader.session("other").history()] == [taken]
+    assert reader.lifecycle.known_depth("seen", taken) is None
+    assert await _history.find_depth(reader, "seen", taken) == 4 % 3
+    assert reads[-1] == (0, 21)
+
+    # So does forgetting one of its depths to make room for others.
+    states = reader.lifecycle.states
+    monkeypatch.setattr(_states, "DEPTH_SIZE", len(states._depths) + 5)
+    for i in range(10):
+        states.remember_depth("elsewhere", f"e{i}", 0)
+    assert reader.lifecycle.known_depth("seen", sent[0]) is None
+    assert await _history.find_depth(reader, "seen", sent[0]) == 0
+    assert reads[-1] == (0, 21)
