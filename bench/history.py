@@ -17,6 +17,16 @@ embedded server:
   reads (``bus._history.replay_messages``, each envelope decoded): what a
   cold history cost then.
 
+And the causation lookup a reply (or a worker's check of one) makes when
+its process has not seen the causing envelope, on a fresh connection each
+time (``--repeats``):
+
+* ``lookup``: the first lookup (of the session's first envelope);
+* ``unknown id``: then one of an id the session does not hold (a forged
+  causation), on the same connection;
+* ``raw header scan``: nats-py's ordered consumer on the session's subject,
+  headers only, until caught up (how a lookup read the session before).
+
 Figures are the median milliseconds per call; ratios are sessionbus / raw
 and sessionbus / replay + decode (below 1: faster).
 
@@ -33,7 +43,7 @@ import time
 
 from _common import add_loop_option, environment, format_ratio, run_loop
 from sessionbus.bus import SessionBus
-from sessionbus.bus._history import replay_messages
+from sessionbus.bus._history import find_depth, replay_messages
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import Envelope, decode, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
@@ -140,6 +150,42 @@ async def replay_decode(sb: SessionBus, sid: str, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
+async def causation_lookups(sb: SessionBus, url: str, sid: str,
+                            repeats: int) -> tuple[float, float]:
+    """Median ms of a fresh connection's first lookup in ``sid``, then of an unknown id."""
+    first = ""
+    async for envelope in sb.session(sid).history():
+        first = envelope.envelope_id
+        break
+    lookups, unknown = [], []
+    for _ in range(repeats):
+        async with SessionBus(url) as fresh:
+            start = time.perf_counter()
+            depth = await find_depth(fresh, sid, first)
+            lookups.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            missing = await find_depth(fresh, sid, "f" * 32)
+            unknown.append(time.perf_counter() - start)
+        assert depth == 0 and missing is None
+    return statistics.median(lookups) * 1e3, statistics.median(unknown) * 1e3
+
+
+async def raw_header_scan(sb: SessionBus, sid: str, repeats: int) -> float:
+    """Median ms of a nats-py headers-only ordered consumer over the session, until caught up."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sub = await sb.js.subscribe(sb.names.history_filter(sid), stream=sb.names.envelope_stream,
+                                    ordered_consumer=True, headers_only=True)
+        while True:
+            msg = await sub.next_msg(timeout=30)
+            if msg.metadata.num_pending == 0:
+                break
+        await sub.unsubscribe()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
 async def bench(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     server = NatsServer(name="bench-history").start()
@@ -149,12 +195,16 @@ async def bench(args: argparse.Namespace) -> None:
             warm = await turn_history(sb, sizes, args.probes, warm=True, tag="warm")
             cold = await turn_history(sb, sizes, args.probes, warm=False, tag="cold")
             rows = []
+            lookups = []
             for size in sizes:
                 sid = f"cold-{size}"
                 client = await session_history(sb, sid, args.repeats)
                 raw = await raw_replay(sb, sid, args.repeats)
                 old = await replay_decode(sb, sid, args.repeats)
                 rows.append((size, warm[size], cold[size], client, raw, old))
+                lookup, unknown = await causation_lookups(sb, server.url, sid, args.repeats)
+                scan = await raw_header_scan(sb, sid, args.repeats)
+                lookups.append((size, lookup, unknown, scan))
     finally:
         server.stop()
     print(f"{'envelopes':>9} | {'turn warm ms':>12} | {'turn cold ms':>12} | "
@@ -164,6 +214,11 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"{size:>9} | {w:12.3f} | {c:12.3f} | {cl:18.3f} | {raw:13.3f} | {old:16.3f} | "
               f"{format_ratio(c, raw):>8} | {format_ratio(cl, raw):>10} | "
               f"{format_ratio(c, old):>18}")
+    print(f"{'envelopes':>9} | {'lookup ms':>9} | {'unknown id ms':>13} | "
+          f"{'raw header scan ms':>18} | lookup/raw | unknown/raw")
+    for size, lookup, unknown, raw in lookups:
+        print(f"{size:>9} | {lookup:9.3f} | {unknown:13.3f} | {raw:18.3f} | "
+              f"{format_ratio(lookup, raw):>10} | {format_ratio(unknown, raw):>11}")
     base = rows[0][1]
     for size, w, *_ in rows[1:]:
         print(f"warm turn.history() at {size} envelopes / at {sizes[0]}: "
