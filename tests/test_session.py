@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sessionbus.bus import Session, SessionBus
+from sessionbus.bus import Session, SessionBus, _seqread
 from sessionbus.bus._names import MSG_ID_HEADER, TTL_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import (
@@ -145,6 +145,30 @@ async def test_live_with_replay_has_no_gap(bus: SessionBus) -> None:
         async with asyncio.timeout(10):
             assert [(await anext(feed)).content for _ in range(2)] == ["old", "new"]
     assert feed.closed
+
+
+async def test_live_replay_of_a_long_session_while_another_client_sends(
+    nats_server: NatsServer, bus: SessionBus, bus_factory: BusFactory,
+) -> None:
+    """The history (read past its first page) and the consumer after it: all, once, in order."""
+    s = await bus.open("busy", participant="user")
+    stored = _seqread.FIRST_PAGE + _seqread.CONSUMER_PAST + 50
+    for i in range(stored):
+        await s.send(f"m{i}")
+    other = (await bus_factory(nats_server.url)).session("busy", participant="agent")
+    more = 100
+
+    async def send_more() -> None:
+        for i in range(stored, stored + more):
+            await other.send(f"m{i}")
+
+    sending = asyncio.create_task(send_more())
+    async with s.live(replay=True) as feed:
+        await sending
+        await other.send("end")
+        async with asyncio.timeout(20):
+            got = [(await anext(feed)).content for _ in range(stored + more + 1)]
+    assert got == [f"m{i}" for i in range(stored + more)] + ["end"]
 
 
 async def test_idempotency_key_stores_once(bus: SessionBus) -> None:
