@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from typing import cast
 
@@ -10,6 +11,7 @@ import pytest
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import AckNumbers, ack_numbers
 from sessionbus.bus._server import NatsServer
+from sessionbus.bus.errors import ConfigError
 from sessionbus.schemas import Envelope
 from sessionbus.workers import Turn, Worker
 from sessionbus.workers._historyseq import History
@@ -167,3 +169,60 @@ def test_a_session_at_its_bound_holds_at_most_a_quarter_more_in_its_lists() -> N
         assert len(entry.seqs) == len(entry.envelopes)
     assert recent.size == per_session
     assert max(held) <= per_session + per_session // 4
+
+
+async def test_the_newest_envelopes_of_a_long_session_come_from_memory(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    sb: SessionBus = await bus_factory(nats_server.url, partitions=4)
+    windows: dict[str, list[str]] = {}
+    cold: dict[str, int] = {}
+    refused: list[Exception] = []
+    worker: Worker
+
+    async def handle(turn: Turn) -> None:
+        last = {"all": None, "more than stored": 100}.get(turn.envelope.content, 5)
+        before = worker._recent.cold_reads
+        windows[turn.envelope.content] = [e.content for e in await turn.history(last=last)]
+        cold[turn.envelope.content] = worker._recent.cold_reads - before
+        if turn.envelope.content == "m0":
+            for bad in (0, -1, True, 2.0):
+                try:
+                    await turn.history(last=cast(int, bad))
+                except ConfigError as e:
+                    refused.append(e)
+
+    session = await sb.open("long", participant="client", participants=["g"])
+    worker = Worker(sb, group="g", handler=handle,
+                    config=dataclasses.replace(FAST, history_per_session=8))
+    await worker.start()
+    try:
+        for i in range(30):  # a conversation: each envelope once the last was handled
+            await session.send(f"m{i}")
+            await _until(lambda i=i: len(windows) == i + 1,  # type: ignore[misc]
+                         "a windowed turn")
+        await session.send("all")
+        await session.send("more than stored")
+        await _until(lambda: len(windows) == 32, "the whole-history turns")
+    finally:
+        await worker.stop()
+    names = [f"m{i}" for i in range(30)]
+    for i in range(30):
+        assert windows[f"m{i}"] == names[max(0, i - 4):i + 1], i
+    # Past its first turns (the gap before the worker first saw the session
+    # is read once), a window the worker holds never reads the stream, though
+    # the session is far past the 8 envelopes it keeps.
+    assert sum(cold[f"m{i}"] for i in range(10, 30)) == 0
+    assert windows["all"] == [*names, "all"]
+    assert cold["all"] == 1  # the older part, no longer held, is read
+    assert windows["more than stored"] == [*names, "all", "more than stored"]
+    assert len(refused) == 4 and all(isinstance(e, ValueError) for e in refused)
+
+
+def test_the_newest_of_a_history_is_a_window_on_the_same_list() -> None:
+    items = [Envelope(session_id="s", event_data={"text": str(i)}) for i in range(10)]
+    history = History(items, 2, 8)
+    assert history.newest(3) == items[5:8]
+    assert history.newest(6) == items[2:8] == history.newest(100)
+    items.append(items[0])  # the list grows past the window: the window stays
+    assert len(history.newest(3)) == 3 and history.newest(1)[0] is items[7]

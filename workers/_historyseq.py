@@ -39,6 +39,10 @@ class History(Sequence[Envelope]):
     def __len__(self) -> int:
         return self._hi - self._lo
 
+    def newest(self, count: int) -> History:
+        """The last ``count`` envelopes (all if fewer), as a window on the same list."""
+        return History(self._items, max(self._lo, self._hi - max(count, 0)), self._hi)
+
     @overload
     def __getitem__(self, index: int) -> Envelope: ...
 

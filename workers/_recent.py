@@ -167,31 +167,35 @@ class RecentHistory:
 
     # -- reading ------------------------------------------------------------
 
-    async def history(self, bus: SessionBus, sid: str, up_to: int) -> History:
-        """The session's envelopes stored up to stream sequence ``up_to``, in order."""
+    async def history(self, bus: SessionBus, sid: str, up_to: int,
+                      last: int | None = None) -> History:
+        """The session's envelopes stored up to stream sequence ``up_to``, in order.
+
+        With ``last``, only the newest ``last`` of them: the stream is not
+        read when the entry holds that many.
+        """
         entry = self._entries.get(sid)
         if entry is None or entry.hi < up_to:
             self.cold_reads += 1
             now = time.time()
-            return History([e for _, e in await read_history(bus, sid, up_to=up_to)
-                            if not e.is_expired(now)])
+            return _newest(History([e for _, e in await read_history(bus, sid, up_to=up_to)
+                                    if not e.is_expired(now)]), last)
         # The entry holds everything in (known_after, hi]: take the window now,
         # before any await lets an intake trim it (the lists are append-only).
         start = entry.start
         tail = History(entry.envelopes, start, bisect.bisect_right(entry.seqs, up_to, start))
+        if entry.ttls:
+            now = time.time()
+            tail = History([e for e in tail if not e.is_expired(now)])
         known_after = entry.known_after
-        if known_after == 0:
-            if entry.ttls:
-                now = time.time()
-                return History([e for e in tail if not e.is_expired(now)])
-            return tail
+        if known_after == 0 or (last is not None and len(tail) >= last):
+            return _newest(tail, last)
         self.cold_reads += 1
         front = await read_history(bus, sid, up_to=min(known_after, up_to))
         if known_after < up_to:
             self._adopt(sid, entry, known_after, front)
         now = time.time()
-        return History([e for _, e in front if not e.is_expired(now)]
-                       + [e for e in tail if not e.is_expired(now)])
+        return _newest(History([e for _, e in front if not e.is_expired(now)] + list(tail)), last)
 
     def _adopt(self, sid: str, entry: _Entry, known_after: int,
                front: list[tuple[int, Envelope]]) -> None:
@@ -208,3 +212,10 @@ class RecentHistory:
         entry.known_after = 0
         self._total += len(front)
         self._evict()
+
+
+def _newest(history: History, last: int | None) -> History:
+    """The newest ``last`` envelopes of ``history`` (all of them for None)."""
+    if last is None or last >= len(history):
+        return history
+    return history.newest(last)

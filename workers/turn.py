@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._history import read_history
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import WorkerError
+from sessionbus.bus.errors import ConfigError, WorkerError
 from sessionbus.schemas import EV_TEXT, Envelope
 from sessionbus.workers._delivery import Held
 from sessionbus.workers._historyseq import History
@@ -110,12 +110,20 @@ class Turn:
                 self._session = self._bus.session(self.session_id, participant=self.agent)
         return self._session
 
-    async def history(self) -> Sequence[Envelope]:
+    async def history(self, *, last: int | None = None) -> Sequence[Envelope]:
         """The session so far: every envelope stored up to and including this turn's own.
 
         In stream order, nothing stored after this turn's envelope (expired
         envelopes left out). The worker keeps recent history from what it
         pulls, so this reads the stream only for what it has not seen.
+
+        ``last`` asks for only the newest ``last`` of them (this turn's own
+        envelope the last one): a handler that builds its context from a
+        window of the conversation gets it from the worker's memory while
+        the worker holds that many (``WorkerConfig.history_per_session``),
+        however long the session has grown, where the whole history reads
+        what the worker no longer holds each time. ConfigError (a
+        ValueError) unless ``last`` is an integer of at least 1.
 
         A read-only sequence: ``len``, indexing, slicing (a list),
         iteration, ``==`` with a list of the same envelopes and ``+`` (a
@@ -124,12 +132,16 @@ class Turn:
         for any length. Do not modify the envelopes either: later turns get
         the same objects.
         """
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int)
+                                 or last < 1):
+            raise ConfigError(f"last must be an integer >= 1 or None, got {last!r}")
         if self._recent is not None:
-            return await self._recent.history(self._bus, self.session_id, self.sequence)
+            return await self._recent.history(self._bus, self.session_id, self.sequence, last)
         now = time.time()
-        return History([e for _, e in await read_history(self._bus, self.session_id,
-                                                         up_to=self.sequence)
-                        if not e.is_expired(now)])
+        whole = History([e for _, e in await read_history(self._bus, self.session_id,
+                                                          up_to=self.sequence)
+                         if not e.is_expired(now)])
+        return whole if last is None else whole.newest(last)
 
     async def reply(
         self,
