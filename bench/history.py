@@ -8,6 +8,9 @@ embedded server:
   ``--probes`` turns, each one envelope after the previous;
 * ``turn.history() cold``: the same with the worker's history cache off
   (``WorkerConfig(history_total=0)``): every call reads the stream;
+* ``turn.history(last=50)``: the warm case asking only for the newest 50
+  (``--window``): what a handler with a bounded context pays once the
+  session is past ``history_per_session``;
 * ``Session.history()``: a client replaying the whole session;
 * ``raw ordered consumer``: nats-py's ordered consumer on the session's
   subject, delivering everything stored, ending when caught up (the
@@ -61,8 +64,8 @@ async def fill(sb: SessionBus, sid: str, count: int) -> None:
 
 
 async def turn_history(sb: SessionBus, sizes: list[int], probes: int, *, warm: bool,
-                       tag: str) -> dict[int, float]:
-    """Median ms of ``turn.history()`` per size, timed in the handler."""
+                       tag: str, last: int | None = None) -> dict[int, float]:
+    """Median ms of ``turn.history(last=last)`` per size, timed in the handler."""
     timings: dict[str, list[float]] = {}
     lengths: dict[str, list[int]] = {}
     handled = 0
@@ -72,7 +75,7 @@ async def turn_history(sb: SessionBus, sizes: list[int], probes: int, *, warm: b
         nonlocal handled
         if turn.envelope.event_data.get("probe"):
             start = time.perf_counter()
-            history = await turn.history()
+            history = await (turn.history() if last is None else turn.history(last=last))
             timings.setdefault(turn.session_id, []).append(time.perf_counter() - start)
             lengths.setdefault(turn.session_id, []).append(len(history))
         handled += 1
@@ -104,7 +107,9 @@ async def turn_history(sb: SessionBus, sizes: list[int], probes: int, *, warm: b
                     await asyncio.wait_for(progressed.wait(), 60)
             # The stream keeps max_envelopes_per_session per session (oldest go first).
             cap = sb.settings.max_envelopes_per_session
-            assert lengths[sid] == [min(cap, size + i + 1) for i in range(probes)], lengths[sid][:3]
+            window = cap if last is None else last
+            assert lengths[sid] == [min(cap, window, size + i + 1) for i in range(probes)], \
+                lengths[sid][:3]
             out[size] = statistics.median(timings[sid]) * 1e3
     finally:
         await worker.stop()
@@ -194,6 +199,8 @@ async def bench(args: argparse.Namespace) -> None:
             print(f"{environment()}; sizes {sizes}, {args.probes} probes each")
             warm = await turn_history(sb, sizes, args.probes, warm=True, tag="warm")
             cold = await turn_history(sb, sizes, args.probes, warm=False, tag="cold")
+            windowed = await turn_history(sb, sizes, args.probes, warm=True, tag="window",
+                                          last=args.window)
             rows = []
             lookups = []
             for size in sizes:
@@ -219,6 +226,9 @@ async def bench(args: argparse.Namespace) -> None:
     for size, lookup, unknown, raw in lookups:
         print(f"{size:>9} | {lookup:9.3f} | {unknown:13.3f} | {raw:18.3f} | "
               f"{format_ratio(lookup, raw):>10} | {format_ratio(unknown, raw):>11}")
+    for size in sizes:
+        print(f"turn.history(last={args.window}), worker has seen them, at {size} envelopes: "
+              f"{windowed[size]:.3f} ms (the whole history: {warm[size]:.3f} ms)")
     base = rows[0][1]
     for size, w, *_ in rows[1:]:
         print(f"warm turn.history() at {size} envelopes / at {sizes[0]}: "
@@ -230,6 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,1000,10000")
     parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--window", type=int, default=50,
+                        help="last= of the windowed turn.history() (default 50)")
     parser.add_argument("--repeats", type=int, default=5)
     add_loop_option(parser)
     args = parser.parse_args()
