@@ -25,8 +25,8 @@ its process has not seen the causing envelope, on a fresh connection each
 time (``--repeats``):
 
 * ``lookup``: the first lookup (of the session's first envelope);
-* ``unknown id``: then one of an id the session does not hold (a forged
-  causation), on the same connection;
+* ``unknown id``: then lookups of ids the session does not hold (a forged
+  causation), 3 on the same connection;
 * ``raw header scan``: nats-py's ordered consumer on the session's subject,
   headers only, until caught up (how a lookup read the session before).
 
@@ -168,10 +168,12 @@ async def causation_lookups(sb: SessionBus, url: str, sid: str,
             start = time.perf_counter()
             depth = await find_depth(fresh, sid, first)
             lookups.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            missing = await find_depth(fresh, sid, "f" * 32)
-            unknown.append(time.perf_counter() - start)
-        assert depth == 0 and missing is None
+            for i in range(3):  # a fresh connection's own start-up work overlaps the first
+                start = time.perf_counter()
+                missing = await find_depth(fresh, sid, f"{i:032x}")
+                unknown.append(time.perf_counter() - start)
+                assert missing is None
+        assert depth == 0
     return statistics.median(lookups) * 1e3, statistics.median(unknown) * 1e3
 
 
