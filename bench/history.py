@@ -128,13 +128,14 @@ async def session_history(sb: SessionBus, sid: str, repeats: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-async def raw_replay(sb: SessionBus, sid: str, repeats: int) -> float:
+async def raw_replay(sb: SessionBus, sid: str, repeats: int, *,
+                     headers_only: bool = False) -> float:
     """Median ms of a nats-py ordered consumer delivering the session, until caught up."""
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sub = await sb.js.subscribe(sb.names.history_filter(sid),
-                                    stream=sb.names.envelope_stream, ordered_consumer=True)
+        sub = await sb.js.subscribe(sb.names.history_filter(sid), stream=sb.names.envelope_stream,
+                                    ordered_consumer=True, headers_only=headers_only)
         while True:
             msg = await sub.next_msg(timeout=30)
             if msg.metadata.num_pending == 0:
@@ -177,22 +178,6 @@ async def causation_lookups(sb: SessionBus, url: str, sid: str,
     return statistics.median(lookups) * 1e3, statistics.median(unknown) * 1e3
 
 
-async def raw_header_scan(sb: SessionBus, sid: str, repeats: int) -> float:
-    """Median ms of a nats-py headers-only ordered consumer over the session, until caught up."""
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sub = await sb.js.subscribe(sb.names.history_filter(sid), stream=sb.names.envelope_stream,
-                                    ordered_consumer=True, headers_only=True)
-        while True:
-            msg = await sub.next_msg(timeout=30)
-            if msg.metadata.num_pending == 0:
-                break
-        await sub.unsubscribe()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 async def bench(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     server = NatsServer(name="bench-history").start()
@@ -212,7 +197,7 @@ async def bench(args: argparse.Namespace) -> None:
                 old = await replay_decode(sb, sid, args.repeats)
                 rows.append((size, warm[size], cold[size], client, raw, old))
                 lookup, unknown = await causation_lookups(sb, server.url, sid, args.repeats)
-                scan = await raw_header_scan(sb, sid, args.repeats)
+                scan = await raw_replay(sb, sid, args.repeats, headers_only=True)
                 lookups.append((size, lookup, unknown, scan))
     finally:
         server.stop()

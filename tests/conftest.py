@@ -1,4 +1,4 @@
-"""Short fixture names for the project's own tests.
+"""Short fixture names for the project's own tests, and a probe of causation lookups.
 
 The installed pytest plugin (:mod:`sessionbus.testing`) names its fixtures
 ``sessionbus_*`` so that nothing it injects shadows a user's own; these
@@ -7,7 +7,10 @@ aliases keep this suite readable.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from sessionbus.bus import _history
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.core import SessionBus
 
@@ -48,3 +51,17 @@ def bus_factory(sessionbus_bus_factory: BusFactory) -> BusFactory:
 def bus(sessionbus_bus: SessionBus) -> SessionBus:
     """A started bus on a fresh server (see ``sessionbus_bus``)."""
     return sessionbus_bus
+
+
+@pytest.fixture
+def depth_scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The session ids of the session reads causation lookups make, as they make them."""
+    scans: list[str] = []
+    original = _history._scan_depths
+
+    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
+        scans.append(session_id)
+        return original(bus, session_id, envelope_id)
+
+    monkeypatch.setattr(_history, "_scan_depths", counting)
+    return scans

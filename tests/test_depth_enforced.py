@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sessionbus.bus import SessionBus, _history
+from sessionbus.bus import SessionBus
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import BusError, InvalidEnvelope
@@ -99,18 +99,9 @@ async def test_a_worker_dead_letters_forged_depths(
 
 async def test_replies_take_the_depth_the_worker_holds(
     nats_server: NatsServer, bus_factory: BusFactory, worker_bus: SessionBus,
-    monkeypatch: pytest.MonkeyPatch,
+    depth_scans: list[str],
 ) -> None:
     client = await bus_factory(nats_server.url, partitions=4)
-    scans = 0
-    original = _history._scan_depths
-
-    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
-        nonlocal scans
-        scans += 1
-        return original(bus, session_id, envelope_id)
-
-    monkeypatch.setattr(_history, "_scan_depths", counting)
     replied: list[str] = []
 
     async def handle(turn: Turn) -> None:
@@ -126,6 +117,6 @@ async def test_replies_take_the_depth_the_worker_holds(
         depths = [e.depth async for e in s.history() if e.sender_id == "g"]
     finally:
         await worker.stop()
-    print(f"20 replies: {scans} history scans")
+    print(f"20 replies: {len(depth_scans)} history scans")
     assert depths == [1] * 20
-    assert scans == 0
+    assert depth_scans == []

@@ -81,7 +81,7 @@ async def test_depth_of_an_envelope_stored_by_another_client(
 
 
 async def test_depths_of_a_long_session_seen_by_a_fresh_client(
-    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+    nats_server: NatsServer, bus_factory: BusFactory, depth_scans: list[str],
 ) -> None:
     """One read of the session, past its first page and through a consumer, answers them all."""
     sb = await bus_factory(nats_server.url)
@@ -97,15 +97,6 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
                             headers={MSG_ID_HEADER: envelope.envelope_id, **headers})
     sent.append(await s.send("last", depth=2))
 
-    scans = 0
-    original = _history._scan_depths
-
-    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
-        nonlocal scans
-        scans += 1
-        return original(bus, session_id, envelope_id)
-
-    monkeypatch.setattr(_history, "_scan_depths", counting)
     fresh = await bus_factory(nats_server.url)
     other = fresh.session("long", participant="agent")
     replies = {
@@ -115,7 +106,7 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         odd.envelope_id: await other.send("re: odd", causation_id=odd.envelope_id),
         sent[-1]: await other.send("re: last", causation_id=sent[-1]),
     }
-    assert scans == 1  # the first lookup remembered every depth it passed
+    assert depth_scans == ["long"]  # the first lookup remembered every depth it passed
     for i in (0, count // 2, count - 1):
         assert fresh.lifecycle.known_depth("long", sent[i]) == i % 5
     assert fresh.lifecycle.known_depth("other", sent[0]) is None
@@ -126,7 +117,7 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         parent: depth + 1 for parent, depth in parents.items()}
     with pytest.raises(CausationNotFound):
         await other.send("re: nothing", causation_id="f" * 32)
-    assert scans == 2  # an id the session does not hold is read for again
+    assert depth_scans == ["long", "long"]  # an id the session does not hold: read for again
 
 
 async def test_a_lookup_reads_only_what_is_new_while_its_depths_are_remembered(
