@@ -55,6 +55,8 @@ T = TypeVar("T")
 
 _MSG_ID = f"\r\n{MSG_ID_HEADER}:".encode()
 _DEPTH = f"\r\n{DEPTH_HEADER}:".encode()
+#: Digits of a depth header taken as a number (a longer one is read from the body).
+_DEPTH_DIGITS = 9
 
 #: Seconds an ephemeral reader outlives its subscriber (then the server drops it).
 _INACTIVE = 10.0
@@ -96,14 +98,19 @@ async def replay_messages(bus: SessionBus, session_id: str) -> AsyncIterator[Msg
             await sub.unsubscribe()
 
 
-def decode_envelope(bus: SessionBus, msg: Msg) -> Envelope | None:
-    """Decode a stored envelope (remembering its depth), or log and return None."""
+def decode_envelope(bus: SessionBus, msg: Msg, session_id: str) -> Envelope | None:
+    """Decode an envelope stored in ``session_id`` (remembering its depth), or log and return None.
+
+    The depth is remembered only if the envelope names that session: one
+    written around the bus that names another must not set its depths.
+    """
     try:
         envelope = decode(msg.data, Envelope)
     except DecodeError as e:
         logger.warning("skipping an undecodable envelope on %s: %s", msg.subject, e)
         return None
-    bus.lifecycle.remember(envelope)
+    if envelope.session_id == session_id:
+        bus.lifecycle.remember(envelope)
     return envelope
 
 
@@ -134,7 +141,10 @@ async def read_history(
     # Without a None, the pairs as they are: no second tuple per envelope.
     out = (cast("list[tuple[int, Envelope]]", found) if not skipped
            else [(seq, envelope) for seq, envelope in found if envelope is not None])
-    bus.lifecycle.remember_all(envelope for _, envelope in out)
+    # Under the session read only: an envelope stored here that names another
+    # session (written around the bus) must not set that session's depths.
+    bus.lifecycle.remember_all(envelope for _, envelope in out
+                               if envelope.session_id == session_id)
     return out
 
 
@@ -207,7 +217,7 @@ class LiveFeed(QueueFeed[Envelope]):
                 await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
-        envelope = decode_envelope(self._bus, msg)
+        envelope = decode_envelope(self._bus, msg, self.session_id)
         if envelope is None or envelope.is_expired():
             return
         if self.participant is None or envelope.is_for(self.participant):
@@ -234,26 +244,34 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int 
 
 async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
     """:func:`find_depth`'s read of the session, remembering every depth it passes."""
-    wanted = envelope_id.encode()
-    found: list[int | None] = []
+    try:
+        wanted = envelope_id.encode()
+    except UnicodeEncodeError:  # no stored id is such a string
+        return None
+    found: list[int] = []
     remember = bus.lifecycle.remember_depth
 
     def depth_of(seq: int, data: bytes, headers: bytes | None) -> None:
         block = headers or b""
-        msg_id = header_value(block, _MSG_ID)
-        if not msg_id:
+        raw_id = header_value(block, _MSG_ID)
+        if not raw_id:
+            return
+        try:
+            msg_id = raw_id.decode()
+        except UnicodeDecodeError:  # not an id the bus wrote, nor one it can be asked for
             return
         depth_text = header_value(block, _DEPTH)
         depth: int | None = None
-        if depth_text is not None and depth_text.isdigit():
+        if depth_text is not None and depth_text.isdigit() and len(depth_text) <= _DEPTH_DIGITS:
             depth = int(depth_text)
         else:  # written around the bus: the body says
             with contextlib.suppress(DecodeError):
                 depth = decode(data, Envelope).depth
-        if msg_id == wanted and not found:
+        if depth is None:
+            return
+        if raw_id == wanted and not found:  # the first usable copy, as before
             found.append(depth)
-        if depth is not None:
-            remember(session_id, msg_id.decode("utf-8", "replace"), depth)
+        remember(session_id, msg_id, depth)
 
     # Only what is stored past the last such read of the session, while the
     # depths that read noted are all still remembered.

@@ -154,8 +154,9 @@ class _Range(Generic[T]):
             return True
         # Past the first delivery, only the four numbers after the start
         # its ack subject shares with the first are split off and read.
+        head = self.ack_head
         parts = reply.rsplit(b".", 4)
-        if len(parts) == 5 and parts[0] == self.ack_head:
+        if head and len(parts) == 5 and parts[0] == head:
             try:
                 seq, delivery, pending = int(parts[1]), int(parts[2]), int(parts[4])
             except ValueError:

@@ -701,6 +701,7 @@ class SessionStates:
             self._trim_depths()
 
     def _trim_depths(self) -> None:
+        """Forget the oldest depths past DEPTH_SIZE, and the read notes of their sessions."""
         depths = self._depths
         through = self._depths_through
         for _ in range(len(depths) - DEPTH_SIZE):
@@ -718,7 +719,7 @@ class SessionStates:
         through = self._depths_through
         scan = through.get(session_id)
         if scan is None:
-            if len(through) >= KNOWN_SIZE:
+            if len(through) >= KNOWN_SIZE:  # the oldest note goes: its session reads whole
                 del through[next(iter(through))]
             scan = through[session_id] = DepthScan()
         return scan

@@ -276,7 +276,7 @@ async def test_an_unknown_ack_subject_ends_the_consumer_and_direct_get_reads_on(
     """A delivery whose ack subject does not parse is a typed error, never IndexError."""
     found = _seqread._Range(lambda seq, data, headers: seq, None)
     for reply in (b"", b"_INBOX.a.b", b"$JS.ACK.S.C.1.x.1.1700000000.0", b"$JS.ACK.S.C.1.2.3",
-                  b"$JS.NAK.S.C.1.2.1.1700000000.0"):
+                  b"$JS.NAK.S.C.1.2.1.1700000000.0", b".7.1.0.0"):
         with pytest.raises(UntrustedDeliveries) as raised:
             found.on_pushed(reply, b"", None)
         assert isinstance(raised.value, BusError)

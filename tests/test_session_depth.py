@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -166,3 +167,60 @@ async def test_a_lookup_reads_only_what_is_new_while_its_depths_are_remembered(
     assert reader.lifecycle.known_depth("seen", sent[0]) is None
     assert await _history.find_depth(reader, "seen", sent[0]) == 0
     assert reads[-1] == (0, 21)
+
+
+async def test_the_read_notes_of_a_session_go_with_any_of_its_depths(bus: SessionBus,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   ) -> None:
+    states = bus.lifecycle.states
+    for i in range(3):
+        states.remember_depth("s", f"s{i}", i)
+    first = states.begin_depth_scan("s")
+    states.end_depth_scan("s", first, 40)
+    assert states.begin_depth_scan("s").seq == 40
+    # Another session's depth noted under one of its ids: the note goes.
+    states.remember_depth("t", "s1", 5)
+    assert states.begin_depth_scan("s").seq == 0
+    # A read begun before its note went does not set the new one.
+    stale = states.begin_depth_scan("s")
+    states.end_depth_scan("s", stale, 50)
+    assert states.begin_depth_scan("s").seq == 50
+    before = states.begin_depth_scan("s")
+    monkeypatch.setattr(_states, "DEPTH_SIZE", len(states._depths))
+    states.remember_depth("u", "u0", 0)  # makes room: the oldest, s0, goes
+    assert states.known_depth("s", "s0") is None
+    states.end_depth_scan("s", before, 60)
+    assert states.begin_depth_scan("s").seq == 0
+
+
+async def test_depths_written_around_the_bus_cannot_lie_or_crash_a_lookup(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    sb = await bus_factory(nats_server.url)
+    victim = await sb.open("victim", participant="user", max_depth=3)
+    root = await victim.send("root")
+    deep = await victim.send("deep", causation_id=await victim.send(
+        "mid", causation_id=await victim.send("one", causation_id=root)))
+    await sb.open("attacker", participant="user")
+    # Into its own session, a body that names the victim's session and
+    # envelope with depth 0; and one with a depth header of 5,000 digits.
+    forged = Envelope(envelope_id=deep, session_id="victim", sender_id="x", depth=0)
+    await sb.js.publish(sb.names.inbound("attacker"), encode(forged))
+    long_header = Envelope(session_id="attacker", sender_id="x", depth=2)
+    await sb.js.publish(sb.names.inbound("attacker"), encode(long_header), headers={
+        MSG_ID_HEADER: long_header.envelope_id, DEPTH_HEADER: "9" * 5000})
+
+    reader = await bus_factory(nats_server.url)
+    assert len([e async for e in reader.session("attacker").history()]) == 2
+    async with reader.session("attacker").live(replay=True) as feed:
+        async with asyncio.timeout(10):
+            assert (await anext(feed)).envelope_id == deep
+    assert reader.lifecycle.known_depth("victim", deep) is None
+    with pytest.raises(DepthLimitExceeded):
+        await reader.session("victim").send("one hop too many", causation_id=deep)
+    fresh = await bus_factory(nats_server.url)  # remembers nothing: reads the headers
+    reply = await fresh.session("attacker").send("re", causation_id=long_header.envelope_id)
+    stored = {e.envelope_id: e.depth async for e in sb.session("attacker").history()}
+    assert stored[reply] == 3  # the body's 2, + 1
+    with pytest.raises(CausationNotFound):
+        await reader.session("attacker").send("re", causation_id="\udc80")

@@ -195,7 +195,8 @@ class RecentHistory:
         if known_after < up_to:
             self._adopt(sid, entry, known_after, front)
         now = time.time()
-        return _newest(History([e for _, e in front if not e.is_expired(now)] + list(tail)), last)
+        return _newest(History([e for _, e in front if not e.is_expired(now)]
+                               + [e for e in tail if not e.is_expired(now)]), last)
 
     def _adopt(self, sid: str, entry: _Entry, known_after: int,
                front: list[tuple[int, Envelope]]) -> None:
