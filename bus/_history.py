@@ -116,6 +116,7 @@ def decode_envelope(bus: SessionBus, msg: Msg, session_id: str) -> Envelope | No
 
 async def read_history(
     bus: SessionBus, session_id: str, *, after: int = 0, up_to: int | None = None,
+    must_reach: int | None = None,
 ) -> list[tuple[int, Envelope]]:
     """``(stream sequence, envelope)`` of the session with ``after < seq <= up_to``, in order.
 
@@ -123,6 +124,9 @@ async def read_history(
     the time they read); undecodable ones are logged and left out. Each
     envelope is decoded as it arrives (see ``bus/_seqread.py`` for the
     server paths: Direct Get, then a short-lived consumer for a long read).
+    ``must_reach``: a sequence known to hold one of the session's
+    envelopes, which the read waits for a replica that is behind to reach
+    (``read_range``).
     """
 
     skipped = 0
@@ -137,7 +141,8 @@ async def read_history(
             skipped += 1
             return None
 
-    found = await _read(bus, session_id, convert, after=after, up_to=up_to)
+    found = await _read(bus, session_id, convert, after=after, up_to=up_to,
+                        must_reach=must_reach)
     # Without a None, the pairs as they are: no second tuple per envelope.
     out = (cast("list[tuple[int, Envelope]]", found) if not skipped
            else [(seq, envelope) for seq, envelope in found if envelope is not None])
@@ -150,7 +155,7 @@ async def read_history(
 
 async def _read(
     bus: SessionBus, session_id: str, convert: Callable[[int, bytes, bytes | None], T], *,
-    after: int = 0, up_to: int | None = None,
+    after: int = 0, up_to: int | None = None, must_reach: int | None = None,
 ) -> list[tuple[int, T]]:
     """``read_range`` over the session's envelopes, with the bus's errors."""
     with nats_errors(f"reading the history of {session_id!r}"):
@@ -158,7 +163,7 @@ async def _read(
             return await read_range(
                 bus.nc, convert, stream=bus.names.envelope_stream,
                 subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
-                api_prefix=bus.api_prefix,
+                must_reach=must_reach, api_prefix=bus.api_prefix,
             )
         except JetStreamAPIError as e:
             if e.code == 503:
@@ -224,7 +229,8 @@ class LiveFeed(QueueFeed[Envelope]):
             self.push(envelope)
 
 
-async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
+async def find_depth(bus: SessionBus, session_id: str, envelope_id: str, *,
+                     stored: int | None = None) -> int | None:
     """The delegation depth of ``envelope_id`` in ``session_id``, or None if not stored there.
 
     Answers from the bus's cache of envelopes it sent or read, else reads
@@ -234,15 +240,19 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str) -> int 
     not a number (written by another client). A later lookup reads only
     what was stored after that read, while every depth it noted is still
     remembered: an id the session does not hold (a forged causation)
-    costs a read of what is new, not of the whole session.
+    costs a read of what is new, not of the whole session. ``stored`` is a
+    sequence known to hold one of the session's envelopes (the one a
+    worker admits): the read waits for a replica that is behind to reach
+    it before it answers None (``read_range``'s ``must_reach``).
     """
     known = bus.lifecycle.known_depth(session_id, envelope_id)
     if known is not None:
         return known
-    return await _scan_depths(bus, session_id, envelope_id)
+    return await _scan_depths(bus, session_id, envelope_id, stored)
 
 
-async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> int | None:
+async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
+                       stored: int | None = None) -> int | None:
     """:func:`find_depth`'s read of the session, remembering every depth it passes."""
     try:
         wanted = envelope_id.encode()
@@ -278,6 +288,7 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str) -> in
     states = bus.lifecycle.states
     scan = states.begin_depth_scan(session_id)
     after = scan.seq
-    read = await _read(bus, session_id, depth_of, after=after)
+    read = await _read(bus, session_id, depth_of, after=after,
+                       must_reach=stored if stored is not None and stored > after else None)
     states.end_depth_scan(session_id, scan, read[-1][0] if read else after)
     return found[0] if found else None

@@ -38,6 +38,7 @@ page of 1, 8 or 32 messages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from sessionbus.bus._jsapi import (
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
 from sessionbus.bus.errors import BusError, BusTimeout
 
-__all__ = ["CONSUMER_PAST", "UntrustedDeliveries", "read_range"]
+__all__ = ["BEHIND_FOR", "CONSUMER_PAST", "UntrustedDeliveries", "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ _LINGER = 2.0
 _SILENT = 0.5
 #: Flow control and idle heartbeat interval asked of a history consumer (seconds).
 _HEARTBEAT = 5.0
+#: Seconds a read that ends short of its ``must_reach`` reads on before BusTimeout.
+BEHIND_FOR = 5.0
+#: First and longest pause (seconds) before reading on past a replica that was behind.
+_BEHIND_PAUSE = 0.005
+_BEHIND_PAUSE_MAX = 0.2
 
 _SEQ = b"\r\nNats-Sequence:"
 _PENDING = b"\r\nNats-Num-Pending:"
@@ -95,7 +101,7 @@ class _Range(Generic[T]):
     """What one read collected: ``(seq, converted)`` in stream order, up to ``up_to``."""
 
     __slots__ = ("ack_head", "convert", "done", "expected", "got", "next_delivery", "out",
-                 "up_to")
+                 "past", "up_to")
 
     def __init__(self, convert: Callable[[int, bytes, bytes | None], T],
                  up_to: int | None) -> None:
@@ -103,6 +109,8 @@ class _Range(Generic[T]):
         self.up_to = up_to
         self.out: list[tuple[int, T]] = []
         self.done = False
+        self.past = False
+        """Whether a message past ``up_to`` was seen: the replica holds all up to it."""
         self.got = 0
         self.expected: int | None = None
         self.next_delivery = 1
@@ -120,7 +128,7 @@ class _Range(Generic[T]):
             return self.done  # not a stored message: nothing the server sends here
         seq = int(found)
         if self.up_to is not None and seq > self.up_to:
-            self.done = True
+            self.done = self.past = True
             return True
         self.out.append((seq, self.convert(seq, data, headers)))
         return False
@@ -169,7 +177,7 @@ class _Range(Generic[T]):
                 f"{delivery}: some were lost (a reconnect?)")
         self.next_delivery = delivery + 1
         if self.up_to is not None and seq > self.up_to:
-            self.done = True
+            self.done = self.past = True
             return True
         self.out.append((seq, self.convert(seq, data, headers)))
         self.got += 1
@@ -186,6 +194,7 @@ async def read_range(
     subject_filter: str,
     after: int = 0,
     up_to: int | None = None,
+    must_reach: int | None = None,
     api_prefix: str = DEFAULT_API_PREFIX,
 ) -> list[tuple[int, T]]:
     """``(seq, convert(seq, body, headers))`` per message on the filter, ``after < seq <= up_to``.
@@ -195,31 +204,55 @@ async def read_range(
     block, and what it raises ends the read. ``headers`` is the header
     block as the server sent it, if any: the stored message's headers,
     followed by the server's own (``Nats-Sequence``, ...) on a Direct Get
-    reply. The stream needs
-    ``allow_direct``. Raises JetStreamAPIError on an error status (503
-    when no replica answers) and BusTimeout when nothing answers in time.
+    reply. The stream needs ``allow_direct``.
+
+    ``must_reach`` is a sequence the caller knows holds a message on the
+    filter (a turn's own envelope). Any replica answers a Direct Get, and a
+    follower may not have applied the newest messages yet: a read that
+    ends short of ``must_reach`` reads on from where it stopped, a little
+    later, for up to ``BEHIND_FOR`` seconds, then raises BusTimeout.
+
+    Raises JetStreamAPIError on an error status (503 when no replica
+    answers) and BusTimeout when nothing answers in time.
     """
     found = _Range(convert, up_to)
     seq = after + 1
     consumer_ok = True
+    behind_since: float | None = None
+    pause = _BEHIND_PAUSE
     while True:
         async with await RawInbox.open(nc) as inbox:
             start = await _direct_pages(nc, inbox, found, stream=stream,
                                         subject_filter=subject_filter, seq=seq,
                                         api_prefix=api_prefix, hand_over=consumer_ok)
-            if start is None:
-                return found.out
-            try:
-                await _consume(nc, inbox, found, stream=stream, subject_filter=subject_filter,
-                               start=start, api_prefix=api_prefix)
-                return found.out
-            except (JetStreamAPIError, BusTimeout, UntrustedDeliveries) as e:
-                if isinstance(e, UntrustedDeliveries):
-                    logger.warning("%s; reading on with Direct Get", e)
-                # Read on with Direct Get (a fresh inbox) from where it stopped.
-                consumer_ok = False
-                found.done = False
-                seq = found.next_seq(start)
+            if start is not None:
+                try:
+                    await _consume(nc, inbox, found, stream=stream,
+                                   subject_filter=subject_filter, start=start,
+                                   api_prefix=api_prefix)
+                except (JetStreamAPIError, BusTimeout, UntrustedDeliveries) as e:
+                    if isinstance(e, UntrustedDeliveries):
+                        logger.warning("%s; reading on with Direct Get", e)
+                    # Read on with Direct Get (a fresh inbox) from where it stopped.
+                    consumer_ok = False
+                    found.done = False
+                    seq = found.next_seq(start)
+                    continue
+        if must_reach is None or found.past or (found.out and found.out[-1][0] >= must_reach):
+            return found.out
+        # The replica that answered is behind: read on from its end, later.
+        now = asyncio.get_running_loop().time()
+        if behind_since is None:
+            behind_since = now
+        elif now - behind_since >= BEHIND_FOR:
+            got = found.out[-1][0] if found.out else after
+            raise BusTimeout(f"reading {subject_filter!r}: no replica of {stream!r} answered "
+                             f"past sequence {got} within {BEHIND_FOR}s, though {must_reach} "
+                             f"is stored")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _BEHIND_PAUSE_MAX)
+        found.done = False
+        seq = found.next_seq(seq)
 
 
 async def _direct_pages(

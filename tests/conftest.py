@@ -59,9 +59,9 @@ def depth_scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     scans: list[str] = []
     original = _history._scan_depths
 
-    def counting(bus: SessionBus, session_id: str, envelope_id: str) -> Any:
+    def counting(bus: SessionBus, session_id: str, *args: Any) -> Any:
         scans.append(session_id)
-        return original(bus, session_id, envelope_id)
+        return original(bus, session_id, *args)
 
     monkeypatch.setattr(_history, "_scan_depths", counting)
     return scans

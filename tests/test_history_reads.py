@@ -23,7 +23,7 @@ from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
 from sessionbus.bus._seqread import UntrustedDeliveries, read_range
 from sessionbus.bus._server import NatsCluster, NatsServer
-from sessionbus.bus.errors import BusError
+from sessionbus.bus.errors import BusError, BusTimeout
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
@@ -405,3 +405,29 @@ async def test_a_read_remembers_each_depth_within_the_bound(
     assert bus.lifecycle.known_depth("b", other.envelope_id) is None
     assert bus.lifecycle.known_depth("a", again[0].envelope_id) is None
     assert all(bus.lifecycle.known_depth("a", e.envelope_id) == 0 for e in again[1:])
+
+
+async def test_a_read_that_must_reach_a_sequence_waits_for_a_replica_that_is_behind(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As when a follower that has not applied the newest messages answers the Direct Get."""
+    await bus.open("behind", participant="client")
+    seqs = await _store(bus, "behind", ["a", "b", "c"])
+    # Two stored a little later: the read that must reach the second waits for both.
+    later = asyncio.get_running_loop().call_later(
+        0.1, lambda: asyncio.ensure_future(_store(bus, "behind", ["d", "e"])))
+    found = await read_history(bus, "behind", must_reach=seqs[-1] + 2)
+    later.cancel()
+    assert [e.content for _, e in found] == ["a", "b", "c", "d", "e"]
+    assert found[-1][0] == seqs[-1] + 2
+    # A message past up_to shows the replica holds everything up to it: no
+    # wait, though what must be reached is gone (deleted, expired).
+    await bus.js.delete_msg(bus.names.envelope_stream, found[3][0])
+    start = time.monotonic()
+    shown = await read_history(bus, "behind", up_to=found[3][0], must_reach=found[3][0])
+    assert [e.content for _, e in shown] == ["a", "b", "c"]
+    assert time.monotonic() - start < _seqread.BEHIND_FOR / 2
+    # Never reached: a typed error after BEHIND_FOR, not a short history.
+    monkeypatch.setattr(_seqread, "BEHIND_FOR", 0.3)
+    with pytest.raises(BusTimeout, match="though"):
+        await read_history(bus, "behind", must_reach=found[-1][0] + 5)

@@ -83,7 +83,7 @@ async def admit(bus: SessionBus, held: Held) -> Admission:
     if envelope.causation_id is not None:
         parent = states.known_depth(sid, envelope.causation_id)
         if parent is None:
-            parent = await find_depth(bus, sid, envelope.causation_id)
+            parent = await find_depth(bus, sid, envelope.causation_id, stored=held.seq)
         if parent is None:
             return Admission(Verdict.DEAD, f"causation {envelope.causation_id!r} is not "
                                            f"in session {sid!r}")

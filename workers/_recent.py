@@ -178,8 +178,8 @@ class RecentHistory:
         if entry is None or entry.hi < up_to:
             self.cold_reads += 1
             now = time.time()
-            return _newest(History([e for _, e in await read_history(bus, sid, up_to=up_to)
-                                    if not e.is_expired(now)]), last)
+            read = await read_history(bus, sid, up_to=up_to, must_reach=up_to)
+            return _newest(History([e for _, e in read if not e.is_expired(now)]), last)
         # The entry holds everything in (known_after, hi]: take the window now,
         # before any await lets an intake trim it (the lists are append-only).
         start = entry.start
@@ -191,7 +191,12 @@ class RecentHistory:
         if known_after == 0 or (last is not None and len(tail) >= last):
             return _newest(tail, last)
         self.cold_reads += 1
-        front = await read_history(bus, sid, up_to=min(known_after, up_to))
+        # Up to the oldest envelope held (stored: the read waits for a replica
+        # that is behind to reach it), which is then left out.
+        anchor = min(entry.seqs[start], up_to) if len(entry.seqs) > start else up_to
+        front = [(seq, e) for seq, e in await read_history(bus, sid, up_to=anchor,
+                                                            must_reach=anchor)
+                 if seq <= known_after]
         if known_after < up_to:
             self._adopt(sid, entry, known_after, front)
         now = time.time()

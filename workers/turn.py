@@ -138,9 +138,9 @@ class Turn:
         if self._recent is not None:
             return await self._recent.history(self._bus, self.session_id, self.sequence, last)
         now = time.time()
-        whole = History([e for _, e in await read_history(self._bus, self.session_id,
-                                                          up_to=self.sequence)
-                         if not e.is_expired(now)])
+        read = await read_history(self._bus, self.session_id, up_to=self.sequence,
+                                  must_reach=self.sequence)
+        whole = History([e for _, e in read if not e.is_expired(now)])
         return whole if last is None else whole.newest(last)
 
     async def reply(
