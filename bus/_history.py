@@ -156,6 +156,7 @@ async def read_history(
 async def _read(
     bus: SessionBus, session_id: str, convert: Callable[[int, bytes, bytes | None], T], *,
     after: int = 0, up_to: int | None = None, must_reach: int | None = None,
+    headers_only: bool = False,
 ) -> list[tuple[int, T]]:
     """``read_range`` over the session's envelopes, with the bus's errors."""
     with nats_errors(f"reading the history of {session_id!r}"):
@@ -163,7 +164,7 @@ async def _read(
             return await read_range(
                 bus.nc, convert, stream=bus.names.envelope_stream,
                 subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
-                must_reach=must_reach, api_prefix=bus.api_prefix,
+                must_reach=must_reach, headers_only=headers_only, api_prefix=bus.api_prefix,
             )
         except JetStreamAPIError as e:
             if e.code == 503:
@@ -253,12 +254,21 @@ async def find_depth(bus: SessionBus, session_id: str, envelope_id: str, *,
 
 async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
                        stored: int | None = None) -> int | None:
-    """:func:`find_depth`'s read of the session, remembering every depth it passes."""
+    """:func:`find_depth`'s read of the session, remembering every depth it passes.
+
+    Headers only, past a first page of bodies cut at 64 KiB: a session of
+    large envelopes is read for its ids and depths, not its payloads. An
+    envelope whose depth header is missing or not a number is then not
+    remembered unless its body came along; the read's note stops before
+    the first such one, and the wanted one's body is read by itself.
+    """
     try:
         wanted = envelope_id.encode()
     except UnicodeEncodeError:  # no stored id is such a string
         return None
-    found: list[int] = []
+    found: list[tuple[int, int]] = []  # (seq, depth) of the first copy with a usable depth
+    first_unread: list[int] = []  # seq of the first id whose depth came without its body
+    wanted_unread: list[int] = []  # seqs of copies of the wanted id that came so
     remember = bus.lifecycle.remember_depth
 
     def depth_of(seq: int, data: bytes, headers: bytes | None) -> None:
@@ -274,13 +284,19 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
         depth: int | None = None
         if depth_text is not None and depth_text.isdigit() and len(depth_text) <= _DEPTH_DIGITS:
             depth = int(depth_text)
+        elif not data:  # written around the bus, and only the headers came
+            if not first_unread:
+                first_unread.append(seq)
+            if raw_id == wanted:
+                wanted_unread.append(seq)
+            return
         else:  # written around the bus: the body says
             with contextlib.suppress(DecodeError):
                 depth = decode(data, Envelope).depth
         if depth is None:
             return
-        if raw_id == wanted and not found:  # the first usable copy, as before
-            found.append(depth)
+        if raw_id == wanted and not found:
+            found.append((seq, depth))
         remember(session_id, msg_id, depth)
 
     # Only what is stored past the last such read of the session, while the
@@ -288,7 +304,27 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
     states = bus.lifecycle.states
     scan = states.begin_depth_scan(session_id)
     after = scan.seq
-    read = await _read(bus, session_id, depth_of, after=after,
+    read = await _read(bus, session_id, depth_of, after=after, headers_only=True,
                        must_reach=stored if stored is not None and stored > after else None)
-    states.end_depth_scan(session_id, scan, read[-1][0] if read else after)
-    return found[0] if found else None
+    through = read[-1][0] if read else after
+    if first_unread:
+        through = min(through, first_unread[0] - 1)
+    states.end_depth_scan(session_id, scan, through)
+    for seq in wanted_unread:  # in stream order: the first copy with a usable depth counts
+        if found and found[0][0] < seq:
+            break
+        depth = await _body_depth(bus, session_id, seq)
+        if depth is not None:
+            remember(session_id, envelope_id, depth)
+            return depth
+    return found[0][1] if found else None
+
+
+async def _body_depth(bus: SessionBus, session_id: str, seq: int) -> int | None:
+    """The depth in the body of the envelope stored at ``seq``, if it is one of the session's."""
+    with nats_errors(f"reading the history of {session_id!r}"):
+        raw = await bus.js.get_msg(bus.names.envelope_stream, seq)
+    try:
+        return decode(raw.data or b"", Envelope).depth
+    except DecodeError:
+        return None

@@ -54,7 +54,8 @@ from sessionbus.bus._jsapi import (
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
 from sessionbus.bus.errors import BusError, BusTimeout
 
-__all__ = ["BEHIND_FOR", "CONSUMER_PAST", "UntrustedDeliveries", "read_range"]
+__all__ = ["BEHIND_FOR", "CONSUMER_PAST", "HEADERS_ONLY_PAGE_BYTES", "UntrustedDeliveries",
+           "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ FIRST_PAGE = 128
 PAGE = 2048
 #: Messages still to come, past the first page, above which a consumer delivers them.
 CONSUMER_PAST = 256
+#: Bytes after which a Direct Get page of a headers-only read stops (it carries bodies).
+HEADERS_ONLY_PAGE_BYTES = 64 * 1024
 #: Seconds the server keeps a history consumer after its reader unsubscribed.
 _LINGER = 2.0
 #: Seconds without a delivery after which a history read checks its connection.
@@ -195,6 +198,7 @@ async def read_range(
     after: int = 0,
     up_to: int | None = None,
     must_reach: int | None = None,
+    headers_only: bool = False,
     api_prefix: str = DEFAULT_API_PREFIX,
 ) -> list[tuple[int, T]]:
     """``(seq, convert(seq, body, headers))`` per message on the filter, ``after < seq <= up_to``.
@@ -212,6 +216,13 @@ async def read_range(
     ends short of ``must_reach`` reads on from where it stopped, a little
     later, for up to ``BEHIND_FOR`` seconds, then raises BusTimeout.
 
+    ``headers_only``: for a reader of headers alone. Direct Get pages are
+    cut at ``HEADERS_ONLY_PAGE_BYTES`` (Direct Get sends bodies), and all
+    that is left after the first goes through a consumer that delivers
+    headers only: ``body`` is then empty (the header block has
+    ``Nats-Msg-Size``), as it can be for any message should the consumer
+    be refused (Direct Get pages, with their bodies, read the rest).
+
     Raises JetStreamAPIError on an error status (503 when no replica
     answers) and BusTimeout when nothing answers in time.
     """
@@ -224,12 +235,13 @@ async def read_range(
         async with await RawInbox.open(nc) as inbox:
             start = await _direct_pages(nc, inbox, found, stream=stream,
                                         subject_filter=subject_filter, seq=seq,
-                                        api_prefix=api_prefix, hand_over=consumer_ok)
+                                        api_prefix=api_prefix, hand_over=consumer_ok,
+                                        headers_only=headers_only)
             if start is not None:
                 try:
                     await _consume(nc, inbox, found, stream=stream,
                                    subject_filter=subject_filter, start=start,
-                                   api_prefix=api_prefix)
+                                   api_prefix=api_prefix, headers_only=headers_only)
                 except (JetStreamAPIError, BusTimeout, UntrustedDeliveries) as e:
                     if isinstance(e, UntrustedDeliveries):
                         logger.warning("%s; reading on with Direct Get", e)
@@ -257,13 +269,14 @@ async def read_range(
 
 async def _direct_pages(
     nc: Client, inbox: RawInbox, found: _Range[T], *, stream: str, subject_filter: str,
-    seq: int, api_prefix: str, hand_over: bool,
+    seq: int, api_prefix: str, hand_over: bool, headers_only: bool = False,
 ) -> int | None:
     """Collect Direct Get pages from ``seq``; the sequence to hand over from, or None if done.
 
     With ``hand_over``, stops after the first page when more than
-    ``CONSUMER_PAST`` messages are still to come, returning where the
-    rest starts.
+    ``CONSUMER_PAST`` messages are still to come (with ``headers_only``,
+    any), returning where the rest starts. With ``headers_only`` each page
+    stops at ``HEADERS_ONLY_PAGE_BYTES``.
     """
     subject = f"{api_prefix}.DIRECT.GET.{stream}"
     up_to = found.up_to
@@ -272,7 +285,9 @@ async def _direct_pages(
     while up_to is None or seq <= up_to:
         batch = page if up_to is None else max(1, min(page, up_to - seq + 1))
         page = PAGE
-        req = {"seq": seq, "next_by_subj": subject_filter, "batch": batch}
+        req: dict[str, object] = {"seq": seq, "next_by_subj": subject_filter, "batch": batch}
+        if headers_only:
+            req["max_bytes"] = HEADERS_ONLY_PAGE_BYTES
         await nc.publish(subject, json.dumps(req).encode(), reply=inbox.subject)
         status = await inbox.wait(subject, idle=API_TIMEOUT)
         if found.done:
@@ -290,23 +305,25 @@ async def _direct_pages(
         # ``pending`` counts to the end of the stream: with a bound, no more
         # than ``up_to - seq + 1`` of them are in the range.
         left = pending if up_to is None else min(pending, up_to - seq + 1)
-        if hand_over and left > CONSUMER_PAST:
+        if hand_over and left > (0 if headers_only else CONSUMER_PAST):
             return seq
     return None
 
 
 async def _consume(
     nc: Client, inbox: RawInbox, found: _Range[T], *, stream: str, subject_filter: str,
-    start: int, api_prefix: str,
+    start: int, api_prefix: str, headers_only: bool = False,
 ) -> None:
     """Collect what an ephemeral push consumer from ``start`` delivers, to the end."""
-    config = {
+    config: dict[str, object] = {
         "deliver_policy": "by_start_sequence", "opt_start_seq": start,
         "ack_policy": "none", "filter_subject": subject_filter,
         "deliver_subject": inbox.subject, "flow_control": True,
         "idle_heartbeat": int(_HEARTBEAT * _NS), "mem_storage": True, "num_replicas": 1,
         "inactive_threshold": int(_LINGER * _NS),
     }
+    if headers_only:
+        config["headers_only"] = True
     create = f"{api_prefix}.CONSUMER.CREATE.{stream}"
     body = json.dumps({"stream_name": stream, "config": config}).encode()
     found.next_delivery = 1

@@ -84,7 +84,7 @@ async def test_depth_of_an_envelope_stored_by_another_client(
 async def test_depths_of_a_long_session_seen_by_a_fresh_client(
     nats_server: NatsServer, bus_factory: BusFactory, depth_scans: list[str],
 ) -> None:
-    """One read of the session, past its first page and through a consumer, answers them all."""
+    """One read of the session, past its first page and through a consumer, answers the rest."""
     sb = await bus_factory(nats_server.url)
     s = await sb.open("long", participant="user", max_depth=9)
     count = _seqread.FIRST_PAGE + _seqread.CONSUMER_PAST + 100
@@ -107,7 +107,10 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         odd.envelope_id: await other.send("re: odd", causation_id=odd.envelope_id),
         sent[-1]: await other.send("re: last", causation_id=sent[-1]),
     }
-    assert depth_scans == ["long"]  # the first lookup remembered every depth it passed
+    # The first lookup remembered every depth its headers gave. The two written
+    # around the bus without one came as headers only: the next lookup reads
+    # on from just before the first of them, bodies and all (a short read).
+    assert depth_scans == ["long"] * 2
     for i in (0, count // 2, count - 1):
         assert fresh.lifecycle.known_depth("long", sent[i]) == i % 5
     assert fresh.lifecycle.known_depth("other", sent[0]) is None
@@ -118,7 +121,7 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         parent: depth + 1 for parent, depth in parents.items()}
     with pytest.raises(CausationNotFound):
         await other.send("re: nothing", causation_id="f" * 32)
-    assert depth_scans == ["long", "long"]  # an id the session does not hold: read for again
+    assert depth_scans == ["long"] * 3  # an id the session does not hold: read for again
 
 
 async def test_a_lookup_reads_only_what_is_new_while_its_depths_are_remembered(
@@ -224,3 +227,20 @@ async def test_depths_written_around_the_bus_cannot_lie_or_crash_a_lookup(
     assert stored[reply] == 3  # the body's 2, + 1
     with pytest.raises(CausationNotFound):
         await reader.session("attacker").send("re", causation_id="\udc80")
+
+
+async def test_a_lookup_reads_ids_and_depths_not_payloads(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    sb = await bus_factory(nats_server.url)
+    s = await sb.open("heavy", participant="user")
+    big = "x" * 32_000
+    sent = [await s.send(big) for _ in range(60)]  # 1.9 MB of bodies
+    fresh = await bus_factory(nats_server.url)
+    before = fresh.nc.stats["in_bytes"]
+    reply = await fresh.session("heavy").send("re", causation_id=sent[-1])
+    read = fresh.nc.stats["in_bytes"] - before
+    assert read < 200_000, read  # the first page's few bodies, then headers only
+    assert all(fresh.lifecycle.known_depth("heavy", e) == 0 for e in sent)
+    stored = {e.envelope_id: e.depth async for e in sb.session("heavy").history()}
+    assert stored[reply] == 1
