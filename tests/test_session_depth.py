@@ -181,12 +181,14 @@ async def test_the_read_notes_of_a_session_go_with_any_of_its_depths(bus: Sessio
     first = states.begin_depth_scan("s")
     states.end_depth_scan("s", first, 40)
     assert states.begin_depth_scan("s").seq == 40
-    # Another session's depth noted under one of its ids: the note goes.
+    # Another session's depth noted under one of its ids: the note goes, and
+    # a read begun before that does not set the note that replaces it.
+    stale = states.begin_depth_scan("s")
     states.remember_depth("t", "s1", 5)
     assert states.begin_depth_scan("s").seq == 0
-    # A read begun before its note went does not set the new one.
-    stale = states.begin_depth_scan("s")
     states.end_depth_scan("s", stale, 50)
+    assert states.begin_depth_scan("s").seq == 0
+    states.end_depth_scan("s", states.begin_depth_scan("s"), 50)
     assert states.begin_depth_scan("s").seq == 50
     before = states.begin_depth_scan("s")
     monkeypatch.setattr(_states, "DEPTH_SIZE", len(states._depths))
