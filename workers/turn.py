@@ -125,6 +125,10 @@ class Turn:
         what the worker no longer holds each time. ConfigError (a
         ValueError) unless ``last`` is an integer of at least 1.
 
+        A read answered by a replica that has not applied this turn's own
+        envelope yet reads on until one has, for up to 5 seconds, then
+        raises BusTimeout (``bus/_seqread.py``).
+
         A read-only sequence: ``len``, indexing, slicing (a list),
         iteration, ``==`` with a list of the same envelopes and ``+`` (a
         list) work as on a list; take ``list(...)`` to change it. It is a
