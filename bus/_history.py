@@ -174,13 +174,16 @@ async def _read(
 
 async def replay_envelopes(
     bus: SessionBus, session_id: str, *, participant: str | None = None, after: int = 0,
+    must_reach: int | None = None,
 ) -> AsyncIterator[Envelope]:
     """The session's envelopes in stream order (those ``participant`` receives, if given).
 
-    Only those stored after stream sequence ``after`` when it is given.
+    Only those stored after stream sequence ``after`` when it is given;
+    ``must_reach`` as for :func:`read_history`.
     """
     now = time.time()
-    for _, envelope in await read_history(bus, session_id, after=after):
+    for _, envelope in await read_history(bus, session_id, after=after,
+                                          must_reach=must_reach):
         if envelope.is_expired(now):
             continue
         if participant is None or envelope.is_for(participant):

@@ -214,7 +214,9 @@ async def read_range(
     filter (a turn's own envelope). Any replica answers a Direct Get, and a
     follower may not have applied the newest messages yet: a read that
     ends short of ``must_reach`` reads on from where it stopped, a little
-    later, for up to ``BEHIND_FOR`` seconds, then raises BusTimeout.
+    later, for up to ``BEHIND_FOR`` seconds. Then it asks the stream's
+    leader: if the message is gone (expired, deleted), the read is what it
+    is; if not, BusTimeout.
 
     ``headers_only``: for a reader of headers alone. Direct Get pages are
     cut at ``HEADERS_ONLY_PAGE_BYTES`` (Direct Get sends bodies), and all
@@ -257,6 +259,8 @@ async def read_range(
         if behind_since is None:
             behind_since = now
         elif now - behind_since >= BEHIND_FOR:
+            if not await _stored_at(nc, stream, must_reach, api_prefix):
+                return found.out  # gone meanwhile (expired, deleted): nothing to wait for
             got = found.out[-1][0] if found.out else after
             raise BusTimeout(f"reading {subject_filter!r}: no replica of {stream!r} answered "
                              f"past sequence {got} within {BEHIND_FOR}s, though {must_reach} "
@@ -265,6 +269,18 @@ async def read_range(
         pause = min(pause * 2, _BEHIND_PAUSE_MAX)
         found.done = False
         seq = found.next_seq(seq)
+
+
+async def _stored_at(nc: Client, stream: str, seq: int, api_prefix: str) -> bool:
+    """Whether the stream's leader holds a message at ``seq`` (a message get, not Direct Get)."""
+    subject = f"{api_prefix}.STREAM.MSG.GET.{stream}"
+    try:
+        reply = await nc.request(subject, json.dumps({"seq": seq}).encode(),
+                                 timeout=API_TIMEOUT)
+    except Exception:  # no answer: assume it is there, and say the read is behind
+        return True
+    err = json.loads(reply.data).get("error")
+    return not (err and int(err.get("code", 0)) == 404)
 
 
 async def _direct_pages(

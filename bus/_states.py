@@ -174,6 +174,7 @@ class SessionStates:
         self._known: OrderedDict[str, Known] = OrderedDict()
         self._depths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._depths_through: dict[str, DepthScan] = {}
+        self._stored: dict[str, tuple[int, float]] = {}
         self._reading: dict[str, asyncio.Future[Known]] = {}
         self._outstanding: set[asyncio.Future[Known]] = set()
         self._queued: list[tuple[str, asyncio.Future[Known]]] = []
@@ -728,6 +729,31 @@ class SessionStates:
         """The read begun with ``scan`` noted every depth of the session up to ``seq``."""
         if self._depths_through.get(session_id) is scan:  # else one of them went meanwhile
             scan.seq = max(scan.seq, seq)
+
+    def note_stored(self, session_id: str, seq: int) -> None:
+        """This process stored an envelope of ``session_id`` at stream sequence ``seq``.
+
+        (One without a TTL of its own: one with a TTL may be gone when read.)
+        """
+        stored = self._stored
+        noted = stored.get(session_id)
+        if noted is None or seq > noted[0]:
+            if noted is None and len(stored) >= KNOWN_SIZE:
+                del stored[next(iter(stored))]  # the oldest noted goes: no wait for it
+            stored[session_id] = (seq, time.time())
+
+    def stored_through(self, session_id: str) -> int | None:
+        """The newest sequence this process stored an envelope of ``session_id`` at, if noted.
+
+        What its reads of the session wait for a replica that is behind to
+        reach, so that they see what it sent (``read_range``'s
+        ``must_reach``). None once the envelope stream's ``max_age`` may
+        have removed it.
+        """
+        noted = self._stored.get(session_id)
+        if noted is None or time.time() - noted[1] > self._bus.envelope_max_age / 2:
+            return None
+        return noted[0]
 
     def known_depth(self, session_id: str, envelope_id: str) -> int | None:
         """The remembered depth of ``envelope_id`` if it belongs to ``session_id``."""

@@ -270,7 +270,8 @@ class Session:
         sid = self.session_id
         hops = 0 if depth is None else _check_depth(depth, "depth")
         if causation_id is not None:
-            parent = await find_depth(self._bus, sid, causation_id)
+            parent = await find_depth(self._bus, sid, causation_id,
+                                      stored=self._bus.lifecycle.states.stored_through(sid))
             if parent is None:
                 raise CausationNotFound(sid, causation_id)
             hops = max(hops, parent + 1)
@@ -316,9 +317,12 @@ class Session:
         if envelope.ttl_seconds is not None:
             headers[TTL_HEADER] = str(wire_ttl(envelope.ttl_seconds))
         with nats_errors(f"sending into {envelope.session_id!r}"):
-            await _publish_stored(self._bus.js, self._bus.names.inbound(envelope.session_id),
-                                  data, headers, within=self._bus.settings.request_timeout)
+            seq = await _publish_stored(
+                self._bus.js, self._bus.names.inbound(envelope.session_id), data, headers,
+                within=self._bus.settings.request_timeout)
         self._bus.lifecycle.remember(envelope)
+        if envelope.ttl_seconds is None:
+            self._bus.lifecycle.states.note_stored(envelope.session_id, seq)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -369,10 +373,21 @@ class Session:
         """Replay the stored envelopes in order (those ``participant`` receives, if given).
 
         ``after`` is a stream sequence (a cursor from :meth:`history_page`
-        or a turn's ``sequence``): only envelopes stored after it come.
+        or a turn's ``sequence``): only envelopes stored after it come. What
+        this process sent into the session is among them, even when a
+        replica that has not applied it yet answers the read.
         """
         return replay_envelopes(self._bus, self.session_id, participant=participant,
-                                after=after)
+                                after=after, must_reach=self._sent_after(after))
+
+    def _sent_after(self, after: int) -> int | None:
+        """The newest sequence this process stored in the session at, if past ``after``.
+
+        A read waits for a replica that is behind to reach it: it sees what
+        this process sent (``read_range``'s ``must_reach``).
+        """
+        seq = self._bus.lifecycle.states.stored_through(self.session_id)
+        return seq if seq is not None and seq > after else None
 
     async def history_page(
         self, *, after: int = 0, participant: str | None = None,
@@ -383,7 +398,8 @@ class Session:
         new: a reader that polls its session costs the new envelopes, not
         the whole history. The cursor is ``after`` when nothing is new.
         """
-        found = await read_history(self._bus, self.session_id, after=after)
+        found = await read_history(self._bus, self.session_id, after=after,
+                                   must_reach=self._sent_after(after))
         cursor = found[-1][0] if found else after
         now = time.time()
         envelopes = [e for _, e in found if not e.is_expired(now)
@@ -443,8 +459,10 @@ class Session:
 
 
 async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
-                          headers: dict[str, str], *, within: float) -> None:
+                          headers: dict[str, str], *, within: float) -> int:
     """Publish into the envelope stream and wait for its ack, for at most ``within`` s.
+
+    Returns the stream sequence the envelope is stored at.
 
     While no stream takes the subject ("no responders": a replicated
     stream electing a leader, or one just created on another node), the
@@ -455,9 +473,9 @@ async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
     retry = Retry(within)
     while True:
         try:
-            await js.publish(subject, data, headers=headers,
-                             timeout=max(LAST_ATTEMPT, retry.left()))
-            return
+            ack = await js.publish(subject, data, headers=headers,
+                                   timeout=max(LAST_ATTEMPT, retry.left()))
+            return int(ack.seq)
         except nats.js.errors.NoStreamResponseError as e:
             if await retry.resend(e) is None:
                 raise

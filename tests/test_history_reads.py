@@ -264,6 +264,9 @@ async def test_a_long_read_on_a_replicated_stream(
 ) -> None:
     """Three replicas: the hand-over consumer is placed by the cluster, the read is the same."""
     sb = await bus_factory(nats_cluster.urls, replicas=3)
+    # A stream just created elects its leader first. The bus's own send waits
+    # for one; the raw publishes below would not.
+    await (await sb.open("first", participant="client")).send("led")
     stored = await _interleaved(sb, 30)
     assert _texts(await read_history(sb, "a")) == stored["a"]
     assert small_pages == ["read"]
@@ -427,7 +430,15 @@ async def test_a_read_that_must_reach_a_sequence_waits_for_a_replica_that_is_beh
     shown = await read_history(bus, "behind", up_to=found[3][0], must_reach=found[3][0])
     assert [e.content for _, e in shown] == ["a", "b", "c"]
     assert time.monotonic() - start < _seqread.BEHIND_FOR / 2
-    # Never reached: a typed error after BEHIND_FOR, not a short history.
     monkeypatch.setattr(_seqread, "BEHIND_FOR", 0.3)
+    # Gone, with nothing after it: after BEHIND_FOR the stream's leader says
+    # so, and the read is what it is.
+    await bus.js.delete_msg(bus.names.envelope_stream, found[-1][0])
+    assert [e.content for _, e in await read_history(
+        bus, "behind", must_reach=found[-1][0])] == ["a", "b", "c"]
+    # Held by the leader and never reached (here: not on the session's
+    # filter at all): a typed error, not a short history.
+    await bus.open("other", participant="client")
+    elsewhere = await _store(bus, "other", ["x"])
     with pytest.raises(BusTimeout, match="though"):
-        await read_history(bus, "behind", must_reach=found[-1][0] + 5)
+        await read_history(bus, "behind", must_reach=elsewhere[0])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from sessionbus.bus import Session, SessionBus, _seqread
+from sessionbus.bus import Session, SessionBus, _history, _seqread
 from sessionbus.bus._names import MSG_ID_HEADER, TTL_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import (
@@ -169,6 +170,34 @@ async def test_live_replay_of_a_long_session_while_another_client_sends(
         async with asyncio.timeout(20):
             got = [(await anext(feed)).content for _ in range(stored + more + 1)]
     assert got == [f"m{i}" for i in range(stored + more)] + ["end"]
+
+
+async def test_a_clients_reads_wait_for_what_it_stored(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its reads must reach its own last envelope, even from a replica that is behind."""
+    asked: list[int | None] = []
+    read = _history._read
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("must_reach"))
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(_history, "_read", recording)
+    s = await bus.open("mine", participant="user")
+    assert [e async for e in s.history()] == [] and asked == [None]
+    await s.send("one")
+    await s.send("two")
+    stored = [seq for seq, _ in await _history.read_history(bus, "mine")]
+    asked.clear()
+    assert [e.content async for e in s.history()] == ["one", "two"]
+    assert (await s.history_page(after=stored[0]))[1] == stored[1]
+    assert [e.content async for e in s.history(after=stored[1])] == []
+    await s.send("brief", ttl_seconds=30)  # may be gone when read: not waited for
+    assert [e.content async for e in s.history()] == ["one", "two", "brief"]
+    assert asked == [stored[1], stored[1], None, stored[1]]
+    other = bus.session("mine", participant="agent")
+    assert await other.send("re", causation_id=(await s.history_page())[0][0].envelope_id)
 
 
 async def test_idempotency_key_stores_once(bus: SessionBus) -> None:
