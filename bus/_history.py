@@ -308,7 +308,7 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
     scan = states.begin_depth_scan(session_id)
     after = scan.seq
     read = await _read(bus, session_id, depth_of, after=after, headers_only=True,
-                       must_reach=stored if stored is not None and stored > after else None)
+                       must_reach=stored)
     through = read[-1][0] if read else after
     if first_unread:
         through = min(through, first_unread[0] - 1)

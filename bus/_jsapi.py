@@ -261,6 +261,22 @@ async def consumer_info(
     return info
 
 
+async def stored_at(nc: Client, stream: str, seq: int, *,
+                    api_prefix: str = DEFAULT_API_PREFIX) -> bool:
+    """Whether the stream's leader holds a message at ``seq`` (a message get, not Direct Get).
+
+    No answer, or another error, counts as held: the caller goes on as if
+    the message were there.
+    """
+    try:
+        await _api(nc, f"{api_prefix}.STREAM.MSG.GET.{stream}", {"seq": seq})
+    except JetStreamAPIError as e:
+        return e.code != 404
+    except Exception:  # no answer (a timeout, a closed connection): held, as said
+        return True
+    return True
+
+
 async def unpin(
     nc: Client,
     *,

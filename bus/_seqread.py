@@ -50,6 +50,7 @@ from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     ack_numbers,
+    stored_at,
 )
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
 from sessionbus.bus.errors import BusError, BusTimeout
@@ -211,10 +212,11 @@ async def read_range(
     reply. The stream needs ``allow_direct``.
 
     ``must_reach`` is a sequence the caller knows holds a message on the
-    filter (a turn's own envelope). Any replica answers a Direct Get, and a
-    follower may not have applied the newest messages yet: a read that
-    ends short of ``must_reach`` reads on from where it stopped, a little
-    later, for up to ``BEHIND_FOR`` seconds. Then it asks the stream's
+    filter (a turn's own envelope); one at or before ``after`` is no bound.
+    Any replica answers a Direct Get, and a follower may not have applied
+    the newest messages yet: a read that ends short of ``must_reach`` reads
+    on from where it stopped, a little later, for up to ``BEHIND_FOR``
+    seconds. Then it asks the stream's
     leader: if the message is gone (expired, deleted), the read is what it
     is; if not, BusTimeout.
 
@@ -228,6 +230,8 @@ async def read_range(
     Raises JetStreamAPIError on an error status (503 when no replica
     answers) and BusTimeout when nothing answers in time.
     """
+    if must_reach is not None and must_reach <= after:
+        must_reach = None  # nothing this read covers can be it
     found = _Range(convert, up_to)
     seq = after + 1
     consumer_ok = True
@@ -259,7 +263,7 @@ async def read_range(
         if behind_since is None:
             behind_since = now
         elif now - behind_since >= BEHIND_FOR:
-            if not await _stored_at(nc, stream, must_reach, api_prefix):
+            if not await stored_at(nc, stream, must_reach, api_prefix=api_prefix):
                 return found.out  # gone meanwhile (expired, deleted): nothing to wait for
             got = found.out[-1][0] if found.out else after
             raise BusTimeout(f"reading {subject_filter!r}: no replica of {stream!r} answered "
@@ -269,18 +273,6 @@ async def read_range(
         pause = min(pause * 2, _BEHIND_PAUSE_MAX)
         found.done = False
         seq = found.next_seq(seq)
-
-
-async def _stored_at(nc: Client, stream: str, seq: int, api_prefix: str) -> bool:
-    """Whether the stream's leader holds a message at ``seq`` (a message get, not Direct Get)."""
-    subject = f"{api_prefix}.STREAM.MSG.GET.{stream}"
-    try:
-        reply = await nc.request(subject, json.dumps({"seq": seq}).encode(),
-                                 timeout=API_TIMEOUT)
-    except Exception:  # no answer: assume it is there, and say the read is behind
-        return True
-    err = json.loads(reply.data).get("error")
-    return not (err and int(err.get("code", 0)) == 404)
 
 
 async def _direct_pages(

@@ -442,3 +442,8 @@ async def test_a_read_that_must_reach_a_sequence_waits_for_a_replica_that_is_beh
     elsewhere = await _store(bus, "other", ["x"])
     with pytest.raises(BusTimeout, match="though"):
         await read_history(bus, "behind", must_reach=elsewhere[0])
+    # At or before ``after`` it bounds nothing this read covers: no wait.
+    start = time.monotonic()
+    assert await read_history(bus, "behind", after=elsewhere[0],
+                              must_reach=elsewhere[0]) == []
+    assert time.monotonic() - start < _seqread.BEHIND_FOR
