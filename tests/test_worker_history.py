@@ -223,6 +223,6 @@ def test_the_newest_of_a_history_is_a_window_on_the_same_list() -> None:
     items = [Envelope(session_id="s", event_data={"text": str(i)}) for i in range(10)]
     history = History(items, 2, 8)
     assert history.newest(3) == items[5:8]
-    assert history.newest(6) == items[2:8] == history.newest(100)
+    assert history.newest(6) == items[2:8] == history.newest(100) == history.newest(None)
     items.append(items[0])  # the list grows past the window: the window stays
     assert len(history.newest(3)) == 3 and history.newest(1)[0] is items[7]

@@ -39,8 +39,10 @@ class History(Sequence[Envelope]):
     def __len__(self) -> int:
         return self._hi - self._lo
 
-    def newest(self, count: int) -> History:
-        """The last ``count`` envelopes (all if fewer), as a window on the same list."""
+    def newest(self, count: int | None) -> History:
+        """The last ``count`` envelopes (all if fewer, or None), as a window on the same list."""
+        if count is None or count >= self._hi - self._lo:
+            return self
         return History(self._items, max(self._lo, self._hi - max(count, 0)), self._hi)
 
     @overload

@@ -179,7 +179,7 @@ class RecentHistory:
             self.cold_reads += 1
             now = time.time()
             read = await read_history(bus, sid, up_to=up_to, must_reach=up_to)
-            return _newest(History([e for _, e in read if not e.is_expired(now)]), last)
+            return History([e for _, e in read if not e.is_expired(now)]).newest(last)
         # The entry holds everything in (known_after, hi]: take the window now,
         # before any await lets an intake trim it (the lists are append-only).
         start = entry.start
@@ -189,7 +189,7 @@ class RecentHistory:
             tail = History([e for e in tail if not e.is_expired(now)])
         known_after = entry.known_after
         if known_after == 0 or (last is not None and len(tail) >= last):
-            return _newest(tail, last)
+            return tail.newest(last)
         self.cold_reads += 1
         # Up to the oldest envelope held (stored: the read waits for a replica
         # that is behind to reach it), which is then left out.
@@ -200,8 +200,8 @@ class RecentHistory:
         if known_after < up_to:
             self._adopt(sid, entry, known_after, front)
         now = time.time()
-        return _newest(History([e for _, e in front if not e.is_expired(now)]
-                               + [e for e in tail if not e.is_expired(now)]), last)
+        return History([e for _, e in front if not e.is_expired(now)]
+                       + [e for e in tail if not e.is_expired(now)]).newest(last)
 
     def _adopt(self, sid: str, entry: _Entry, known_after: int,
                front: list[tuple[int, Envelope]]) -> None:
@@ -218,10 +218,3 @@ class RecentHistory:
         entry.known_after = 0
         self._total += len(front)
         self._evict()
-
-
-def _newest(history: History, last: int | None) -> History:
-    """The newest ``last`` envelopes of ``history`` (all of them for None)."""
-    if last is None or last >= len(history):
-        return history
-    return history.newest(last)

@@ -144,8 +144,7 @@ class Turn:
         now = time.time()
         read = await read_history(self._bus, self.session_id, up_to=self.sequence,
                                   must_reach=self.sequence)
-        whole = History([e for _, e in read if not e.is_expired(now)])
-        return whole if last is None else whole.newest(last)
+        return History([e for _, e in read if not e.is_expired(now)]).newest(last)
 
     async def reply(
         self,
