@@ -47,19 +47,21 @@ import time
 from _common import add_loop_option, environment, format_ratio, run_loop
 from sessionbus.bus import SessionBus
 from sessionbus.bus._history import find_depth, replay_messages
+from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.schemas import Envelope, decode, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
 
 
 async def fill(sb: SessionBus, sid: str, count: int) -> None:
-    """Open ``sid`` and store ``count`` envelopes in it, pipelined."""
+    """Open ``sid`` and store ``count`` envelopes in it, pipelined, headed as a send heads them."""
     await sb.open(sid, participant="client", participants=["g"])
     futures = []
     for i in range(count):
         env = Envelope(session_id=sid, sender_id="client", event_data={"text": f"m{i} " + "x" * 64})
         futures.append(await sb.js.publish_async(sb.names.inbound(sid), encode(env),
-                                                 headers={"Nats-Msg-Id": env.envelope_id}))
+                                                 headers={MSG_ID_HEADER: env.envelope_id,
+                                                          DEPTH_HEADER: str(env.depth)}))
     await asyncio.gather(*futures)
 
 

@@ -261,17 +261,19 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
 
     Headers only, past a first page of bodies cut at 64 KiB: a session of
     large envelopes is read for its ids and depths, not its payloads. An
-    envelope whose depth header is missing or not a number is then not
-    remembered unless its body came along; the read's note stops before
-    the first such one, and the wanted one's body is read by itself.
+    envelope whose depth header is missing or not a number (written around
+    the bus) has its depth in its body only: when such envelopes came
+    without their bodies, a second read fetches the bodies from the first
+    of them to where the first read ended, once, so that later lookups
+    still read only what is new.
     """
     try:
         wanted = envelope_id.encode()
     except UnicodeEncodeError:  # no stored id is such a string
         return None
-    found: list[tuple[int, int]] = []  # (seq, depth) of the first copy with a usable depth
+    # (seq, depth) of the newest copy with a usable depth: what the memory keeps too
+    found: list[tuple[int, int]] = []
     first_unread: list[int] = []  # seq of the first id whose depth came without its body
-    wanted_unread: list[int] = []  # seqs of copies of the wanted id that came so
     remember = bus.lifecycle.remember_depth
 
     def depth_of(seq: int, data: bytes, headers: bytes | None) -> None:
@@ -290,16 +292,14 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
         elif not data:  # written around the bus, and only the headers came
             if not first_unread:
                 first_unread.append(seq)
-            if raw_id == wanted:
-                wanted_unread.append(seq)
             return
         else:  # written around the bus: the body says
             with contextlib.suppress(DecodeError):
                 depth = decode(data, Envelope).depth
         if depth is None:
             return
-        if raw_id == wanted and not found:
-            found.append((seq, depth))
+        if raw_id == wanted and (not found or seq > found[0][0]):
+            found[:] = [(seq, depth)]
         remember(session_id, msg_id, depth)
 
     # Only what is stored past the last such read of the session, while the
@@ -310,24 +310,8 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
     read = await _read(bus, session_id, depth_of, after=after, headers_only=True,
                        must_reach=stored)
     through = read[-1][0] if read else after
-    if first_unread:
-        through = min(through, first_unread[0] - 1)
+    if first_unread:  # the bodies the headers-only part of the read left behind
+        await _read(bus, session_id, depth_of, after=first_unread[0] - 1, up_to=through,
+                    must_reach=through)
     states.end_depth_scan(session_id, scan, through)
-    for seq in wanted_unread:  # in stream order: the first copy with a usable depth counts
-        if found and found[0][0] < seq:
-            break
-        depth = await _body_depth(bus, session_id, seq)
-        if depth is not None:
-            remember(session_id, envelope_id, depth)
-            return depth
     return found[0][1] if found else None
-
-
-async def _body_depth(bus: SessionBus, session_id: str, seq: int) -> int | None:
-    """The depth in the body of the envelope stored at ``seq``, if it is one of the session's."""
-    with nats_errors(f"reading the history of {session_id!r}"):
-        raw = await bus.js.get_msg(bus.names.envelope_stream, seq)
-    try:
-        return decode(raw.data or b"", Envelope).depth
-    except DecodeError:
-        return None

@@ -107,10 +107,10 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         odd.envelope_id: await other.send("re: odd", causation_id=odd.envelope_id),
         sent[-1]: await other.send("re: last", causation_id=sent[-1]),
     }
-    # The first lookup remembered every depth its headers gave. The two written
-    # around the bus without one came as headers only: the next lookup reads
-    # on from just before the first of them, bodies and all (a short read).
-    assert depth_scans == ["long"] * 2
+    # The first lookup remembered every depth: from the headers, and for the
+    # two written around the bus, which came as headers only, from their
+    # bodies, read once. The other lookups needed no read.
+    assert depth_scans == ["long"]
     for i in (0, count // 2, count - 1):
         assert fresh.lifecycle.known_depth("long", sent[i]) == i % 5
     assert fresh.lifecycle.known_depth("other", sent[0]) is None
@@ -121,7 +121,45 @@ async def test_depths_of_a_long_session_seen_by_a_fresh_client(
         parent: depth + 1 for parent, depth in parents.items()}
     with pytest.raises(CausationNotFound):
         await other.send("re: nothing", causation_id="f" * 32)
-    assert depth_scans == ["long"] * 3  # an id the session does not hold: read for again
+    assert depth_scans == ["long"] * 2  # an id the session does not hold: read for again
+
+
+async def test_lookups_in_a_session_written_around_the_bus_read_only_what_is_new(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No depth headers at all: the bodies are read once, not on every lookup."""
+    sb = await bus_factory(nats_server.url)
+    await sb.open("legacy", participant="user")
+    count = _seqread.CONSUMER_PAST * 4  # past the headers-only read's first page
+    raw = [Envelope(session_id="legacy", sender_id="raw", depth=i % 4,
+                    event_data={"text": "x" * 300}) for i in range(count)]
+    acks = [await sb.js.publish_async(sb.names.inbound("legacy"), encode(e),
+                                      headers={MSG_ID_HEADER: e.envelope_id}) for e in raw]
+    await asyncio.gather(*acks)
+    reads: list[tuple[int, int, bool]] = []  # (after, messages read, headers only)
+    original = _history._read
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        out = await original(*args, **kwargs)
+        reads.append((kwargs.get("after", 0), len(out), kwargs.get("headers_only", False)))
+        return out
+
+    monkeypatch.setattr(_history, "_read", recording)
+    reader = await bus_factory(nats_server.url)
+    assert await _history.find_depth(reader, "legacy", raw[-1].envelope_id) == (count - 1) % 4
+    # The headers-only read, then the bodies it left behind, from the first of them.
+    assert [(after, read) for after, read, _ in reads[:1]] == [(0, count)]
+    assert reads[0][2] and not reads[1][2]
+    assert 0 < reads[1][0] and reads[1][0] + reads[1][1] == acks[-1].result().seq
+    assert all(reader.lifecycle.known_depth("legacy", e.envelope_id) == e.depth for e in raw)
+    # A forged causation: nothing new to read.
+    assert await _history.find_depth(reader, "legacy", "f" * 32) is None
+    assert reads[2][1] == 0 and len(reads) == 3
+    newer = Envelope(session_id="legacy", sender_id="raw", depth=3)
+    await sb.js.publish(sb.names.inbound("legacy"), encode(newer),
+                        headers={MSG_ID_HEADER: newer.envelope_id})
+    assert await _history.find_depth(reader, "legacy", newer.envelope_id) == 3
+    assert [read for _, read, _ in reads[3:]] == [1]  # its body came on the first page
 
 
 async def test_a_lookup_reads_only_what_is_new_while_its_depths_are_remembered(
