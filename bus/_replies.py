@@ -1,12 +1,15 @@
 """Requests whose replies come back on one inbox subscription: the lean path for writes.
 
-A KV write is a publish with a reply subject and a wait for the server's
-acknowledgement. nats-py's ``request()`` (under ``js.publish()``) costs
-about 40 us of client time per call on top of that (a timeout wrapper, a
-fresh token from a random generator, a ``PubAck`` dataclass built by
-introspection), as much as a sixth of a whole write on loopback. Here one
-wildcard inbox subscription per :class:`Replies` carries every reply,
-futures are keyed by a counter, and a timeout is a plain timer.
+A stream write (an envelope sent, a KV write) is a publish with a reply
+subject and a wait for the server's acknowledgement. nats-py's
+``request()`` (under ``js.publish()``) costs about 40 us of client time
+per call on top of that (a timeout wrapper, a fresh token from a random
+generator, a ``PubAck`` dataclass built by introspection), as much as a
+sixth of a whole write on loopback. Here one wildcard inbox subscription
+per :class:`Replies` carries every reply, taken as bytes before nats-py
+builds a message (``bus._rawsub``); futures are keyed by a counter, a
+timeout is a plain timer, and the publish is framed with the header block
+written once (``bus._rawpub``).
 
 Separating the publish from the wait also lets a caller put more on the
 wire before it waits (the session open publishes its idle timer after the
@@ -17,19 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
+from sessionbus.bus._rawpub import header_block, publish_nowait
+from sessionbus.bus._rawsub import status_line, subscribe_raw
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed
 
-if TYPE_CHECKING:
-    from nats.aio.subscription import Subscription
+__all__ = ["NoResponders", "Pending", "Replies", "Reply"]
 
-__all__ = ["NoResponders", "Pending", "Replies"]
-
-_STATUS = "Status"
-_NO_RESPONDERS = "503"
+_NO_RESPONDERS = 503
 
 
 class NoResponders(ConnectionFailed):
@@ -40,12 +41,19 @@ class NoResponders(ConnectionFailed):
     """
 
 
+class Reply(NamedTuple):
+    """A reply as it came: its body and its header block (None without headers)."""
+
+    data: bytes
+    headers: bytes | None
+
+
 class Pending:
     """A request on the wire: :meth:`Replies.wait` gives its reply."""
 
     __slots__ = ("future", "token")
 
-    def __init__(self, token: str, future: asyncio.Future[Msg]) -> None:
+    def __init__(self, token: bytes, future: asyncio.Future[Reply]) -> None:
         self.token = token
         self.future = future
 
@@ -56,9 +64,10 @@ class Replies:
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = ""
-        self._sub: Subscription | None = None
+        self._cut = 0
+        self._sub: Any = None
         self._starting: asyncio.Future[None] | None = None
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self._tokens = itertools.count(1)
 
     async def _start(self) -> None:
@@ -66,8 +75,8 @@ class Replies:
             self._starting = asyncio.get_running_loop().create_future()
             try:
                 prefix = f"{self._nc.new_inbox()}."
-                self._sub = await self._nc.subscribe(f"{prefix}*", cb=self._on_reply)
-                self._prefix = prefix
+                self._sub = await subscribe_raw(self._nc, f"{prefix}*", self._on_reply)
+                self._prefix, self._cut = prefix, len(prefix)
             except BaseException as e:
                 starting, self._starting = self._starting, None
                 starting.set_exception(e)
@@ -78,22 +87,33 @@ class Replies:
         # not cancel the start every other caller waits on.
         await asyncio.shield(self._starting)
 
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+    def _on_reply(self, subject: bytes, reply: bytes, data: bytes,
+                  headers: bytes | None) -> None:
+        future = self._waiting.pop(subject[self._cut:], None)
         if future is not None and not future.done():
-            future.set_result(msg)
+            future.set_result(Reply(data, headers))
 
-    async def send(self, subject: str, payload: bytes, headers: dict[str, str] | None
-                   ) -> Pending:
-        """Publish ``payload`` with a reply subject; await :meth:`wait` for the reply."""
+    async def send(self, subject: str, payload: bytes,
+                   headers: Mapping[str, str] | None) -> Pending:
+        """Publish ``payload`` with a reply subject; await :meth:`wait` for the reply.
+
+        Raises ValueError for a header that cannot be sent (a line break
+        in it), and what ``Client.publish`` raises for a closed or
+        draining connection, a full reconnect buffer or an oversized
+        payload.
+        """
         if self._starting is None or not self._starting.done() or self._sub is None:
             await self._start()
-        token = str(next(self._tokens))
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        block = header_block(headers) if headers else None
+        number = str(next(self._tokens))
+        token = number.encode()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token,
-                                   headers=headers)
+            flush = publish_nowait(self._nc, subject, payload, reply=self._prefix + number,
+                                   headers=block)
+            if flush is not None:
+                await flush
         except BaseException:
             del self._waiting[token]
             raise
@@ -103,23 +123,25 @@ class Replies:
         """Stop waiting for ``pending``'s reply."""
         self._waiting.pop(pending.token, None)
 
-    async def wait(self, pending: Pending, *, within: float, what: str) -> Msg:
+    async def wait(self, pending: Pending, *, within: float, what: str) -> Reply:
         """The reply to ``pending``; BusTimeout after ``within`` s, NoResponders if
         nobody listens on the subject (no stream, an election, a cut leaf link)."""
         future = pending.future
         timer = asyncio.get_running_loop().call_later(within, _expire, future)
         try:
-            msg = await future
+            reply = await future
         except TimeoutError as e:
             raise BusTimeout(f"{what} timed out") from e
         finally:
             timer.cancel()
             self._waiting.pop(pending.token, None)
-        if not msg.data and msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
-            raise NoResponders(f"{what}: no JetStream answering")
-        return msg
+        if not reply.data:
+            status = status_line(reply.headers)
+            if status is not None and status[0] == _NO_RESPONDERS:
+                raise NoResponders(f"{what}: no JetStream answering")
+        return reply
 
 
-def _expire(future: asyncio.Future[Msg]) -> None:
+def _expire(future: asyncio.Future[Reply]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())

@@ -24,6 +24,7 @@ from sessionbus.bus._headers import install as install_header_parser
 from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._loop import check_running_loop
 from sessionbus.bus._names import Names, validate_id
+from sessionbus.bus._replies import Replies
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._wire import install as install_parser
 from sessionbus.bus.errors import (
@@ -157,6 +158,7 @@ class SessionBus:
         self.embedded: NatsServer | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._replies: Replies | None = None
         self._buckets: dict[str, Bucket] = {}
         self._services: list[Any] = []
         self._lifecycle: Lifecycle | None = None
@@ -247,6 +249,7 @@ class SessionBus:
             self._js = self._nc.jetstream(
                 domain=self.settings.domain, timeout=self.settings.request_timeout
             )
+            self._replies = Replies(nc)
             await self._provision()
             await self._start_lifecycle()
         except BaseException:
@@ -326,6 +329,13 @@ class SessionBus:
         if self._js is None or self._closed:
             raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
         return self._js
+
+    @property
+    def replies(self) -> Replies:
+        """Writes into the envelope stream, their acknowledgements on one inbox."""
+        if self._replies is None or self._closed:
+            raise BusClosedError("the bus is not started (use 'async with SessionBus()')")
+        return self._replies
 
     @property
     def url(self) -> str:

@@ -23,6 +23,7 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -33,18 +34,19 @@ from typing import TYPE_CHECKING, Any
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 from pydantic import ValidationError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
+from sessionbus.bus._replies import NoResponders, Replies
 from sessionbus.bus._retry import LAST_ATTEMPT, Retry
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     CausationNotFound,
     ConfigError,
+    ConnectionFailed,
     DepthLimitExceeded,
     EnvelopeTooLarge,
     InvalidEnvelope,
@@ -316,10 +318,11 @@ class Session:
         headers = {MSG_ID_HEADER: envelope.envelope_id, DEPTH_HEADER: str(envelope.depth)}
         if envelope.ttl_seconds is not None:
             headers[TTL_HEADER] = str(wire_ttl(envelope.ttl_seconds))
-        with nats_errors(f"sending into {envelope.session_id!r}"):
+        what = f"sending into {envelope.session_id!r}"
+        with nats_errors(what):
             seq = await _publish_stored(
-                self._bus.js, self._bus.names.inbound(envelope.session_id), data, headers,
-                within=self._bus.settings.request_timeout)
+                self._bus.replies, self._bus.names.inbound(envelope.session_id), data, headers,
+                within=self._bus.settings.request_timeout, what=what)
         self._bus.lifecycle.remember(envelope)
         if envelope.ttl_seconds is None:
             self._bus.lifecycle.states.note_stored(envelope.session_id, seq)
@@ -458,8 +461,8 @@ class Session:
                 f"as {self._participant or '(anonymous)'!r}>")
 
 
-async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
-                          headers: dict[str, str], *, within: float) -> int:
+async def _publish_stored(replies: Replies, subject: str, data: bytes,
+                          headers: dict[str, str], *, within: float, what: str) -> int:
     """Publish into the envelope stream and wait for its ack, for at most ``within`` s.
 
     Returns the stream sequence the envelope is stored at.
@@ -467,15 +470,28 @@ async def _publish_stored(js: JetStreamContext, subject: str, data: bytes,
     While no stream takes the subject ("no responders": a replicated
     stream electing a leader, or one just created on another node), the
     envelope reached no one, so it is sent again, paced, until the time is
-    up. (Sent again after a lost answer, the stream's deduplication on
-    ``Nats-Msg-Id`` would store it once too.)
+    up (then :class:`NoResponders`, a ``ConnectionFailed``). An attempt
+    without any answer raises BusTimeout: it may have been stored, and is
+    not sent again here. (Sent again by the caller, the stream's
+    deduplication on ``Nats-Msg-Id`` would store it once.) A refusal
+    raises the matching ``nats.js.errors.APIError``.
     """
     retry = Retry(within)
+    wait = within
     while True:
+        pending = await replies.send(subject, data, headers)
         try:
-            ack = await js.publish(subject, data, headers=headers,
-                                   timeout=max(LAST_ATTEMPT, retry.left()))
-            return int(ack.seq)
-        except nats.js.errors.NoStreamResponseError as e:
-            if await retry.resend(e) is None:
+            reply = await replies.wait(pending, within=max(LAST_ATTEMPT, wait), what=what)
+        except NoResponders as e:
+            left = await retry.resend(e)
+            if left is None:
                 raise
+            wait = left
+            continue
+        if not reply.data:  # a status without a body: a leaf link or route cut mid-write
+            raise ConnectionFailed(f"{what}: no JetStream answering")
+        ack = json.loads(reply.data)
+        error = ack.get("error")
+        if error is not None:
+            nats.js.errors.APIError.from_error(error)  # raises the matching APIError
+        return int(ack["seq"])

@@ -10,6 +10,7 @@ from sessionbus.bus import Session, SessionBus, _history, _seqread
 from sessionbus.bus._names import MSG_ID_HEADER, TTL_HEADER
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import (
+    BusError,
     BusTimeout,
     ConfigError,
     ConnectionFailed,
@@ -345,6 +346,20 @@ async def test_a_dead_server_gives_bus_errors(nats_server_factory: ServerFactory
         await s.info()
     with pytest.raises((ConnectionFailed, BusTimeout)):
         await sb.open("never")
+
+
+async def test_a_send_the_stream_refuses_is_a_bus_error_with_the_reason(bus: SessionBus) -> None:
+    s = await bus.open("limited", participant="alice")
+    kept = await s.send("small")
+    # An operator caps the stream's message size below the bus's own limit.
+    info = await bus.js.stream_info(bus.names.envelope_stream)
+    info.config.max_msg_size = 512
+    await bus.js.update_stream(info.config)
+    with pytest.raises(BusError, match="sending into 'limited' failed: .*message size") as caught:
+        await s.send("x" * 600)
+    assert not isinstance(caught.value, (ConnectionFailed, BusTimeout))
+    assert [e.envelope_id async for e in s.history()] == [kept]
+    assert await s.send("small again")  # the session goes on
 
 
 async def test_a_reopened_id_is_not_refused_for_its_old_close(bus: SessionBus) -> None:
