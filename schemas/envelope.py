@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,9 +15,31 @@ from sessionbus.schemas.events import EV_TEXT
 MAX_PRIORITY = 9
 
 
+#: Ids made from one read of the operating system's random source.
+_ID_BATCH = 64
+#: Ids made and not handed out yet (one ``popleft`` each: safe across threads).
+_fresh_ids: deque[str] = deque()
+# A forked child must not hand out the ids its parent may still hand out.
+os.register_at_fork(after_in_child=_fresh_ids.clear)
+
+
 def new_envelope_id() -> str:
-    """A fresh, globally unique envelope id (32 hex characters)."""
-    return uuid.uuid4().hex
+    """A fresh, globally unique envelope id: a random UUID (version 4), 32 hex characters.
+
+    As ``uuid.uuid4().hex``, from the same source, but one read of it
+    makes 64 ids: a send made one system call for its id alone.
+    """
+    try:
+        return _fresh_ids.popleft()
+    except IndexError:
+        pass
+    raw = bytearray(os.urandom(16 * _ID_BATCH))
+    for i in range(0, len(raw), 16):
+        raw[i + 6] = raw[i + 6] & 0x0F | 0x40  # version 4
+        raw[i + 8] = raw[i + 8] & 0x3F | 0x80  # the RFC 4122 variant
+    text = raw.hex()
+    _fresh_ids.extend([text[i:i + 32] for i in range(32, len(text), 32)])
+    return text[:32]
 
 
 _IDEMPOTENCY_NS = uuid.UUID("6f1c3c3e-4b0a-4c55-9a53-2f4f0c3f6a11")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import uuid
+
 import msgpack
 import pytest
 from sessionbus.schemas import (
@@ -17,6 +21,7 @@ from sessionbus.schemas import (
     decode_map,
     encode,
     idempotent_envelope_id,
+    new_envelope_id,
 )
 from sessionbus.schemas.codec import _ENVELOPE_DEFAULTS
 
@@ -94,6 +99,38 @@ def test_envelope_rejects_bad_fields(bad: dict[str, object]) -> None:
     fields: dict[str, object] = {"session_id": "s", **bad}
     with pytest.raises(ValueError):
         Envelope.model_validate(fields)
+
+
+def test_new_envelope_ids_are_random_uuids_never_handed_out_twice() -> None:
+    made: list[str] = []
+
+    def make() -> None:
+        made.extend(new_envelope_id() for _ in range(5_000))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == len(made) == 20_000
+    for envelope_id in made[:200]:
+        parsed = uuid.UUID(envelope_id)
+        assert parsed.hex == envelope_id and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # A forked child does not repeat what its parent still holds unhanded.
+    new_envelope_id()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's only work
+        os.write(write_end, "".join(new_envelope_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(child, 0)
+    theirs = {text[i:i + 32] for i in range(0, len(text), 32)}
+    ours = {new_envelope_id() for _ in range(100)}
+    assert len(theirs) == 100 and not theirs & ours
 
 
 def test_idempotent_id_is_stable_and_scoped() -> None:
