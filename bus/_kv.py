@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +41,7 @@ from sessionbus.bus._jsapi import (
 )
 from sessionbus.bus._names import kv_subject
 from sessionbus.bus._reads import last_per_subject
-from sessionbus.bus._replies import NoResponders, Pending, Replies
+from sessionbus.bus._replies import NoResponders, Pending, Replies, stored_at
 from sessionbus.bus._retry import Retry
 from sessionbus.bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
@@ -265,22 +264,15 @@ class Bucket:
 
     async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
                      within: float) -> int:
-        msg = await self._replies.wait(pending, within=within,
-                                       what=f"write {self.name}/{key}")
-        if not msg.data:
-            # An empty reply: a leaf link or route cut mid-write.
-            raise ConnectionFailed(f"no JetStream answering for bucket {self.name}")
-        ack = json.loads(msg.data)
-        error = ack.get("error")
-        if error is not None:
-            try:
-                nats.js.errors.APIError.from_error(error)  # raises the matching APIError
-            except nats.js.errors.APIError as e:
-                if e.err_code in _WRONG_LAST_SEQUENCE:
-                    expected = headers.get(_EXPECT_LAST)
-                    raise KeyConflict(key, int(expected) if expected else None) from e
-                raise
-        return int(ack["seq"])
+        what = f"write {self.name}/{key}"
+        reply = await self._replies.wait(pending, within=within, what=what)
+        try:
+            return stored_at(reply, what)
+        except nats.js.errors.APIError as e:
+            if e.err_code in _WRONG_LAST_SEQUENCE:
+                expected = headers.get(_EXPECT_LAST)
+                raise KeyConflict(key, int(expected) if expected else None) from e
+            raise
 
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write unconditionally; with ``ttl`` the key expires that many seconds later."""

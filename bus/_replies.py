@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import nats.js.errors
 from nats.aio.client import Client
 from sessionbus.bus._rawpub import header_block, publish_nowait
 from sessionbus.bus._rawsub import status_line, subscribe_raw
-from sessionbus.bus.errors import BusTimeout, ConnectionFailed
+from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
-__all__ = ["NoResponders", "Pending", "Replies", "Reply"]
+__all__ = ["NoResponders", "Pending", "Replies", "Reply", "stored_at"]
 
 _NO_RESPONDERS = 503
 
@@ -140,6 +142,29 @@ class Replies:
             if status is not None and status[0] == _NO_RESPONDERS:
                 raise NoResponders(f"{what}: no JetStream answering")
         return reply
+
+
+def stored_at(reply: Reply, what: str) -> int:
+    """The stream sequence a write's acknowledgement names.
+
+    A refusal raises the matching ``nats.js.errors.APIError`` (the
+    server's code and description); a status without a body (a leaf link
+    or a route cut mid-write) ConnectionFailed; anything that is not an
+    acknowledgement BusError.
+    """
+    if not reply.data:
+        raise ConnectionFailed(f"{what}: no JetStream answering")
+    try:
+        ack = json.loads(reply.data)
+        error = ack.get("error")
+    except (ValueError, AttributeError) as e:
+        raise BusError(f"{what}: not an acknowledgement: {reply.data[:80]!r}") from e
+    if error is not None:
+        nats.js.errors.APIError.from_error(error)  # raises the matching APIError
+    seq = ack.get("seq")
+    if type(seq) is not int:
+        raise BusError(f"{what}: not an acknowledgement: {reply.data[:80]!r}")
+    return seq
 
 
 def _expire(future: asyncio.Future[Reply]) -> None:

@@ -23,7 +23,6 @@ What the bus enforces rather than trusts (the AG2 hub trusted the client):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -31,7 +30,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
@@ -40,13 +38,12 @@ from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
-from sessionbus.bus._replies import NoResponders, Replies
+from sessionbus.bus._replies import NoResponders, Replies, stored_at
 from sessionbus.bus._retry import LAST_ATTEMPT, Retry
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     CausationNotFound,
     ConfigError,
-    ConnectionFailed,
     DepthLimitExceeded,
     EnvelopeTooLarge,
     InvalidEnvelope,
@@ -488,10 +485,4 @@ async def _publish_stored(replies: Replies, subject: str, data: bytes,
                 raise
             wait = left
             continue
-        if not reply.data:  # a status without a body: a leaf link or route cut mid-write
-            raise ConnectionFailed(f"{what}: no JetStream answering")
-        ack = json.loads(reply.data)
-        error = ack.get("error")
-        if error is not None:
-            nats.js.errors.APIError.from_error(error)  # raises the matching APIError
-        return int(ack["seq"])
+        return stored_at(reply, what)

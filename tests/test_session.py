@@ -355,7 +355,7 @@ async def test_a_send_the_stream_refuses_is_a_bus_error_with_the_reason(bus: Ses
     info = await bus.js.stream_info(bus.names.envelope_stream)
     info.config.max_msg_size = 512
     await bus.js.update_stream(info.config)
-    with pytest.raises(BusError, match="sending into 'limited' failed: .*message size") as caught:
+    with pytest.raises(BusError, match=r"sending into 'limited' failed: .*message size") as caught:
         await s.send("x" * 600)
     assert not isinstance(caught.value, (ConnectionFailed, BusTimeout))
     assert [e.envelope_id async for e in s.history()] == [kept]
