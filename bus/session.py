@@ -52,7 +52,7 @@ from sessionbus.bus.errors import (
     SessionTerminated,
     nats_errors,
 )
-from sessionbus.bus.settings import check_ttl
+from sessionbus.bus.settings import check_int, check_ttl
 from sessionbus.schemas import (
     EV_TEXT,
     DecodeError,
@@ -83,12 +83,6 @@ def _check_participant(value: object, *, allow_empty: bool = True) -> str:
             return value
         raise InvalidIdError("participant", value, "must not be empty")
     return validate_id(value, "participant")
-
-
-def _check_depth(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +130,8 @@ async def open_session(
     if participant and participant not in members:
         members.append(participant)
     ttl_s = bus.settings.session_ttl if ttl is None else check_ttl(ttl, "ttl")
-    depth_limit = bus.settings.max_depth if max_depth is None else _check_depth(
-        max_depth, "max_depth"
-    )
+    depth_limit = (bus.settings.max_depth if max_depth is None
+                   else check_int(max_depth, "max_depth", least=0))
     if metadata is not None and not isinstance(metadata, dict):
         raise ConfigError(f"metadata must be a dict, got {type(metadata).__name__}")
     now = time.time()
@@ -267,7 +260,7 @@ class Session:
         """
         meta = await self._limits()
         sid = self.session_id
-        hops = 0 if depth is None else _check_depth(depth, "depth")
+        hops = 0 if depth is None else check_int(depth, "depth", least=0)
         if causation_id is not None:
             parent = await find_depth(self._bus, sid, causation_id,
                                       stored=self._bus.lifecycle.states.stored_through(sid))

@@ -377,6 +377,13 @@ class BusSettings:
         return opts
 
 
+def check_int(value: object, name: str, *, least: int) -> int:
+    """Validate an integer setting or argument of at least ``least`` (a bool is no integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def check_ttl(ttl: object, name: str = "ttl", *, optional: bool = False) -> float | None:
     """Validate a TTL in seconds: a finite number > 0 (or None when optional)."""
     if ttl is None and optional:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 
-from sessionbus.bus.errors import ConfigError
+from sessionbus.bus.settings import check_int
 
 __all__ = ["GC_THRESHOLD", "tune_gc"]
 
@@ -34,8 +34,7 @@ def tune_gc(threshold: int = GC_THRESHOLD) -> tuple[int, ...]:
     restore them. Raises ConfigError unless ``threshold`` is an integer of
     at least 1.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-        raise ConfigError(f"gc threshold must be an integer >= 1, got {threshold!r}")
+    check_int(threshold, "gc threshold", least=1)
     before: tuple[int, ...] = gc.get_threshold()
     gc.set_threshold(threshold)
     return before

@@ -26,6 +26,7 @@ from typing import Any
 
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus.errors import ConfigError
+from sessionbus.bus.settings import check_int
 
 __all__ = ["WorkerConfig"]
 
@@ -78,9 +79,7 @@ class WorkerConfig:
         if not isinstance(self.completion_records, bool):
             raise ConfigError(f"completion_records must be a bool, got {self.completion_records!r}")
         for name in ("history_per_session", "history_total"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+            check_int(getattr(self, name), name, least=0)
         for name in ("lease_ttl", "ack_wait", "priority_timeout", "poll_interval",
                      "retry_backoff", "retry_backoff_max", "drain_timeout",
                      "handover_timeout", "completion_ttl"):
@@ -88,9 +87,7 @@ class WorkerConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("fetch_batch", "max_ack_pending", "max_held", "dedupe_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name, least=1)
         if not self.ack_wait + self.poll_interval < self.priority_timeout:
             raise ConfigError(
                 f"ack_wait ({self.ack_wait}s) + poll_interval ({self.poll_interval}s) must be "

@@ -43,6 +43,7 @@ from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, ConfigError, WorkerError
 from sessionbus.bus.session import Session
+from sessionbus.bus.settings import check_int
 from sessionbus.workers._admission import Verdict, admit
 from sessionbus.workers._cancel import cancel_and_wait
 from sessionbus.workers._completions import Completions
@@ -123,8 +124,7 @@ class Worker:
         if not callable(handler):
             raise ConfigError(f"handler must be an async callable, got {handler!r}")
         for name, value in (("max_concurrency", max_concurrency), ("max_attempts", max_attempts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_int(value, name, least=1)
         self.bus = bus
         self.config = config or WorkerConfig()
         self.max_concurrency = max_concurrency

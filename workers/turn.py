@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._history import read_history
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import ConfigError, WorkerError
+from sessionbus.bus.errors import WorkerError
+from sessionbus.bus.settings import check_int
 from sessionbus.schemas import EV_TEXT, Envelope
 from sessionbus.workers._delivery import Held
 from sessionbus.workers._historyseq import History
@@ -136,9 +137,8 @@ class Turn:
         for any length. Do not modify the envelopes either: later turns get
         the same objects.
         """
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int)
-                                 or last < 1):
-            raise ConfigError(f"last must be an integer >= 1 or None, got {last!r}")
+        if last is not None:
+            check_int(last, "last", least=1)
         if self._recent is not None:
             return await self._recent.history(self._bus, self.session_id, self.sequence, last)
         now = time.time()
