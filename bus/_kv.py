@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from sessionbus.bus._headers import parse_header_lines
 from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
@@ -40,6 +42,7 @@ from sessionbus.bus._jsapi import (
     direct_get_last_for_subjects,
 )
 from sessionbus.bus._names import kv_subject
+from sessionbus.bus._rawsub import status_line
 from sessionbus.bus._reads import last_per_subject
 from sessionbus.bus._replies import NoResponders, Pending, Replies, stored_at
 from sessionbus.bus._retry import Retry
@@ -57,6 +60,10 @@ MAX_GET_MANY = 256
 _END_WATCH_WITHIN = 1.0
 _KV_OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
+_SEQUENCE = "Nats-Sequence"
+_SUBJECT = "Nats-Subject"
+#: A message's header block starts with this line (``NATS/1.0`` and CRLF).
+_HEADER_LINE_END = 10
 _TTL = "Nats-TTL"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
 
@@ -102,6 +109,15 @@ class KVEvent:
     pending: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Last:
+    """A key's last stored message, as a Direct Get answered it."""
+
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+
+
 def _op_of(headers: dict[str, str] | None) -> KVOp:
     if not headers:
         return KVOp.PUT
@@ -145,6 +161,7 @@ class Bucket:
         self._pre = f"$KV.{name}."
         self._api_prefix = f"$JS.{domain}.API" if domain else DEFAULT_API_PREFIX
         self._replies = Replies(nc)
+        self._direct_get = f"{self._api_prefix}.DIRECT.GET.{self.stream}"
 
     def subject(self, key: str) -> str:
         """Subject a write to ``key`` is published on (domain-aware)."""
@@ -153,9 +170,9 @@ class Bucket:
     async def get(self, key: str) -> KVEntry | None:
         """The key's current value, or None if absent, deleted or expired."""
         msg = await self._direct_last(key)
-        if msg is None or _op_of(msg.headers) is not KVOp.PUT or msg.seq is None:
+        if msg is None or _op_of(msg.headers) is not KVOp.PUT:
             return None
-        return KVEntry(key=key, value=msg.data or b"", revision=msg.seq)
+        return KVEntry(key=key, value=msg.data, revision=msg.seq)
 
     async def get_many(self, keys: builtins.list[str]) -> dict[str, KVEntry]:
         """The current value of each of ``keys`` that has one, in one Direct Get.
@@ -197,10 +214,10 @@ class Bucket:
         revision is what a compare-and-set must name to write the key again.
         """
         msg = await self._direct_last(key)
-        if msg is None or msg.seq is None:
+        if msg is None:
             return None
         op = _op_of(msg.headers)
-        value = (msg.data or b"") if op is KVOp.PUT else b""
+        value = msg.data if op is KVOp.PUT else b""
         return KVEvent(key=key, op=op, value=value, revision=msg.seq)
 
     async def revision(self) -> int:
@@ -213,23 +230,38 @@ class Bucket:
             raise ConnectionFailed(f"no JetStream answering for bucket {self.name}") from e
         return int(info.state.last_seq)
 
-    async def _direct_last(self, key: str) -> api.RawStreamMsg | None:
+    async def _direct_last(self, key: str) -> _Last | None:
+        """The key's last stored message by a Direct Get, None if the key holds none.
+
+        Requested on the bucket's write-reply inbox and read as bytes (see
+        ``bus/_replies.py``): a get costs one round trip and no nats-py
+        request. Any replica answers.
+        """
+        subject = self._pre + key
+        what = f"get {self.name}/{key}"
+        request = json.dumps({"last_by_subj": subject}).encode()
         retry = Retry(self.timeout)
         while True:
+            pending = await self._replies.send(self._direct_get, request, None)
             try:
-                async with asyncio.timeout(retry.attempt_timeout()):
-                    msg = await self.js.get_msg(
-                        self.stream, subject=self._pre + key, direct=True
-                    )
+                reply = await self._replies.wait(pending, within=retry.attempt_timeout(),
+                                                 what=what)
                 break
-            except nats.js.errors.NotFoundError:
+            except (BusTimeout, NoResponders) as e:
+                cause = TimeoutError() if isinstance(e, BusTimeout) else e
+                if not await retry.again(cause):
+                    raise retry.error(cause, what) from e
+        block = reply.headers
+        status = None if reply.data else status_line(block)
+        if status is not None:
+            if status[0] == 404:
                 return None
-            except (TimeoutError, nats.errors.NoRespondersError) as e:
-                if not await retry.again(e):
-                    raise retry.error(e, f"get {self.name}/{key}") from e
-        if msg.subject != self._pre + key:
+            raise JetStreamAPIError(status[0], 0, status[1] or what)
+        fields = parse_header_lines(block[_HEADER_LINE_END:]) if block else {}
+        seq = fields.get(_SEQUENCE, "")
+        if fields.get(_SUBJECT) != subject or not seq.isdigit():
             return None
-        return msg
+        return _Last(int(seq), reply.data, fields)
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str],
                        also: Callable[[], Awaitable[None]] | None = None, *,

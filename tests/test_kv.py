@@ -58,6 +58,20 @@ async def test_head_tells_values_deletes_and_expiries_apart(bus: SessionBus) -> 
     assert await kv.revision() >= marker.revision + 1
 
 
+async def test_a_read_takes_the_servers_headers_over_forged_ones(bus: SessionBus) -> None:
+    """A value written around the bus may carry any headers; the server's own say where it is."""
+    kv = bus.registry_kv
+    first = await kv.put("f.forged", b"one")
+    ack = await bus.js.publish(kv.subject("f.forged"), b"two", headers={
+        "Nats-Sequence": str(first), "Nats-Subject": "$KV.other.key", "Nats-Stream": "X"})
+    entry = await kv.get("f.forged")
+    assert entry is not None and (entry.value, entry.revision) == (b"two", ack.seq)
+    assert entry.revision != first
+    # A get of a key that holds nothing: one request answered 404, not an error.
+    assert await kv.get("f.never") is None
+    assert await kv.head("f.never") is None
+
+
 async def test_list_filters_on_the_server_and_skips_markers(bus: SessionBus) -> None:
     kv = bus.registry_kv
     await kv.put("c1.s1", b"1")
