@@ -28,6 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from sessionbus.bus._headers import parse_header_lines
 from sessionbus.bus._rawsub import header_value, status_line, subscribe_raw, unsubscribe_raw
+from sessionbus.bus._replies import Replies
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
@@ -472,6 +473,7 @@ async def direct_get_last_for_subjects(
     subjects: list[str],
     batch: int | None = None,
     api_prefix: str = DEFAULT_API_PREFIX,
+    replies: Replies | None = None,
 ) -> list[LastMsg]:
     """Return the last message of every subject matching ``subjects`` (wildcards allowed).
 
@@ -483,6 +485,8 @@ async def direct_get_last_for_subjects(
     headers omit the per-page ``Nats-Num-Pending``/``Nats-Last-Sequence``.
     Raises TooManyResultsError past 1024 matching subjects, and
     JetStreamAPIError (503) when the stream is absent or lacks allow_direct.
+    The answers come on ``replies``' inbox (read as bytes), or on one made
+    for the call.
     """
     if not subjects:
         return []
@@ -491,30 +495,32 @@ async def direct_get_last_for_subjects(
     if batch is not None:
         req["batch"] = batch
     out: list[LastMsg] = []
-    sub = await nc.subscribe(nc.new_inbox())
+    inbox = Replies(nc) if replies is None else replies
     try:
         while True:
-            await nc.publish(subject, json.dumps(req).encode(), reply=sub.subject)
-            msgs, code, msg = await read_page(sub, subject)
-            for data in msgs:
-                hdrs = {k: v for k, v in (data.headers or {}).items() if k not in _PAGE_HEADERS}
-                seq = int(hdrs["Nats-Sequence"])
-                out.append(LastMsg(hdrs["Nats-Subject"], data.data, hdrs, seq))
+            msgs, code, end = await inbox.batch(subject, json.dumps(req).encode(),
+                                                within=API_TIMEOUT, what=subject)
+            for msg in msgs:
+                fields = parse_header_lines(msg.headers[_HEADER_LINE_END:]) if msg.headers else {}
+                hdrs = {k: v for k, v in fields.items() if k not in _PAGE_HEADERS}
+                out.append(LastMsg(hdrs["Nats-Subject"], msg.data, hdrs,
+                                   int(hdrs["Nats-Sequence"])))
             if code == 404:  # nothing matched (or nothing left)
                 return out
-            status = status_of(msg)
-            description = status.description if status is not None else ""
+            line = status_line(end)
+            description = line[1] if line is not None else ""
             if code == 413:
                 raise TooManyResultsError(413, 0, description)
             if code != 204:
                 raise JetStreamAPIError(code, 0, description or subject)
             # 204 EOB ends a page; Nats-Num-Pending > 0 means more: ask from
             # the next sequence, capped where the first page was cut.
-            eob = msg.headers or {}
+            eob = parse_header_lines(end or b"")
             if int(eob.get("Nats-Num-Pending", "0")) == 0:
                 return out
             req["seq"] = int(eob["Nats-Last-Sequence"]) + 1
             req["up_to_seq"] = int(eob["Nats-UpTo-Sequence"])
     finally:
-        await sub.unsubscribe()
+        if replies is None:
+            await inbox.close()
 

@@ -163,6 +163,11 @@ class Bucket:
         self._replies = Replies(nc)
         self._direct_get = f"{self._api_prefix}.DIRECT.GET.{self.stream}"
 
+    @property
+    def replies(self) -> Replies:
+        """The inbox the bucket's writes and reads are answered on."""
+        return self._replies
+
     def subject(self, key: str) -> str:
         """Subject a write to ``key`` is published on (domain-aware)."""
         return kv_subject(self.name, key, self.domain)
@@ -191,7 +196,7 @@ class Bucket:
                 async with asyncio.timeout(retry.attempt_timeout()):
                     found = await direct_get_last_for_subjects(
                         self.nc, stream=self.stream, subjects=[self._pre + k for k in keys],
-                        api_prefix=self._api_prefix,
+                        api_prefix=self._api_prefix, replies=self._replies,
                     )
                 break
             except (TimeoutError, JetStreamAPIError) as e:
@@ -391,7 +396,7 @@ class Bucket:
                 async with asyncio.timeout(retry.attempt_timeout()):
                     found = await direct_get_last_for_subjects(
                         self.nc, stream=self.stream, subjects=[self._pre + key_filter],
-                        api_prefix=self._api_prefix,
+                        api_prefix=self._api_prefix, replies=self._replies,
                     )
                 break
             except TooManyResultsError:

@@ -27,12 +27,14 @@ from typing import Any, NamedTuple
 import nats.js.errors
 from nats.aio.client import Client
 from sessionbus.bus._rawpub import header_block, publish_nowait
-from sessionbus.bus._rawsub import status_line, subscribe_raw
+from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
 __all__ = ["NoResponders", "Pending", "Replies", "Reply", "stored_at"]
 
 _NO_RESPONDERS = 503
+#: An idle heartbeat: a status that answers nothing.
+_HEARTBEAT = 100
 
 
 class NoResponders(ConnectionFailed):
@@ -60,6 +62,16 @@ class Pending:
         self.future = future
 
 
+class _Batch:
+    """The messages answering one request, until the status that ends them."""
+
+    __slots__ = ("future", "replies")
+
+    def __init__(self, future: asyncio.Future[tuple[int, bytes | None]]) -> None:
+        self.future = future
+        self.replies: list[Reply] = []
+
+
 class Replies:
     """Requests over one connection whose replies share one inbox subscription."""
 
@@ -69,7 +81,7 @@ class Replies:
         self._cut = 0
         self._sub: Any = None
         self._starting: asyncio.Future[None] | None = None
-        self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Reply] | _Batch] = {}
         self._tokens = itertools.count(1)
 
     async def _start(self) -> None:
@@ -91,9 +103,29 @@ class Replies:
 
     def _on_reply(self, subject: bytes, reply: bytes, data: bytes,
                   headers: bytes | None) -> None:
-        future = self._waiting.pop(subject[self._cut:], None)
-        if future is not None and not future.done():
-            future.set_result(Reply(data, headers))
+        token = subject[self._cut:]
+        waiter = self._waiting.get(token)
+        if waiter is None:
+            return
+        if isinstance(waiter, _Batch):
+            status = None if data else status_line(headers)
+            if status is None:
+                waiter.replies.append(Reply(data, headers))
+            elif status[0] != _HEARTBEAT:
+                del self._waiting[token]
+                if not waiter.future.done():
+                    waiter.future.set_result((status[0], headers))
+            return
+        del self._waiting[token]
+        if not waiter.done():
+            waiter.set_result(Reply(data, headers))
+
+    async def close(self) -> None:
+        """Unsubscribe the inbox (idempotent); requests still waiting time out."""
+        sub, self._sub = self._sub, None
+        self._starting = None
+        if sub is not None:
+            await unsubscribe_raw(self._nc, sub)
 
     async def send(self, subject: str, payload: bytes,
                    headers: Mapping[str, str] | None) -> Pending:
@@ -104,13 +136,41 @@ class Replies:
         draining connection, a full reconnect buffer or an oversized
         payload.
         """
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        token = await self._publish(subject, payload, headers, future)
+        return Pending(token, future)
+
+    async def batch(self, subject: str, payload: bytes, *, within: float,
+                    what: str) -> tuple[list[Reply], int, bytes | None]:
+        """A request answered by messages, then a status: the messages, its code, its headers.
+
+        For a Direct Get batch or ``multi_last`` (ended by 204, 404, 408,
+        413...). Idle heartbeats are skipped; a 503 status (nobody
+        listens) ends it like any other. BusTimeout, naming ``what``, when
+        no status comes within ``within`` seconds.
+        """
+        future: asyncio.Future[tuple[int, bytes | None]] = (
+            asyncio.get_running_loop().create_future())
+        batch = _Batch(future)
+        token = await self._publish(subject, payload, None, batch)
+        timer = asyncio.get_running_loop().call_later(within, _expire, future)
+        try:
+            code, headers = await future
+        except TimeoutError as e:
+            raise BusTimeout(f"{what} timed out") from e
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        return batch.replies, code, headers
+
+    async def _publish(self, subject: str, payload: bytes, headers: Mapping[str, str] | None,
+                       waiter: asyncio.Future[Reply] | _Batch) -> bytes:
         if self._starting is None or not self._starting.done() or self._sub is None:
             await self._start()
         block = header_block(headers) if headers else None
         number = str(next(self._tokens))
         token = number.encode()
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = future
+        self._waiting[token] = waiter
         try:
             flush = publish_nowait(self._nc, subject, payload, reply=self._prefix + number,
                                    headers=block)
@@ -119,7 +179,7 @@ class Replies:
         except BaseException:
             del self._waiting[token]
             raise
-        return Pending(token, future)
+        return token
 
     def discard(self, pending: Pending) -> None:
         """Stop waiting for ``pending``'s reply."""
@@ -167,6 +227,6 @@ def stored_at(reply: Reply, what: str) -> int:
     return seq
 
 
-def _expire(future: asyncio.Future[Reply]) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())

@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sessionbus.bus import _jsapi as jsapi
+from sessionbus.bus._replies import Replies
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import ConfigError
 from waiting import sigstop
@@ -275,6 +276,17 @@ async def test_multi_last_wildcards_paging_and_empty(connect: Connect) -> None:
         nc, stream="KV_reg", subjects=["$KV.reg.nope.*"]
     )
     assert none == []
+    # On a caller's inbox, the same answers; a call's own inbox is gone after it.
+    shared = Replies(nc)
+    subscribed = len(nc._subs)
+    for _ in range(3):
+        assert await jsapi.direct_get_last_for_subjects(
+            nc, stream="KV_reg", subjects=["$KV.reg.c0.*"], batch=2, replies=shared) == full
+        assert await jsapi.direct_get_last_for_subjects(
+            nc, stream="KV_reg", subjects=["$KV.reg.c0.*"]) == full
+    assert len(nc._subs) == subscribed + 1  # the shared inbox only
+    await shared.close()
+    assert len(nc._subs) == subscribed
 
 
 async def test_multi_last_limits(connect: Connect) -> None:

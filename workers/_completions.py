@@ -325,7 +325,7 @@ class Completions:
                 msgs = await direct_get_last_for_subjects(
                     self._nc, stream=self._bucket.stream,
                     subjects=subjects[start:start + _LOOKUP_BATCH],
-                    api_prefix=self._api_prefix)
+                    api_prefix=self._api_prefix, replies=self._bucket.replies)
             except JetStreamAPIError as e:
                 raise BusError(f"reading completion records failed: {e}") from e
             except TimeoutError as e:

@@ -243,7 +243,7 @@ class NatsSessionKVStore(_Base):
         try:
             msgs = await direct_get_last_for_subjects(
                 bucket.nc, stream=bucket.stream, subjects=[pre + k for k in stored],
-                api_prefix=api_prefix,
+                api_prefix=api_prefix, replies=bucket.replies,
             )
         except TooManyResultsError:  # cannot happen below 1024 keys; be safe anyway
             values = await _bounded(bucket.get(k) for k in stored)
