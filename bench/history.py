@@ -11,7 +11,8 @@ embedded server:
 * ``turn.history(last=50)``: the warm case asking only for the newest 50
   (``--window``): what a handler with a bounded context pays once the
   session is past ``history_per_session``;
-* ``Session.history()``: a client replaying the whole session;
+* ``Session.history()``: a client replaying the whole session; and
+  ``Session.history(last=50)`` (``--window``), the newest 50 only;
 * ``raw ordered consumer``: nats-py's ordered consumer on the session's
   subject, delivering everything stored, ending when caught up (the
   baseline: one consumer per read, one message at a time, nothing decoded);
@@ -118,15 +119,17 @@ async def turn_history(sb: SessionBus, sizes: list[int], probes: int, *, warm: b
     return out
 
 
-async def session_history(sb: SessionBus, sid: str, repeats: int) -> float:
-    """Median ms of a client's full ``Session.history()`` replay."""
+async def session_history(sb: SessionBus, sid: str, repeats: int,
+                          last: int | None = None) -> float:
+    """Median ms of a client's ``Session.history()`` replay (of the newest ``last`` only)."""
     session = sb.session(sid, participant="client")
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        found = [e async for e in session.history()]
+        found = [e async for e in (session.history() if last is None
+                                   else session.history(last=last))]
         samples.append(time.perf_counter() - start)
-    assert found
+    assert found and (last is None or len(found) == min(last, len(found)))
     return statistics.median(samples) * 1e3
 
 
@@ -192,12 +195,14 @@ async def bench(args: argparse.Namespace) -> None:
                                           last=args.window)
             rows = []
             lookups = []
+            newest: dict[int, float] = {}
             for size in sizes:
                 sid = f"cold-{size}"
                 client = await session_history(sb, sid, args.repeats)
                 raw = await raw_replay(sb, sid, args.repeats)
                 old = await replay_decode(sb, sid, args.repeats)
                 rows.append((size, warm[size], cold[size], client, raw, old))
+                newest[size] = await session_history(sb, sid, args.repeats, last=args.window)
                 lookup, unknown = await causation_lookups(sb, server.url, sid, args.repeats)
                 scan = await raw_replay(sb, sid, args.repeats, headers_only=True)
                 lookups.append((size, lookup, unknown, scan))
@@ -218,6 +223,10 @@ async def bench(args: argparse.Namespace) -> None:
     for size in sizes:
         print(f"turn.history(last={args.window}), worker has seen them, at {size} envelopes: "
               f"{windowed[size]:.3f} ms (the whole history: {warm[size]:.3f} ms)")
+    for size, _, _, client, raw, _ in rows:
+        print(f"Session.history(last={args.window}), a fresh read, at {size} envelopes: "
+              f"{newest[size]:.3f} ms (the whole history: {client:.3f} ms; raw replay "
+              f"{raw:.3f} ms: {format_ratio(newest[size], raw)})")
     base = rows[0][1]
     for size, w, *_ in rows[1:]:
         print(f"warm turn.history() at {size} envelopes / at {sizes[0]}: "

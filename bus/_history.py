@@ -39,7 +39,7 @@ from sessionbus.bus._feeds import QueueFeed
 from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._rawsub import header_value
-from sessionbus.bus._seqread import read_range
+from sessionbus.bus._seqread import newest_start, read_range
 from sessionbus.bus.errors import ConnectionFailed, nats_errors
 from sessionbus.schemas import DecodeError, Envelope, decode
 
@@ -174,13 +174,20 @@ async def _read(
 
 async def replay_envelopes(
     bus: SessionBus, session_id: str, *, participant: str | None = None, after: int = 0,
-    must_reach: int | None = None,
+    must_reach: int | None = None, last: int | None = None,
 ) -> AsyncIterator[Envelope]:
     """The session's envelopes in stream order (those ``participant`` receives, if given).
 
     Only those stored after stream sequence ``after`` when it is given;
-    ``must_reach`` as for :func:`read_history`.
+    ``must_reach`` as for :func:`read_history`; with ``last``, only the
+    newest ``last`` of them (:func:`read_newest`).
     """
+    if last is not None:
+        newest, _ = await read_newest(bus, session_id, last, participant=participant,
+                                      after=after, must_reach=must_reach)
+        for envelope in newest:
+            yield envelope
+        return
     now = time.time()
     for _, envelope in await read_history(bus, session_id, after=after,
                                           must_reach=must_reach):
@@ -188,6 +195,45 @@ async def replay_envelopes(
             continue
         if participant is None or envelope.is_for(participant):
             yield envelope
+
+
+async def read_newest(
+    bus: SessionBus, session_id: str, count: int, *, participant: str | None = None,
+    after: int = 0, must_reach: int | None = None,
+) -> tuple[list[Envelope], int]:
+    """The newest ``count`` envelopes stored after ``after``, in order, and the last sequence read.
+
+    Unexpired ones, those ``participant`` receives if given. The read starts
+    where the session's newest ``count`` do (``newest_start``: a few
+    one-message Direct Gets), not at the session's start; should expired
+    envelopes or others' leave fewer than ``count``, it starts twice as far
+    back, and so on, down to ``after``.
+    """
+    want = count
+    while True:
+        start = max(after, await _newest_start(bus, session_id, want))
+        found = await read_history(bus, session_id, after=start, must_reach=must_reach)
+        now = time.time()
+        kept = [envelope for _, envelope in found if not envelope.is_expired(now)
+                and (participant is None or envelope.is_for(participant))]
+        if len(kept) >= count or start <= after:
+            return kept[len(kept) - count:] if len(kept) > count else kept, (
+                found[-1][0] if found else start)
+        want *= 2
+
+
+async def _newest_start(bus: SessionBus, session_id: str, count: int) -> int:
+    """:func:`newest_start` on the session's subject, with the bus's errors."""
+    with nats_errors(f"reading the history of {session_id!r}"):
+        try:
+            return await newest_start(
+                bus.replies, stream=bus.names.envelope_stream,
+                subject=bus.names.stored(session_id, bus.partitions), count=count,
+                api_prefix=bus.api_prefix)
+        except JetStreamAPIError as e:
+            if e.code == 503:
+                raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
+            raise
 
 
 class LiveFeed(QueueFeed[Envelope]):

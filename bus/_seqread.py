@@ -53,10 +53,11 @@ from sessionbus.bus._jsapi import (
     stored_at,
 )
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
+from sessionbus.bus._replies import Replies
 from sessionbus.bus.errors import BusError, BusTimeout
 
 __all__ = ["BEHIND_FOR", "CONSUMER_PAST", "HEADERS_ONLY_PAGE_BYTES", "UntrustedDeliveries",
-           "read_range"]
+           "newest_start", "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,84 @@ _BEHIND_PAUSE_MAX = 0.2
 _SEQ = b"\r\nNats-Sequence:"
 _PENDING = b"\r\nNats-Num-Pending:"
 _LAST = b"\r\nNats-Last-Sequence:"
+
+
+#: Probes a search for the newest messages makes at most (every other one halves
+#: the range): past it, the search starts where it got to, which is earlier.
+_MAX_PROBES = 130
+
+
+async def newest_start(replies: Replies, *, stream: str, subject: str, count: int,
+                       api_prefix: str = DEFAULT_API_PREFIX) -> int:
+    """A sequence from which on ``subject`` holds at least its newest ``count`` messages.
+
+    So a read of what is stored after the returned sequence has them all
+    (and whatever was stored meanwhile); 0 when the subject holds ``count``
+    or fewer. Found without reading the messages before them: a one-message
+    Direct Get batch at a sequence answers with the first message from it
+    and how many follow it (``Nats-Num-Pending``), so a search by
+    interpolation, every other step a halving, takes a few round trips
+    however long the subject is. A replica that is behind counts fewer
+    messages at the end: the start is then earlier, never later.
+    """
+    what = f"the newest {count} on {subject}"
+    direct = f"{api_prefix}.DIRECT.GET.{stream}"
+
+    async def probe(seq: int) -> tuple[int, int] | None:
+        """The first message at or after ``seq``, and how many there are from it on."""
+        request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": 1}).encode()
+        msgs, code, headers = await replies.batch(direct, request, within=API_TIMEOUT, what=what)
+        if not msgs:
+            if code == 404:
+                return None
+            raise JetStreamAPIError(code, 0, _description(headers or b"") or what)
+        block = msgs[0].headers or b""
+        found, pending = header_value(block, _SEQ), header_value(block, _PENDING)
+        if not (found and pending and found.isdigit() and pending.isdigit()):
+            raise BusError(f"{what}: a Direct Get answer without its sequence or count")
+        return int(found), int(pending) + 1
+
+    first = await probe(1)
+    if first is None or first[1] <= count:
+        return 0
+    last = await _last_of(replies, direct, subject, what)
+    if last is None or last <= first[0]:  # gone meanwhile: read it all
+        return 0
+    # Invariants: lo is a message with lo_count >= count from it on; fewer
+    # than count are stored from hi on.
+    lo, lo_count = first
+    hi, hi_count = last, 1
+    if count == 1:
+        return last - 1
+    for step in range(_MAX_PROBES):
+        if lo_count == count or hi - lo <= 1:
+            break
+        if step % 2:
+            x = (lo + hi) // 2
+        else:
+            x = lo + (hi - lo) * (lo_count - count) // (lo_count - hi_count)
+        got = await probe(min(max(x, lo + 1), hi - 1))
+        if got is not None and got[1] >= count:
+            lo, lo_count = got
+        else:
+            hi, hi_count = min(max(x, lo + 1), hi - 1), 0 if got is None else got[1]
+    return lo - 1
+
+
+async def _last_of(replies: Replies, direct: str, subject: str, what: str) -> int | None:
+    """The sequence of the last message on ``subject``, None if it holds none."""
+    pending = await replies.send(direct, json.dumps({"last_by_subj": subject}).encode(), None)
+    reply = await replies.wait(pending, within=API_TIMEOUT, what=what)
+    if not reply.data:
+        status = status_line(reply.headers)
+        if status is not None and status[0] == 404:
+            return None
+        if status is not None:
+            raise JetStreamAPIError(status[0], 0, status[1] or what)
+    found = header_value(reply.headers or b"", _SEQ)
+    if not found or not found.isdigit():
+        raise BusError(f"{what}: a Direct Get answer without its sequence")
+    return int(found)
 
 
 class UntrustedDeliveries(BusError):

@@ -35,7 +35,13 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._feeds import QueueFeed
-from sessionbus.bus._history import LiveFeed, find_depth, read_history, replay_envelopes
+from sessionbus.bus._history import (
+    LiveFeed,
+    find_depth,
+    read_history,
+    read_newest,
+    replay_envelopes,
+)
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
 from sessionbus.bus._replies import NoResponders, Replies, stored_at
@@ -361,7 +367,7 @@ class Session:
     # -- reading ----------------------------------------------------------------
 
     def history(
-        self, participant: str | None = None, *, after: int = 0,
+        self, participant: str | None = None, *, after: int = 0, last: int | None = None,
     ) -> AsyncIterator[Envelope]:
         """Replay the stored envelopes in order (those ``participant`` receives, if given).
 
@@ -369,9 +375,16 @@ class Session:
         or a turn's ``sequence``): only envelopes stored after it come. What
         this process sent into the session is among them, even when a
         replica that has not applied it yet answers the read.
+
+        ``last`` asks for only the newest ``last`` of them: the read starts
+        where they do (found with a few one-message reads), so it costs
+        about the same however long the session is. ConfigError (a
+        ValueError) unless an integer of at least 1.
         """
+        if last is not None:
+            check_int(last, "last", least=1)
         return replay_envelopes(self._bus, self.session_id, participant=participant,
-                                after=after, must_reach=self._sent_after(after))
+                                after=after, must_reach=self._sent_after(after), last=last)
 
     def _sent_after(self, after: int) -> int | None:
         """The newest sequence this process stored in the session at, if past ``after``.
@@ -383,16 +396,26 @@ class Session:
         return seq if seq is not None and seq > after else None
 
     async def history_page(
-        self, *, after: int = 0, participant: str | None = None,
+        self, *, after: int = 0, participant: str | None = None, last: int | None = None,
     ) -> tuple[list[Envelope], int]:
         """The envelopes stored after stream sequence ``after``, and the cursor for the next call.
 
         Pass the returned cursor as ``after`` next time to read only what is
         new: a reader that polls its session costs the new envelopes, not
         the whole history. The cursor is ``after`` when nothing is new.
+        ``last``: only the newest ``last`` (as for :meth:`history`), with
+        the cursor past them: a view that opens on the end of a long
+        session, then polls.
         """
+        must_reach = self._sent_after(after)
+        if last is not None:
+            check_int(last, "last", least=1)
+            newest, cursor = await read_newest(self._bus, self.session_id, last,
+                                               participant=participant, after=after,
+                                               must_reach=must_reach)
+            return newest, max(cursor, after)
         found = await read_history(self._bus, self.session_id, after=after,
-                                   must_reach=self._sent_after(after))
+                                   must_reach=must_reach)
         cursor = found[-1][0] if found else after
         now = time.time()
         envelopes = [e for _, e in found if not e.is_expired(now)

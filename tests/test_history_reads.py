@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from faults.proxy import LinkProxy
-from sessionbus.bus import SessionBus, _seqread, _states
+from sessionbus.bus import SessionBus, _history, _seqread, _states
 from sessionbus.bus._history import read_history
 from sessionbus.bus._names import MSG_ID_HEADER
 from sessionbus.bus._rawsub import RawInbox
 from sessionbus.bus._seqread import UntrustedDeliveries, read_range
 from sessionbus.bus._server import NatsCluster, NatsServer
-from sessionbus.bus.errors import BusError, BusTimeout
+from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 from sessionbus.schemas import Envelope, encode
 from sessionbus.workers import Turn, Worker
 from worker_proc import FAST
@@ -447,3 +447,70 @@ async def test_a_read_that_must_reach_a_sequence_waits_for_a_replica_that_is_beh
     assert await read_history(bus, "behind", after=elsewhere[0],
                               must_reach=elsewhere[0]) == []
     assert time.monotonic() - start < _seqread.BEHIND_FOR
+
+
+async def test_a_client_reads_the_newest_envelopes_from_where_they_start(
+    bus: SessionBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stored = await _interleaved(bus, 400)
+    session = bus.session("a", participant="client")
+    reads: list[int] = []  # how many envelopes each read brought
+    original = _history.read_history
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        found = await original(*args, **kwargs)
+        reads.append(len(found))
+        return found
+
+    monkeypatch.setattr(_history, "read_history", counting)
+    texts = [text for _, text in stored["a"]]
+    for last in (1, 2, 37, 399, 400, 401, 10_000):
+        reads.clear()
+        assert [e.content async for e in session.history(last=last)] == texts[-last:]
+        assert reads == [min(last, 400)]  # from the first of them, not the session's start
+    # With a cursor: the newest of what came after it, all of it when fewer.
+    cursor = stored["a"][389][0]
+    assert [e.content async for e in session.history(after=cursor, last=5)] == texts[-5:]
+    assert [e.content async for e in session.history(after=cursor, last=50)] == texts[390:]
+    for bad in (0, -1, True, 1.5, "3"):
+        with pytest.raises(ConfigError):
+            session.history(last=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            await session.history_page(last=bad)  # type: ignore[arg-type]
+    empty = await bus.open("empty", participant="client")
+    assert [e async for e in empty.history(last=3)] == []
+    assert await empty.history_page(last=3) == ([], 0)
+
+
+async def test_the_newest_a_participant_receives_read_further_back_as_needed(
+    bus: SessionBus,
+) -> None:
+    session = await bus.open("mixed", participant="client", participants=["client", "x", "y"])
+    for i in range(120):
+        await session.send(f"m{i}", audience=["x"] if i % 10 == 0 else ["y"])
+    for_x = [e.content async for e in session.history("x")]
+    assert len(for_x) == 12
+    assert [e.content async for e in session.history("x", last=5)] == for_x[-5:]
+    assert [e.content async for e in session.history("x", last=12)] == for_x
+    assert [e.content async for e in session.history("x", last=13)] == for_x
+    # A view that opens on the end of the session, then polls for what is new.
+    page, cursor = await session.history_page(last=3)
+    assert [e.content for e in page] == ["m117", "m118", "m119"]
+    assert await session.history_page(after=cursor) == ([], cursor)
+    await session.send("new")
+    page, later = await session.history_page(after=cursor)
+    assert [e.content for e in page] == ["new"] and later > cursor
+
+
+async def test_the_newest_envelopes_on_a_replicated_stream(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    sb = await bus_factory(nats_cluster.urls, replicas=3)
+    await (await sb.open("first", participant="client")).send("led")
+    stored = await _interleaved(sb, 60)
+    session = sb.session("b", participant="client")
+    assert [e.content async for e in session.history(last=7)] == [
+        text for _, text in stored["b"][-7:]]
+    # A send is among the newest read right after it, whichever replica answers.
+    sent = await session.send("mine")
+    assert [e.envelope_id async for e in session.history(last=1)] == [sent]
