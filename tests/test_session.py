@@ -346,6 +346,8 @@ async def test_a_dead_server_gives_bus_errors(nats_server_factory: ServerFactory
         await s.info()
     with pytest.raises((ConnectionFailed, BusTimeout)):
         await sb.open("never")
+    with pytest.raises((ConnectionFailed, BusTimeout)):
+        await s.history_page(last=5)
 
 
 async def test_a_send_the_stream_refuses_is_a_bus_error_with_the_reason(bus: SessionBus) -> None:
