@@ -10,7 +10,8 @@ embedded server:
   (``WorkerConfig(history_total=0)``): every call reads the stream;
 * ``turn.history(last=50)``: the warm case asking only for the newest 50
   (``--window``): what a handler with a bounded context pays once the
-  session is past ``history_per_session``;
+  session is past ``history_per_session``; and the same with the cache
+  off (a worker that has not seen the session, after a takeover);
 * ``Session.history()``: a client replaying the whole session; and
   ``Session.history(last=50)`` (``--window``), the newest 50 only;
 * ``raw ordered consumer``: nats-py's ordered consumer on the session's
@@ -193,6 +194,8 @@ async def bench(args: argparse.Namespace) -> None:
             cold = await turn_history(sb, sizes, args.probes, warm=False, tag="cold")
             windowed = await turn_history(sb, sizes, args.probes, warm=True, tag="window",
                                           last=args.window)
+            cold_windowed = await turn_history(sb, sizes, args.probes, warm=False,
+                                               tag="coldwindow", last=args.window)
             rows = []
             lookups = []
             newest: dict[int, float] = {}
@@ -222,7 +225,8 @@ async def bench(args: argparse.Namespace) -> None:
               f"{format_ratio(lookup, raw):>10} | {format_ratio(unknown, raw):>11}")
     for size in sizes:
         print(f"turn.history(last={args.window}), worker has seen them, at {size} envelopes: "
-              f"{windowed[size]:.3f} ms (the whole history: {warm[size]:.3f} ms)")
+              f"{windowed[size]:.3f} ms (the whole history: {warm[size]:.3f} ms); cache off: "
+              f"{cold_windowed[size]:.3f} ms (the whole history: {cold[size]:.3f} ms)")
     for size, _, _, client, raw, _ in rows:
         print(f"Session.history(last={args.window}), a fresh read, at {size} envelopes: "
               f"{newest[size]:.3f} ms (the whole history: {client:.3f} ms; raw replay "

@@ -199,20 +199,22 @@ async def replay_envelopes(
 
 async def read_newest(
     bus: SessionBus, session_id: str, count: int, *, participant: str | None = None,
-    after: int = 0, must_reach: int | None = None,
+    after: int = 0, up_to: int | None = None, must_reach: int | None = None,
 ) -> tuple[list[Envelope], int]:
     """The newest ``count`` envelopes stored after ``after``, in order, and the last sequence read.
 
-    Unexpired ones, those ``participant`` receives if given. The read starts
-    where the session's newest ``count`` do (``newest_start``: a few
-    one-message Direct Gets), not at the session's start; should expired
-    envelopes or others' leave fewer than ``count``, it starts twice as far
-    back, and so on, down to ``after``.
+    Unexpired ones, those ``participant`` receives if given, up to stream
+    sequence ``up_to`` if given. The read starts where the session's newest
+    ``count`` do (``newest_start``: a few one-message Direct Gets), not at
+    the session's start; should expired envelopes or others' leave fewer
+    than ``count``, it starts twice as far back, and so on, down to
+    ``after``.
     """
     want = count
     while True:
-        start = max(after, await _newest_start(bus, session_id, want))
-        found = await read_history(bus, session_id, after=start, must_reach=must_reach)
+        start = max(after, await _newest_start(bus, session_id, want, up_to))
+        found = await read_history(bus, session_id, after=start, up_to=up_to,
+                                   must_reach=must_reach)
         now = time.time()
         kept = [envelope for _, envelope in found if not envelope.is_expired(now)
                 and (participant is None or envelope.is_for(participant))]
@@ -222,14 +224,15 @@ async def read_newest(
         want *= 2
 
 
-async def _newest_start(bus: SessionBus, session_id: str, count: int) -> int:
+async def _newest_start(bus: SessionBus, session_id: str, count: int,
+                        up_to: int | None) -> int:
     """:func:`newest_start` on the session's subject, with the bus's errors."""
     with nats_errors(f"reading the history of {session_id!r}"):
         try:
             return await newest_start(
                 bus.replies, stream=bus.names.envelope_stream,
                 subject=bus.names.stored(session_id, bus.partitions), count=count,
-                api_prefix=bus.api_prefix)
+                up_to=up_to, api_prefix=bus.api_prefix)
         except JetStreamAPIError as e:
             if e.code == 503:
                 raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e

@@ -95,12 +95,16 @@ _MAX_PROBES = 130
 
 
 async def newest_start(replies: Replies, *, stream: str, subject: str, count: int,
-                       api_prefix: str = DEFAULT_API_PREFIX) -> int:
+                       up_to: int | None = None, api_prefix: str = DEFAULT_API_PREFIX) -> int:
     """A sequence from which on ``subject`` holds at least its newest ``count`` messages.
 
     So a read of what is stored after the returned sequence has them all
     (and whatever was stored meanwhile); 0 when the subject holds ``count``
-    or fewer. Found without reading the messages before them: a one-message
+    or fewer. With ``up_to``, the newest ``count`` stored at or before it
+    (those after it are counted first, and added to ``count``: what is
+    stored after it during the search can make the start later than it
+    should be, so a reader checks that it got ``count``). Found without
+    reading the messages before them: a one-message
     Direct Get batch at a sequence answers with the first message from it
     and how many follow it (``Nats-Num-Pending``), so a search by
     interpolation, every other step a halving, takes a few round trips
@@ -127,6 +131,11 @@ async def newest_start(replies: Replies, *, stream: str, subject: str, count: in
     first = await probe(1)
     if first is None or first[1] <= count:
         return 0
+    if up_to is not None:
+        past = await probe(up_to + 1)
+        count += 0 if past is None else past[1]
+        if first[1] <= count:
+            return 0
     last = await _last_of(replies, direct, subject, what)
     if last is None or last <= first[0]:  # gone meanwhile: read it all
         return 0

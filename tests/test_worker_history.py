@@ -8,7 +8,7 @@ import functools
 from typing import cast
 
 import pytest
-from sessionbus.bus import SessionBus
+from sessionbus.bus import SessionBus, _history
 from sessionbus.bus._jsapi import AckNumbers, ack_numbers
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.errors import ConfigError
@@ -226,3 +226,53 @@ def test_the_newest_of_a_history_is_a_window_on_the_same_list() -> None:
     assert history.newest(6) == items[2:8] == history.newest(100) == history.newest(None)
     items.append(items[0])  # the list grows past the window: the window stays
     assert len(history.newest(3)) == 3 and history.newest(1)[0] is items[7]
+
+
+async def test_a_cold_window_reads_from_where_it_starts_not_the_sessions_start(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No history kept (or a session not seen): last=N reads about N envelopes, up to the turn's."""
+    sb: SessionBus = await bus_factory(nats_server.url, partitions=4)
+    reads: list[int] = []
+    original = _history.read_history
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        found = await original(*args, **kwargs)  # type: ignore[arg-type]
+        reads.append(len(found))
+        return found
+
+    monkeypatch.setattr(_history, "read_history", counting)
+    session = await sb.open("cold", participant="client", participants=["g", "x"])
+    for i in range(300):  # for another participant: the group takes no turn for them
+        await session.send(f"x{i}", audience=["x"])
+    started, go = asyncio.Event(), asyncio.Event()
+    windows: list[list[str]] = []
+
+    async def handle(turn: Turn) -> None:
+        started.set()
+        await go.wait()
+        windows.append([e.content for e in await turn.history(last=5)])
+
+    worker = Worker(sb, group="g", handler=handle,
+                    config=dataclasses.replace(FAST, history_total=0))
+    await worker.start()
+    try:
+        await session.send("for g", audience=["g"])
+        await asyncio.wait_for(started.wait(), 15)
+        for i in range(20):  # stored after the turn's own: not in its history
+            await session.send(f"later{i}", audience=["x"])
+        reads.clear()
+        go.set()
+        await _until(lambda: len(windows) == 1, "the turn")
+    finally:
+        await worker.stop()
+    assert windows == [["x296", "x297", "x298", "x299", "for g"]]
+    assert reads == [5]
+    # A worker's memory that has not seen the session reads the same way.
+    seq = (await sb.js.get_last_msg(sb.names.envelope_stream,
+                                    sb.names.stored("cold", sb.partitions))).seq
+    reads.clear()
+    recent = RecentHistory(per_session=8, total=100)
+    window = await recent.history(sb, "cold", seq, last=3)
+    assert [e.content for e in window] == ["later17", "later18", "later19"]
+    assert reads == [3] and recent.cold_reads == 1

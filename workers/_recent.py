@@ -27,7 +27,7 @@ import itertools
 import time
 from collections import OrderedDict
 
-from sessionbus.bus._history import read_history
+from sessionbus.bus._history import read_history, read_newest
 from sessionbus.bus.core import SessionBus
 from sessionbus.schemas import Envelope
 from sessionbus.workers._historyseq import History
@@ -177,6 +177,9 @@ class RecentHistory:
         entry = self._entries.get(sid)
         if entry is None or entry.hi < up_to:
             self.cold_reads += 1
+            if last is not None:  # from where the newest start, not the session's start
+                newest, _ = await read_newest(bus, sid, last, up_to=up_to, must_reach=up_to)
+                return History(newest)
             now = time.time()
             read = await read_history(bus, sid, up_to=up_to, must_reach=up_to)
             return History([e for _, e in read if not e.is_expired(now)]).newest(last)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sessionbus.bus._history import read_history
+from sessionbus.bus._history import read_history, read_newest
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import WorkerError
 from sessionbus.bus.settings import check_int
@@ -141,6 +141,10 @@ class Turn:
             check_int(last, "last", least=1)
         if self._recent is not None:
             return await self._recent.history(self._bus, self.session_id, self.sequence, last)
+        if last is not None:
+            newest, _ = await read_newest(self._bus, self.session_id, last,
+                                          up_to=self.sequence, must_reach=self.sequence)
+            return History(newest)
         now = time.time()
         read = await read_history(self._bus, self.session_id, up_to=self.sequence,
                                   must_reach=self.sequence)
