@@ -64,13 +64,18 @@ _INACTIVE = 10.0
 
 async def _subscribe(
     bus: SessionBus, session_id: str, *, deliver_all: bool,
-    on_msg: Callable[[Msg], Awaitable[None]] | None = None,
+    on_msg: Callable[[Msg], Awaitable[None]] | None = None, after: int = 0,
 ) -> JetStreamContext.PushSubscription:
+    """An ordered consumer of the session: everything, what is new, or from ``after`` + 1."""
     policy = api.DeliverPolicy.ALL if deliver_all else api.DeliverPolicy.NEW
+    config = None
+    if after > 0:
+        policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config = api.ConsumerConfig(opt_start_seq=after + 1)
     with nats_errors(f"reading the history of {session_id!r}"):
         return await bus.js.subscribe(
             bus.names.history_filter(session_id), stream=bus.names.envelope_stream,
-            cb=on_msg, ordered_consumer=True, deliver_policy=policy,
+            cb=on_msg, ordered_consumer=True, deliver_policy=policy, config=config,
             inactive_threshold=_INACTIVE,
         )
 
@@ -210,13 +215,23 @@ async def read_newest(
     than ``count``, it starts twice as far back, and so on, down to
     ``after``.
     """
+    newest, cursor = await _read_newest(bus, session_id, count, participant=participant,
+                                        after=after, up_to=up_to, must_reach=must_reach)
+    return [envelope for _, envelope in newest], cursor
+
+
+async def _read_newest(
+    bus: SessionBus, session_id: str, count: int, *, participant: str | None,
+    after: int, up_to: int | None, must_reach: int | None,
+) -> tuple[list[tuple[int, Envelope]], int]:
+    """:func:`read_newest` with each envelope's stream sequence."""
     want = count
     while True:
         start = max(after, await _newest_start(bus, session_id, want, up_to))
         found = await read_history(bus, session_id, after=start, up_to=up_to,
                                    must_reach=must_reach)
         now = time.time()
-        kept = [envelope for _, envelope in found if not envelope.is_expired(now)
+        kept = [(seq, envelope) for seq, envelope in found if not envelope.is_expired(now)
                 and (participant is None or envelope.is_for(participant))]
         if len(kept) >= count or start <= after:
             return kept[len(kept) - count:] if len(kept) > count else kept, (
@@ -243,25 +258,37 @@ class LiveFeed(QueueFeed[Envelope]):
     """New envelopes of one session as ``participant`` receives them (all if None).
 
     With ``replay=True`` the stored history comes first, then new envelopes,
-    from one consumer: nothing is missed or repeated between the two.
+    from one consumer: nothing is missed or repeated between the two. With
+    ``last=N`` the replay starts at the newest N (of those ``participant``
+    receives): found as :func:`read_newest` finds them, then one consumer
+    from there.
     """
 
     def __init__(
         self, bus: SessionBus, session_id: str, *, participant: str | None = None,
-        replay: bool = False, maxsize: int = 10_000,
+        replay: bool = False, maxsize: int = 10_000, last: int | None = None,
     ) -> None:
         super().__init__(on_open=self._subscribe, on_close=self._unsubscribe, maxsize=maxsize,
                          name=f"live feed of {session_id!r}")
         self._bus = bus
         self.session_id = session_id
         self.participant = participant
-        self._replay = replay
+        self._replay = replay or last is not None
+        self._last = last
         self._sub: JetStreamContext.PushSubscription | None = None
         self._lifecycle: Lifecycle | None = None
 
     async def _subscribe(self, _: QueueFeed[Envelope]) -> None:
+        after = 0
+        if self._last is not None:  # the replay starts at the newest ``last``
+            newest, cursor = await _read_newest(
+                self._bus, self.session_id, self._last, participant=self.participant,
+                after=0, up_to=None,
+                must_reach=self._bus.lifecycle.states.stored_through(self.session_id))
+            after = newest[0][0] - 1 if newest else cursor
         self._sub = await _subscribe(
-            self._bus, self.session_id, deliver_all=self._replay, on_msg=self._on_msg
+            self._bus, self.session_id, deliver_all=self._replay, on_msg=self._on_msg,
+            after=after,
         )
         self._lifecycle = self._bus.lifecycle
         self._lifecycle.adopt(self)

@@ -422,13 +422,21 @@ class Session:
                      and (participant is None or e.is_for(participant))]
         return envelopes, cursor
 
-    def live(self, participant: str | None = None, *, replay: bool = False) -> LiveFeed:
+    def live(self, participant: str | None = None, *, replay: bool = False,
+             last: int | None = None) -> LiveFeed:
         """A feed of new envelopes as ``participant`` receives them (all if None).
 
         Open it (``async with``) before expecting what is sent next; with
-        ``replay=True`` it starts with the stored history.
+        ``replay=True`` it starts with the stored history, with ``last=N``
+        with the newest N of it (read from where they start, as
+        :meth:`history` does): nothing is missed or repeated between them
+        and what comes next. ConfigError unless ``last`` is an integer of
+        at least 1.
         """
-        return LiveFeed(self._bus, self.session_id, participant=participant, replay=replay)
+        if last is not None:
+            check_int(last, "last", least=1)
+        return LiveFeed(self._bus, self.session_id, participant=participant, replay=replay,
+                        last=last)
 
     subscribe = live
 

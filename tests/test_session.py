@@ -149,6 +149,31 @@ async def test_live_with_replay_has_no_gap(bus: SessionBus) -> None:
     assert feed.closed
 
 
+async def test_live_from_the_newest_has_no_gap_and_reads_no_more(
+    nats_server: NatsServer, bus: SessionBus, bus_factory: BusFactory,
+) -> None:
+    s = await bus.open("end", participant="user", participants=["user", "agent", "x"])
+    for i in range(60):
+        await s.send(f"m{i}", audience=["x"] if i % 10 == 0 else ["agent"])
+    other = (await bus_factory(nats_server.url)).session("end", participant="agent")
+    async with s.live(last=3) as feed, s.live("x", last=2) as for_x:
+        await other.send("new", audience=["x"])
+        async with asyncio.timeout(10):
+            assert [(await anext(feed)).content for _ in range(4)] == [
+                "m57", "m58", "m59", "new"]
+            assert [(await anext(for_x)).content for _ in range(3)] == ["m40", "m50", "new"]
+    async with s.live(last=100) as everything:  # fewer stored: all of them
+        async with asyncio.timeout(10):
+            assert (await anext(everything)).content == "m0"
+    quiet = await bus.open("quiet", participant="user")
+    async with quiet.live(last=5) as feed:  # nothing stored yet: what comes next
+        await quiet.send("first")
+        async with asyncio.timeout(10):
+            assert (await anext(feed)).content == "first"
+    with pytest.raises(ConfigError):
+        s.live(last=0)
+
+
 async def test_live_replay_of_a_long_session_while_another_client_sends(
     nats_server: NatsServer, bus: SessionBus, bus_factory: BusFactory,
 ) -> None:
