@@ -28,9 +28,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from sessionbus.bus._rawpub import header_block, publish_nowait
 from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
+from sessionbus.bus._retry import LAST_ATTEMPT, Retry
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
-__all__ = ["NoResponders", "Pending", "Replies", "Reply", "stored_at"]
+__all__ = ["NoResponders", "Pending", "Replies", "Reply", "publish_stored", "stored_at"]
 
 _NO_RESPONDERS = 503
 #: An idle heartbeat: a status that answers nothing.
@@ -225,6 +226,36 @@ def stored_at(reply: Reply, what: str) -> int:
     if type(seq) is not int:
         raise BusError(f"{what}: not an acknowledgement: {reply.data[:80]!r}")
     return seq
+
+
+async def publish_stored(replies: Replies, subject: str, data: bytes,
+                         headers: Mapping[str, str] | None, *, within: float, what: str) -> int:
+    """Publish into a stream and wait for its acknowledgement, for at most ``within`` s.
+
+    Returns the stream sequence the message is stored at.
+
+    While no stream takes the subject ("no responders": a replicated
+    stream electing a leader, or one just created on another node), the
+    message reached no one, so it is sent again, paced, until the time is
+    up (then :class:`NoResponders`, a ``ConnectionFailed``). An attempt
+    without any answer raises BusTimeout: it may have been stored, and is
+    not sent again here. (Sent again by the caller with the same
+    ``Nats-Msg-Id``, the stream's deduplication would store it once.) A
+    refusal raises the matching ``nats.js.errors.APIError``.
+    """
+    retry = Retry(within)
+    wait = within
+    while True:
+        pending = await replies.send(subject, data, headers)
+        try:
+            reply = await replies.wait(pending, within=max(LAST_ATTEMPT, wait), what=what)
+        except NoResponders as e:
+            left = await retry.resend(e)
+            if left is None:
+                raise
+            wait = left
+            continue
+        return stored_at(reply, what)
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -44,8 +44,7 @@ from sessionbus.bus._history import (
 )
 from sessionbus.bus._kv import wire_ttl
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, validate_id
-from sessionbus.bus._replies import NoResponders, Replies, stored_at
-from sessionbus.bus._retry import LAST_ATTEMPT, Retry
+from sessionbus.bus._replies import publish_stored
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
     CausationNotFound,
@@ -316,7 +315,7 @@ class Session:
             headers[TTL_HEADER] = str(wire_ttl(envelope.ttl_seconds))
         what = f"sending into {envelope.session_id!r}"
         with nats_errors(what):
-            seq = await _publish_stored(
+            seq = await publish_stored(
                 self._bus.replies, self._bus.names.inbound(envelope.session_id), data, headers,
                 within=self._bus.settings.request_timeout, what=what)
         self._bus.lifecycle.remember(envelope)
@@ -480,33 +479,3 @@ class Session:
     def __repr__(self) -> str:
         return (f"<Session {self.session_id!r} {self.state.value} "
                 f"as {self._participant or '(anonymous)'!r}>")
-
-
-async def _publish_stored(replies: Replies, subject: str, data: bytes,
-                          headers: dict[str, str], *, within: float, what: str) -> int:
-    """Publish into the envelope stream and wait for its ack, for at most ``within`` s.
-
-    Returns the stream sequence the envelope is stored at.
-
-    While no stream takes the subject ("no responders": a replicated
-    stream electing a leader, or one just created on another node), the
-    envelope reached no one, so it is sent again, paced, until the time is
-    up (then :class:`NoResponders`, a ``ConnectionFailed``). An attempt
-    without any answer raises BusTimeout: it may have been stored, and is
-    not sent again here. (Sent again by the caller, the stream's
-    deduplication on ``Nats-Msg-Id`` would store it once.) A refusal
-    raises the matching ``nats.js.errors.APIError``.
-    """
-    retry = Retry(within)
-    wait = within
-    while True:
-        pending = await replies.send(subject, data, headers)
-        try:
-            reply = await replies.wait(pending, within=max(LAST_ATTEMPT, wait), what=what)
-        except NoResponders as e:
-            left = await retry.resend(e)
-            if left is None:
-                raise
-            wait = left
-            continue
-        return stored_at(reply, what)

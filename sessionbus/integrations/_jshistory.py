@@ -31,8 +31,9 @@ from typing import Any, ClassVar, Literal, Self
 from nats.js import api
 
 from sessionbus.bus._reads import direct_get_range
+from sessionbus.bus._replies import publish_stored
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import ConfigError
+from sessionbus.bus.errors import ConfigError, nats_errors
 from sessionbus.integrations._bus import BusLink, ensure_stream
 from sessionbus.integrations._keys import token
 
@@ -148,7 +149,7 @@ class JetStreamHistory:
     async def save_event(self, event: Any, context: Any) -> None:
         """Append ``event`` to the history of ``context.stream.id``."""
         bus, _, root = await self._ready()
-        await bus.js.publish(self._subject(root, context.stream.id), self._dump(event))
+        await self._store(bus, self._subject(root, context.stream.id), self._dump(event), None)
 
     async def get_history(self, stream_id: Any) -> Iterable[Any]:
         """The stream's events, in the order they were stored."""
@@ -170,9 +171,17 @@ class JetStreamHistory:
         """Replace the stream's history with ``events``, atomically (one rolled-up message)."""
         bus, _, root = await self._ready()
         body = self._dump(list(events))
-        await bus.js.publish(
-            self._subject(root, stream_id), body, headers={_KIND: _SNAPSHOT, _ROLLUP: "sub"},
-        )
+        await self._store(bus, self._subject(root, stream_id), body,
+                          {_KIND: _SNAPSHOT, _ROLLUP: "sub"})
+
+    @staticmethod
+    async def _store(bus: SessionBus, subject: str, body: bytes,
+                     headers: dict[str, str] | None) -> None:
+        """One write into the history stream, its acknowledgement awaited (bus errors)."""
+        what = f"writing history on {subject!r}"
+        with nats_errors(what):
+            await publish_stored(bus.replies, subject, body, headers,
+                                 within=bus.settings.request_timeout, what=what)
 
     async def drop_history(self, stream_id: Any) -> None:
         """Remove the stream's history."""
