@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -43,6 +44,8 @@ def new_envelope_id() -> str:
 
 
 _IDEMPOTENCY_NS = uuid.UUID("6f1c3c3e-4b0a-4c55-9a53-2f4f0c3f6a11")
+_IDEMPOTENCY_NS_BYTES = _IDEMPOTENCY_NS.bytes
+_sha1 = hashlib.sha1
 
 
 def idempotent_envelope_id(session_id: str, idempotency_key: str) -> str:
@@ -50,8 +53,15 @@ def idempotent_envelope_id(session_id: str, idempotency_key: str) -> str:
 
     Deriving the id from the key means a retried send carries the same
     ``Nats-Msg-Id`` and is stored once, and the caller gets the same id back.
+    It is ``uuid.uuid5(namespace, f"{session_id}\\x00{idempotency_key}").hex``,
+    computed without building the UUID objects (a worker derives one per
+    reply).
     """
-    return uuid.uuid5(_IDEMPOTENCY_NS, f"{session_id}\x00{idempotency_key}").hex
+    name = f"{session_id}\x00{idempotency_key}".encode()
+    digest = bytearray(_sha1(_IDEMPOTENCY_NS_BYTES + name, usedforsecurity=False).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # the RFC 4122 variant
+    return digest.hex()
 
 
 class Envelope(BaseModel):

@@ -136,6 +136,11 @@ def test_new_envelope_ids_are_random_uuids_never_handed_out_twice() -> None:
 def test_idempotent_id_is_stable_and_scoped() -> None:
     assert idempotent_envelope_id("s", "k") == idempotent_envelope_id("s", "k")
     assert idempotent_envelope_id("s", "k") != idempotent_envelope_id("t", "k")
+    # The uuid5 it always was (ids derived by an older release must match).
+    namespace = uuid.UUID("6f1c3c3e-4b0a-4c55-9a53-2f4f0c3f6a11")
+    for sid, key in [("s", "k"), ("", ""), ("s\u00e9\U0001f600", "reply:g:" + "a" * 500 + ":3"),
+                     ("a.b", "k\x00x")]:
+        assert idempotent_envelope_id(sid, key) == uuid.uuid5(namespace, f"{sid}\x00{key}").hex
 
 
 @pytest.mark.parametrize(
