@@ -387,7 +387,10 @@ async def _scan_depths(bus: SessionBus, session_id: str, envelope_id: str,
                        must_reach=stored)
     through = read[-1][0] if read else after
     if first_unread:  # the bodies the headers-only part of the read left behind
-        await _read(bus, session_id, depth_of, after=first_unread[0] - 1, up_to=through,
-                    must_reach=through)
+        # Not waited for past what it finds (the last envelope may expire or be
+        # deleted meanwhile): the note stops where this read stopped.
+        bodies = await _read(bus, session_id, depth_of, after=first_unread[0] - 1,
+                             up_to=through)
+        through = bodies[-1][0] if bodies else first_unread[0] - 1
     states.end_depth_scan(session_id, scan, through)
     return found[0][1] if found else None

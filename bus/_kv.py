@@ -44,7 +44,7 @@ from sessionbus.bus._jsapi import (
 from sessionbus.bus._names import kv_subject
 from sessionbus.bus._rawsub import status_line
 from sessionbus.bus._reads import last_per_subject
-from sessionbus.bus._replies import NoResponders, Pending, Replies, stored_at
+from sessionbus.bus._replies import NoResponders, Pending, Replies, acked_sequence
 from sessionbus.bus._retry import Retry
 from sessionbus.bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
 
@@ -304,7 +304,7 @@ class Bucket:
         what = f"write {self.name}/{key}"
         reply = await self._replies.wait(pending, within=within, what=what)
         try:
-            return stored_at(reply, what)
+            return acked_sequence(reply, what)
         except nats.js.errors.APIError as e:
             if e.err_code in _WRONG_LAST_SEQUENCE:
                 expected = headers.get(_EXPECT_LAST)

@@ -31,7 +31,7 @@ from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus._retry import LAST_ATTEMPT, Retry
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
-__all__ = ["NoResponders", "Pending", "Replies", "Reply", "publish_stored", "stored_at"]
+__all__ = ["NoResponders", "Pending", "Replies", "Reply", "acked_sequence", "publish_stored"]
 
 _NO_RESPONDERS = 503
 #: An idle heartbeat: a status that answers nothing.
@@ -86,21 +86,22 @@ class Replies:
         self._tokens = itertools.count(1)
 
     async def _start(self) -> None:
-        if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_future()
-            try:
-                prefix = f"{self._nc.new_inbox()}."
-                self._sub = await subscribe_raw(self._nc, f"{prefix}*", self._on_reply)
-                self._prefix, self._cut = prefix, len(prefix)
-            except BaseException as e:
-                starting, self._starting = self._starting, None
-                starting.set_exception(e)
-                starting.exception()  # retrieved: the next call tries again
-                raise
-            self._starting.set_result(None)
-        # Shielded: a caller cancelled while another starts the inbox must
-        # not cancel the start every other caller waits on.
-        await asyncio.shield(self._starting)
+        # The subscription is made by a task of its own, shielded: a caller
+        # cancelled while it is made must not cancel it for every other.
+        starting = self._starting
+        if starting is None:
+            starting = self._starting = asyncio.ensure_future(self._subscribe())
+            starting.add_done_callback(_retrieved)
+        await asyncio.shield(starting)
+
+    async def _subscribe(self) -> None:
+        try:
+            prefix = f"{self._nc.new_inbox()}."
+            self._sub = await subscribe_raw(self._nc, f"{prefix}*", self._on_reply)
+            self._prefix, self._cut = prefix, len(prefix)
+        except BaseException:
+            self._starting = None  # the next request tries again
+            raise
 
     def _on_reply(self, subject: bytes, reply: bytes, data: bytes,
                   headers: bytes | None) -> None:
@@ -205,7 +206,7 @@ class Replies:
         return reply
 
 
-def stored_at(reply: Reply, what: str) -> int:
+def acked_sequence(reply: Reply, what: str) -> int:
     """The stream sequence a write's acknowledgement names.
 
     A refusal raises the matching ``nats.js.errors.APIError`` (the
@@ -255,7 +256,13 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
                 raise
             wait = left
             continue
-        return stored_at(reply, what)
+        return acked_sequence(reply, what)
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a start's failure as seen: its waiters, if any are left, raise it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

@@ -131,20 +131,26 @@ async def newest_start(replies: Replies, *, stream: str, subject: str, count: in
     first = await probe(1)
     if first is None or first[1] <= count:
         return 0
+    beyond = 0  # stored after up_to when counted
     if up_to is not None:
         past = await probe(up_to + 1)
-        count += 0 if past is None else past[1]
+        beyond = 0 if past is None else past[1]
+        count += beyond
         if first[1] <= count:
             return 0
     last = await _last_of(replies, direct, subject, what)
     if last is None or last <= first[0]:  # gone meanwhile: read it all
         return 0
     # Invariants: lo is a message with lo_count >= count from it on; fewer
-    # than count are stored from hi on.
+    # than count are stored from hi on. With up_to, the search stays at or
+    # before it (what is stored after it meanwhile would push it past).
     lo, lo_count = first
-    hi, hi_count = last, 1
-    if count == 1:
+    if up_to is not None and up_to < last:
+        hi, hi_count = up_to + 1, beyond
+    elif count == 1:  # the last message is the newest one
         return last - 1
+    else:
+        hi, hi_count = last, 1
     for step in range(_MAX_PROBES):
         if lo_count == count or hi - lo <= 1:
             break
@@ -152,11 +158,12 @@ async def newest_start(replies: Replies, *, stream: str, subject: str, count: in
             x = (lo + hi) // 2
         else:
             x = lo + (hi - lo) * (lo_count - count) // (lo_count - hi_count)
-        got = await probe(min(max(x, lo + 1), hi - 1))
-        if got is not None and got[1] >= count:
+        x = min(max(x, lo + 1), hi - 1)
+        got = await probe(x)
+        if got is not None and got[1] >= count and got[0] < hi:
             lo, lo_count = got
-        else:
-            hi, hi_count = min(max(x, lo + 1), hi - 1), 0 if got is None else got[1]
+        else:  # (counts that grew meanwhile past hi are kept below count)
+            hi, hi_count = x, min(count - 1, 0 if got is None else got[1])
     return lo - 1
 
 

@@ -514,3 +514,40 @@ async def test_the_newest_envelopes_on_a_replicated_stream(
     # A send is among the newest read right after it, whichever replica answers.
     sent = await session.send("mine")
     assert [e.envelope_id async for e in session.history(last=1)] == [sent]
+
+
+async def test_the_newest_up_to_a_sequence_while_another_client_appends(
+    nats_server: NatsServer, bus: SessionBus, bus_factory: BusFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Appends during the search push its start, never past up_to; each window is exact."""
+    s = await bus.open("growing", participant="c")
+    for i in range(200):
+        await s.send(f"m{i}")
+    stored = await read_history(bus, "growing")
+    writer = (await bus_factory(nats_server.url)).session("growing", participant="w")
+    starts: list[tuple[int, int]] = []  # (start, up_to) of each search
+    search = _seqread.newest_start
+
+    async def recording(*args: Any, **kwargs: Any) -> int:
+        start = await search(*args, **kwargs)
+        starts.append((start, kwargs["up_to"]))
+        return start
+
+    monkeypatch.setattr(_history, "newest_start", recording)
+
+    async def write() -> None:
+        for i in range(40):
+            await asyncio.gather(*(writer.send(f"w{i}.{k}") for k in range(10)))
+
+    writing = asyncio.create_task(write())
+    try:
+        for up_to_index, count in [(199, 1), (150, 7), (60, 25), (199, 50), (10, 3), (120, 120)]:
+            up_to = stored[up_to_index][0]
+            newest, _ = await _history.read_newest(bus, "growing", count, up_to=up_to,
+                                                   must_reach=up_to)
+            expected = [e.content for _, e in stored[:up_to_index + 1]][-count:]
+            assert [e.content for e in newest] == expected, (up_to_index, count)
+    finally:
+        await writing
+    assert starts and all(start < up_to for start, up_to in starts)

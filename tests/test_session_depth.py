@@ -284,3 +284,34 @@ async def test_a_lookup_reads_ids_and_depths_not_payloads(
     assert all(fresh.lifecycle.known_depth("heavy", e) == 0 for e in sent)
     stored = {e.envelope_id: e.depth async for e in sb.session("heavy").history()}
     assert stored[reply] == 1
+
+
+async def test_a_lookup_does_not_wait_for_an_envelope_gone_between_its_reads(
+    nats_server: NatsServer, bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bodies' read stops where it stops: the note with it, no wait for what went."""
+    sb = await bus_factory(nats_server.url)
+    s = await sb.open("going", participant="user")
+    for _ in range(60):  # past the headers-only read's first page
+        await s.send("x" * 2000)
+    plain = Envelope(session_id="going", sender_id="raw", depth=2)
+    await sb.js.publish(sb.names.inbound("going"), encode(plain),
+                        headers={MSG_ID_HEADER: plain.envelope_id})
+    for _ in range(5):
+        await s.send("y")
+    fresh = await bus_factory(nats_server.url)
+    original = _history._read
+    gone: list[int] = []
+
+    async def deleting(*args: Any, **kwargs: Any) -> Any:
+        found = await original(*args, **kwargs)
+        if kwargs.get("headers_only"):  # the newest goes (expired, deleted) before the bodies
+            gone.append(found[-1][0])
+            await sb.js.delete_msg(sb.names.envelope_stream, gone[0])
+        return found
+
+    monkeypatch.setattr(_history, "_read", deleting)
+    async with asyncio.timeout(2):  # not the 5 s a read waits for a replica behind
+        assert await _history.find_depth(fresh, "going", "f" * 32) is None
+    assert fresh.lifecycle.known_depth("going", plain.envelope_id) == 2
+    assert 0 < fresh.lifecycle.states.begin_depth_scan("going").seq < gone[0]
