@@ -32,7 +32,22 @@ from sessionbus.bus.core import SessionBus
 from sessionbus.schemas import Envelope
 from sessionbus.workers._historyseq import History
 
-__all__ = ["RecentHistory"]
+__all__ = ["RecentHistory", "read_up_to"]
+
+
+async def read_up_to(bus: SessionBus, sid: str, up_to: int, last: int | None) -> History:
+    """The session's unexpired envelopes stored up to ``up_to``, read from the stream.
+
+    With ``last``, only the newest ``last``, read from where they start
+    (``read_newest``), not from the session's start. The read waits for a
+    replica that is behind to reach ``up_to`` (a turn's own envelope).
+    """
+    if last is not None:
+        newest, _ = await read_newest(bus, sid, last, up_to=up_to, must_reach=up_to)
+        return History(newest)
+    now = time.time()
+    read = await read_history(bus, sid, up_to=up_to, must_reach=up_to)
+    return History([e for _, e in read if not e.is_expired(now)])
 
 
 class _Entry:
@@ -177,12 +192,7 @@ class RecentHistory:
         entry = self._entries.get(sid)
         if entry is None or entry.hi < up_to:
             self.cold_reads += 1
-            if last is not None:  # from where the newest start, not the session's start
-                newest, _ = await read_newest(bus, sid, last, up_to=up_to, must_reach=up_to)
-                return History(newest)
-            now = time.time()
-            read = await read_history(bus, sid, up_to=up_to, must_reach=up_to)
-            return History([e for _, e in read if not e.is_expired(now)]).newest(last)
+            return await read_up_to(bus, sid, up_to, last)
         # The entry holds everything in (known_after, hi]: take the window now,
         # before any await lets an intake trim it (the lists are append-only).
         start = entry.start

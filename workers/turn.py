@@ -20,18 +20,15 @@ cancels the handler's task; a close of the session does the same.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sessionbus.bus._history import read_history, read_newest
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import WorkerError
 from sessionbus.bus.settings import check_int
 from sessionbus.schemas import EV_TEXT, Envelope
 from sessionbus.workers._delivery import Held
-from sessionbus.workers._historyseq import History
-from sessionbus.workers._recent import RecentHistory
+from sessionbus.workers._recent import RecentHistory, read_up_to
 
 if TYPE_CHECKING:
     from sessionbus.bus.session import Session
@@ -141,14 +138,7 @@ class Turn:
             check_int(last, "last", least=1)
         if self._recent is not None:
             return await self._recent.history(self._bus, self.session_id, self.sequence, last)
-        if last is not None:
-            newest, _ = await read_newest(self._bus, self.session_id, last,
-                                          up_to=self.sequence, must_reach=self.sequence)
-            return History(newest)
-        now = time.time()
-        read = await read_history(self._bus, self.session_id, up_to=self.sequence,
-                                  must_reach=self.sequence)
-        return History([e for _, e in read if not e.is_expired(now)]).newest(last)
+        return await read_up_to(self._bus, self.session_id, self.sequence, last)
 
     async def reply(
         self,
