@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from sessionbus.bus._headers import parse_header_lines
 from sessionbus.bus._rawsub import header_value, status_line, subscribe_raw, unsubscribe_raw
-from sessionbus.bus._replies import Replies
+from sessionbus.bus._replies import Replies, Reply
 from sessionbus.bus.errors import BusError, BusTimeout, ConfigError
 
 DEFAULT_API_PREFIX = "$JS.API"
@@ -276,6 +276,23 @@ async def stored_at(nc: Client, stream: str, seq: int, *,
     except Exception:  # no answer (a timeout, a closed connection): held, as said
         return True
     return True
+
+
+def direct_answer(reply: Reply, what: str) -> dict[str, str] | None:
+    """The header fields of one Direct Get answer; None when the server found nothing (404).
+
+    Any other status raises JetStreamAPIError. The server's own headers
+    (``Nats-Sequence``, ``Nats-Subject``...) follow the stored ones, and the
+    last line of a name counts: a stored message cannot pass for another.
+    """
+    if not reply.data:
+        status = status_line(reply.headers)
+        if status is not None:
+            if status[0] == 404:
+                return None
+            raise JetStreamAPIError(status[0], 0, status[1] or what)
+    block = reply.headers
+    return parse_header_lines(block[_HEADER_LINE_END:]) if block else {}
 
 
 async def unpin(

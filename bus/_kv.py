@@ -33,16 +33,15 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from sessionbus.bus._headers import parse_header_lines
 from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     TooManyResultsError,
     ack_numbers,
+    direct_answer,
     direct_get_last_for_subjects,
 )
 from sessionbus.bus._names import kv_subject
-from sessionbus.bus._rawsub import status_line
 from sessionbus.bus._reads import last_per_subject
 from sessionbus.bus._replies import NoResponders, Pending, Replies, acked_sequence
 from sessionbus.bus._retry import Retry
@@ -62,8 +61,6 @@ _KV_OP = "KV-Operation"
 _MARKER = "Nats-Marker-Reason"
 _SEQUENCE = "Nats-Sequence"
 _SUBJECT = "Nats-Subject"
-#: A message's header block starts with this line (``NATS/1.0`` and CRLF).
-_HEADER_LINE_END = 10
 _TTL = "Nats-TTL"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
 
@@ -256,13 +253,9 @@ class Bucket:
                 cause = TimeoutError() if isinstance(e, BusTimeout) else e
                 if not await retry.again(cause):
                     raise retry.error(cause, what) from e
-        block = reply.headers
-        status = None if reply.data else status_line(block)
-        if status is not None:
-            if status[0] == 404:
-                return None
-            raise JetStreamAPIError(status[0], 0, status[1] or what)
-        fields = parse_header_lines(block[_HEADER_LINE_END:]) if block else {}
+        fields = direct_answer(reply, what)
+        if fields is None:
+            return None
         seq = fields.get(_SEQUENCE, "")
         if fields.get(_SUBJECT) != subject or not seq.isdigit():
             return None

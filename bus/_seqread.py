@@ -50,6 +50,7 @@ from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     ack_numbers,
+    direct_answer,
     stored_at,
 )
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
@@ -170,15 +171,11 @@ async def newest_start(replies: Replies, *, stream: str, subject: str, count: in
 async def _last_of(replies: Replies, direct: str, subject: str, what: str) -> int | None:
     """The sequence of the last message on ``subject``, None if it holds none."""
     pending = await replies.send(direct, json.dumps({"last_by_subj": subject}).encode(), None)
-    reply = await replies.wait(pending, within=API_TIMEOUT, what=what)
-    if not reply.data:
-        status = status_line(reply.headers)
-        if status is not None and status[0] == 404:
-            return None
-        if status is not None:
-            raise JetStreamAPIError(status[0], 0, status[1] or what)
-    found = header_value(reply.headers or b"", _SEQ)
-    if not found or not found.isdigit():
+    fields = direct_answer(await replies.wait(pending, within=API_TIMEOUT, what=what), what)
+    if fields is None:
+        return None
+    found = fields.get("Nats-Sequence", "")
+    if not found.isdigit():
         raise BusError(f"{what}: a Direct Get answer without its sequence")
     return int(found)
 
