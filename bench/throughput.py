@@ -17,12 +17,21 @@ plain stream, pulled in batches from one durable pull consumer shared by
 the same number of processes, decoded and acked one by one (no partitions,
 no pinning, no per-session order). Ratios are sessionbus / raw.
 
+``--floor`` adds a third pipeline: the raw one, plus a record per envelope
+shaped like a worker's completion record (the session's key in a stream
+with one message per subject and a per-message TTL, the envelope's stream
+sequence as its value), written through the bus's own write path
+(``bus._replies``) and confirmed for the whole fetched batch before the
+batch is acked. Still no partitions and no order: what the server and a
+lean client pay for the records alone, an upper bound for any pipeline
+that writes them before a session's next turn.
+
 Both kinds of worker process run the cyclic garbage collector as
 ``sessionbus worker`` does (its young generation every 10,000 allocations);
 ``--gc-threshold 0`` keeps Python's default in both.
 
     python bench/throughput.py [--quick] [--envelopes N] [--sessions S] [--partitions P]
-                               [--gc-threshold N] [--loop uvloop]
+                               [--floor] [--gc-threshold N] [--loop uvloop]
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
+from sessionbus.bus._replies import Replies, acked_sequence
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists
@@ -60,6 +70,8 @@ from sessionbus.workers._membership import Lease
 LATENCY_SUBJECT = "bench.latency"
 RAW_STREAM = "RAW"
 RAW_CONSUMER = "raw"
+RECORD_STREAM = "RAWRECORDS"
+RECORD_TTL = str(24 * 3600)  # a worker's default completion_ttl
 PHASE_LIMIT = 180.0
 
 
@@ -83,10 +95,16 @@ async def run_sessionbus_worker(url: str, prefix: str, worker_id: str, *,
         await worker.run()
 
 
-async def run_raw_worker(url: str) -> None:
-    """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order)."""
+async def run_raw_worker(url: str, *, records: bool = False) -> None:
+    """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order).
+
+    With ``records``, one record per envelope is written and confirmed
+    (the whole batch's, pipelined) before the batch is acked.
+    """
     nc = await nats.connect(url)
     js = nc.jetstream()
+    replies = Replies(nc)
+    headers = {"Nats-TTL": RECORD_TTL}
     sub = await js.pull_subscribe_bind(RAW_CONSUMER, RAW_STREAM)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -95,12 +113,21 @@ async def run_raw_worker(url: str) -> None:
             msgs = await sub.fetch(256, timeout=1.0)
         except (TimeoutError, nats.errors.TimeoutError):
             continue  # fetch() raises either when nothing arrived in time
+        written = []
         for msg in msgs:
             env = decode(msg.data, Envelope)
             sent = env.event_data.get("lat")
             if sent is not None:
                 await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
+            if records:
+                written.append(await replies.send(
+                    f"rawrec.{env.session_id}", str(msg.metadata.sequence.stream).encode(),
+                    headers))
+        for pending in written:
+            acked_sequence(await replies.wait(pending, within=30, what="a record"), "a record")
+        for msg in msgs:
             await msg.ack()
+    await replies.close()
     await nc.close()
 
 
@@ -312,19 +339,28 @@ async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, c
 
 
 async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: int,
-                    sessions: int, samples: int, loop: str, gc_threshold: int) -> Result:
+                    sessions: int, samples: int, loop: str, gc_threshold: int, *,
+                    records: bool = False) -> Result:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_stream(RAW_STREAM)
+    for stream in (RAW_STREAM, RECORD_STREAM):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
     await js.add_stream(name=RAW_STREAM, subjects=["raw.>"], storage=api.StorageType.FILE)
     await js.add_consumer(RAW_STREAM, api.ConsumerConfig(
         durable_name=RAW_CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=20_000,
     ))
+    if records:
+        # Shaped like the bus's KV buckets (one message per key, per-message TTL).
+        await js.add_stream(api.StreamConfig(
+            name=RECORD_STREAM, subjects=["rawrec.>"], storage=api.StorageType.FILE,
+            max_msgs_per_subject=1, allow_msg_ttl=True, allow_direct=True,
+            discard=api.DiscardPolicy.NEW,
+        ))
     procs = Procs(loop, gc_threshold)
     try:
         for _ in range(procs_count):
-            procs.spawn("--role", "raw", "--url", url)
+            procs.spawn("--role", "raw-records" if records else "raw", "--url", url)
 
         async def all_acked() -> bool:
             info = await js.consumer_info(RAW_STREAM, RAW_CONSUMER)
@@ -348,6 +384,8 @@ async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: i
     finally:
         procs.stop()
         await js.delete_stream(RAW_STREAM)
+        if records:
+            await js.delete_stream(RECORD_STREAM)
         await nc.close()
     return Result(rate, p50, p99, worker_us, server_us)
 
@@ -375,21 +413,32 @@ async def bench(args: argparse.Namespace) -> None:
                                           partitions=args.partitions)
             raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
                                   args.samples, args.loop, args.gc_threshold)
-            rows.append((n, ours, raw))
-        print(f"{'workers':>7} | {'':10} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
+            floor = None
+            if args.floor:
+                floor = await raw_phase(server.url, server.pid, n, args.envelopes,
+                                        args.sessions, args.samples, args.loop,
+                                        args.gc_threshold, records=True)
+            rows.append((n, ours, raw, floor))
+        print(f"{'workers':>7} | {'':12} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
               f"{'worker CPU us/env':>17} | {'server CPU us/env':>17}")
-        for n, ours, raw in rows:
-            for name, r in (("sessionbus", ours), ("raw nats-py", raw)):
-                print(f"{n if r is ours else '':>7} | {name:10} | {r.rate:8.0f} | "
+        for n, ours, raw, floor in rows:
+            shown = [("sessionbus", ours), ("raw nats-py", raw)]
+            if floor is not None:
+                shown.append(("raw+records", floor))
+            for name, r in shown:
+                print(f"{n if r is ours else '':>7} | {name:12} | {r.rate:8.0f} | "
                       f"{r.p50_us:8.0f} | {r.p99_us:8.0f} | {_cpu(r.worker_cpu_us):>17} | "
                       f"{_cpu(r.server_cpu_us):>17}")
-            print(f"{'':>7} | {'ratio':10} | {ratio(ours.rate, raw.rate):8.2f} | "
-                  f"{ratio(ours.p50_us, raw.p50_us):8.2f} | "
-                  f"{ratio(ours.p99_us, raw.p99_us):8.2f} | "
-                  f"{_cpu_ratio(ours.worker_cpu_us, raw.worker_cpu_us):>17} | "
-                  f"{_cpu_ratio(ours.server_cpu_us, raw.server_cpu_us):>17}")
-        print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r)}
-                          for n, o, r in rows}))
+            for name, r in zip(("ratio", "floor ratio"), [r for _, r in shown[::2]], strict=False):
+                # sessionbus, and the floor, against raw
+                print(f"{'':>7} | {name:12} | {ratio(r.rate, raw.rate):8.2f} | "
+                      f"{ratio(r.p50_us, raw.p50_us):8.2f} | "
+                      f"{ratio(r.p99_us, raw.p99_us):8.2f} | "
+                      f"{_cpu_ratio(r.worker_cpu_us, raw.worker_cpu_us):>17} | "
+                      f"{_cpu_ratio(r.server_cpu_us, raw.server_cpu_us):>17}")
+        print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r),
+                                       **({"raw_records": vars(f)} if f else {})}
+                          for n, o, r, f in rows}))
     finally:
         server.stop()
 
@@ -402,13 +451,16 @@ def main() -> None:
     parser.add_argument("--envelopes", type=int, default=None)
     parser.add_argument("--sessions", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None)
-    parser.add_argument("--role", choices=("bench", "worker", "raw"), default="bench",
+    parser.add_argument("--role", choices=("bench", "worker", "raw", "raw-records"),
+                        default="bench",
                         help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--id", help=argparse.SUPPRESS)
     parser.add_argument("--no-completion-records", action="store_true",
                         help="workers write no completion records (what they cost)")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the raw pipeline with a record per envelope (see above)")
     parser.add_argument("--partitions", type=int, default=None,
                         help="partitions of the envelope stream (default: the settings' 64)")
     parser.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
@@ -418,14 +470,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.gc_threshold < 0:
         parser.error(f"--gc-threshold must be >= 0 (0 keeps Python's), got {args.gc_threshold}")
-    if args.role in ("worker", "raw") and args.gc_threshold:
+    if args.role in ("worker", "raw", "raw-records") and args.gc_threshold:
         tune_gc(args.gc_threshold)
     if args.role == "worker":
         run_loop(run_sessionbus_worker(args.url, args.prefix, args.id,
                                        records=not args.no_completion_records), args.loop)
         return
-    if args.role == "raw":
-        run_loop(run_raw_worker(args.url), args.loop)
+    if args.role in ("raw", "raw-records"):
+        run_loop(run_raw_worker(args.url, records=args.role == "raw-records"), args.loop)
         return
     args.envelopes = args.envelopes or (10_000 if args.quick else 50_000)
     args.sessions = args.sessions or (500 if args.quick else 5_000)
