@@ -21,10 +21,10 @@ no pinning, no per-session order). Ratios are sessionbus / raw.
 shaped like a worker's completion record (the session's key in a stream
 with one message per subject and a per-message TTL, the envelope's stream
 sequence as its value), written through the bus's own write path
-(``bus._replies``) and confirmed for the whole fetched batch before the
-batch is acked. Still no partitions and no order: what the server and a
-lean client pay for the records alone, an upper bound for any pipeline
-that writes them before a session's next turn.
+(``bus._replies``); a fetched batch is acked once its records are
+confirmed, while the next batches are fetched. Still no partitions, no
+order and no leases: its server CPU per envelope, against the raw
+pipeline's, is what the records alone cost the server.
 
 Both kinds of worker process run the cyclic garbage collector as
 ``sessionbus worker`` does (its young generation every 10,000 allocations);
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -57,7 +58,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from sessionbus.bus import SessionBus
 from sessionbus.bus._jsapi import consumer_info
-from sessionbus.bus._replies import Replies, acked_sequence
+from sessionbus.bus._replies import Pending, Replies, acked_sequence
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import SessionExists
@@ -72,6 +73,8 @@ RAW_STREAM = "RAW"
 RAW_CONSUMER = "raw"
 RECORD_STREAM = "RAWRECORDS"
 RECORD_TTL = str(24 * 3600)  # a worker's default completion_ttl
+#: Fetched batches whose records a raw worker waits for at once.
+RECORD_BATCHES = 4
 PHASE_LIMIT = 180.0
 
 
@@ -98,17 +101,28 @@ async def run_sessionbus_worker(url: str, prefix: str, worker_id: str, *,
 async def run_raw_worker(url: str, *, records: bool = False) -> None:
     """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order).
 
-    With ``records``, one record per envelope is written and confirmed
-    (the whole batch's, pipelined) before the batch is acked.
+    With ``records``, one record per envelope is written, and a batch is
+    acked once all of its records are confirmed, while the next batches
+    are fetched (at most ``RECORD_BATCHES`` wait at once).
     """
     nc = await nats.connect(url)
     js = nc.jetstream()
     replies = Replies(nc)
     headers = {"Nats-TTL": RECORD_TTL}
+    settling: collections.deque[asyncio.Task[None]] = collections.deque()
+
+    async def settle(msgs: list[Msg], written: list[Pending]) -> None:
+        for pending in written:
+            acked_sequence(await replies.wait(pending, within=30, what="a record"), "a record")
+        for msg in msgs:
+            await msg.ack()
+
     sub = await js.pull_subscribe_bind(RAW_CONSUMER, RAW_STREAM)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     while not stop.is_set():
+        while settling and (settling[0].done() or len(settling) >= RECORD_BATCHES):
+            await settling.popleft()
         try:
             msgs = await sub.fetch(256, timeout=1.0)
         except (TimeoutError, nats.errors.TimeoutError):
@@ -123,10 +137,9 @@ async def run_raw_worker(url: str, *, records: bool = False) -> None:
                 written.append(await replies.send(
                     f"rawrec.{env.session_id}", str(msg.metadata.sequence.stream).encode(),
                     headers))
-        for pending in written:
-            acked_sequence(await replies.wait(pending, within=30, what="a record"), "a record")
-        for msg in msgs:
-            await msg.ack()
+        settling.append(asyncio.create_task(settle(msgs, written)))
+    for task in settling:
+        await task
     await replies.close()
     await nc.close()
 
