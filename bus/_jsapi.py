@@ -154,32 +154,6 @@ def status_of(msg: Msg) -> Status | None:
     return Status(int(code), desc.splitlines()[0] if desc else "")
 
 
-async def read_page(sub: Subscription, what: str) -> tuple[list[Msg], int, Msg]:
-    """The messages of one request up to its status: (messages, status code, status message).
-
-    Taken straight from the subscription's queue (it has no callback): a
-    page of thousands costs no coroutine per message. Idle heartbeats are
-    skipped; BusTimeout if the status does not come within ``API_TIMEOUT``.
-    """
-    queue: asyncio.Queue[Msg] = sub._pending_queue
-    msgs: list[Msg] = []
-    try:
-        async with asyncio.timeout(API_TIMEOUT):
-            while True:
-                try:
-                    msg = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    msg = await queue.get()
-                sub._pending_size -= len(msg.data)  # as nats-py's next_msg() keeps it
-                status = status_of(msg)
-                if status is None:
-                    msgs.append(msg)
-                elif status.code != 100:  # an idle heartbeat is not an answer
-                    return msgs, status.code, msg
-    except TimeoutError as e:
-        raise BusTimeout(f"no reply from {what} within {API_TIMEOUT}s") from e
-
-
 async def _api(nc: Client, subject: str, body: dict[str, Any] | None) -> Any:
     payload = json.dumps(body).encode() if body is not None else b""
     try:

@@ -1,19 +1,14 @@
-"""Bulk reads of a stream without a long-lived consumer.
+"""The last message of every subject matching a filter, however many.
 
-Two shapes, both raw ``$JS.API`` requests (nats-py 2.16 has neither):
+Direct Get ``multi_last`` stops at 1,024 subjects. :func:`last_per_subject`
+reads any number: a one-shot pull consumer with ``deliver_policy:
+last_per_subject`` (a raw ``$JS.API`` request: nats-py 2.16 has no such
+listing), drained with ``no_wait`` pulls and deleted when done, whether the
+read succeeded or not. Its replies land on one subscription per read: a
+listing of thousands of keys costs no task or timeout per message.
 
-* :func:`direct_get_range`: a Direct Get *batch* (``next_by_subj`` from a
-  sequence, ``batch`` messages per request): the messages of one subject
-  filter in stream order, paged, answered by any replica, no consumer at
-  all. Used to read a session's history from a sequence on.
-* :func:`last_per_subject`: the last message of every subject matching a
-  filter, however many (Direct Get ``multi_last`` stops at 1,024
-  subjects): a one-shot pull consumer with ``deliver_policy:
-  last_per_subject``, drained with ``no_wait`` pulls and deleted when
-  done, whether the read succeeded or not.
-
-Replies land on one subscription per read: a batch of thousands of
-messages costs no task or timeout per message.
+(A session's messages in a range of sequences are read by
+``bus/_seqread.py``.)
 """
 
 from __future__ import annotations
@@ -32,12 +27,11 @@ from sessionbus.bus._jsapi import (
     DEFAULT_API_PREFIX,
     JetStreamAPIError,
     ack_numbers,
-    read_page,
     status_of,
 )
 from sessionbus.bus.errors import BusError, BusTimeout
 
-__all__ = ["StoredMsg", "direct_get_range", "last_per_subject"]
+__all__ = ["StoredMsg", "last_per_subject"]
 
 _NS = 1_000_000_000
 #: Messages asked for per request.
@@ -88,51 +82,6 @@ class _Collector:
                 await self.done.wait()
         except TimeoutError as e:
             raise BusTimeout(f"no reply from {what} within {API_TIMEOUT}s") from e
-
-
-async def direct_get_range(
-    nc: Client,
-    *,
-    stream: str,
-    subject_filter: str,
-    after: int = 0,
-    up_to: int | None = None,
-    api_prefix: str = DEFAULT_API_PREFIX,
-) -> list[StoredMsg]:
-    """Messages on ``subject_filter`` with ``after < seq <= up_to`` (no bound if None).
-
-    In stream order, ``PAGE`` per Direct Get batch request; the stream needs
-    ``allow_direct``. Raises JetStreamAPIError on an error status (503 when
-    no replica answers) and BusTimeout when nothing answers in time.
-    """
-    subject = f"{api_prefix}.DIRECT.GET.{stream}"
-    out: list[StoredMsg] = []
-    sub = await nc.subscribe(nc.new_inbox())
-    try:
-        seq = after + 1
-        while up_to is None or seq <= up_to:
-            batch = PAGE if up_to is None else max(1, min(PAGE, up_to - seq + 1))
-            req = {"seq": seq, "next_by_subj": subject_filter, "batch": batch}
-            await nc.publish(subject, json.dumps(req).encode(), reply=sub.subject)
-            msgs, code, eob = await read_page(sub, subject)
-            for msg in msgs:
-                headers = msg.headers or {}
-                msg_seq = int(headers["Nats-Sequence"])
-                if up_to is not None and msg_seq > up_to:
-                    return out
-                out.append(StoredMsg(headers["Nats-Subject"], msg.data, headers, msg_seq))
-            if code == 404:  # nothing (more) on the filter
-                return out
-            if code != 204:
-                raise JetStreamAPIError(code, 0, (eob.headers or {}).get("Description", subject))
-            eob_headers = eob.headers or {}
-            if int(eob_headers.get("Nats-Num-Pending", "0")) == 0:
-                return out
-            seq = int(eob_headers["Nats-Last-Sequence"]) + 1
-        return out
-    finally:
-        with contextlib.suppress(NatsError):
-            await sub.unsubscribe()
 
 
 def _seq_and_pending(reply: str) -> tuple[int, int]:

@@ -5,8 +5,10 @@ Every AG2 stream id is one subject of one JetStream stream
 same history back, in order:
 
 * ``save_event`` appends one message;
-* ``get_history`` reads the subject with Direct Get batches (thousands of
-  events per request, no consumer), in stream order;
+* ``get_history`` reads the subject in stream order the way a session's
+  history is read (``bus/_seqread.py``: a Direct Get batch, then a
+  short-lived consumer for a long history), and loads the events from the
+  last snapshot on;
 * ``set_history`` is atomic: the whole new history is one message published
   with a subject rollup, which removes everything before it in the same
   write, so a reader sees the old history or the new one, never a mix (a
@@ -30,10 +32,12 @@ from typing import Any, ClassVar, Literal, Self
 
 from nats.js import api
 
-from sessionbus.bus._reads import direct_get_range
+from sessionbus.bus._jsapi import JetStreamAPIError
+from sessionbus.bus._rawsub import header_value
 from sessionbus.bus._replies import publish_stored
+from sessionbus.bus._seqread import read_range
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import ConfigError, nats_errors
+from sessionbus.bus.errors import ConfigError, ConnectionFailed, nats_errors
 from sessionbus.integrations._bus import BusLink, ensure_stream
 from sessionbus.integrations._keys import token
 
@@ -46,6 +50,7 @@ Serializer = Literal["json", "pickle"]
 
 _KIND = "Ag2-History"
 _SNAPSHOT = "snapshot"
+_KIND_LINE = f"\r\n{_KIND}:".encode()
 _ROLLUP = "Nats-Rollup"
 
 
@@ -154,17 +159,27 @@ class JetStreamHistory:
     async def get_history(self, stream_id: Any) -> Iterable[Any]:
         """The stream's events, in the order they were stored."""
         bus, name, root = await self._ready()
-        api_prefix = f"$JS.{bus.settings.domain}.API" if bus.settings.domain else "$JS.API"
-        msgs = await direct_get_range(
-            bus.nc, stream=name, subject_filter=self._subject(root, stream_id),
-            api_prefix=api_prefix,
-        )
+        subject = self._subject(root, stream_id)
+        what = f"reading history on {subject!r}"
+        with nats_errors(what):
+            try:
+                stored = await read_range(bus.nc, _stored, stream=name, subject_filter=subject,
+                                          api_prefix=bus.api_prefix)
+            except JetStreamAPIError as e:
+                if e.code == 503:  # no replica answers
+                    raise ConnectionFailed(f"{what}: {e}") from e
+                raise
+        # A snapshot replaces everything before it: load from the last one on.
+        start = 0
+        for i, (_, (snapshot, _data)) in enumerate(stored):
+            if snapshot:
+                start = i
         events: list[Any] = []
-        for msg in msgs:
-            if msg.headers.get(_KIND) == _SNAPSHOT:
-                events = list(self._load(msg.data))  # replaces everything before it
+        for _, (snapshot, data) in stored[start:]:
+            if snapshot:
+                events = list(self._load(data))
             else:
-                events.append(self._load(msg.data))
+                events.append(self._load(data))
         return events
 
     async def set_history(self, stream_id: Any, events: Iterable[Any]) -> None:
@@ -191,3 +206,8 @@ class JetStreamHistory:
     def __repr__(self) -> str:
         where = self._bound[1] if self._bound else self._stream_name
         return f"<{type(self).__name__} stream={where!r} serializer={self._serializer}>"
+
+
+def _stored(_seq: int, data: bytes, headers: bytes | None) -> tuple[bool, bytes]:
+    """Whether a stored message is a snapshot (``set_history``), and its body."""
+    return headers is not None and header_value(headers, _KIND_LINE) == _SNAPSHOT.encode(), data
