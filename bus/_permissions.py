@@ -171,10 +171,13 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
                     f"{api}.CONSUMER.INFO.KV_{bucket}.*"]
         pub.append(f"$JS.FC.KV_{bucket}.>")
     history = n.ag2_history_stream
-    pub.append(f"{n.ag2_history_root}.>")
+    pub += [f"{n.ag2_history_root}.>", f"$JS.FC.{history}.>"]
     for api in apis:
+        # A long history is read on by a short-lived consumer, created without
+        # a name (bus/_seqread.py), as a client reads a session's.
         pub += [f"{api}.STREAM.INFO.{history}", f"{api}.DIRECT.GET.{history}",
-                f"{api}.DIRECT.GET.{history}.>", f"{api}.STREAM.PURGE.{history}"]
+                f"{api}.DIRECT.GET.{history}.>", f"{api}.STREAM.PURGE.{history}",
+                f"{api}.CONSUMER.CREATE.{history}"]
     stream = n.envelope_stream
     # Liveness pings between the workers of a group, answered on their own connection.
     pub += [f"{n.prefix}.out.*.*", dead, pings, *_kv_write(n.workers_bucket, lease_keys, apis)]

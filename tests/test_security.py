@@ -22,7 +22,13 @@ import nats
 import pytest
 from jwt_creds import Operator
 from nats.aio.client import Client
-from sessionbus.bus import AuthenticationFailed, PermissionDenied, SessionBus, SessionStore
+from sessionbus.bus import (
+    AuthenticationFailed,
+    PermissionDenied,
+    SessionBus,
+    SessionStore,
+    _seqread,
+)
 from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
@@ -33,6 +39,7 @@ from sessionbus.workers import DeadLetter, Turn, Worker
 from worker_proc import FAST
 
 from sessionbus._auth import AuthDir, new_user_seed
+from sessionbus.integrations._jshistory import JetStreamHistory
 from sessionbus.testing import BusFactory
 
 PARTS = 4
@@ -515,6 +522,54 @@ async def test_the_session_store_runs_as_a_worker_once_an_admin_created_its_buck
     client = role_permissions(Role.CLIENT)
     assert not client.allows_publish(f"$KV.{N.store_uses_bucket}.s1")
     assert not client.allows_publish(f"{N.ag2_history_root}.x")
+
+
+class _PlainHistory(JetStreamHistory):
+    """The framework integrations' history storage, with events stored as they are."""
+
+    codec = (lambda value: value, lambda value: value)
+
+
+@dataclass
+class _Stream:
+    id: str
+
+
+@dataclass
+class _Context:
+    stream: _Stream
+
+
+async def test_a_long_framework_history_reads_as_a_worker_with_no_refusal(
+    provisioned: Secured, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the first page, the rest comes through a consumer the worker role may create."""
+    url = provisioned.server.url
+    admin = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "admin"))
+    await _PlainHistory(bus=admin).set_history("conv", [])  # creates the stream
+    worker = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "worker"))
+    storage = _PlainHistory(bus=worker)
+    await storage.set_history("conv", ["s0", "s1"])
+    context = _Context(_Stream("conv"))
+    events = [f"e{i}" for i in range(_seqread.FIRST_PAGE + _seqread.CONSUMER_PAST + 100)]
+    for chunk in range(0, len(events), 100):
+        await asyncio.gather(*(storage.save_event(e, context)
+                               for e in events[chunk:chunk + 100]))
+    consumed: list[int] = []
+    consume = _seqread._consume
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        consumed.append(1)
+        await consume(*args, **kwargs)
+
+    start = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_seqread, "_consume", counted)
+        got = list(await storage.get_history("conv"))
+    assert time.monotonic() - start < 2.0
+    assert consumed == [1]
+    assert got[:2] == ["s0", "s1"] and sorted(got[2:]) == sorted(events)
+    assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
 
 
 async def test_a_refusal_never_shows_the_credentials_of_a_server_url(secured: Secured) -> None:
