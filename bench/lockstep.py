@@ -1,6 +1,6 @@
 """Cold history reads of two installs of sessionbus, in lock step: this one against another.
 
-    python bench/lockstep.py OTHER_PYTHON [--size 1000] [--pairs 40]
+    python bench/lockstep.py OTHER_PYTHON [--size 1000] [--pairs 40] [--loop uvloop]
 
 ``OTHER_PYTHON`` is the interpreter of another environment with another
 sessionbus installed (an earlier release, say). Each side runs in a
@@ -98,8 +98,9 @@ async def child(size: int) -> None:
         server.stop()
 
 
-def _spawn(python: str, size: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--child", "--size", str(size)],
+def _spawn(python: str, size: int, loop: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--child", "--size", str(size),
+                             "--loop", loop],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -132,15 +133,23 @@ def main() -> None:
     parser.add_argument("other_python", nargs="?", help="interpreter of the other install")
     parser.add_argument("--size", type=int, default=1000, help="envelopes in the session")
     parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="event loop of both sides (uvloop must be installed in both)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(child(args.size))
+        if args.loop == "uvloop":  # not through the bench's helpers: older installs run this
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(child(args.size))
+        else:
+            asyncio.run(child(args.size))
         return
     if not args.other_python or args.size < 1 or args.pairs < 2:
         parser.error("give the other interpreter, --size >= 1 and --pairs >= 2")
-    sides = {"this": _spawn(sys.executable, args.size),
-             "other": _spawn(args.other_python, args.size)}
+    sides = {"this": _spawn(sys.executable, args.size, args.loop),
+             "other": _spawn(args.other_python, args.size, args.loop)}
     results: dict[str, list[tuple[float, float]]] = {"this": [], "other": []}
     try:
         for pair in range(args.pairs):
@@ -151,7 +160,7 @@ def main() -> None:
             if proc.stdin is not None:
                 proc.stdin.close()
             proc.wait(60)
-    print(f"cold reads of {args.size} envelopes; this: {sys.executable}, "
+    print(f"cold reads of {args.size} envelopes on {args.loop}; this: {sys.executable}, "
           f"other: {args.other_python}")
     for index, what in enumerate(("turn.history()", "Session.history()")):
         print(_summary(what, [r[index] for r in results["this"]],

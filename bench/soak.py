@@ -13,6 +13,7 @@ max::
     python bench/soak.py --scenario worker_paused --repeat 5
     python bench/soak.py --list
     python bench/soak.py --scenario leaf_link_cut --repeat 1 --keep /tmp/soak  # keep logs
+    python bench/soak.py --repeat 3 --loop uvloop         # every process on uvloop
 
 It stops by itself: each run is bounded (``--run-timeout``), and no new
 run starts once ``--max-minutes`` have passed.
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -34,8 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests")]
 
-from _common import environment  # noqa: E402
+from _common import add_loop_option, environment, run_loop  # noqa: E402
 from scenarios import SCENARIOS, Outcome  # noqa: E402
+from sessionbus.bus._loop import LOOP_ENV  # noqa: E402
 
 FIGURES = ("lost", "reordered", "rerun_after_next", "overlaps", "stale", "dups", "dups_done",
            "stored_dups", "retried", "stall", "failover")
@@ -127,13 +130,16 @@ def main() -> None:
                         help="keep each run's process logs under this directory")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print violations, and the processes' stderr of a failed run")
+    add_loop_option(parser)
     args = parser.parse_args()
     # The bus in this process reconnects through the faults; keep its warnings out.
     logging.basicConfig(level=logging.ERROR)
     if args.list:
         print("\n".join(SCENARIOS))
         return
-    sys.exit(asyncio.run(_main(args)))
+    # The scenarios' worker and sender processes read it (tests/worker_proc.py).
+    os.environ[LOOP_ENV] = args.loop
+    sys.exit(run_loop(_main(args), args.loop))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ end (:func:`read_records` skips those lines; the fault suite reads them)::
     python tests/worker_proc.py --url nats://127.0.0.1:4222 --prefix t1 \\
         --group g --worker-id w1 --log /tmp/w1.jsonl
 
-It drains on SIGTERM (``handle_signals=True``).
+It drains on SIGTERM (``handle_signals=True``), and runs on the event loop
+that ``SESSIONBUS_EVENT_LOOP`` names (asyncio's when unset; ``uvloop`` as
+``sessionbus worker`` runs where uvloop is installed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sessionbus.bus import SessionBus
+from sessionbus.bus._loop import LOOP_ENV
+from sessionbus.bus._loop import run as run_on_loop
 from sessionbus.bus.errors import SessionExists
 from sessionbus.schemas import Envelope, SessionMetadata, encode
 from sessionbus.workers import Turn, Worker, WorkerConfig
@@ -167,6 +172,9 @@ def duplicates(records: list[Record]) -> dict[tuple[str, int], list[Record]]:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    # Named first on stderr, so a run can tell which loop its workers had.
+    print(f"event loop: {type(asyncio.get_running_loop()).__module__}", file=sys.stderr,
+          flush=True)
     fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def log(**fields: Any) -> None:
@@ -221,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s {args.worker_id} %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(args))
+    run_on_loop(_main(args), event_loop=os.environ.get(LOOP_ENV, "asyncio"))
 
 
 if __name__ == "__main__":

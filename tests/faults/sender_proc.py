@@ -16,6 +16,8 @@ abandoned at the deadline)::
 
     python tests/faults/sender_proc.py --url nats://127.0.0.1:4222 --prefix f \\
         --sessions 20 --per-session 5 --log /tmp/sender.jsonl
+
+It runs on the event loop ``SESSIONBUS_EVENT_LOOP`` names (asyncio's when unset).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from typing import Any
 
 from sessionbus.bus import SessionBus
+from sessionbus.bus._loop import LOOP_ENV
+from sessionbus.bus._loop import run as run_on_loop
 from sessionbus.bus.errors import BusError, SessionExists
 from sessionbus.bus.session import Session
 
@@ -137,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s sender %(name)s %(levelname)s %(message)s")
-    asyncio.run(_main(args))
+    run_on_loop(_main(args), event_loop=os.environ.get(LOOP_ENV, "asyncio"))
 
 
 if __name__ == "__main__":

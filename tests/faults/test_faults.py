@@ -25,6 +25,7 @@ from scenarios import (
     server_restart,
     worker_paused,
 )
+from sessionbus.bus._loop import LOOP_ENV
 from sessionbus.workers import WorkerConfig
 from worker_proc import FAST
 
@@ -97,3 +98,20 @@ async def test_worker_paused_past_the_failover_bound_then_resumed(tmp_path: Path
 async def test_sender_cut_mid_send_retries_with_its_idempotency_key(tmp_path: Path) -> None:
     outcome = await sender_cut(tmp_path)
     assert_guarantees(outcome)
+
+
+@pytest.mark.timeout(150)
+async def test_nats_server_restarted_under_workers_on_uvloop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop ``sessionbus worker`` runs on where uvloop is installed: the same guarantees."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'sessionbus[fast]')")
+    monkeypatch.setenv(LOOP_ENV, "uvloop")
+    outcome = await server_restart(tmp_path, cycles=1)
+    assert_guarantees(outcome)
+    assert _loops_named(tmp_path) == {"event loop: uvloop"}
+
+
+def _loops_named(tmp: Path) -> set[str]:
+    """The event loops the run's worker processes named first on their output."""
+    return {path.read_text().splitlines()[0] for path in tmp.glob("w*.err")}
