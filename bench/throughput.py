@@ -20,11 +20,13 @@ no pinning, no per-session order). Ratios are sessionbus / raw.
 ``--floor`` adds a third pipeline: the raw one, plus a record per envelope
 shaped like a worker's completion record (the session's key in a stream
 with one message per subject and a per-message TTL, the envelope's stream
-sequence as its value), written through the bus's own write path
-(``bus._replies``); a fetched batch is acked once its records are
-confirmed, while the next batches are fetched. Still no partitions, no
-order and no leases: its server CPU per envelope, against the raw
-pipeline's, is what the records alone cost the server.
+sequence as its value), written with the bus's ``Replies`` (a worker
+writes its records with the same framing, from ``workers/_completions.py``);
+a fetched batch is acked once its records are confirmed, while the next
+batches are fetched. Still no partitions, no pinning, no leases, and no
+per-session order (a session's next envelope may be handled before the
+record of its previous one is confirmed): its server CPU per envelope,
+against the raw pipeline's, is what the records alone cost the server.
 
 Both kinds of worker process run the cyclic garbage collector as
 ``sessionbus worker`` does (its young generation every 10,000 allocations);
@@ -98,12 +100,33 @@ async def run_sessionbus_worker(url: str, prefix: str, worker_id: str, *,
         await worker.run()
 
 
-async def run_raw_worker(url: str, *, records: bool = False) -> None:
-    """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order).
+async def run_raw_worker(url: str) -> None:
+    """A raw pull loop: fetch in batches, decode, ack each (what the worker does, minus order)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(RAW_CONSUMER, RAW_STREAM)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(256, timeout=1.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue  # fetch() raises either when nothing arrived in time
+        for msg in msgs:
+            env = decode(msg.data, Envelope)
+            sent = env.event_data.get("lat")
+            if sent is not None:
+                await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
+            await msg.ack()
+    await nc.close()
 
-    With ``records``, one record per envelope is written, and a batch is
-    acked once all of its records are confirmed, while the next batches
-    are fetched (at most ``RECORD_BATCHES`` wait at once).
+
+async def run_floor_worker(url: str) -> None:
+    """The raw pull loop plus a record per envelope (``--floor``).
+
+    Each envelope's record is written as it is decoded; a batch is acked
+    once all of its records are confirmed, while the next batches are
+    fetched (at most ``RECORD_BATCHES`` wait at once).
     """
     nc = await nats.connect(url)
     js = nc.jetstream()
@@ -133,10 +156,8 @@ async def run_raw_worker(url: str, *, records: bool = False) -> None:
             sent = env.event_data.get("lat")
             if sent is not None:
                 await nc.publish(LATENCY_SUBJECT, str(time.time() - sent).encode())
-            if records:
-                written.append(await replies.send(
-                    f"rawrec.{env.session_id}", str(msg.metadata.sequence.stream).encode(),
-                    headers))
+            written.append(await replies.send(
+                f"rawrec.{env.session_id}", str(msg.metadata.sequence.stream).encode(), headers))
         settling.append(asyncio.create_task(settle(msgs, written)))
     for task in settling:
         await task
@@ -489,8 +510,11 @@ def main() -> None:
         run_loop(run_sessionbus_worker(args.url, args.prefix, args.id,
                                        records=not args.no_completion_records), args.loop)
         return
-    if args.role in ("raw", "raw-records"):
-        run_loop(run_raw_worker(args.url, records=args.role == "raw-records"), args.loop)
+    if args.role == "raw":
+        run_loop(run_raw_worker(args.url), args.loop)
+        return
+    if args.role == "raw-records":
+        run_loop(run_floor_worker(args.url), args.loop)
         return
     args.envelopes = args.envelopes or (10_000 if args.quick else 50_000)
     args.sessions = args.sessions or (500 if args.quick else 5_000)

@@ -12,8 +12,9 @@ __all__ = ["NatsStorage"]
 class NatsStorage(JetStreamHistory):
     """AG2's ``Storage`` (``ag2.history``) on a JetStream stream of the bus.
 
-    ``save_event`` appends, ``get_history`` reads back in order in Direct
-    Get batches, ``set_history`` replaces atomically (one rolled-up
+    ``save_event`` appends, ``get_history`` reads back in order as a
+    session's history is read (a Direct Get batch, then a short-lived
+    consumer for a long one), ``set_history`` replaces atomically (one rolled-up
     message), ``drop_history`` purges; events use AG2's own serialization.
     ``bus`` is a started :class:`~sessionbus.bus.SessionBus` the caller owns;
     without one the storage starts ``SessionBus(servers, **options)`` on
