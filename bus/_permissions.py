@@ -168,7 +168,11 @@ def _worker(n: Names, apis: Sequence[str], group: str | None,
         for api in apis:
             pub += [f"{api}.STREAM.INFO.KV_{bucket}", f"{api}.DIRECT.GET.KV_{bucket}",
                     f"{api}.DIRECT.GET.KV_{bucket}.>", f"{api}.CONSUMER.CREATE.KV_{bucket}",
-                    f"{api}.CONSUMER.INFO.KV_{bucket}.*"]
+                    f"{api}.CONSUMER.INFO.KV_{bucket}.*",
+                    # A listing past what one Direct Get returns (as for a client's buckets).
+                    f"{api}.CONSUMER.CREATE.KV_{bucket}.*",
+                    f"{api}.CONSUMER.MSG.NEXT.KV_{bucket}.*",
+                    f"{api}.CONSUMER.DELETE.KV_{bucket}.*"]
         pub.append(f"$JS.FC.KV_{bucket}.>")
     history = n.ag2_history_stream
     pub += [f"{n.ag2_history_root}.>", f"$JS.FC.{history}.>"]

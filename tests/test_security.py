@@ -39,6 +39,7 @@ from sessionbus.workers import DeadLetter, Turn, Worker
 from worker_proc import FAST
 
 from sessionbus._auth import AuthDir, new_user_seed
+from sessionbus.integrations._bus import ensure_bucket
 from sessionbus.integrations._jshistory import JetStreamHistory
 from sessionbus.testing import BusFactory
 
@@ -522,6 +523,23 @@ async def test_the_session_store_runs_as_a_worker_once_an_admin_created_its_buck
     client = role_permissions(Role.CLIENT)
     assert not client.allows_publish(f"$KV.{N.store_uses_bucket}.s1")
     assert not client.allows_publish(f"{N.ag2_history_root}.x")
+
+
+async def test_a_worker_lists_an_integration_bucket_of_more_keys_than_one_direct_get_returns(
+    provisioned: Secured, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = provisioned.server.url
+    admin = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "admin"))
+    worker = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "worker"))
+    for name in (N.va_sessions_bucket, N.store_uses_bucket, N.ag2_sessions_bucket):
+        await ensure_bucket(admin, name)
+        acks = [await admin.js.publish_async(f"$KV.{name}.s{i}", b"x") for i in range(1100)]
+        await asyncio.gather(*acks)
+        start = time.monotonic()
+        entries = await (await ensure_bucket(worker, name)).list(">")
+        assert len(entries) == 1100, name
+        assert time.monotonic() - start < 2.0, name
+    assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
 
 
 class _PlainHistory(JetStreamHistory):
