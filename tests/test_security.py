@@ -41,6 +41,7 @@ from worker_proc import FAST
 from sessionbus._auth import AuthDir, new_user_seed
 from sessionbus.integrations._bus import ensure_bucket
 from sessionbus.integrations._jshistory import JetStreamHistory
+from sessionbus.integrations.vision_agents import NatsSessionKVStore
 from sessionbus.testing import BusFactory
 
 PARTS = 4
@@ -539,6 +540,33 @@ async def test_a_worker_lists_an_integration_bucket_of_more_keys_than_one_direct
         entries = await (await ensure_bucket(worker, name)).list(">")
         assert len(entries) == 1100, name
         assert time.monotonic() - start < 2.0, name
+    assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
+
+
+async def test_the_vision_agents_store_runs_as_a_worker_with_no_refusal(
+    provisioned: Secured, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every operation of the store, in the worker role, once an admin created its bucket."""
+    url = provisioned.server.url
+    admin = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "admin"))
+    async with NatsSessionKVStore(bus=admin) as store:
+        await store.set("prepared", b"by the admin", 60)
+    worker = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "worker"))
+    async with NatsSessionKVStore(bus=worker) as store:
+        await store.set("call/1/a", b"a", 60)
+        await store.set("call/1/a", b"a2", 60, only_if_exists=True)
+        await store.set("call/1/absent", b"x", 60, only_if_exists=True)
+        many = [(f"call/2/s{i}", b"v", 60.0) for i in range(1100)]
+        await store.mset(many)
+        await store.expire("call/1/a", "call/2/s0", ttl=120)
+        assert await store.get("call/1/a") == b"a2"
+        assert await store.get("call/1/absent") is None
+        values = await store.mget([key for key, _, _ in many])
+        assert values == [b"v"] * len(many)
+        assert len(await store.keys("call/2/")) == len(many)  # past one Direct Get
+        await store.delete(["call/1/a", "call/2/s0"])
+        assert await store.mget(["call/1/a", "call/2/s0", "prepared"]) == [
+            None, None, b"by the admin"]
     assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
 
 
