@@ -9,9 +9,11 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 import pytest
+from sessionbus.bus._permissions import Role
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus.core import SessionBus
 
@@ -21,6 +23,7 @@ from ag2.context import ConversationContext
 from ag2.events import ModelRequest, TextInput, ToolCallEvent
 from ag2.stream import MemoryStream
 
+from sessionbus._auth import AuthDir
 from sessionbus.integrations.ag2 import NatsStorage
 
 
@@ -102,6 +105,48 @@ async def test_session_store_replicas_share_conversations(nats_server: NatsServe
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_session_store_and_storage_run_in_the_worker_role_with_no_refusal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Conversations, their turn locks, LRU evictions and a long history, as a worker."""
+    store_cls = _mcp_store()
+    auth = AuthDir.init(tmp_path / "auth")
+    auth.add_tenant("acme")
+    auth.add_user("acme", "admin", Role.ADMIN)
+    auth.add_user("acme", "worker", Role.WORKER)
+    server = NatsServer(name="secured", accounts_config=auth.accounts_config()).start()
+    admin, worker = ({"nkey_seed_file": str(auth.seed_file("acme", user))}
+                     for user in ("admin", "worker"))
+    try:
+        # An admin creates the buckets and the history stream by starting each once.
+        prepared = store_cls(servers=server.url, **admin)
+        async with prepared.session("prepared") as conv:
+            await conv.stream.send(ModelRequest([TextInput("by the admin")]),
+                                   ConversationContext(stream=conv.stream))
+        await prepared.close()
+        a = store_cls(servers=server.url, max_sessions=1, **worker)
+        b = store_cls(servers=server.url, **worker)
+        try:
+            async with a.fresh(principal="alice") as minted:
+                ctx = ConversationContext(stream=minted.stream)
+                for i in range(500):  # past the first page: the rest through a consumer
+                    await minted.stream.send(ModelRequest([TextInput(f"m{i}")]), ctx)
+                handle = minted.handle
+            async with b.by_handle(handle, principal="alice") as continued:
+                texts = [_text(e) for e in await continued.stream.history.get_events()]
+            assert texts == [f"m{i}" for i in range(500)]
+            await a.acquire("other")  # evicts the first from a's LRU
+            async with a.session("prepared") as conv:
+                assert [_text(e) for e in await conv.stream.history.get_events()] == [
+                    "by the admin"]
+        finally:
+            await a.close()
+            await b.close()
+    finally:
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
 
 
 async def test_lru_of_one_replica_keeps_what_another_just_used(nats_server: NatsServer) -> None:
