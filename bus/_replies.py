@@ -28,8 +28,9 @@ import nats.js.errors
 from nats.aio.client import Client
 from sessionbus.bus._rawpub import header_block, publish_nowait
 from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
+from sessionbus.bus._refusals import watch_replies
 from sessionbus.bus._retry import LAST_ATTEMPT, Retry
-from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
+from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed, PermissionDenied
 
 __all__ = ["NoResponders", "Pending", "Replies", "Reply", "acked_sequence", "publish_stored"]
 
@@ -83,7 +84,10 @@ class Replies:
         self._sub: Any = None
         self._starting: asyncio.Future[None] | None = None
         self._waiting: dict[bytes, asyncio.Future[Reply] | _Batch] = {}
+        self._subjects: dict[bytes, str] = {}
+        """The subject each waiting request was published to (see :meth:`refuse`)."""
         self._tokens = itertools.count(1)
+        watch_replies(nc, self)
 
     async def _start(self) -> None:
         # The subscription is made by a task of its own, shielded: a caller
@@ -115,12 +119,29 @@ class Replies:
                 waiter.replies.append(Reply(data, headers))
             elif status[0] != _HEARTBEAT:
                 del self._waiting[token]
+                self._subjects.pop(token, None)
                 if not waiter.future.done():
                     waiter.future.set_result((status[0], headers))
             return
         del self._waiting[token]
+        self._subjects.pop(token, None)
         if not waiter.done():
             waiter.set_result(Reply(data, headers))
+
+    def refuse(self, subject: str) -> None:
+        """The server refused a publish to ``subject`` (lowercased): its requests fail now.
+
+        With :class:`~sessionbus.bus.errors.PermissionDenied`, where they
+        would have waited out their timeout (``bus/_refusals.py``).
+        """
+        for token, sent_to in list(self._subjects.items()):
+            if sent_to.lower() != subject:
+                continue
+            del self._subjects[token]
+            waiter = self._waiting.pop(token, None)
+            future = waiter.future if isinstance(waiter, _Batch) else waiter
+            if future is not None and not future.done():
+                future.set_exception(PermissionDenied(sent_to, "a request"))
 
     async def close(self) -> None:
         """Unsubscribe the inbox (idempotent); requests still waiting time out."""
@@ -163,6 +184,7 @@ class Replies:
         finally:
             timer.cancel()
             self._waiting.pop(token, None)
+            self._subjects.pop(token, None)
         return batch.replies, code, headers
 
     async def _publish(self, subject: str, payload: bytes, headers: Mapping[str, str] | None,
@@ -173,19 +195,22 @@ class Replies:
         number = str(next(self._tokens))
         token = number.encode()
         self._waiting[token] = waiter
+        self._subjects[token] = subject
         try:
             flush = publish_nowait(self._nc, subject, payload, reply=self._prefix + number,
                                    headers=block)
             if flush is not None:
                 await flush
         except BaseException:
-            del self._waiting[token]
+            self._waiting.pop(token, None)
+            self._subjects.pop(token, None)
             raise
         return token
 
     def discard(self, pending: Pending) -> None:
         """Stop waiting for ``pending``'s reply."""
         self._waiting.pop(pending.token, None)
+        self._subjects.pop(pending.token, None)
 
     async def wait(self, pending: Pending, *, within: float, what: str) -> Reply:
         """The reply to ``pending``; BusTimeout after ``within`` s, NoResponders if
@@ -199,6 +224,7 @@ class Replies:
         finally:
             timer.cancel()
             self._waiting.pop(pending.token, None)
+            self._subjects.pop(pending.token, None)
         if not reply.data:
             status = status_line(reply.headers)
             if status is not None and status[0] == _NO_RESPONDERS:

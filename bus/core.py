@@ -24,6 +24,8 @@ from sessionbus.bus._headers import install as install_header_parser
 from sessionbus.bus._kv import Bucket, bucket_config
 from sessionbus.bus._loop import check_running_loop
 from sessionbus.bus._names import Names, validate_id
+from sessionbus.bus._refusals import install as install_refusals
+from sessionbus.bus._refusals import refused
 from sessionbus.bus._replies import Replies
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._wire import install as install_parser
@@ -244,6 +246,7 @@ class SessionBus:
                 f"cannot connect to NATS at {_shown(servers)}: {e or type(e).__name__}"
             ) from e
         self._nc = nc
+        install_refusals(nc)
         try:
             self._check_version()
             self._js = self._nc.jetstream(
@@ -492,7 +495,8 @@ class SessionBus:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        if task.done() and not task.cancelled():
+        if task.done() and not task.cancelled() and (
+                task.exception() is None or not self._denial.done()):
             task.result()
             return
         raise PermissionDenied(
@@ -610,6 +614,8 @@ class SessionBus:
             if subject.startswith(self.api_prefix.lower() + "."):
                 self._denial.set_result(subject)
         logger.warning("NATS error: %s", e)
+        if denied and denied.group(0).lower().startswith("permissions violation for publish"):
+            refused(self._nc, denied.group(1))  # its requests fail now (bus/_refusals.py)
 
     async def _on_disconnect(self) -> None:
         if not self._closed:

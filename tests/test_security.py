@@ -33,6 +33,7 @@ from sessionbus.bus._names import Names
 from sessionbus.bus._permissions import Role, role_permissions
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
+from sessionbus.bus.manager import SessionManager
 from sessionbus.bus.settings import BusSettings
 from sessionbus.schemas import SessionState
 from sessionbus.workers import DeadLetter, Turn, Worker
@@ -568,6 +569,30 @@ async def test_the_vision_agents_store_runs_as_a_worker_with_no_refusal(
         assert await store.mget(["call/1/a", "call/2/s0", "prepared"]) == [
             None, None, b"by the admin"]
     assert [r.getMessage() for r in caplog.records if "ermission" in r.getMessage()] == []
+
+
+async def test_a_request_the_role_does_not_allow_fails_at_once(
+    provisioned: Secured, bus_factory: BusFactory,
+) -> None:
+    """PermissionDenied, naming the subject, where the request would wait out its timeout."""
+    url = provisioned.server.url
+    client = await bus_factory(url, nkey_seed_file=provisioned.seed("acme", "client"))
+    timeout = client.settings.request_timeout
+    session = await client.open(participant="u")
+    start = time.monotonic()
+    with pytest.raises(PermissionDenied) as refused:
+        await client.workers_kv.put("leases.forged", b"x")  # the bus's own inbox
+    assert refused.value.subject == f"$KV.{N.workers_bucket}.leases.forged"
+    with pytest.raises(PermissionDenied) as refused:
+        # A JetStream API request (a purge, which only workers may do).
+        await SessionManager(client).start_new_session(session.session_id)
+    assert refused.value.subject.lower() == (
+        f"$JS.API.STREAM.PURGE.{N.envelope_stream}".lower())
+    assert time.monotonic() - start < timeout / 2
+    # The connection goes on: what the role allows still works.
+    after = await client.open(participant="u")
+    await after.send("still here")
+    assert [e.content async for e in after.history()] == ["still here"]
 
 
 class _PlainHistory(JetStreamHistory):
