@@ -24,7 +24,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JsError
 from sessionbus.bus._rawpub import publish, publish_nowait
-from sessionbus.bus.errors import DecodeError, WorkerError
+from sessionbus.bus.errors import BusError, DecodeError, WorkerError
 from sessionbus.schemas import Envelope
 
 __all__ = [
@@ -121,7 +121,7 @@ async def nak_in_order(nc: Client, held: list[Held], *, confirm_within: float = 
         await nc.publish(h.msg.reply, _NAK)
     try:
         await nc.request(ordered[-1].msg.reply, _NAK, timeout=confirm_within)
-    except (NatsError, TimeoutError) as e:
+    except (NatsError, TimeoutError, BusError) as e:  # BusError: PermissionDenied
         logger.warning("nak of %d messages not confirmed: %s", len(ordered), e)
 
 
