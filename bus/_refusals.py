@@ -96,6 +96,8 @@ def install(nc: Client) -> None:
             if not call.done():
                 call.cancel()
                 await asyncio.gather(call, return_exceptions=True)
+            elif not call.cancelled():
+                call.exception()  # retrieved, should the caller have been cancelled meanwhile
             waiting = board.requests.get(key)
             if waiting is not None:
                 waiting.discard(refusal)

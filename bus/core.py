@@ -67,12 +67,19 @@ _JS_NOT_READY = (10008, 10039, 10005)
 #: What the server says when it refuses a connection's credentials or its TLS.
 _AUTH_REFUSALS = ("authorization violation", "authentication", "user revoked",
                   "tls required", "secure connection")
-_DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.I)
+#: The server quotes the subject as Go does: a quote or a backslash in it is escaped.
+_DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "((?:[^"\\]|\\.)+)"',
+                     re.I)
 
 
 def _shown(servers: Sequence[str]) -> str:
     """Server URLs for a message: never with the credentials one may carry."""
     return ", ".join(redact_url(s) for s in servers)
+
+
+def _unquoted(quoted: str) -> str:
+    """A subject as the server quoted it in a refusal (backslash escapes undone)."""
+    return re.sub(r"\\(.)", r"\1", quoted)
 
 
 def _refusal(e: BaseException) -> str | None:
@@ -609,13 +616,13 @@ class SessionBus:
                 self._refused.set_result(reason)
             return
         denied = _DENIED.search(str(e))
+        subject = _unquoted(denied.group(1)) if denied else ""
         if denied and self._denial is not None and not self._denial.done():
-            subject = denied.group(1)
             if subject.startswith(self.api_prefix.lower() + "."):
                 self._denial.set_result(subject)
         logger.warning("NATS error: %s", e)
         if denied and denied.group(0).lower().startswith("permissions violation for publish"):
-            refused(self._nc, denied.group(1))  # its requests fail now (bus/_refusals.py)
+            refused(self._nc, subject)  # its requests fail now (bus/_refusals.py)
 
     async def _on_disconnect(self) -> None:
         if not self._closed:

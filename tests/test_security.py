@@ -588,6 +588,12 @@ async def test_a_request_the_role_does_not_allow_fails_at_once(
         await SessionManager(client).start_new_session(session.session_id)
     assert refused.value.subject.lower() == (
         f"$JS.API.STREAM.PURGE.{N.envelope_stream}".lower())
+    # A subject the server quotes with escapes is named as it was sent.
+    for subject in ('bad."quoted"', "bad.back\\slash"):
+        pending = await client.replies.send(subject, b"", None)
+        with pytest.raises(PermissionDenied) as refused:
+            await client.replies.wait(pending, within=timeout, what="a forbidden request")
+        assert refused.value.subject == subject
     assert time.monotonic() - start < timeout / 2
     # The connection goes on: what the role allows still works.
     after = await client.open(participant="u")

@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sessionbus.bus._jsapi import ack_numbers
 from sessionbus.bus._names import Names
-from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError
+from sessionbus.bus.errors import BusError, DecodeError, InvalidIdError, PermissionDenied
 from sessionbus.schemas import Envelope, decode
 from sessionbus.workers._cancel import RECANCEL_AFTER
 from sessionbus.workers._completions import Completions
@@ -58,6 +58,9 @@ _RATE_WINDOW = 0.5
 _SID_CACHE = 65_536
 #: Seconds a handback keeps cancelling a turn that does not end.
 _GIVE_UP_CANCEL = 30.0
+#: Seconds before a dead letter the role may not publish is tried again (a
+#: refusal comes back at once; a retry every ``retry_backoff`` would only log).
+_REFUSED_PAUSE = 5.0
 
 
 def _always(partition: int) -> bool:
@@ -511,8 +514,11 @@ class Scheduler:
                 await self._dead_letter(held, outcome.reason)
             except BusError as e:
                 logger.warning("%s; retrying", e)
+                pause = self._config.retry_backoff
+                if isinstance(e, PermissionDenied):
+                    pause = max(pause, _REFUSED_PAUSE)
                 loop = asyncio.get_running_loop()
-                session.timer = loop.call_later(self._config.retry_backoff, self._wake, session)
+                session.timer = loop.call_later(pause, self._wake, session)
                 return
         through = self._settled_through(session, held)
         # Both queued without a coroutine each, the record first.
