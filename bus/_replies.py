@@ -211,6 +211,9 @@ class Replies:
         """Stop waiting for ``pending``'s reply."""
         self._waiting.pop(pending.token, None)
         self._subjects.pop(pending.token, None)
+        future = pending.future
+        if future.done() and not future.cancelled():
+            future.exception()  # a refusal (refuse()) that nobody will wait for now
 
     async def wait(self, pending: Pending, *, within: float, what: str) -> Reply:
         """The reply to ``pending``; BusTimeout after ``within`` s, NoResponders if

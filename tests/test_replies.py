@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from typing import Any
 
@@ -10,7 +11,7 @@ import nats.js.errors
 import pytest
 from sessionbus.bus import SessionBus
 from sessionbus.bus._replies import Replies, Reply, acked_sequence
-from sessionbus.bus.errors import BusError, ConnectionFailed
+from sessionbus.bus.errors import BusError, ConnectionFailed, PermissionDenied
 
 
 def test_an_acknowledgement_names_the_sequence() -> None:
@@ -67,3 +68,19 @@ async def test_a_request_cancelled_while_the_inbox_starts_cancels_no_other(
     reply = await replies.wait(await second, within=5, what="a get")
     assert b"stored" in reply.data
     await replies.close()
+
+
+async def test_a_refused_request_that_is_discarded_leaves_no_unread_failure(
+    bus: SessionBus, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused, then given up by its caller (a write whose companion publish failed)."""
+    pending = await bus.replies.send("refused.here", b"", None)
+    bus.replies.refuse("refused.here")
+    assert isinstance(pending.future.exception(), PermissionDenied)
+    fresh = await bus.replies.send("refused.too", b"", None)
+    bus.replies.refuse("refused.too")
+    bus.replies.discard(fresh)
+    del fresh
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
