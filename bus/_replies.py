@@ -211,9 +211,8 @@ class Replies:
         """Stop waiting for ``pending``'s reply."""
         self._waiting.pop(pending.token, None)
         self._subjects.pop(pending.token, None)
-        future = pending.future
-        if future.done() and not future.cancelled():
-            future.exception()  # a refusal (refuse()) that nobody will wait for now
+        if pending.future.done():
+            _retrieved(pending.future)  # a refusal (refuse()) that nobody will wait for now
 
     async def wait(self, pending: Pending, *, within: float, what: str) -> Reply:
         """The reply to ``pending``; BusTimeout after ``within`` s, NoResponders if
@@ -288,10 +287,10 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
         return acked_sequence(reply, what)
 
 
-def _retrieved(task: asyncio.Future[None]) -> None:
-    """Mark a start's failure as seen: its waiters, if any are left, raise it."""
-    if not task.cancelled():
-        task.exception()
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Mark a finished future's failure as seen (a start's, or a refusal nobody waits for)."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
