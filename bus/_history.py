@@ -36,11 +36,10 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from sessionbus.bus._feeds import QueueFeed
-from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER
 from sessionbus.bus._rawsub import header_value
-from sessionbus.bus._seqread import newest_start, read_range
-from sessionbus.bus.errors import ConnectionFailed, nats_errors
+from sessionbus.bus._seqread import newest_start, read_errors, read_range
+from sessionbus.bus.errors import nats_errors
 from sessionbus.schemas import DecodeError, Envelope, decode
 
 if TYPE_CHECKING:
@@ -164,17 +163,12 @@ async def _read(
     headers_only: bool = False,
 ) -> list[tuple[int, T]]:
     """``read_range`` over the session's envelopes, with the bus's errors."""
-    with nats_errors(f"reading the history of {session_id!r}"):
-        try:
-            return await read_range(
-                bus.nc, convert, stream=bus.names.envelope_stream,
-                subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
-                must_reach=must_reach, headers_only=headers_only, api_prefix=bus.api_prefix,
-            )
-        except JetStreamAPIError as e:
-            if e.code == 503:
-                raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
-            raise
+    with read_errors(f"reading the history of {session_id!r}"):
+        return await read_range(
+            bus.nc, convert, stream=bus.names.envelope_stream,
+            subject_filter=bus.names.history_filter(session_id), after=after, up_to=up_to,
+            must_reach=must_reach, headers_only=headers_only, api_prefix=bus.api_prefix,
+        )
 
 
 async def replay_envelopes(
@@ -242,16 +236,11 @@ async def _read_newest(
 async def _newest_start(bus: SessionBus, session_id: str, count: int,
                         up_to: int | None) -> int:
     """:func:`newest_start` on the session's subject, with the bus's errors."""
-    with nats_errors(f"reading the history of {session_id!r}"):
-        try:
-            return await newest_start(
-                bus.replies, stream=bus.names.envelope_stream,
-                subject=bus.names.stored(session_id, bus.partitions), count=count,
-                up_to=up_to, api_prefix=bus.api_prefix)
-        except JetStreamAPIError as e:
-            if e.code == 503:
-                raise ConnectionFailed(f"reading the history of {session_id!r}: {e}") from e
-            raise
+    with read_errors(f"reading the history of {session_id!r}"):
+        return await newest_start(
+            bus.replies, stream=bus.names.envelope_stream,
+            subject=bus.names.stored(session_id, bus.partitions), count=count,
+            up_to=up_to, api_prefix=bus.api_prefix)
 
 
 class LiveFeed(QueueFeed[Envelope]):

@@ -39,9 +39,10 @@ page of 1, 8 or 32 messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from nats.aio.client import Client
@@ -55,10 +56,10 @@ from sessionbus.bus._jsapi import (
 )
 from sessionbus.bus._rawsub import RawInbox, header_value, status_line
 from sessionbus.bus._replies import Replies
-from sessionbus.bus.errors import BusError, BusTimeout
+from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed, nats_errors
 
 __all__ = ["BEHIND_FOR", "CONSUMER_PAST", "HEADERS_ONLY_PAGE_BYTES", "UntrustedDeliveries",
-           "newest_start", "read_range"]
+           "newest_start", "read_errors", "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,23 @@ _BEHIND_PAUSE_MAX = 0.2
 _SEQ = b"\r\nNats-Sequence:"
 _PENDING = b"\r\nNats-Num-Pending:"
 _LAST = b"\r\nNats-Last-Sequence:"
+
+
+@contextlib.contextmanager
+def read_errors(what: str) -> Iterator[None]:
+    """The bus's errors for a read here, named ``what``: no replica answering is ConnectionFailed.
+
+    nats-py's errors as :func:`~sessionbus.bus.errors.nats_errors` makes
+    them, and a 503 (no replica of the stream answers) ConnectionFailed;
+    other API errors pass as they are.
+    """
+    with nats_errors(what):
+        try:
+            yield
+        except JetStreamAPIError as e:
+            if e.code == 503:
+                raise ConnectionFailed(f"{what}: {e}") from e
+            raise
 
 
 #: Probes a search for the newest messages makes at most (every other one halves

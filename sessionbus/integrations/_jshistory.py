@@ -32,12 +32,11 @@ from typing import Any, ClassVar, Literal, Self
 
 from nats.js import api
 
-from sessionbus.bus._jsapi import JetStreamAPIError
 from sessionbus.bus._rawsub import header_value
 from sessionbus.bus._replies import publish_stored
-from sessionbus.bus._seqread import read_range
+from sessionbus.bus._seqread import read_errors, read_range
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import ConfigError, ConnectionFailed, nats_errors
+from sessionbus.bus.errors import ConfigError, nats_errors
 from sessionbus.integrations._bus import BusLink, ensure_stream
 from sessionbus.integrations._keys import token
 
@@ -161,14 +160,9 @@ class JetStreamHistory:
         bus, name, root = await self._ready()
         subject = self._subject(root, stream_id)
         what = f"reading history on {subject!r}"
-        with nats_errors(what):
-            try:
-                stored = await read_range(bus.nc, _stored, stream=name, subject_filter=subject,
-                                          api_prefix=bus.api_prefix)
-            except JetStreamAPIError as e:
-                if e.code == 503:  # no replica answers
-                    raise ConnectionFailed(f"{what}: {e}") from e
-                raise
+        with read_errors(what):
+            stored = await read_range(bus.nc, _stored, stream=name, subject_filter=subject,
+                                      api_prefix=bus.api_prefix)
         # A snapshot replaces everything before it: load from the last one on.
         start = 0
         for i, (_, (snapshot, _data)) in enumerate(stored):
