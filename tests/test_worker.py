@@ -625,3 +625,23 @@ async def test_drain_finishes_running_turns_and_hands_back_the_rest_in_order(
     assert finished == [(0, 1), (1, 2), (2, 2)]  # in order, each delivered a second time
     assert await settled(sb) == (0, 0)
     await successor.drain()
+
+
+async def test_closing_the_bus_stops_its_worker_and_leaves_no_listener_behind(
+    nats_server: NatsServer, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = await bus_factory(nats_server.url, partitions=8)
+    states = bus.lifecycle.states
+
+    async def handle(turn: Turn) -> None:
+        return None
+
+    worker = Worker(bus, group="g", handler=handle, config=FAST)
+    await worker.start()
+    await bus.close()  # the worker is one of the bus's services: stopped first
+    assert worker.state is WorkerState.STOPPED
+    other = await bus_factory(nats_server.url, partitions=8)
+    assert await other.workers_kv.list(other.names.worker_group_filter("g")) == []  # it left
+    caplog.clear()
+    states.stale()  # as the connection's disconnect callback does while it drains
+    assert not [r for r in caplog.records if "listener failed" in r.getMessage()]

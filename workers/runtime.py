@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from sessionbus.bus._closures import ClosedEvent
 from sessionbus.bus._names import decode_token, validate_id
+from sessionbus.bus._states import SessionStates
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, ConfigError, WorkerError
@@ -148,6 +149,9 @@ class Worker:
         self._pullers: dict[int, PartitionPuller] = {}
         self._releasing: dict[int, asyncio.Task[None]] = {}
         self._subs: list[Subscription] = []
+        # The bus's session states, held so that the listeners come off them
+        # even while the bus closes (its accessors refuse by then).
+        self._states: SessionStates | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._coordinator: asyncio.Task[None] | None = None
         self._handles: OrderedDict[str, Session] = OrderedDict()
@@ -219,8 +223,9 @@ class Worker:
                                       config=self.config)
         self._subs = [await bus.nc.subscribe(bus.names.interrupt_all, cb=self._on_interrupt)]
         # Closes come from the bus's session states, confirmed by the record.
-        bus.lifecycle.states.on_closed(self._on_closed)
-        bus.lifecycle.states.on_stale(self._on_stale)
+        self._states = states = bus.lifecycle.states
+        states.on_closed(self._on_closed)
+        states.on_stale(self._on_stale)
         try:
             await server_holds_subscriptions(bus.nc, bus.settings.request_timeout)
             await self._membership.join()
@@ -502,7 +507,7 @@ class Worker:
     def _on_stale(self) -> None:
         # Closes may have been missed while disconnected: once connected again,
         # read the record of every session held here (confirmed closes cancel).
-        if self._scheduler is not None and self.bus.nc.is_connected:
+        if self._scheduler is not None and self.bus.started and self.bus.nc.is_connected:
             self._spawn(self._recheck(self._scheduler.session_ids()))
 
     async def _recheck(self, session_ids: list[str]) -> None:
@@ -523,8 +528,8 @@ class Worker:
         task.add_done_callback(self._state_tasks.discard)
 
     def _unlisten(self) -> None:
-        with contextlib.suppress(BusError):
-            states = self.bus.lifecycle.states
+        states, self._states = self._states, None
+        if states is not None:
             states.on_closed(self._on_closed, listen=False)
             states.on_stale(self._on_stale, listen=False)
 
