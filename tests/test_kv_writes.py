@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from sessionbus.bus._kv import Bucket
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed, KeyConflict
 from sessionbus.workers import Turn, Worker
+from sessionbus.workers._membership import Lease
 from waiting import until
 
 from sessionbus.testing import BusFactory
@@ -131,5 +134,49 @@ async def test_a_worker_starting_during_an_election_joins(
     try:
         lease = await sb.workers_kv.get(sb.names.worker_key("g", "w-election"))
         assert lease is not None
+    finally:
+        await worker.stop()
+
+
+async def test_a_worker_joins_though_its_first_lease_write_goes_unanswered(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.workers_kv.stream)
+    assert info.cluster is not None
+    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    survivor = next(s for s in nats_cluster.servers if s is not leader)
+    sb = await bus_factory(survivor.url, replicas=3)
+
+    async def handle(turn: Turn) -> None:
+        pass
+
+    # A paused leader keeps its routes: the write reaches it and nobody
+    # answers until the other replicas have elected a new one.
+    assert leader.pid is not None
+    os.kill(leader.pid, signal.SIGSTOP)
+    try:
+        worker = Worker(sb, group="g", handler=handle, worker_id="w-paused")
+        start = time.monotonic()
+        await worker.start()
+        joined = time.monotonic() - start
+    finally:
+        os.kill(leader.pid, signal.SIGCONT)
+    try:
+        assert joined > sb.settings.request_timeout  # its first write went unanswered
+        held = worker.membership.lease
+        key = sb.names.worker_key("g", "w-paused")
+
+        # A replica that was paused answers reads from what it had until it
+        # has caught up: read until the lease shows.
+        deadline = time.monotonic() + 10.0
+        while True:
+            entry = await sb.workers_kv.get(key)
+            lease = None if entry is None else Lease.decode(entry.value)
+            if lease is not None and lease.started_at == held.started_at:
+                break
+            assert time.monotonic() < deadline, f"the lease read back is {lease}"
+            await asyncio.sleep(0.05)
+        assert lease.node_id == sb.node_id and lease.worker_id == "w-paused"
     finally:
         await worker.stop()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from sessionbus.bus._kv import KVOp, wire_ttl
 from sessionbus.bus._names import decode_token
 from sessionbus.bus.core import SessionBus
-from sessionbus.bus.errors import BusError, KeyConflict, WorkerError
+from sessionbus.bus.errors import BusError, BusTimeout, KeyConflict, WorkerError
 from sessionbus.schemas import decode_map, encode
 from sessionbus.schemas.errors import DecodeError
 from sessionbus.workers._assignment import AssignmentScheme, group_scheme, share_while_held_back
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 #: Seconds past a lease's own ``expires_at`` before another process of the
 #: same worker id may take the key over (clock skew between hosts).
 _TAKEOVER_GRACE = 1.0
+#: Attempts at writing a new lease that may each go unanswered before joining fails.
+_UNANSWERED_WRITES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,21 +209,40 @@ class Membership:
         that lease ran out (its ``expires_at``, even if the server's TTL
         marker never comes). A lease that is refreshed meanwhile belongs to
         a live process: two processes with one id is an error.
+
+        A write nobody answered (a stream leader paused or electing) may
+        have been stored: it is sent again, up to ``_UNANSWERED_WRITES``
+        times in all, and a lease any of these attempts wrote is this
+        process's own.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wire_ttl(self._config.lease_ttl) + _TAKEOVER_GRACE + 1.0
         seen: int | None = None
-        previous = self._created_at
+        mine = {self._created_at}
+        unanswered = 0
+
+        def unanswered_again(e: BusTimeout) -> None:
+            nonlocal unanswered
+            unanswered += 1
+            if unanswered >= _UNANSWERED_WRITES:
+                raise e
+            logger.warning("worker %s: a write of its lease got no answer; writing it again",
+                           self.worker_id)
+
         while True:
             now = time.time()
             self._lease = dataclasses.replace(self._lease, started_at=now,
                                               expires_at=now + self._config.lease_ttl)
             self._created_at = now
+            mine.add(now)
             raw = self._lease.encode()
             try:
                 return await self._kv.create(self._key, raw, ttl=self._config.lease_ttl)
             except KeyConflict:
                 pass
+            except BusTimeout as e:
+                unanswered_again(e)
+                continue
             entry = await self._kv.get(self._key)
             if entry is None:
                 continue  # gone in between: create again
@@ -229,7 +250,7 @@ class Membership:
                 old = Lease.decode(entry.value)
             except DecodeError:
                 old = Lease(worker_id=self.worker_id)
-            own = old.node_id == self._bus.node_id and old.started_at == previous
+            own = old.node_id == self._bus.node_id and old.started_at in mine
             if seen is not None and entry.revision != seen and not own:
                 raise WorkerError(
                     f"worker id {self.worker_id!r} already has a live lease in group "
@@ -241,6 +262,9 @@ class Membership:
                     return await self._kv.update(self._key, raw, last=entry.revision,
                                                  ttl=self._config.lease_ttl)
                 except KeyConflict:
+                    continue
+                except BusTimeout as e:
+                    unanswered_again(e)
                     continue
             if loop.time() > deadline:
                 raise WorkerError(
