@@ -114,14 +114,21 @@ async def test_writes_ride_out_the_election_of_a_new_stream_leader(
     assert steady is not None and steady.value == b"20" and steady.revision == revision
 
 
+async def _lease_leader(
+    cluster: NatsCluster, bus_factory: BusFactory,
+) -> tuple[NatsServer, NatsServer]:
+    """The node leading the worker lease bucket's stream, and another node."""
+    first = await bus_factory(cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.workers_kv.stream)
+    assert info.cluster is not None
+    leader = next(s for s in cluster.servers if s.name == info.cluster.leader)
+    return leader, next(s for s in cluster.servers if s is not leader)
+
+
 async def test_a_worker_starting_during_an_election_joins(
     nats_cluster: NatsCluster, bus_factory: BusFactory,
 ) -> None:
-    first = await bus_factory(nats_cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.workers_kv.stream)
-    assert info.cluster is not None
-    victim = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
-    survivor = next(s for s in nats_cluster.servers if s is not victim)
+    victim, survivor = await _lease_leader(nats_cluster, bus_factory)
     sb = await bus_factory(survivor.url, replicas=3, request_timeout=_ELECTION)
 
     async def handle(turn: Turn) -> None:
@@ -141,11 +148,7 @@ async def test_a_worker_starting_during_an_election_joins(
 async def test_a_worker_joins_though_its_first_lease_write_goes_unanswered(
     nats_cluster: NatsCluster, bus_factory: BusFactory,
 ) -> None:
-    first = await bus_factory(nats_cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.workers_kv.stream)
-    assert info.cluster is not None
-    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
-    survivor = next(s for s in nats_cluster.servers if s is not leader)
+    leader, survivor = await _lease_leader(nats_cluster, bus_factory)
     sb = await bus_factory(survivor.url, replicas=3)
 
     async def handle(turn: Turn) -> None:
