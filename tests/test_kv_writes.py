@@ -9,12 +9,13 @@ import time
 
 import pytest
 from nats.aio.msg import Msg
+from pausing import paused_until_logged
 from sessionbus.bus import SessionBus
 from sessionbus.bus._kv import Bucket
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed, KeyConflict
-from sessionbus.workers import Turn, Worker
-from sessionbus.workers._membership import Lease
+from sessionbus.workers import Turn, Worker, WorkerConfig
+from sessionbus.workers._membership import Lease, Membership
 from waiting import until
 
 from sessionbus.testing import BusFactory
@@ -183,3 +184,23 @@ async def test_a_worker_joins_though_its_first_lease_write_goes_unanswered(
         assert lease.node_id == sb.node_id and lease.worker_id == "w-paused"
     finally:
         await worker.stop()
+
+
+async def test_a_lease_stored_by_an_attempt_whose_answer_was_lost_is_the_workers_own(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    sb = await bus_factory(nats_server.url, request_timeout=1.0)
+    membership = Membership(sb, group="g", worker_id="w-lost-answer", config=WorkerConfig())
+    start = time.monotonic()
+    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+        await membership.join()
+    joined = time.monotonic() - start
+    try:
+        assert resume.resumed  # the first write was stored after its wait ended
+        # Taken over at once: not waited out as another process's lease would be.
+        assert joined < WorkerConfig().lease_ttl
+        entry = await sb.workers_kv.get(sb.names.worker_key("g", "w-lost-answer"))
+        assert entry is not None and entry.revision > 1  # created, then taken over as its own
+        assert Lease.decode(entry.value) == membership.lease
+    finally:
+        await membership.leave()

@@ -1,0 +1,43 @@
+"""A server paused until the client logs that it gave up waiting, for unanswered-write tests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+from sessionbus.bus._server import NatsServer
+
+
+class _ResumeOn(logging.Handler):
+    def __init__(self, pid: int, text: str) -> None:
+        super().__init__()
+        self.pid, self.text, self.resumed = pid, text, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.resumed and self.text in record.getMessage():
+            self.resumed = True
+            os.kill(self.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def paused_until_logged(server: NatsServer, text: str) -> Iterator[_ResumeOn]:
+    """SIGSTOP ``server``; SIGCONT it as soon as a sessionbus log line contains ``text``.
+
+    What a client wrote meanwhile waits in the server's socket: once
+    resumed, the server stores it and answers a request the client stopped
+    waiting for, then takes the client's next attempt. So a write is stored
+    with its answer lost, in that order, on a real server.
+    """
+    assert server.pid is not None
+    handler = _ResumeOn(server.pid, text)
+    root = logging.getLogger("sessionbus")
+    root.addHandler(handler)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        os.kill(server.pid, signal.SIGCONT)
