@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._expiry import ExpiryWatcher
 from sessionbus.bus._feeds import Feed
+from sessionbus.bus._retry import UNANSWERED_WRITES, Retry
 from sessionbus.bus._states import SessionStates
 from sessionbus.bus._timers import IdleTimers
 from sessionbus.bus.errors import (
     BusError,
+    BusTimeout,
     ConcurrentUpdate,
     ConfigError,
     DecodeError,
@@ -231,14 +233,32 @@ class Lifecycle:
         """Store a new record; :class:`SessionExists` if the id is taken.
 
         ``also`` is published right after the record, before its ack is awaited.
+        A write nobody answered (a stream leader paused or electing) may have
+        been stored: it is sent again, ``also`` with it, up to
+        ``UNANSWERED_WRITES`` attempts in all, and when a later attempt finds
+        the id taken, a stored record equal to this one is this open's own.
         """
         key = self._bus.names.session_key(meta.session_id)
-        try:
-            with nats_errors(f"creating session {meta.session_id!r}"):
-                revision, replaced = await self._bus.sessions_kv.insert(key, encode(meta),
-                                                                        also=also)
-        except KeyConflict as e:
-            raise SessionExists(meta.session_id) from e
+        raw = encode(meta)
+        unanswered = 0
+        while True:
+            try:
+                with nats_errors(f"creating session {meta.session_id!r}"):
+                    revision, replaced = await self._bus.sessions_kv.insert(key, raw, also=also)
+                break
+            except KeyConflict as e:
+                own = await self._stored_as(key, raw) if unanswered else None
+                if own is None:
+                    raise SessionExists(meta.session_id) from e
+                # Whether it replaced an earlier record is not known: hint as if it did.
+                revision, replaced = own, True
+                break
+            except BusTimeout:
+                unanswered += 1
+                if unanswered >= UNANSWERED_WRITES:
+                    raise
+                logger.warning("creating session %r: the write got no answer; writing it again",
+                               meta.session_id)
         if replaced:
             # The id was used before (its old record was removed or expired):
             # processes that knew it ended must read it again.
@@ -248,6 +268,22 @@ class Lifecycle:
             # from a terminal record old enough to have expired, and such
             # knowledge is not trusted (see SessionStates.meta).
             self.states.note(meta, revision)
+
+    async def _stored_as(self, key: str, raw: bytes) -> int | None:
+        """The revision of ``key`` if it holds exactly ``raw``, else None.
+
+        A replica that has not applied the record yet shows the key empty:
+        read again then, for up to the bucket's timeout.
+        """
+        kv = self._bus.sessions_kv
+        retry = Retry(kv.timeout)
+        while True:
+            with nats_errors(f"reading {key!r}"):
+                entry = await kv.get(key)
+            if entry is not None:
+                return entry.revision if entry.value == raw else None
+            if not await retry.again(TimeoutError()):
+                return None
 
     async def load(self, session_id: str) -> SessionMetadata | None:
         """The stored record, or None."""

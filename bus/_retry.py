@@ -9,7 +9,10 @@ is never answered at all.
 Reads wait both out (each attempt bounded by :data:`READ_ATTEMPT`
 seconds) instead of failing. Writes, bucket writes and envelope sends
 alike, are sent again only after "no responders" (:meth:`Retry.resend`):
-one that got no answer at all may have been stored.
+one that got no answer at all may have been stored. Two writes that can
+tell their own stored record from another's (a new session's record, a
+joining worker's lease) send such a write again, up to
+:data:`UNANSWERED_WRITES` attempts in all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
-__all__ = ["LAST_ATTEMPT", "READ_ATTEMPT", "Retry"]
+__all__ = ["LAST_ATTEMPT", "READ_ATTEMPT", "UNANSWERED_WRITES", "Retry"]
 
 #: Seconds one read attempt waits before it is retried (Direct Gets answer in
 #: well under a millisecond when a replica is there to answer).
@@ -27,6 +30,9 @@ READ_ATTEMPT = 1.0
 #: Seconds a request sent again is given at least to be answered (a leader
 #: answers in well under a millisecond on loopback).
 LAST_ATTEMPT = 0.1
+#: Attempts at a write that knows its own stored record, each of which may go
+#: unanswered, before it raises BusTimeout.
+UNANSWERED_WRITES = 3
 
 
 class Retry:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from pausing import paused_until_logged
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._states import FORGOTTEN_SIZE
@@ -434,3 +435,18 @@ async def test_every_bus_keeps_terminal_records_as_long_as_the_stream_keeps_enve
                                       f"$KV.{short.sessions_kv.name}.{short.names.session_key('kept')}")
     assert msg.headers is not None and msg.headers.get("Nats-TTL") in ("3600", "3600s")
 
+
+
+async def test_an_open_whose_write_goes_unanswered_is_sent_again_and_knows_its_own_record(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0)
+    await opened_unacked(bus, "before", ttl=600)  # the expiry watcher runs
+    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+        session = await bus.open("unanswered", participants=["a"], ttl=600, participant="a")
+    assert resume.resumed  # the first write was stored after its wait ended
+    stored = await bus.session("unanswered").info()
+    assert stored == session.metadata and stored.state is SessionState.ACTIVE
+    await session.send("hello")  # the handle works
+    with pytest.raises(SessionExists):  # and the id is still taken for anyone else
+        await bus.open("unanswered", ttl=600)

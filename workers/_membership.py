@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from sessionbus.bus._kv import KVOp, wire_ttl
 from sessionbus.bus._names import decode_token
+from sessionbus.bus._retry import UNANSWERED_WRITES
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, BusTimeout, KeyConflict, WorkerError
 from sessionbus.schemas import decode_map, encode
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 #: Seconds past a lease's own ``expires_at`` before another process of the
 #: same worker id may take the key over (clock skew between hosts).
 _TAKEOVER_GRACE = 1.0
-#: Attempts at writing a new lease that may each go unanswered before joining fails.
-_UNANSWERED_WRITES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +210,7 @@ class Membership:
         a live process: two processes with one id is an error.
 
         A write nobody answered (a stream leader paused or electing) may
-        have been stored: it is sent again, up to ``_UNANSWERED_WRITES``
+        have been stored: it is sent again, up to ``UNANSWERED_WRITES``
         times in all, and a lease any of these attempts wrote is this
         process's own.
         """
@@ -224,7 +223,7 @@ class Membership:
         def unanswered_again(e: BusTimeout) -> None:
             nonlocal unanswered
             unanswered += 1
-            if unanswered >= _UNANSWERED_WRITES:
+            if unanswered >= UNANSWERED_WRITES:
                 raise e
             logger.warning("worker %s: a write of its lease got no answer; writing it again",
                            self.worker_id)
