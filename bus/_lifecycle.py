@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionbus.bus._expiry import ExpiryWatcher
 from sessionbus.bus._feeds import Feed
-from sessionbus.bus._retry import UNANSWERED_WRITES, Retry
+from sessionbus.bus._retry import Retry, Unanswered
 from sessionbus.bus._states import SessionStates
 from sessionbus.bus._timers import IdleTimers
 from sessionbus.bus.errors import (
@@ -240,25 +240,21 @@ class Lifecycle:
         """
         key = self._bus.names.session_key(meta.session_id)
         raw = encode(meta)
-        unanswered = 0
+        unanswered = Unanswered(f"creating session {meta.session_id!r}: the write")
         while True:
             try:
                 with nats_errors(f"creating session {meta.session_id!r}"):
                     revision, replaced = await self._bus.sessions_kv.insert(key, raw, also=also)
                 break
             except KeyConflict as e:
-                own = await self._stored_as(key, raw) if unanswered else None
+                own = await self._stored_as(key, raw) if unanswered.count else None
                 if own is None:
                     raise SessionExists(meta.session_id) from e
                 # Whether it replaced an earlier record is not known: hint as if it did.
                 revision, replaced = own, True
                 break
-            except BusTimeout:
-                unanswered += 1
-                if unanswered >= UNANSWERED_WRITES:
-                    raise
-                logger.warning("creating session %r: the write got no answer; writing it again",
-                               meta.session_id)
+            except BusTimeout as e:
+                unanswered.again(e)
         if replaced:
             # The id was used before (its old record was removed or expired):
             # processes that knew it ended must read it again.

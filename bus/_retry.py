@@ -18,11 +18,14 @@ joining worker's lease) send such a write again, up to
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed
 
-__all__ = ["LAST_ATTEMPT", "READ_ATTEMPT", "UNANSWERED_WRITES", "Retry"]
+__all__ = ["LAST_ATTEMPT", "READ_ATTEMPT", "UNANSWERED_WRITES", "Retry", "Unanswered"]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds one read attempt waits before it is retried (Direct Gets answer in
 #: well under a millisecond when a replica is there to answer).
@@ -33,6 +36,21 @@ LAST_ATTEMPT = 0.1
 #: Attempts at a write that knows its own stored record, each of which may go
 #: unanswered, before it raises BusTimeout.
 UNANSWERED_WRITES = 3
+
+
+class Unanswered:
+    """The attempts of one such write that got no answer (see :data:`UNANSWERED_WRITES`)."""
+
+    def __init__(self, what: str) -> None:
+        self.count = 0
+        self._what = what
+
+    def again(self, e: BusTimeout) -> None:
+        """Note one more unanswered attempt: raise ``e`` at the bound, else log the next one."""
+        self.count += 1
+        if self.count >= UNANSWERED_WRITES:
+            raise e
+        logger.warning("%s got no answer; writing it again", self._what)
 
 
 class Retry:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from sessionbus.bus._kv import KVOp, wire_ttl
 from sessionbus.bus._names import decode_token
-from sessionbus.bus._retry import UNANSWERED_WRITES
+from sessionbus.bus._retry import Unanswered
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusError, BusTimeout, KeyConflict, WorkerError
 from sessionbus.schemas import decode_map, encode
@@ -218,16 +218,7 @@ class Membership:
         deadline = loop.time() + wire_ttl(self._config.lease_ttl) + _TAKEOVER_GRACE + 1.0
         seen: int | None = None
         mine = {self._created_at}
-        unanswered = 0
-
-        def unanswered_again(e: BusTimeout) -> None:
-            nonlocal unanswered
-            unanswered += 1
-            if unanswered >= UNANSWERED_WRITES:
-                raise e
-            logger.warning("worker %s: a write of its lease got no answer; writing it again",
-                           self.worker_id)
-
+        unanswered = Unanswered(f"worker {self.worker_id}: a write of its lease")
         while True:
             now = time.time()
             self._lease = dataclasses.replace(self._lease, started_at=now,
@@ -240,7 +231,7 @@ class Membership:
             except KeyConflict:
                 pass
             except BusTimeout as e:
-                unanswered_again(e)
+                unanswered.again(e)
                 continue
             entry = await self._kv.get(self._key)
             if entry is None:
@@ -263,7 +254,7 @@ class Membership:
                 except KeyConflict:
                     continue
                 except BusTimeout as e:
-                    unanswered_again(e)
+                    unanswered.again(e)
                     continue
             if loop.time() > deadline:
                 raise WorkerError(
