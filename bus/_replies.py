@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from nats.aio.client import Client
 from sessionbus.bus._rawpub import header_block, publish_nowait
 from sessionbus.bus._rawsub import status_line, subscribe_raw, unsubscribe_raw
 from sessionbus.bus._refusals import watch_replies
-from sessionbus.bus._retry import LAST_ATTEMPT, Retry
+from sessionbus.bus._retry import LAST_ATTEMPT, Retry, Unanswered
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed, PermissionDenied
 
 __all__ = ["NoResponders", "Pending", "Replies", "Reply", "acked_sequence", "publish_stored"]
@@ -258,7 +259,8 @@ def acked_sequence(reply: Reply, what: str) -> int:
 
 
 async def publish_stored(replies: Replies, subject: str, data: bytes,
-                         headers: Mapping[str, str] | None, *, within: float, what: str) -> int:
+                         headers: Mapping[str, str] | None, *, within: float, what: str,
+                         dedupe_window: float | None = None) -> int:
     """Publish into a stream and wait for its acknowledgement, for at most ``within`` s.
 
     Returns the stream sequence the message is stored at.
@@ -267,11 +269,17 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
     stream electing a leader, or one just created on another node), the
     message reached no one, so it is sent again, paced, until the time is
     up (then :class:`NoResponders`, a ``ConnectionFailed``). An attempt
-    without any answer raises BusTimeout: it may have been stored, and is
-    not sent again here. (Sent again by the caller with the same
-    ``Nats-Msg-Id``, the stream's deduplication would store it once.) A
-    refusal raises the matching ``nats.js.errors.APIError``.
+    without any answer may have been stored: it raises BusTimeout, unless
+    the message carries a ``Nats-Msg-Id`` and ``dedupe_window`` is the
+    stream's duplicate window. Then it is sent again, ``UNANSWERED_WRITES``
+    attempts in all, each given ``within`` seconds, as long as the next
+    attempt's wait ends inside that window from the first attempt: a copy
+    stored before is acknowledged as a duplicate, with its sequence, and
+    is not stored again. A refusal raises the matching
+    ``nats.js.errors.APIError``.
     """
+    unanswered: Unanswered | None = None
+    first_sent = time.monotonic()
     retry = Retry(within)
     wait = within
     while True:
@@ -283,6 +291,13 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
             if left is None:
                 raise
             wait = left
+            continue
+        except BusTimeout as e:
+            if dedupe_window is None or time.monotonic() - first_sent + within >= dedupe_window:
+                raise
+            unanswered = unanswered or Unanswered(what)
+            unanswered.again(e)  # raises at the bound
+            retry, wait = Retry(within), within
             continue
         return acked_sequence(reply, what)
 

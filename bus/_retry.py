@@ -8,11 +8,12 @@ is never answered at all.
 
 Reads wait both out (each attempt bounded by :data:`READ_ATTEMPT`
 seconds) instead of failing. Writes, bucket writes and envelope sends
-alike, are sent again only after "no responders" (:meth:`Retry.resend`):
-one that got no answer at all may have been stored. Two writes that can
-tell their own stored record from another's (a new session's record, a
-joining worker's lease) send such a write again, up to
-:data:`UNANSWERED_WRITES` attempts in all.
+alike, are sent again after "no responders" (:meth:`Retry.resend`). One
+that got no answer at all may have been stored: only writes that can
+tell their own stored copy from another's send it again, up to
+:data:`UNANSWERED_WRITES` attempts in all (:class:`Unanswered`): an
+envelope (the stream knows its ``Nats-Msg-Id`` as a duplicate), a new
+session's record, a joining worker's lease.
 """
 
 from __future__ import annotations

@@ -164,6 +164,9 @@ class SessionBus:
         #: Seconds envelopes (and terminal session records) are kept: the
         #: envelope stream's ``max_age`` once started, whatever was asked.
         self.envelope_max_age = settings.envelope_max_age
+        #: Seconds in which the envelope stream stores a re-sent envelope id
+        #: once: its ``duplicate_window`` once started, whatever was asked.
+        self.duplicate_window = settings.duplicate_window
         self.embedded: NatsServer | None = None
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -570,6 +573,7 @@ class SessionBus:
             logger.warning("stream %s keeps envelopes %.0f s, not the %.0f s asked for: "
                            "using %.0f s", n.envelope_stream, kept, s.envelope_max_age, kept)
         self.envelope_max_age = kept
+        self.duplicate_window = info.config.duplicate_window or s.duplicate_window
 
     async def _ensure_stream(self, config: api.StreamConfig) -> api.StreamInfo:
         assert config.name is not None

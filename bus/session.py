@@ -317,7 +317,8 @@ class Session:
         with nats_errors(what):
             seq = await publish_stored(
                 self._bus.replies, self._bus.names.inbound(envelope.session_id), data, headers,
-                within=self._bus.settings.request_timeout, what=what)
+                within=self._bus.settings.request_timeout, what=what,
+                dedupe_window=self._bus.duplicate_window)
         self._bus.lifecycle.remember(envelope)
         if envelope.ttl_seconds is None:
             self._bus.lifecycle.states.note_stored(envelope.session_id, seq)

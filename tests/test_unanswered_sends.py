@@ -1,0 +1,88 @@
+"""Sends whose acknowledgement never comes: sent again, and stored once.
+
+Every send carries its envelope id as ``Nats-Msg-Id``, so the stream
+stores a second copy of it as a duplicate of the first (within its
+duplicate window): a send that got no answer can be sent again without
+the risk of storing it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+from pausing import paused_until_logged
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsCluster, NatsServer
+from sessionbus.bus.errors import BusTimeout
+
+from sessionbus.testing import BusFactory
+
+
+async def _stored_ids(bus: SessionBus, session_id: str) -> list[str]:
+    return [e.envelope_id async for e in bus.session(session_id, participant="reader").history()]
+
+
+async def test_a_send_whose_answer_was_lost_is_sent_again_and_stored_once(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0)
+    session = await bus.open("lost-answer", participant="a", participants=["a", "b"])
+    before = await session.send("before")
+    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+        sent = await session.send("while paused")
+    # The first attempt was stored once the server resumed; its answer went
+    # to a request no longer waited for, and the second attempt is its duplicate.
+    assert resume.resumed
+    after = await session.send("after")
+    assert await _stored_ids(bus, "lost-answer") == [before, sent, after]
+
+
+async def test_a_send_is_not_sent_again_past_the_streams_duplicate_window(
+    nats_server: NatsServer, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0, duplicate_window=1.5)
+    # A bus that finds the stream takes its window, whatever it was asked for.
+    other = await bus_factory(nats_server.url, request_timeout=1.0, duplicate_window=600.0)
+    assert bus.duplicate_window == other.duplicate_window == 1.5
+    session = await other.open("short-window", participant="a", participants=["a", "b"])
+    assert nats_server.pid is not None
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        # A second attempt would end after the window: a copy of it stored by
+        # then would not be known as a duplicate. It may have been stored.
+        with caplog.at_level(logging.WARNING, logger="sessionbus"), pytest.raises(BusTimeout):
+            await session.send("while paused")
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    assert "got no answer" not in caplog.text
+    assert len(await _stored_ids(other, "short-window")) == 1  # the one attempt, stored
+
+
+async def test_a_send_rides_out_a_paused_stream_leader(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.names.envelope_stream)
+    assert info.cluster is not None
+    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    survivor = next(s for s in nats_cluster.servers if s is not leader)
+    bus = await bus_factory(survivor.url, replicas=3)
+    session = await bus.open("paused-leader", participant="a", participants=["a", "b"])
+    before = await session.send("before")
+    # A paused leader keeps its routes: the send reaches it and nobody answers
+    # until the other replicas have elected a new leader.
+    assert leader.pid is not None
+    os.kill(leader.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        sent = await session.send("while the leader is paused")
+        took = time.monotonic() - start
+    finally:
+        os.kill(leader.pid, signal.SIGCONT)
+    assert took > bus.settings.request_timeout  # its first attempt went unanswered
+    after = await session.send("after")
+    assert await _stored_ids(bus, "paused-leader") == [before, sent, after]
