@@ -6,9 +6,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from sessionbus.bus._server import NatsServer
+from waiting import sigstop
 
 
 class _ResumeOn(logging.Handler):
@@ -22,21 +23,22 @@ class _ResumeOn(logging.Handler):
             os.kill(self.pid, signal.SIGCONT)
 
 
-@contextlib.contextmanager
-def paused_until_logged(server: NatsServer, text: str) -> Iterator[_ResumeOn]:
-    """SIGSTOP ``server``; SIGCONT it as soon as a sessionbus log line contains ``text``.
+@contextlib.asynccontextmanager
+async def paused_until_logged(server: NatsServer, text: str) -> AsyncIterator[_ResumeOn]:
+    """SIGSTOP ``server``, and SIGCONT it once a sessionbus log line contains ``text``.
 
-    What a client wrote meanwhile waits in the server's socket: once
-    resumed, the server stores it and answers a request the client stopped
-    waiting for, then takes the client's next attempt. So a write is stored
-    with its answer lost, in that order, on a real server.
+    Returns once every thread of the server has stopped. What a client
+    writes meanwhile waits in the server's socket: once resumed, the
+    server stores it and answers a request the client stopped waiting
+    for, then takes the client's next attempt. So a write is stored with
+    its answer lost, in that order, on a real server.
     """
     assert server.pid is not None
     handler = _ResumeOn(server.pid, text)
     root = logging.getLogger("sessionbus")
     root.addHandler(handler)
-    os.kill(server.pid, signal.SIGSTOP)
     try:
+        await sigstop(server.pid)
         yield handler
     finally:
         root.removeHandler(handler)

@@ -16,7 +16,7 @@ from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout, ConnectionFailed, KeyConflict
 from sessionbus.workers import Turn, Worker, WorkerConfig
 from sessionbus.workers._membership import Lease, Membership
-from waiting import until
+from waiting import sigstop, until
 
 from sessionbus.testing import BusFactory
 
@@ -158,8 +158,8 @@ async def test_a_worker_joins_though_its_first_lease_write_goes_unanswered(
     # A paused leader keeps its routes: the write reaches it and nobody
     # answers until the other replicas have elected a new one.
     assert leader.pid is not None
-    os.kill(leader.pid, signal.SIGSTOP)
     try:
+        await sigstop(leader.pid)
         worker = Worker(sb, group="g", handler=handle, worker_id="w-paused")
         start = time.monotonic()
         await worker.start()
@@ -192,7 +192,7 @@ async def test_a_lease_stored_by_an_attempt_whose_answer_was_lost_is_the_workers
     sb = await bus_factory(nats_server.url, request_timeout=1.0)
     membership = Membership(sb, group="g", worker_id="w-lost-answer", config=WorkerConfig())
     start = time.monotonic()
-    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+    async with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
         await membership.join()
     joined = time.monotonic() - start
     try:

@@ -442,7 +442,7 @@ async def test_an_open_whose_write_goes_unanswered_is_sent_again_and_knows_its_o
 ) -> None:
     bus = await bus_factory(nats_server.url, request_timeout=1.0)
     await opened_unacked(bus, "before", ttl=600)  # the expiry watcher runs
-    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+    async with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
         session = await bus.open("unanswered", participants=["a"], ttl=600, participant="a")
     assert resume.resumed  # the first write was stored after its wait ended
     stored = await bus.session("unanswered").info()

@@ -18,6 +18,7 @@ from pausing import paused_until_logged
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout
+from waiting import sigstop
 
 from sessionbus.testing import BusFactory
 
@@ -32,7 +33,7 @@ async def test_a_send_whose_answer_was_lost_is_sent_again_and_stored_once(
     bus = await bus_factory(nats_server.url, request_timeout=1.0)
     session = await bus.open("lost-answer", participant="a", participants=["a", "b"])
     before = await session.send("before")
-    with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+    async with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
         sent = await session.send("while paused")
     # The first attempt was stored once the server resumed; its answer went
     # to a request no longer waited for, and the second attempt is its duplicate.
@@ -50,8 +51,8 @@ async def test_a_send_is_not_sent_again_past_the_streams_duplicate_window(
     assert bus.duplicate_window == other.duplicate_window == 1.5
     session = await other.open("short-window", participant="a", participants=["a", "b"])
     assert nats_server.pid is not None
-    os.kill(nats_server.pid, signal.SIGSTOP)
     try:
+        await sigstop(nats_server.pid)
         # A second attempt would end after the window: a copy of it stored by
         # then would not be known as a duplicate. It may have been stored.
         with caplog.at_level(logging.WARNING, logger="sessionbus"), pytest.raises(BusTimeout):
@@ -76,8 +77,8 @@ async def test_a_send_rides_out_a_paused_stream_leader(
     # A paused leader keeps its routes: the send reaches it and nobody answers
     # until the other replicas have elected a new leader.
     assert leader.pid is not None
-    os.kill(leader.pid, signal.SIGSTOP)
     try:
+        await sigstop(leader.pid)
         start = time.monotonic()
         sent = await session.send("while the leader is paused")
         took = time.monotonic() - start
