@@ -330,13 +330,8 @@ class Lifecycle:
             if updated is None:
                 self.states.note(current, entry.revision, read=read)
                 return current, entry.revision, False
-            # Terminal records go away with the history they describe.
-            ttl = self._bus.envelope_max_age if updated.is_terminal() else None
-            try:
-                with nats_errors(f"updating session {session_id!r}"):
-                    revision = await kv.update(key, encode(updated), last=entry.revision,
-                                               ttl=ttl)
-            except KeyConflict:
+            revision = await self._update(session_id, updated, last=entry.revision)
+            if revision is None:
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 0.1)
                 continue
@@ -356,17 +351,37 @@ class Lifecycle:
         updated = change(known.meta)
         if updated is None:
             return None  # a write that is not needed is only decided on a fresh read
-        ttl = self._bus.envelope_max_age if updated.is_terminal() else None
-        try:
-            with nats_errors(f"updating session {session_id!r}"):
-                revision = await self._bus.sessions_kv.update(
-                    self._bus.names.session_key(session_id), encode(updated),
-                    last=known.revision, ttl=ttl)
-        except KeyConflict:
+        revision = await self._update(session_id, updated, last=known.revision)
+        if revision is None:
             return None
         if not updated.is_terminal():
             self.states.note(updated, revision)
         return updated, revision, True
+
+    async def _update(self, session_id: str, updated: SessionMetadata, *,
+                      last: int) -> int | None:
+        """Write ``updated`` if the record is still at revision ``last``: the new revision.
+
+        None when the record has moved on. A write nobody answered may have
+        been stored: it is sent again, up to ``UNANSWERED_WRITES`` attempts
+        in all, and when a later attempt finds the record moved on, a stored
+        record equal to ``updated`` is taken as this write's own (a close
+        stamps the record with its time: no other close stores the same
+        bytes). So a close whose answer was lost is still announced, by the
+        process that made it.
+        """
+        key, raw = self._bus.names.session_key(session_id), encode(updated)
+        # Terminal records go away with the history they describe.
+        ttl = self._bus.envelope_max_age if updated.is_terminal() else None
+        unanswered = Unanswered(f"updating session {session_id!r}: the write")
+        while True:
+            try:
+                with nats_errors(f"updating session {session_id!r}"):
+                    return await self._bus.sessions_kv.update(key, raw, last=last, ttl=ttl)
+            except KeyConflict:
+                return await self._stored_as(key, raw) if unanswered.count else None
+            except BusTimeout as e:
+                unanswered.again(e)
 
     async def terminate(
         self, session_id: str, state: SessionState, reason: str = ""

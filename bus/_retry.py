@@ -13,7 +13,8 @@ that got no answer at all may have been stored: only writes that can
 tell their own stored copy from another's send it again, up to
 :data:`UNANSWERED_WRITES` attempts in all (:class:`Unanswered`): an
 envelope (the stream knows its ``Nats-Msg-Id`` as a duplicate), a new
-session's record, a joining worker's lease.
+session's record, a change of a session's record (a close), a joining
+worker's lease.
 """
 
 from __future__ import annotations

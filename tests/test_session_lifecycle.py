@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import nats
 import pytest
 from nats.aio.msg import Msg
+from pausing import paused_until_logged
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
@@ -259,3 +260,26 @@ async def test_closing_the_bus_ends_waiters_and_feeds(
             await waiter
         assert await asyncio.gather(*readers) == [None, None, None]
     assert feed.closed and live.closed and interrupts.closed
+
+
+async def test_a_close_whose_answer_was_lost_is_sent_again_and_broadcast(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0)
+    session = await bus.open("lost-close", participant="a", participants=["a"])
+    listener = await nats.connect(nats_server.url)
+    try:
+        heard = await listener.subscribe(bus.names.closed("lost-close"))
+        await listener.flush()
+        async with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
+            closed = await session.close("done")
+        # The first write was stored once the server resumed; the second found
+        # the record moved on, and it was the close's own.
+        assert resume.resumed
+        assert closed.state is SessionState.CLOSED and closed.close_reason == "done"
+        assert await bus.session("lost-close").info() == closed
+        event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
+        assert event.session_id == "lost-close" and event.state is SessionState.CLOSED
+        assert event.at == closed.closed_at and event.reason == "done"
+    finally:
+        await listener.close()
