@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from nats.errors import Error as NatsError
 from sessionbus.bus._kv import KVOp, wire_ttl
 from sessionbus.bus._names import decode_token
 from sessionbus.bus._retry import Unanswered
@@ -323,6 +324,11 @@ class Membership:
                         self._apply_gone(event.key, event.revision)
             except asyncio.CancelledError:
                 raise
+            except (BusError, NatsError, OSError) as e:
+                # The server's or the connection's (a stream electing a leader
+                # answers 503): nothing to debug here, the watch starts again.
+                logger.warning("lease watch of group %s failed: %r; restarting", self.group, e)
+                await asyncio.sleep(0.5)
             except Exception:
                 logger.exception("lease watch of group %s failed; restarting", self.group)
                 await asyncio.sleep(0.5)
