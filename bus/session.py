@@ -47,6 +47,7 @@ from sessionbus.bus._names import DEPTH_HEADER, MSG_ID_HEADER, TTL_HEADER, valid
 from sessionbus.bus._replies import publish_stored
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import (
+    BusError,
     CausationNotFound,
     ConfigError,
     DepthLimitExceeded,
@@ -261,7 +262,9 @@ class Session:
         causation's depth + 1 (``depth`` can only raise it). Raises
         :class:`SessionTerminated`, :class:`CausationNotFound`,
         :class:`DepthLimitExceeded`, :class:`EnvelopeTooLarge`,
-        :class:`InvalidEnvelope`.
+        :class:`InvalidEnvelope`. Once the envelope is stored, the send
+        returns: a failure to push back the session's idle timer after it
+        is logged, not raised (raised, it would have the envelope sent twice).
         """
         meta = await self._limits()
         sid = self.session_id
@@ -298,7 +301,12 @@ class Session:
                                        f"{first.get('msg')}") from e
         await self._publish(envelope)
         if meta.ttl_seconds is not None:
-            await self._bus.lifecycle.refresh_timer(sid, meta.ttl_seconds)
+            try:
+                await self._bus.lifecycle.refresh_timer(sid, meta.ttl_seconds)
+            except BusError as e:
+                # The envelope is stored: an error now would have it sent again.
+                logger.warning("an envelope was sent into %r, but its idle timer was not "
+                               "pushed back (the next send tries again): %s", sid, e)
         return envelope_id
 
     async def _publish(self, envelope: Envelope) -> None:

@@ -181,3 +181,21 @@ async def test_repairs_run_a_bounded_number_at_once(bus: SessionBus) -> None:
     stored = await bus.sessions_kv.get_many(
         [bus.names.session_timer_key(sid) for sid in sessions])
     assert len(stored) == len(sessions)
+
+
+async def test_a_stored_envelope_is_sent_though_its_idle_timer_cannot_be_pushed_back(
+    bus_factory: BusFactory, nats_server: NatsServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = await bus_factory(nats_server.url)
+    await bus.open("timer-refused", participant="a", participants=["a", "b"], ttl=600)
+    # An operator seals the sessions bucket: records still read, nothing is written.
+    info = await bus.js.stream_info(bus.sessions_kv.stream)
+    info.config.sealed = True
+    await bus.js.update_stream(info.config)
+    # Another process has not pushed the timer back yet: its first send does.
+    other = await bus_factory(nats_server.url)
+    with caplog.at_level(logging.WARNING, logger="sessionbus"):
+        sent = await other.session("timer-refused", participant="a").send("kept")
+    assert "its idle timer was not pushed back" in caplog.text
+    stored = [e.envelope_id async for e in other.session("timer-refused").history()]
+    assert stored == [sent]
