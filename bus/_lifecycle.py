@@ -265,18 +265,22 @@ class Lifecycle:
             # knowledge is not trusted (see SessionStates.meta).
             self.states.note(meta, revision)
 
-    async def _stored_as(self, key: str, raw: bytes) -> int | None:
+    async def _stored_as(self, key: str, raw: bytes, *, after: int = 0) -> int | None:
         """The revision of ``key`` if it holds exactly ``raw``, else None.
 
-        A replica that has not applied the record yet shows the key empty:
-        read again then, for up to the bucket's timeout.
+        Called when a write expecting ``key`` at revision ``after`` (0: not
+        there) was refused: a later revision is stored, or being stored (a
+        replicated stream's leader refuses the write while an earlier
+        attempt is still in process). A replica that has not applied it yet
+        shows the key empty or at ``after``: read again then, for up to the
+        bucket's timeout.
         """
         kv = self._bus.sessions_kv
         retry = Retry(kv.timeout)
         while True:
             with nats_errors(f"reading {key!r}"):
                 entry = await kv.get(key)
-            if entry is not None:
+            if entry is not None and entry.revision > after:
                 return entry.revision if entry.value == raw else None
             if not await retry.again(TimeoutError()):
                 return None
@@ -379,7 +383,7 @@ class Lifecycle:
                 with nats_errors(f"updating session {session_id!r}"):
                     return await self._bus.sessions_kv.update(key, raw, last=last, ttl=ttl)
             except KeyConflict:
-                return await self._stored_as(key, raw) if unanswered.count else None
+                return await self._stored_as(key, raw, after=last) if unanswered.count else None
             except BusTimeout as e:
                 unanswered.again(e)
 

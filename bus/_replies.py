@@ -36,6 +36,8 @@ from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed, Permis
 __all__ = ["NoResponders", "Pending", "Replies", "Reply", "acked_sequence", "publish_stored"]
 
 _NO_RESPONDERS = 503
+#: "duplicate message id is in process": a copy with that id is being stored.
+_DUPLICATE_IN_PROCESS = 10158
 #: An idle heartbeat: a status that answers nothing.
 _HEARTBEAT = 100
 
@@ -273,9 +275,12 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
     the message carries a ``Nats-Msg-Id`` and ``dedupe_window`` is the
     stream's duplicate window. Then it is sent again, ``UNANSWERED_WRITES``
     attempts in all, each given ``within`` seconds, as long as the next
-    attempt's wait ends inside that window from the first attempt: a copy
-    stored before is acknowledged as a duplicate, with its sequence, and
-    is not stored again. A refusal raises the matching
+    attempt's wait ends inside that window counted from this call's first
+    attempt: a copy stored before is acknowledged as a duplicate, with its
+    sequence, and is not stored again. While a replicated stream's leader
+    is still storing a copy with the same id, it refuses another ("in
+    process"): that one is sent again, paced, until it is acknowledged or
+    the time is up. Other refusals raise the matching
     ``nats.js.errors.APIError``.
     """
     unanswered: Unanswered | None = None
@@ -299,7 +304,18 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
             unanswered.again(e)  # raises at the bound
             retry, wait = Retry(within), within
             continue
-        return acked_sequence(reply, what)
+        try:
+            return acked_sequence(reply, what)
+        except nats.js.errors.APIError as e:
+            if e.err_code != _DUPLICATE_IN_PROCESS:
+                raise
+            # A replicated stream's leader is still storing a copy with this
+            # id (an attempt that went unanswered, or a concurrent send of the
+            # same id): sent again, it is answered as that copy's duplicate.
+            left = await retry.resend(e)
+            if left is None:
+                raise
+            wait = left
 
 
 def _retrieved(done: asyncio.Future[Any]) -> None:

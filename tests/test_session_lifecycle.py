@@ -12,7 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 from pausing import paused_until_logged
 from sessionbus.bus import ClosedEvent, SessionBus
-from sessionbus.bus._server import NatsServer
+from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import BusClosedError
 from sessionbus.schemas import SessionState, TaskState
@@ -281,5 +281,33 @@ async def test_a_close_whose_answer_was_lost_is_sent_again_and_broadcast(
         event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
         assert event.session_id == "lost-close" and event.state is SessionState.CLOSED
         assert event.at == closed.closed_at and event.reason == "done"
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("through", ["leader", "follower", "leader again", "follower again"])
+async def test_a_close_a_resumed_leader_still_stores_is_known_as_its_own_and_broadcast(
+    nats_cluster: NatsCluster, bus_factory: BusFactory, through: str,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.sessions_kv.stream)
+    assert info.cluster is not None
+    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    other = next(s for s in nats_cluster.servers if s is not leader)
+    bus = await bus_factory((leader if through.startswith("leader") else other).url,
+                            replicas=3, request_timeout=1.0)
+    session = await bus.open("in-process", participant="a", participants=["a"])
+    listener = await nats.connect(other.url)
+    try:
+        heard = await listener.subscribe(bus.names.closed("in-process"))
+        await listener.flush()
+        # Resumed, the leader takes both attempts back to back: the second is
+        # refused while the first is still being stored, and a replica read
+        # right after may not show the first yet.
+        async with paused_until_logged(leader, "got no answer; writing it again") as resume:
+            closed = await session.close("done")
+        assert resume.resumed
+        event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
+        assert event.state is SessionState.CLOSED and event.at == closed.closed_at
     finally:
         await listener.close()

@@ -98,5 +98,26 @@ async def test_a_send_rides_out_a_paused_stream_leader(
     assert await _stored_ids(bus, "paused-leader") == [before, sent, after]
 
 
+@pytest.mark.parametrize("through", ["leader", "follower"])
+async def test_a_send_whose_first_copy_a_resumed_leader_still_stores_is_acknowledged(
+    nats_cluster: NatsCluster, bus_factory: BusFactory, through: str,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    info = await first.js.stream_info(first.names.envelope_stream)
+    assert info.cluster is not None
+    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
+    other = next(s for s in nats_cluster.servers if s is not leader)
+    bus = await bus_factory((leader if through == "leader" else other).url, replicas=3,
+                            request_timeout=1.0)
+    session = await bus.open("in-process", participant="a", participants=["a", "b"])
+    # Resumed, the leader takes both attempts back to back: the second comes
+    # while the first is still being stored, and is refused as "in process"
+    # before it can be answered as the first's duplicate.
+    async with paused_until_logged(leader, "got no answer; writing it again") as resume:
+        sent = await session.send("while paused")
+    assert resume.resumed
+    assert await _stored_ids(bus, "in-process") == [sent]
+
+
 #: Seconds a request may take in the election tests.
 _ELECTION = 15.0
