@@ -314,11 +314,13 @@ class Lifecycle:
         *, from_known: bool = False,
     ) -> tuple[SessionMetadata, int, bool]:
         kv, key = self._bus.sessions_kv, self._bus.names.session_key(session_id)
+        # Records this call wrote without an answer: stored, for all it knows.
+        unanswered: set[bytes] = set()
         if from_known:
             # One round trip instead of two: write from the record as this
             # process last saw it, at that revision. The server checks the
             # revision, so a stale copy only costs the read it skipped.
-            written = await self._write_from_known(session_id, change)
+            written = await self._write_from_known(session_id, change, unanswered)
             if written is not None:
                 return written
         backoff = 0.002
@@ -330,11 +332,18 @@ class Lifecycle:
                 self.states.note_missing(session_id, read=read)
                 raise SessionNotFound(session_id)
             current = decode(entry.value, SessionMetadata)
+            if entry.value in unanswered:
+                # One of this call's writes, stored after all (its read-back
+                # gave up before a replica showed it): this call made the change.
+                if not current.is_terminal():
+                    self.states.note(current, entry.revision)
+                return current, entry.revision, True
             updated = change(current)
             if updated is None:
                 self.states.note(current, entry.revision, read=read)
                 return current, entry.revision, False
-            revision = await self._update(session_id, updated, last=entry.revision)
+            revision = await self._update(session_id, updated, last=entry.revision,
+                                          unanswered=unanswered)
             if revision is None:
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 0.1)
@@ -346,7 +355,8 @@ class Lifecycle:
         raise ConcurrentUpdate(session_id, MAX_CAS_ATTEMPTS)
 
     async def _write_from_known(
-        self, session_id: str, change: Callable[[SessionMetadata], SessionMetadata | None]
+        self, session_id: str, change: Callable[[SessionMetadata], SessionMetadata | None],
+        unanswered: set[bytes],
     ) -> tuple[SessionMetadata, int, bool] | None:
         """The compare-and-set of :meth:`_modify` from the known record; None: read instead."""
         known = self.states.get(session_id)
@@ -355,7 +365,8 @@ class Lifecycle:
         updated = change(known.meta)
         if updated is None:
             return None  # a write that is not needed is only decided on a fresh read
-        revision = await self._update(session_id, updated, last=known.revision)
+        revision = await self._update(session_id, updated, last=known.revision,
+                                      unanswered=unanswered)
         if revision is None:
             return None
         if not updated.is_terminal():
@@ -363,29 +374,32 @@ class Lifecycle:
         return updated, revision, True
 
     async def _update(self, session_id: str, updated: SessionMetadata, *,
-                      last: int) -> int | None:
+                      last: int, unanswered: set[bytes]) -> int | None:
         """Write ``updated`` if the record is still at revision ``last``: the new revision.
 
         None when the record has moved on. A write nobody answered may have
         been stored: it is sent again, up to ``UNANSWERED_WRITES`` attempts
-        in all, and when a later attempt finds the record moved on, a stored
-        record equal to ``updated`` is taken as this write's own (a close
-        stamps the record with its time: no other close stores the same
-        bytes). So a close whose answer was lost is still announced, by the
-        process that made it.
+        in all, and its bytes are added to ``unanswered``. When a later
+        attempt finds the record moved on, a stored record equal to
+        ``updated`` is taken as this write's own (a close stamps the record
+        with its time: no other close stores the same bytes); should no
+        replica show it within the bucket's timeout, the caller's next read
+        still knows it by ``unanswered``. So a close whose answer was lost
+        is still announced, by the process that made it.
         """
         key, raw = self._bus.names.session_key(session_id), encode(updated)
         # Terminal records go away with the history they describe.
         ttl = self._bus.envelope_max_age if updated.is_terminal() else None
-        unanswered = Unanswered(f"updating session {session_id!r}: the write")
+        attempts = Unanswered(f"updating session {session_id!r}: the write")
         while True:
             try:
                 with nats_errors(f"updating session {session_id!r}"):
                     return await self._bus.sessions_kv.update(key, raw, last=last, ttl=ttl)
             except KeyConflict:
-                return await self._stored_as(key, raw, after=last) if unanswered.count else None
+                return await self._stored_as(key, raw, after=last) if attempts.count else None
             except BusTimeout as e:
-                unanswered.again(e)
+                unanswered.add(raw)
+                attempts.again(e)
 
     async def terminate(
         self, session_id: str, state: SessionState, reason: str = ""
