@@ -8,7 +8,8 @@ import os
 import signal
 from collections.abc import AsyncIterator
 
-from sessionbus.bus._server import NatsServer
+from sessionbus.bus import SessionBus
+from sessionbus.bus._server import NatsCluster, NatsServer
 from waiting import sigstop
 
 
@@ -43,3 +44,12 @@ async def paused_until_logged(server: NatsServer, text: str) -> AsyncIterator[_R
     finally:
         root.removeHandler(handler)
         os.kill(server.pid, signal.SIGCONT)
+
+
+async def stream_leader(cluster: NatsCluster, bus: SessionBus,
+                        stream: str) -> tuple[NatsServer, NatsServer]:
+    """The node of ``cluster`` leading ``stream``, and another node."""
+    info = await bus.js.stream_info(stream)
+    assert info.cluster is not None
+    leader = next(s for s in cluster.servers if s.name == info.cluster.leader)
+    return leader, next(s for s in cluster.servers if s is not leader)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from nats.aio.msg import Msg
-from pausing import paused_until_logged
+from pausing import paused_until_logged, stream_leader
 from sessionbus.bus import SessionBus
 from sessionbus.bus._kv import Bucket
 from sessionbus.bus._server import NatsCluster, NatsServer
@@ -121,10 +121,7 @@ async def _lease_leader(
 ) -> tuple[NatsServer, NatsServer]:
     """The node leading the worker lease bucket's stream, and another node."""
     first = await bus_factory(cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.workers_kv.stream)
-    assert info.cluster is not None
-    leader = next(s for s in cluster.servers if s.name == info.cluster.leader)
-    return leader, next(s for s in cluster.servers if s is not leader)
+    return await stream_leader(cluster, first, first.workers_kv.stream)
 
 
 async def test_a_worker_starting_during_an_election_joins(

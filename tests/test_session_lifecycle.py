@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 import nats
 import pytest
 from nats.aio.msg import Msg
-from pausing import paused_until_logged
+from pausing import paused_until_logged, stream_leader
 from sessionbus.bus import ClosedEvent, SessionBus
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus._subscriptions import server_holds_subscriptions
 from sessionbus.bus.errors import BusClosedError
-from sessionbus.schemas import SessionState, TaskState
+from sessionbus.schemas import SessionMetadata, SessionState, TaskState
 
 from sessionbus.testing import BusFactory, LeafTopology
 
@@ -262,27 +262,36 @@ async def test_closing_the_bus_ends_waiters_and_feeds(
     assert feed.closed and live.closed and interrupts.closed
 
 
+async def _close_while_paused(bus: SessionBus, session_id: str, paused: NatsServer,
+                              listen_on: str) -> SessionMetadata:
+    """Close ``session_id`` while ``paused`` is stopped; check that the close is broadcast.
+
+    Resumed, the server stores the first write and answers nobody, then
+    takes the second: the record has moved on, and it is the close's own.
+    """
+    listener = await nats.connect(listen_on)
+    try:
+        heard = await listener.subscribe(bus.names.closed(session_id))
+        await listener.flush()
+        async with paused_until_logged(paused, "got no answer; writing it again") as resume:
+            closed = await bus.session(session_id, participant="a").close("done")
+        assert resume.resumed
+        assert closed.state is SessionState.CLOSED and closed.close_reason == "done"
+        event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
+        assert event.session_id == session_id and event.state is SessionState.CLOSED
+        assert event.at == closed.closed_at and event.reason == "done"
+    finally:
+        await listener.close()
+    return closed
+
+
 async def test_a_close_whose_answer_was_lost_is_sent_again_and_broadcast(
     nats_server: NatsServer, bus_factory: BusFactory,
 ) -> None:
     bus = await bus_factory(nats_server.url, request_timeout=1.0)
-    session = await bus.open("lost-close", participant="a", participants=["a"])
-    listener = await nats.connect(nats_server.url)
-    try:
-        heard = await listener.subscribe(bus.names.closed("lost-close"))
-        await listener.flush()
-        async with paused_until_logged(nats_server, "got no answer; writing it again") as resume:
-            closed = await session.close("done")
-        # The first write was stored once the server resumed; the second found
-        # the record moved on, and it was the close's own.
-        assert resume.resumed
-        assert closed.state is SessionState.CLOSED and closed.close_reason == "done"
-        assert await bus.session("lost-close").info() == closed
-        event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
-        assert event.session_id == "lost-close" and event.state is SessionState.CLOSED
-        assert event.at == closed.closed_at and event.reason == "done"
-    finally:
-        await listener.close()
+    await bus.open("lost-close", participant="a", participants=["a"])
+    closed = await _close_while_paused(bus, "lost-close", nats_server, nats_server.url)
+    assert await bus.session("lost-close").info() == closed
 
 
 @pytest.mark.parametrize("through", ["leader", "follower", "leader again", "follower again"])
@@ -290,24 +299,11 @@ async def test_a_close_a_resumed_leader_still_stores_is_known_as_its_own_and_bro
     nats_cluster: NatsCluster, bus_factory: BusFactory, through: str,
 ) -> None:
     first = await bus_factory(nats_cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.sessions_kv.stream)
-    assert info.cluster is not None
-    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
-    other = next(s for s in nats_cluster.servers if s is not leader)
+    leader, other = await stream_leader(nats_cluster, first, first.sessions_kv.stream)
     bus = await bus_factory((leader if through.startswith("leader") else other).url,
                             replicas=3, request_timeout=1.0)
-    session = await bus.open("in-process", participant="a", participants=["a"])
-    listener = await nats.connect(other.url)
-    try:
-        heard = await listener.subscribe(bus.names.closed("in-process"))
-        await listener.flush()
-        # Resumed, the leader takes both attempts back to back: the second is
-        # refused while the first is still being stored, and a replica read
-        # right after may not show the first yet.
-        async with paused_until_logged(leader, "got no answer; writing it again") as resume:
-            closed = await session.close("done")
-        assert resume.resumed
-        event = ClosedEvent.from_wire((await heard.next_msg(timeout=5)).data)
-        assert event.state is SessionState.CLOSED and event.at == closed.closed_at
-    finally:
-        await listener.close()
+    await bus.open("in-process", participant="a", participants=["a"])
+    # Resumed, the leader takes both attempts back to back: the second is
+    # refused while the first is still being stored, and a replica read
+    # right after may not show the first yet.
+    await _close_while_paused(bus, "in-process", leader, other.url)

@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from pausing import paused_until_logged
+from pausing import paused_until_logged, stream_leader
 from sessionbus.bus import SessionBus
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout
@@ -74,10 +74,7 @@ async def test_a_send_rides_out_a_paused_stream_leader(
     nats_cluster: NatsCluster, bus_factory: BusFactory,
 ) -> None:
     first = await bus_factory(nats_cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.names.envelope_stream)
-    assert info.cluster is not None
-    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
-    survivor = next(s for s in nats_cluster.servers if s is not leader)
+    leader, survivor = await stream_leader(nats_cluster, first, first.names.envelope_stream)
     # Given longer than an election: the other replicas elect a new leader
     # 5-10 s after the pause here.
     bus = await bus_factory(survivor.url, replicas=3, request_timeout=_ELECTION)
@@ -103,10 +100,7 @@ async def test_a_send_whose_first_copy_a_resumed_leader_still_stores_is_acknowle
     nats_cluster: NatsCluster, bus_factory: BusFactory, through: str,
 ) -> None:
     first = await bus_factory(nats_cluster.urls, replicas=3)
-    info = await first.js.stream_info(first.names.envelope_stream)
-    assert info.cluster is not None
-    leader = next(s for s in nats_cluster.servers if s.name == info.cluster.leader)
-    other = next(s for s in nats_cluster.servers if s is not leader)
+    leader, other = await stream_leader(nats_cluster, first, first.names.envelope_stream)
     bus = await bus_factory((leader if through == "leader" else other).url, replicas=3,
                             request_timeout=1.0)
     session = await bus.open("in-process", participant="a", participants=["a", "b"])
