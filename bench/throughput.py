@@ -179,6 +179,8 @@ class Result:
     """CPU of the worker processes together, per envelope (None without /proc)."""
     server_cpu_us: float | None = None
     """CPU of nats-server per envelope (None without /proc)."""
+    server_msgs: float = 0.0
+    """Messages in and out of nats-server per envelope (publishes, pulls, acks, replies...)."""
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -191,6 +193,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_messages(server: NatsServer) -> int:
+    """Messages into and out of ``server`` so far (its ``varz``)."""
+    varz = server.monitor("varz")
+    return int(varz["in_msgs"]) + int(varz["out_msgs"])
 
 
 class CpuMeter:
@@ -277,14 +285,17 @@ async def create_records(sb: SessionBus, session_ids: list[str]) -> None:
 async def timed_throughput(
     js: JetStreamContext, batch: list[tuple[str, bytes, str]],
     all_acked: Callable[[], Awaitable[bool]], what: str,
-    worker_pids: list[int | None], server_pid: int | None,
-) -> tuple[float, float | None, float | None]:
+    worker_pids: list[int | None], server: NatsServer,
+) -> tuple[float, float | None, float | None, float]:
     """Publish ``batch`` (subject, body, msg id) and wait until ``all_acked``.
 
-    Returns envelopes/s from the first publish, and the CPU per envelope
-    of the workers together and of the server over that span.
+    Returns envelopes/s from the first publish, the CPU per envelope of
+    the workers together and of the server over that span, and the
+    messages in and out of the server per envelope (the polls of
+    ``all_acked`` included: one consumer info request each).
     """
-    workers_cpu, server_cpu = CpuMeter(worker_pids), CpuMeter([server_pid])
+    workers_cpu, server_cpu = CpuMeter(worker_pids), CpuMeter([server.pid])
+    msgs_before = server_messages(server)
     workers_cpu.start()
     server_cpu.start()
     start = time.perf_counter()
@@ -293,7 +304,9 @@ async def timed_throughput(
     await asyncio.gather(*futures)
     await until(all_acked, what, PHASE_LIMIT)
     rate = len(batch) / (time.perf_counter() - start)
-    return rate, workers_cpu.per_envelope(len(batch)), server_cpu.per_envelope(len(batch))
+    msgs = (server_messages(server) - msgs_before) / len(batch)
+    return (rate, workers_cpu.per_envelope(len(batch)), server_cpu.per_envelope(len(batch)),
+            msgs)
 
 
 async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[None]],
@@ -319,7 +332,7 @@ async def measure_latency(nc: Client, publish: Callable[[Envelope], Awaitable[No
     return percentile(delays, 0.5), percentile(delays, 0.99)
 
 
-async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, count: int,
+async def sessionbus_phase(url: str, server: NatsServer, procs_count: int, count: int,
                            sessions: int, samples: int, loop: str, gc_threshold: int,
                            records: bool = True, partitions: int | None = None) -> Result:
     prefix = f"bench{procs_count}"
@@ -359,8 +372,8 @@ async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, c
                                  + [f"{prefix}-idle-{i}" for i in range(samples)])
             batch = [(sb.names.inbound(e.session_id), encode(e), e.envelope_id)
                      for e in envelopes(count, sessions, prefix)]
-            rate, worker_us, server_us = await timed_throughput(
-                sb.js, batch, all_acked, "every envelope acked", procs.pids, server_pid)
+            rate, worker_us, server_us, msgs = await timed_throughput(
+                sb.js, batch, all_acked, "every envelope acked", procs.pids, server)
 
             async def publish(env: Envelope) -> None:
                 await sb.js.publish(sb.names.inbound(env.session_id), encode(env),
@@ -369,10 +382,10 @@ async def sessionbus_phase(url: str, server_pid: int | None, procs_count: int, c
             p50, p99 = await measure_latency(sb.nc, publish, samples, prefix)
         finally:
             procs.stop()
-    return Result(rate, p50, p99, worker_us, server_us)
+    return Result(rate, p50, p99, worker_us, server_us, msgs)
 
 
-async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: int,
+async def raw_phase(url: str, server: NatsServer, procs_count: int, count: int,
                     sessions: int, samples: int, loop: str, gc_threshold: int, *,
                     records: bool = False) -> Result:
     nc = await nats.connect(url)
@@ -407,8 +420,8 @@ async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: i
         await until(pullers_ready, "raw pullers", 60)
         batch = [(f"raw.{e.session_id}", encode(e), e.envelope_id)
                  for e in envelopes(count, sessions, "raw")]
-        rate, worker_us, server_us = await timed_throughput(
-            js, batch, all_acked, "every raw message acked", procs.pids, server_pid)
+        rate, worker_us, server_us, msgs = await timed_throughput(
+            js, batch, all_acked, "every raw message acked", procs.pids, server)
 
         async def publish(env: Envelope) -> None:
             await js.publish(f"raw.{env.session_id}", encode(env),
@@ -421,7 +434,7 @@ async def raw_phase(url: str, server_pid: int | None, procs_count: int, count: i
         if records:
             await js.delete_stream(RECORD_STREAM)
         await nc.close()
-    return Result(rate, p50, p99, worker_us, server_us)
+    return Result(rate, p50, p99, worker_us, server_us, msgs)
 
 
 def _cpu(us: float | None) -> str:
@@ -441,20 +454,20 @@ async def bench(args: argparse.Namespace) -> None:
               f"gc threshold {args.gc_threshold or 'Python default'}")
         rows = []
         for n in (1, 2):
-            ours = await sessionbus_phase(server.url, server.pid, n, args.envelopes, args.sessions,
+            ours = await sessionbus_phase(server.url, server, n, args.envelopes, args.sessions,
                                           args.samples, args.loop, args.gc_threshold,
                                           records=not args.no_completion_records,
                                           partitions=args.partitions)
-            raw = await raw_phase(server.url, server.pid, n, args.envelopes, args.sessions,
+            raw = await raw_phase(server.url, server, n, args.envelopes, args.sessions,
                                   args.samples, args.loop, args.gc_threshold)
             floor = None
             if args.floor:
-                floor = await raw_phase(server.url, server.pid, n, args.envelopes,
+                floor = await raw_phase(server.url, server, n, args.envelopes,
                                         args.sessions, args.samples, args.loop,
                                         args.gc_threshold, records=True)
             rows.append((n, ours, raw, floor))
         print(f"{'workers':>7} | {'':12} | {'env/s':>8} | {'p50 us':>8} | {'p99 us':>8} | "
-              f"{'worker CPU us/env':>17} | {'server CPU us/env':>17}")
+              f"{'worker CPU us/env':>17} | {'server CPU us/env':>17} | {'server msgs/env':>15}")
         for n, ours, raw, floor in rows:
             shown = [("sessionbus", ours), ("raw nats-py", raw)]
             if floor is not None:
@@ -462,14 +475,15 @@ async def bench(args: argparse.Namespace) -> None:
             for name, r in shown:
                 print(f"{n if r is ours else '':>7} | {name:12} | {r.rate:8.0f} | "
                       f"{r.p50_us:8.0f} | {r.p99_us:8.0f} | {_cpu(r.worker_cpu_us):>17} | "
-                      f"{_cpu(r.server_cpu_us):>17}")
+                      f"{_cpu(r.server_cpu_us):>17} | {r.server_msgs:15.1f}")
             for name, r in zip(("ratio", "floor ratio"), [r for _, r in shown[::2]], strict=False):
                 # sessionbus, and the floor, against raw
                 print(f"{'':>7} | {name:12} | {ratio(r.rate, raw.rate):8.2f} | "
                       f"{ratio(r.p50_us, raw.p50_us):8.2f} | "
                       f"{ratio(r.p99_us, raw.p99_us):8.2f} | "
                       f"{_cpu_ratio(r.worker_cpu_us, raw.worker_cpu_us):>17} | "
-                      f"{_cpu_ratio(r.server_cpu_us, raw.server_cpu_us):>17}")
+                      f"{_cpu_ratio(r.server_cpu_us, raw.server_cpu_us):>17} | "
+                      f"{ratio(r.server_msgs, raw.server_msgs):15.2f}")
         print(json.dumps({f"{n}proc": {"sessionbus": vars(o), "raw": vars(r),
                                        **({"raw_records": vars(f)} if f else {})}
                           for n, o, r, f in rows}))
