@@ -23,6 +23,8 @@ import contextlib
 import json
 import logging
 import math
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,13 +43,20 @@ from sessionbus.bus._jsapi import (
     direct_answer,
     direct_get_last_for_subjects,
 )
-from sessionbus.bus._names import kv_subject
+from sessionbus.bus._names import MSG_ID_HEADER, kv_subject
 from sessionbus.bus._reads import last_per_subject
-from sessionbus.bus._replies import NoResponders, Pending, Replies, acked_sequence
-from sessionbus.bus._retry import Retry
+from sessionbus.bus._replies import (
+    DUPLICATE_IN_PROCESS,
+    NoResponders,
+    Pending,
+    Replies,
+    acked_sequence,
+)
+from sessionbus.bus._retry import Retry, Unanswered
 from sessionbus.bus.errors import BusTimeout, ConfigError, ConnectionFailed, KeyConflict
+from sessionbus.schemas.envelope import new_envelope_id
 
-__all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "wire_ttl"]
+__all__ = ["MAX_GET_MANY", "Bucket", "KVEntry", "KVEvent", "KVOp", "bind_bucket", "wire_ttl"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +72,8 @@ _SEQUENCE = "Nats-Sequence"
 _SUBJECT = "Nats-Subject"
 _TTL = "Nats-TTL"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+#: How the server names the revision a compare-and-set write found instead.
+_FOUND_LAST = re.compile(r"wrong last sequence: (\d+)")
 
 
 def wire_ttl(ttl: float) -> int:
@@ -142,12 +153,25 @@ def _delivery(msg: Msg) -> tuple[int, int]:
     return int(meta.sequence.stream), int(meta.num_pending or 0)
 
 
+class _Refused(Exception):
+    """A write the stream refused in a way a write sent again may explain.
+
+    ``error`` is what the caller gets otherwise; ``found`` the revision a
+    compare-and-set found (None: a copy with the same id is being stored).
+    """
+
+    def __init__(self, error: Exception, found: int | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.found = found
+
+
 class Bucket:
     """One KV bucket, addressed through a JetStream context (and its domain)."""
 
     def __init__(
         self, *, nc: Client, js: JetStreamContext, name: str, domain: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = 5.0, duplicate_window: float | None = None,
     ) -> None:
         self.nc = nc
         self.js = js
@@ -155,6 +179,12 @@ class Bucket:
         self.stream = f"KV_{name}"
         self.domain = domain
         self.timeout = timeout
+        self.duplicate_window = duplicate_window
+        """Seconds the bucket's stream knows a write's ``Nats-Msg-Id`` (None: not known).
+
+        Writes that get no answer are sent again only when it is known
+        (see :meth:`_publish`).
+        """
         self._pre = f"$KV.{name}."
         self._api_prefix = f"$JS.{domain}.API" if domain else DEFAULT_API_PREFIX
         self._replies = Replies(nc)
@@ -263,18 +293,42 @@ class Bucket:
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str],
                        also: Callable[[], Awaitable[None]] | None = None, *,
-                       resend_within: float | None = None) -> int:
+                       resend_within: float | None = None,
+                       resend_unanswered: bool = True) -> int:
         """Write and wait for the stream's ack; ``also`` is published before the wait.
 
         A write that reached no stream (no responders) is sent again, ``also``
         with it, paced as reads are, for ``resend_within`` seconds (the
         bucket's timeout by default): a stream electing a new leader takes
-        writes again within seconds. Then ConnectionFailed; BusTimeout if an
-        attempt got no answer at all (it may have been stored, so it is not
-        sent again).
+        writes again within seconds. Then ConnectionFailed.
+
+        An attempt that got no answer at all may have been stored. When the
+        bucket's :attr:`duplicate_window` is known (and ``resend_unanswered``),
+        the write carries an id of its own (``Nats-Msg-Id``) and is sent
+        again, ``UNANSWERED_WRITES`` attempts in all, each given the
+        bucket's timeout, as long as the next attempt's wait ends inside the
+        window counted from the first attempt:
+
+        * a plain write stored before is acknowledged as a duplicate, with
+          its revision, and not stored again;
+        * a compare-and-set write stored before is refused (the server checks
+          the revision before the id): the revision it found is read, and if
+          that message carries this write's id, its revision is returned;
+        * while a replicated stream's leader is still storing the first copy
+          it refuses another ("in process"): sent again, paced.
+
+        Else BusTimeout.
         """
+        write_id = None
+        window = self.duplicate_window
+        if resend_unanswered and window:
+            write_id = new_envelope_id()
+            headers = {**headers, MSG_ID_HEADER: write_id}
+        what = f"write {self.name}/{key}"
         retry = Retry(self.timeout if resend_within is None else resend_within)
         within = self.timeout
+        first_sent = time.monotonic()
+        unanswered: Unanswered | None = None
         while True:
             pending = await self._replies.send(self.subject(key), value, headers or None)
             if also is not None:
@@ -291,6 +345,25 @@ class Bucket:
                 if resend_wait is None:
                     raise ConnectionFailed(str(e)) from e
                 within = resend_wait
+            except BusTimeout as e:
+                if (write_id is None or window is None
+                        or time.monotonic() - first_sent + self.timeout >= window):
+                    raise
+                unanswered = unanswered or Unanswered(what)
+                unanswered.again(e)  # raises at the bound
+                retry, within = Retry(self.timeout), self.timeout
+            except _Refused as e:
+                if unanswered is None or write_id is None:
+                    raise e.error from e.__cause__
+                if e.found is not None:  # the compare-and-set found another revision
+                    if await self._holds(key, e.found, write_id):
+                        return e.found
+                    raise e.error from e.__cause__
+                # In process: the leader still stores an earlier attempt.
+                left = await retry.resend(e.error)
+                if left is None:
+                    raise e.error from e.__cause__
+                within = left
 
     async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
                      within: float) -> int:
@@ -301,43 +374,83 @@ class Bucket:
         except nats.js.errors.APIError as e:
             if e.err_code in _WRONG_LAST_SEQUENCE:
                 expected = headers.get(_EXPECT_LAST)
-                raise KeyConflict(key, int(expected) if expected else None) from e
+                conflict = KeyConflict(key, int(expected) if expected else None)
+                found = _FOUND_LAST.search(e.description or "")
+                raise _Refused(conflict, int(found.group(1)) if found else None) from e
+            if e.err_code == DUPLICATE_IN_PROCESS:
+                raise _Refused(e, None) from e
             raise
 
+    async def _holds(self, key: str, seq: int, write_id: str) -> bool:
+        """Whether the bucket's message at ``seq`` is on ``key`` and carries ``write_id``.
+
+        A replica that is behind may not hold it yet: asked again, paced, for
+        the bucket's timeout; a message gone by then (deleted, expired) is not
+        known to be this write's.
+        """
+        subject = self._pre + key
+        what = f"get {self.name}/{key} at revision {seq}"
+        request = json.dumps({"seq": seq}).encode()
+        retry = Retry(self.timeout)
+        while True:
+            cause: BaseException
+            pending = await self._replies.send(self._direct_get, request, None)
+            try:
+                reply = await self._replies.wait(pending, within=retry.attempt_timeout(),
+                                                 what=what)
+            except (BusTimeout, NoResponders) as e:
+                cause = TimeoutError() if isinstance(e, BusTimeout) else e
+            else:
+                fields = direct_answer(reply, what)
+                if fields is not None:
+                    return (fields.get(_SUBJECT) == subject
+                            and fields.get(MSG_ID_HEADER) == write_id)
+                cause = TimeoutError()  # not (yet) on this replica
+            if not await retry.again(cause):
+                return False
+
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
-        """Write unconditionally; with ``ttl`` the key expires that many seconds later."""
+        """Write unconditionally; with ``ttl`` the key expires that many seconds later.
+
+        Sent again when unanswered, as :meth:`_publish` says.
+        """
         headers = {} if ttl is None else {_TTL: str(wire_ttl(ttl))}
         return await self._publish(key, value, headers)
 
     async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None,
                      also: Callable[[], Awaitable[None]] | None = None,
-                     resend_within: float | None = None) -> int:
+                     resend_within: float | None = None, resend_unanswered: bool = True) -> int:
         """Write only if the key is at revision ``last`` (0: absent); else KeyConflict.
 
         ``also`` is awaited once the write is on its way, before its ack is
         awaited: a publish there leaves in the same flush (again with each
         resend). ``resend_within``: how long a write no stream took is sent
         again (the bucket's timeout by default; 0: never).
+        ``resend_unanswered``: whether a write that got no answer is sent
+        again (see :meth:`_publish`); False for a caller that does so itself.
         """
         headers = {_EXPECT_LAST: str(last)}
         if ttl is not None:
             headers[_TTL] = str(wire_ttl(ttl))
-        return await self._publish(key, value, headers, also, resend_within=resend_within)
+        return await self._publish(key, value, headers, also, resend_within=resend_within,
+                                   resend_unanswered=resend_unanswered)
 
     async def create(self, key: str, value: bytes, *, ttl: float | None = None,
-                     resend_within: float | None = None) -> int:
+                     resend_within: float | None = None, resend_unanswered: bool = True) -> int:
         """Write only if the key is absent, deleted or expired; else KeyConflict.
 
         After a delete or an expiry the key's last message is a marker, so a
         plain "expect revision 0" fails: retry against the marker's revision.
-        ``resend_within`` as in :meth:`update`.
+        ``resend_within`` and ``resend_unanswered`` as in :meth:`update`.
         """
-        revision, _ = await self.insert(key, value, ttl=ttl, resend_within=resend_within)
+        revision, _ = await self.insert(key, value, ttl=ttl, resend_within=resend_within,
+                                        resend_unanswered=resend_unanswered)
         return revision
 
     async def insert(self, key: str, value: bytes, *, ttl: float | None = None,
                      also: Callable[[], Awaitable[None]] | None = None,
-                     resend_within: float | None = None) -> tuple[int, bool]:
+                     resend_within: float | None = None,
+                     resend_unanswered: bool = True) -> tuple[int, bool]:
         """:meth:`create`, also telling whether the key held anything before.
 
         Returns the revision and ``replaced``: False when the key's subject
@@ -348,27 +461,31 @@ class Bucket:
         """
         try:
             return await self.update(key, value, last=0, ttl=ttl, also=also,
-                                     resend_within=resend_within), False
+                                     resend_within=resend_within,
+                                     resend_unanswered=resend_unanswered), False
         except KeyConflict:
             head = await self.head(key)
             if head is not None and head.op is KVOp.PUT:
                 raise
             last = head.revision if head else 0
             return await self.update(key, value, last=last, ttl=ttl,
-                                     resend_within=resend_within), True
+                                     resend_within=resend_within,
+                                     resend_unanswered=resend_unanswered), True
 
-    async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None) -> int:
+    async def delete(self, key: str, *, last: int | None = None, ttl: float | None = None,
+                     resend_unanswered: bool = True) -> int:
         """Place a delete marker (only at revision ``last`` if given); return its revision.
 
         With ``ttl`` the marker itself goes away that long after, so keys that
         come and go (locks) do not leave one marker each behind forever.
+        ``resend_unanswered`` as in :meth:`update`.
         """
         headers = {_KV_OP: "DEL"}
         if last is not None:
             headers[_EXPECT_LAST] = str(last)
         if ttl is not None:
             headers[_TTL] = str(wire_ttl(ttl))
-        return await self._publish(key, b"", headers)
+        return await self._publish(key, b"", headers, resend_unanswered=resend_unanswered)
 
     async def purge(self, key: str) -> None:
         """Remove the key and its history, leaving a purge marker."""
@@ -490,6 +607,32 @@ class Bucket:
             async with asyncio.timeout(min(self.timeout, _END_WATCH_WITHIN)):
                 info = await sub.consumer_info()
                 await self.js.delete_consumer(self.stream, info.name)
+
+
+async def bind_bucket(
+    nc: Client, js: JetStreamContext, name: str, *, replicas: int, domain: str | None,
+    request_timeout: float, check: Callable[[api.StreamInfo], object] | None = None,
+) -> Bucket:
+    """The bucket ``name``, created as :func:`bucket_config` says if absent.
+
+    ``request_timeout`` is the bucket's :attr:`Bucket.timeout`; ``check`` is
+    called with its stream's info (it raises to refuse it).
+    The bucket takes its stream's duplicate window, whoever created it.
+    """
+    stream = f"KV_{name}"
+    try:
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.create_key_value(bucket_config(name, replicas=replicas))
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != 10058:  # created concurrently by another node
+                raise
+        info = await js.stream_info(stream)
+    if check is not None:
+        check(info)
+    return Bucket(nc=nc, js=js, name=name, domain=domain, timeout=request_timeout,
+                  duplicate_window=info.config.duplicate_window or None)
 
 
 def bucket_config(name: str, *, replicas: int, marker_ttl: float = 60.0, **extra: Any

@@ -244,7 +244,8 @@ class Lifecycle:
         while True:
             try:
                 with nats_errors(f"creating session {meta.session_id!r}"):
-                    revision, replaced = await self._bus.sessions_kv.insert(key, raw, also=also)
+                    revision, replaced = await self._bus.sessions_kv.insert(
+                        key, raw, also=also, resend_unanswered=False)
                 break
             except KeyConflict as e:
                 own = await self._stored_as(key, raw) if unanswered.count else None
@@ -394,7 +395,8 @@ class Lifecycle:
         while True:
             try:
                 with nats_errors(f"updating session {session_id!r}"):
-                    return await self._bus.sessions_kv.update(key, raw, last=last, ttl=ttl)
+                    return await self._bus.sessions_kv.update(key, raw, last=last, ttl=ttl,
+                                                              resend_unanswered=False)
             except KeyConflict:
                 return await self._stored_as(key, raw, after=last) if attempts.count else None
             except BusTimeout as e:

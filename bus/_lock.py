@@ -246,8 +246,9 @@ class TurnLock:
         if hint is not None:
             with contextlib.suppress(KeyConflict):
                 return await self._kv.update(self.key, value, last=hint, ttl=self.lease,
-                                             resend_within=0)
-        return await self._kv.create(self.key, value, ttl=self.lease, resend_within=0)
+                                             resend_within=0, resend_unanswered=False)
+        return await self._kv.create(self.key, value, ttl=self.lease, resend_within=0,
+                                     resend_unanswered=False)
 
     async def _read_quietly(self) -> LockState | None:
         try:
@@ -280,7 +281,7 @@ class TurnLock:
                 async with asyncio.timeout(left):
                     revision = await self._kv.update(
                         self.key, self._value(token=self._token), last=self._revision,
-                        ttl=self.lease,
+                        ttl=self.lease, resend_unanswered=False,
                     )
             except KeyConflict:
                 self._mark_lost("the lease was rewritten by another owner")
@@ -337,7 +338,8 @@ class TurnLock:
             raise LockLost(self.session_id, self._lost_message())
         try:
             self._hint = await self._kv.delete(
-                self.key, last=self._revision, ttl=_RELEASED_MARKER_TTL
+                self.key, last=self._revision, ttl=_RELEASED_MARKER_TTL,
+                resend_unanswered=False,
             )
         except KeyConflict as e:
             self._mark_lost("the lease was rewritten by another owner")

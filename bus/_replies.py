@@ -33,11 +33,12 @@ from sessionbus.bus._refusals import watch_replies
 from sessionbus.bus._retry import LAST_ATTEMPT, Retry, Unanswered
 from sessionbus.bus.errors import BusError, BusTimeout, ConnectionFailed, PermissionDenied
 
-__all__ = ["NoResponders", "Pending", "Replies", "Reply", "acked_sequence", "publish_stored"]
+__all__ = ["DUPLICATE_IN_PROCESS", "NoResponders", "Pending", "Replies", "Reply", "acked_sequence",
+           "publish_stored"]
 
 _NO_RESPONDERS = 503
 #: "duplicate message id is in process": a copy with that id is being stored.
-_DUPLICATE_IN_PROCESS = 10158
+DUPLICATE_IN_PROCESS = 10158
 #: An idle heartbeat: a status that answers nothing.
 _HEARTBEAT = 100
 
@@ -307,7 +308,7 @@ async def publish_stored(replies: Replies, subject: str, data: bytes,
         try:
             return acked_sequence(reply, what)
         except nats.js.errors.APIError as e:
-            if e.err_code != _DUPLICATE_IN_PROCESS:
+            if e.err_code != DUPLICATE_IN_PROCESS:
                 raise
             # A replicated stream's leader is still storing a copy with this
             # id (an attempt that went unanswered, or a concurrent send of the

@@ -12,9 +12,10 @@ alike, are sent again after "no responders" (:meth:`Retry.resend`). One
 that got no answer at all may have been stored: only writes that can
 tell their own stored copy from another's send it again, up to
 :data:`UNANSWERED_WRITES` attempts in all (:class:`Unanswered`): an
-envelope (the stream knows its ``Nats-Msg-Id`` as a duplicate), a new
-session's record, a change of a session's record (a close), a joining
-worker's lease.
+envelope (the stream knows its ``Nats-Msg-Id`` as a duplicate), any
+bucket write with an id of its own (``bus/_kv.py``), a new session's
+record, a change of a session's record (a close), a joining worker's
+lease.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from sessionbus.bus._headers import install as install_header_parser
-from sessionbus.bus._kv import Bucket, bucket_config
+from sessionbus.bus._kv import Bucket, bind_bucket
 from sessionbus.bus._loop import check_running_loop
 from sessionbus.bus._names import Names, validate_id
 from sessionbus.bus._refusals import install as install_refusals
@@ -599,18 +599,9 @@ class SessionBus:
         return info
 
     async def _ensure_bucket(self, name: str) -> None:
-        try:
-            self._checked(await self.js.stream_info(f"KV_{name}"))
-        except nats.js.errors.NotFoundError:
-            try:
-                await self.js.create_key_value(bucket_config(name, replicas=self.replicas))
-            except nats.js.errors.BadRequestError as e:
-                if e.err_code != 10058:
-                    raise
-                self._checked(await self.js.stream_info(f"KV_{name}"))
-        self._buckets[name] = Bucket(
-            nc=self.nc, js=self.js, name=name, domain=self.settings.domain,
-            timeout=self.settings.request_timeout,
+        self._buckets[name] = await bind_bucket(
+            self.nc, self.js, name, replicas=self.replicas, domain=self.settings.domain,
+            request_timeout=self.settings.request_timeout, check=self._checked,
         )
 
     async def _on_error(self, e: Exception) -> None:

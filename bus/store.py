@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import nats.errors
 import nats.js.errors
-from sessionbus.bus._kv import Bucket, KVOp, bucket_config
+from sessionbus.bus._kv import Bucket, KVOp, bind_bucket
 from sessionbus.bus._lock import TurnLock
 from sessionbus.bus._names import encode_token, validate_id
 from sessionbus.bus.errors import BusClosedError, BusError, ConfigError, LockLost, SessionExists
@@ -284,17 +284,9 @@ class SessionStore:
         """The bucket of use marks: one key per session, rewritten on every use."""
         if self._uses_kv is None:
             bus = await self.start()
-            name = bus.names.store_uses_bucket
-            try:
-                await bus.js.stream_info(f"KV_{name}")
-            except nats.js.errors.NotFoundError:
-                try:
-                    await bus.js.create_key_value(bucket_config(name, replicas=bus.replicas))
-                except nats.js.errors.BadRequestError as e:
-                    if e.err_code != 10058:  # created concurrently
-                        raise
-            self._uses_kv = Bucket(nc=bus.nc, js=bus.js, name=name, domain=bus.settings.domain,
-                                   timeout=bus.settings.request_timeout)
+            self._uses_kv = await bind_bucket(
+                bus.nc, bus.js, bus.names.store_uses_bucket, replicas=bus.replicas,
+                domain=bus.settings.domain, request_timeout=bus.settings.request_timeout)
         return self._uses_kv
 
     async def _mark_used(self, entry: _Entry) -> None:

@@ -186,7 +186,7 @@ class Membership:
         """Stop refreshing and delete the lease, releasing every claim at once."""
         await self.close()
         with contextlib.suppress(BusError, OSError):
-            await self._kv.delete(self._key)
+            await self._kv.delete(self._key, resend_unanswered=False)
 
     async def close(self) -> None:
         """Stop the background tasks without touching the lease (it expires)."""
@@ -228,7 +228,8 @@ class Membership:
             mine.add(now)
             raw = self._lease.encode()
             try:
-                return await self._kv.create(self._key, raw, ttl=self._config.lease_ttl)
+                return await self._kv.create(self._key, raw, ttl=self._config.lease_ttl,
+                                             resend_unanswered=False)
             except KeyConflict:
                 pass
             except BusTimeout as e:
@@ -251,7 +252,8 @@ class Membership:
             if own or time.time() > old.expires_at + _TAKEOVER_GRACE:
                 try:
                     return await self._kv.update(self._key, raw, last=entry.revision,
-                                                 ttl=self._config.lease_ttl)
+                                                 ttl=self._config.lease_ttl,
+                                                 resend_unanswered=False)
                 except KeyConflict:
                     continue
                 except BusTimeout as e:
@@ -284,7 +286,8 @@ class Membership:
         lease = dataclasses.replace(lease, expires_at=time.time() + self._config.lease_ttl)
         try:
             self._revision = await self._kv.update(
-                self._key, lease.encode(), last=self._revision, ttl=self._config.lease_ttl
+                self._key, lease.encode(), last=self._revision, ttl=self._config.lease_ttl,
+                resend_unanswered=False,
             )
         except KeyConflict as e:
             self.lost.set()

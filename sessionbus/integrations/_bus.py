@@ -17,7 +17,7 @@ from typing import Any
 import nats.js.errors
 from nats.js import api
 
-from sessionbus.bus._kv import Bucket, bucket_config
+from sessionbus.bus._kv import Bucket, bind_bucket
 from sessionbus.bus.core import SessionBus
 from sessionbus.bus.errors import BusClosedError
 
@@ -75,18 +75,9 @@ class BusLink:
 
 async def ensure_bucket(bus: SessionBus, name: str) -> Bucket:
     """Bind the KV bucket ``name`` on ``bus``, creating it (per-key TTLs on) if absent."""
-    try:
-        await bus.js.stream_info(f"KV_{name}")
-    except nats.js.errors.NotFoundError:
-        try:
-            await bus.js.create_key_value(bucket_config(name, replicas=bus.replicas))
-        except nats.js.errors.BadRequestError as e:
-            if e.err_code != 10058:  # created concurrently by another node
-                raise
-    return Bucket(
-        nc=bus.nc, js=bus.js, name=name, domain=bus.settings.domain,
-        timeout=bus.settings.request_timeout,
-    )
+    return await bind_bucket(bus.nc, bus.js, name, replicas=bus.replicas,
+                             domain=bus.settings.domain,
+                             request_timeout=bus.settings.request_timeout)
 
 
 async def ensure_stream(bus: SessionBus, config: api.StreamConfig) -> api.StreamInfo:
