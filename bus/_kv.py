@@ -72,8 +72,13 @@ _SEQUENCE = "Nats-Sequence"
 _SUBJECT = "Nats-Subject"
 _TTL = "Nats-TTL"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+_EXPECT_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+_WRONG_LAST_MSG_ID = 10070
 #: How the server names the revision a compare-and-set write found instead.
 _FOUND_LAST = re.compile(r"wrong last sequence: (\d+)")
+#: Times a compare-and-set write sent again asks whether its id is known,
+#: the key moving on before each answer.
+_ID_PROBES = 5
 
 
 def wire_ttl(ttl: float) -> int:
@@ -309,15 +314,17 @@ class Bucket:
         bucket's timeout, as long as the next attempt's wait ends inside the
         window counted from the first attempt:
 
-        * a plain write stored before is acknowledged as a duplicate, with
-          its revision, and not stored again;
-        * a compare-and-set write stored before is refused (the server checks
-          the revision before the id): the revision it found is read, and if
-          that message carries this write's id, its revision is returned;
+        * a write stored before is acknowledged as a duplicate, with its
+          revision, and not stored again;
+        * but a single server checks a compare-and-set's revision before the
+          id, and refuses it: the write then asks whether the id is known
+          (:meth:`_own_revision`), and a known one gives its revision;
         * while a replicated stream's leader is still storing the first copy
           it refuses another ("in process"): sent again, paced.
 
-        Else BusTimeout.
+        Once an attempt went unanswered, what cannot tell whether the write
+        was stored raises BusTimeout (never ConnectionFailed, nor KeyConflict
+        unless the id is known not to be stored).
         """
         write_id = None
         window = self.duplicate_window
@@ -343,6 +350,9 @@ class Bucket:
                 # A later attempt waits only for what is left of the time.
                 resend_wait = await retry.resend(e)
                 if resend_wait is None:
+                    if unanswered is not None:
+                        raise BusTimeout(f"{what}: an attempt got no answer, and then no "
+                                         f"stream took it (it may be stored)") from e
                     raise ConnectionFailed(str(e)) from e
                 within = resend_wait
             except BusTimeout as e:
@@ -356,13 +366,15 @@ class Bucket:
                 if unanswered is None or write_id is None:
                     raise e.error from e.__cause__
                 if e.found is not None:  # the compare-and-set found another revision
-                    if await self._holds(key, e.found, write_id):
-                        return e.found
+                    own = await self._own_revision(key, value, headers, e.found)
+                    if own is not None:
+                        return own
                     raise e.error from e.__cause__
                 # In process: the leader still stores an earlier attempt.
                 left = await retry.resend(e.error)
                 if left is None:
-                    raise e.error from e.__cause__
+                    raise BusTimeout(f"{what}: an attempt got no answer, and one is still "
+                                     f"being stored") from e.error
                 within = left
 
     async def _acked(self, key: str, pending: Pending, headers: dict[str, str],
@@ -381,33 +393,41 @@ class Bucket:
                 raise _Refused(e, None) from e
             raise
 
-    async def _holds(self, key: str, seq: int, write_id: str) -> bool:
-        """Whether the bucket's message at ``seq`` is on ``key`` and carries ``write_id``.
+    async def _own_revision(self, key: str, value: bytes, headers: dict[str, str],
+                            found: int) -> int | None:
+        """The revision of this write if the stream knows its id, None if it does not.
 
-        A replica that is behind may not hold it yet: asked again, paced, for
-        the bucket's timeout; a message gone by then (deleted, expired) is not
-        known to be this write's.
+        For a compare-and-set write (``headers`` with its ``Nats-Msg-Id``)
+        refused at revision ``found`` after an earlier attempt got no answer.
+        It is sent again at ``found``, expecting a last message id that no
+        message has: the server answers it as a duplicate if it knows the id
+        (the first copy's revision, even if another write has replaced that
+        copy since), and refuses it without storing anything if not. A key
+        that moved on meanwhile is asked again at its new revision. BusTimeout
+        when that cannot tell (no answer, or the key kept moving).
         """
-        subject = self._pre + key
-        what = f"get {self.name}/{key} at revision {seq}"
-        request = json.dumps({"seq": seq}).encode()
-        retry = Retry(self.timeout)
-        while True:
-            cause: BaseException
-            pending = await self._replies.send(self._direct_get, request, None)
+        what = f"write {self.name}/{key}"
+        probe = {**headers, _EXPECT_LAST_MSG_ID: new_envelope_id()}
+        for _ in range(_ID_PROBES):
+            probe[_EXPECT_LAST] = str(found)
+            pending = await self._replies.send(self.subject(key), value, probe)
             try:
-                reply = await self._replies.wait(pending, within=retry.attempt_timeout(),
-                                                 what=what)
-            except (BusTimeout, NoResponders) as e:
-                cause = TimeoutError() if isinstance(e, BusTimeout) else e
-            else:
-                fields = direct_answer(reply, what)
-                if fields is not None:
-                    return (fields.get(_SUBJECT) == subject
-                            and fields.get(MSG_ID_HEADER) == write_id)
-                cause = TimeoutError()  # not (yet) on this replica
-            if not await retry.again(cause):
-                return False
+                reply = await self._replies.wait(pending, within=self.timeout, what=what)
+            except NoResponders as e:
+                raise BusTimeout(f"{what}: an attempt got no answer, and then no stream "
+                                 f"took it (it may be stored)") from e
+            try:
+                return acked_sequence(reply, what)
+            except nats.js.errors.APIError as e:
+                if e.err_code == _WRONG_LAST_MSG_ID:
+                    return None
+                moved = (_FOUND_LAST.search(e.description or "")
+                         if e.err_code in _WRONG_LAST_SEQUENCE else None)
+                if moved is None:
+                    raise
+                found = int(moved.group(1))
+        raise BusTimeout(f"{what}: an attempt got no answer, and the key kept changing "
+                         f"while the write asked whether it was stored")
 
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write unconditionally; with ``ttl`` the key expires that many seconds later.

@@ -154,6 +154,11 @@ class Replies:
         if sub is not None:
             await unsubscribe_raw(self._nc, sub)
 
+    @property
+    def waiting(self) -> int:
+        """Requests sent whose reply is still waited for."""
+        return len(self._waiting)
+
     async def send(self, subject: str, payload: bytes,
                    headers: Mapping[str, str] | None) -> Pending:
         """Publish ``payload`` with a reply subject; await :meth:`wait` for the reply.

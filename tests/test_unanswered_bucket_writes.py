@@ -9,6 +9,7 @@ own copy from another writer's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from sessionbus.bus import SessionBus, SessionRegistry
 from sessionbus.bus._kv import Bucket, bind_bucket
 from sessionbus.bus._server import NatsCluster, NatsServer
 from sessionbus.bus.errors import BusTimeout, KeyConflict
-from waiting import sigstop
+from waiting import sigstop, until
 
 from sessionbus.testing import BusFactory
 
@@ -94,6 +95,54 @@ async def test_a_write_whose_answer_was_lost_is_sent_again_and_stored_once(
     # A write based on the revision before still conflicts.
     with pytest.raises(KeyConflict):
         await bucket.update("k", b"v3", last=created)
+
+
+@pytest.mark.parametrize("op", ["update", "insert"])
+async def test_a_compare_and_set_replaced_before_it_was_sent_again_is_still_its_own(
+    nats_server: NatsServer, bus_factory: BusFactory, op: str,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0)
+    bucket = await _bucket(bus)
+    # Another writer on the same connection: the server takes its write
+    # right after this write's first attempt, and before the second.
+    other = await bind_bucket(bus.nc, bus.js, bucket.name, replicas=1, domain=None,
+                              request_timeout=10.0)
+    base = await bucket.create("k", b"v1") if op == "update" else await _last_seq(bus, bucket)
+    ours = base + 1
+    mine: dict[str, Callable[[], Awaitable[object]]] = {
+        "update": lambda: bucket.update("k", b"mine", last=base),
+        "insert": lambda: bucket.insert("k", b"mine"),
+    }
+    theirs: dict[str, Callable[[], Awaitable[int]]] = {
+        "update": lambda: other.update("k", b"theirs", last=ours),
+        "insert": lambda: other.delete("k", last=ours),
+    }
+    async with paused_until_logged(nats_server, RESENT) as resume:
+        write = asyncio.create_task(mine[op]())
+        await until(lambda: bucket.replies.waiting == 1, "the first attempt sent")
+        replaced = asyncio.create_task(theirs[op]())
+        await until(lambda: other.replies.waiting == 1, "the other write sent")
+        # Sent again, it finds the key at the other write's revision; asked
+        # whether its id is known, the server answers with its own revision.
+        got = await write
+    assert resume.resumed
+    assert await replaced == ours + 1
+    assert got == (ours if op == "update" else (ours, False))
+    await _stored_once(bus, bucket, ours + 1, b"theirs" if op == "update" else None)
+
+
+async def test_a_compare_and_set_that_was_never_stored_still_conflicts(
+    nats_server: NatsServer, bus_factory: BusFactory,
+) -> None:
+    bus = await bus_factory(nats_server.url, request_timeout=1.0)
+    bucket = await _bucket(bus)
+    before = await _last_seq(bus, bucket)
+    # Refused once the server resumes (the key holds nothing), its answer
+    # lost; sent again, it is refused at revision 0, and the server does not
+    # know its id.
+    with pytest.raises(KeyConflict):
+        await _resent_while_paused(nats_server, bucket.update("absent", b"v", last=1))
+    assert await _last_seq(bus, bucket) == before
 
 
 async def test_a_registry_record_written_while_the_server_is_paused_is_stored(
