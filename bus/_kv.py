@@ -162,7 +162,8 @@ class _Refused(Exception):
     """A write the stream refused in a way a write sent again may explain.
 
     ``error`` is what the caller gets otherwise; ``found`` the revision a
-    compare-and-set found (None: a copy with the same id is being stored).
+    compare-and-set found (None: a copy with the same id, or another write
+    to the key, is still being stored).
     """
 
     def __init__(self, error: Exception, found: int | None) -> None:
@@ -355,6 +356,10 @@ class Bucket:
                                          f"stream took it (it may be stored)") from e
                     raise ConnectionFailed(str(e)) from e
                 within = resend_wait
+            except ConnectionFailed as e:  # a bare status: a route cut mid-write
+                if unanswered is None:
+                    raise
+                raise BusTimeout(f"{what}: an attempt got no answer, and then {e}") from e
             except BusTimeout as e:
                 if (write_id is None or window is None
                         or time.monotonic() - first_sent + self.timeout >= window):
@@ -366,7 +371,9 @@ class Bucket:
                 if unanswered is None or write_id is None:
                     raise e.error from e.__cause__
                 if e.found is not None:  # the compare-and-set found another revision
-                    own = await self._own_revision(key, value, headers, e.found)
+                    assert window is not None
+                    own = await self._own_revision(key, value, headers, e.found,
+                                                   known_until=first_sent + window)
                     if own is not None:
                         return own
                     raise e.error from e.__cause__
@@ -394,21 +401,40 @@ class Bucket:
             raise
 
     async def _own_revision(self, key: str, value: bytes, headers: dict[str, str],
-                            found: int) -> int | None:
+                            found: int, *, known_until: float) -> int | None:
         """The revision of this write if the stream knows its id, None if it does not.
 
         For a compare-and-set write (``headers`` with its ``Nats-Msg-Id``)
         refused at revision ``found`` after an earlier attempt got no answer.
-        It is sent again at ``found``, expecting a last message id that no
-        message has: the server answers it as a duplicate if it knows the id
-        (the first copy's revision, even if another write has replaced that
-        copy since), and refuses it without storing anything if not. A key
-        that moved on meanwhile is asked again at its new revision. BusTimeout
-        when that cannot tell (no answer, or the key kept moving).
+
+        A replicated stream checks the id before the revision: the refusal
+        already says that the id is not known (None). A single server checks
+        the revision first, so it is asked: the write is sent again at
+        ``found``, expecting a last message id that no message has. It
+        answers a duplicate if it knows the id (the first copy's revision,
+        even if another write has replaced that copy since), and refuses it
+        without storing anything if not. A key that moved on meanwhile is
+        asked again at its new revision. Each question is sent only if its
+        answer is due before ``known_until`` (the ``time.monotonic()`` at which
+        the server may forget the id). BusTimeout when that cannot tell (no
+        answer, the key kept moving, or no time left).
+
+        Never asked of a replicated stream: there the expected last id is
+        checked only as each replica stores the message, and a mismatch
+        leaves the stream unable to store anything (nats-server 2.15).
         """
         what = f"write {self.name}/{key}"
+        try:
+            info = await self.js.stream_info(self.stream)
+        except (nats.errors.Error, OSError) as e:
+            raise BusTimeout(f"{what}: an attempt got no answer, and the bucket's stream "
+                             f"could not be read to ask whether it was stored: {e!r}") from e
+        if (info.config.num_replicas or 1) > 1:
+            return None
         probe = {**headers, _EXPECT_LAST_MSG_ID: new_envelope_id()}
         for _ in range(_ID_PROBES):
+            if time.monotonic() + self.timeout >= known_until:
+                break
             probe[_EXPECT_LAST] = str(found)
             pending = await self._replies.send(self.subject(key), value, probe)
             try:
@@ -418,6 +444,8 @@ class Bucket:
                                  f"took it (it may be stored)") from e
             try:
                 return acked_sequence(reply, what)
+            except ConnectionFailed as e:
+                raise BusTimeout(f"{what}: an attempt got no answer, and then {e}") from e
             except nats.js.errors.APIError as e:
                 if e.err_code == _WRONG_LAST_MSG_ID:
                     return None
@@ -426,8 +454,8 @@ class Bucket:
                 if moved is None:
                     raise
                 found = int(moved.group(1))
-        raise BusTimeout(f"{what}: an attempt got no answer, and the key kept changing "
-                         f"while the write asked whether it was stored")
+        raise BusTimeout(f"{what}: an attempt got no answer, and whether it was stored "
+                         f"could not be told in time (the key kept changing)")
 
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write unconditionally; with ``ttl`` the key expires that many seconds later.

@@ -1,10 +1,10 @@
 """Bucket writes whose acknowledgement never comes: sent again, stored once.
 
-Every bucket write carries an id of its own (``Nats-Msg-Id``). A plain
-write sent again is then taken as a duplicate of a copy stored before; a
-compare-and-set write sent again is refused (the server checks the
-revision first), and the write reads the revision it found to tell its
-own copy from another writer's.
+Every bucket write carries an id of its own (``Nats-Msg-Id``). A write
+sent again is then taken as a duplicate of a copy stored before. A single
+server checks a compare-and-set's revision before the id and refuses it:
+the write then asks the server whether it knows the id. A replicated
+stream checks the id first, so its refusal is the answer.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ async def test_a_write_whose_answer_was_lost_is_sent_again_and_stored_once(
     bucket = await _bucket(bus)
     created = await bucket.create("k", b"v1")
     # A plain write's second attempt is the first's duplicate, answered
-    # with its revision and not stored again. A compare-and-set write's
-    # finds the key at the first attempt's revision, and that message
-    # carries this write's id.
+    # with its revision and not stored again. A compare-and-set write's is
+    # refused at the first attempt's revision, and the server, asked,
+    # knows its id.
     writes: dict[str, Callable[[], Awaitable[int]]] = {
         "put": lambda: bucket.put("k", b"v2"),
         "update": lambda: bucket.update("k", b"v2", last=created),
@@ -207,3 +207,28 @@ async def test_a_bucket_write_rides_out_a_paused_stream_leader(
     # stored once, at that revision. (Right after the pause a stream info or
     # a Direct Get may still be answered by a replica that is behind.)
     assert await bucket.put("k", b"v3") == revision + 1
+
+
+async def test_a_refused_write_whose_answer_was_lost_conflicts_on_a_replicated_bucket(
+    nats_cluster: NatsCluster, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = await bus_factory(nats_cluster.urls, replicas=3)
+    await _bucket(first)
+    leader, survivor = await stream_leader(nats_cluster, first, "KV_resends")
+    bus = await bus_factory(survivor.url, replicas=3, request_timeout=15.0)
+    bucket = await _bucket(bus)
+    created = await bucket.create("k", b"v1")
+    # The create is refused (the key exists). Its first attempt goes to the
+    # paused leader and is not answered; the new leader knows nothing of
+    # its id, and refuses it again. A replicated stream checks the id
+    # before the revision, so that refusal is the answer: nothing is asked
+    # of the stream that only its replicas could check.
+    assert leader.pid is not None
+    try:
+        await sigstop(leader.pid)
+        with caplog.at_level(logging.WARNING, logger="sessionbus"), pytest.raises(KeyConflict):
+            await bucket.create("k", b"mine")
+    finally:
+        os.kill(leader.pid, signal.SIGCONT)
+    # The bucket still takes writes: nothing was stored, nothing is stuck.
+    assert await bucket.put("k", b"v2") == created + 1
