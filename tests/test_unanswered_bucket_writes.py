@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 from nats.js import api
@@ -27,6 +28,8 @@ from waiting import sigstop, until
 from sessionbus.testing import BusFactory
 
 RESENT = "got no answer; writing it again"
+
+T = TypeVar("T")
 
 
 async def _bucket(bus: SessionBus, name: str = "resends") -> Bucket:
@@ -184,25 +187,37 @@ async def test_a_write_is_not_sent_again_past_the_duplicate_window_or_when_told_
     assert RESENT not in caplog.text
 
 
-async def test_a_bucket_write_rides_out_a_paused_stream_leader(
-    nats_cluster: NatsCluster, bus_factory: BusFactory,
-) -> None:
-    first = await bus_factory(nats_cluster.urls, replicas=3)
+async def _with_leader_paused(cluster: NatsCluster, bus_factory: BusFactory,
+                              write: Callable[[Bucket, int], Awaitable[T]]) -> tuple[Bucket, T]:
+    """``write(bucket, created)`` through a follower while the bucket stream's leader is paused.
+
+    ``created`` is the revision of key ``k``, written before the pause. The
+    write either reaches the paused leader, which keeps its routes, and
+    gets no answer (sent again after the request timeout), or finds no
+    stream taking it once the leader is given up ("no responders": sent
+    again, paced). The other replicas elect a new leader 5-10 s after the
+    pause here: requests are given 15 s.
+    """
+    first = await bus_factory(cluster.urls, replicas=3)
     await _bucket(first)
-    leader, survivor = await stream_leader(nats_cluster, first, "KV_resends")
-    # Given longer than an election (5-10 s after the pause here).
+    leader, survivor = await stream_leader(cluster, first, "KV_resends")
     bus = await bus_factory(survivor.url, replicas=3, request_timeout=15.0)
     bucket = await _bucket(bus)
     created = await bucket.create("k", b"v1")
-    # Unanswered by the paused leader (sent again after the timeout), or
-    # taken by no stream until a new leader is elected (sent again, paced):
-    # either way stored once.
     assert leader.pid is not None
     try:
         await sigstop(leader.pid)
-        revision = await bucket.update("k", b"v2", last=created)
+        return bucket, await write(bucket, created)
     finally:
         os.kill(leader.pid, signal.SIGCONT)
+
+
+async def test_a_bucket_write_rides_out_a_paused_stream_leader(
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
+) -> None:
+    bucket, revision = await _with_leader_paused(
+        nats_cluster, bus_factory,
+        lambda bucket, created: bucket.update("k", b"v2", last=created))
     # The next write, through the new leader, follows it at once: it was
     # stored once, at that revision. (Right after the pause a stream info or
     # a Direct Get may still be answered by a replica that is behind.)
@@ -210,25 +225,18 @@ async def test_a_bucket_write_rides_out_a_paused_stream_leader(
 
 
 async def test_a_refused_write_whose_answer_was_lost_conflicts_on_a_replicated_bucket(
-    nats_cluster: NatsCluster, bus_factory: BusFactory, caplog: pytest.LogCaptureFixture,
+    nats_cluster: NatsCluster, bus_factory: BusFactory,
 ) -> None:
-    first = await bus_factory(nats_cluster.urls, replicas=3)
-    await _bucket(first)
-    leader, survivor = await stream_leader(nats_cluster, first, "KV_resends")
-    bus = await bus_factory(survivor.url, replicas=3, request_timeout=15.0)
-    bucket = await _bucket(bus)
-    created = await bucket.create("k", b"v1")
-    # The create is refused (the key exists). Its first attempt goes to the
-    # paused leader and is not answered; the new leader knows nothing of
-    # its id, and refuses it again. A replicated stream checks the id
-    # before the revision, so that refusal is the answer: nothing is asked
-    # of the stream that only its replicas could check.
-    assert leader.pid is not None
-    try:
-        await sigstop(leader.pid)
-        with caplog.at_level(logging.WARNING, logger="sessionbus"), pytest.raises(KeyConflict):
+    # The create is refused (the key exists). A first attempt the paused
+    # leader does not answer is sent again; the new leader knows nothing of
+    # its id and refuses it again. A replicated stream checks the id before
+    # the revision, so that refusal is the answer: nothing is asked of the
+    # stream that only its replicas would check.
+    async def create(bucket: Bucket, created: int) -> int:
+        with pytest.raises(KeyConflict):
             await bucket.create("k", b"mine")
-    finally:
-        os.kill(leader.pid, signal.SIGCONT)
+        return created
+
+    bucket, created = await _with_leader_paused(nats_cluster, bus_factory, create)
     # The bucket still takes writes: nothing was stored, nothing is stuck.
     assert await bucket.put("k", b"v2") == created + 1
