@@ -161,9 +161,10 @@ def _delivery(msg: Msg) -> tuple[int, int]:
 class _Refused(Exception):
     """A write the stream refused in a way a write sent again may explain.
 
-    ``error`` is what the caller gets otherwise; ``found`` the revision a
-    compare-and-set found (None: a copy with the same id, or another write
-    to the key, is still being stored).
+    ``error`` is what the caller gets otherwise (raised from its own
+    ``__cause__``: the refusal itself is not a cause); ``found`` the
+    revision a compare-and-set found (None: a copy with the same id, or
+    another write to the key, is still being stored).
     """
 
     def __init__(self, error: Exception, found: int | None) -> None:
@@ -369,14 +370,14 @@ class Bucket:
                 retry, within = Retry(self.timeout), self.timeout
             except _Refused as e:
                 if unanswered is None or write_id is None:
-                    raise e.error from e.__cause__
+                    raise e.error from e.error.__cause__
                 if e.found is not None:  # the compare-and-set found another revision
                     assert window is not None
                     own = await self._own_revision(key, value, headers, e.found,
                                                    known_until=first_sent + window)
                     if own is not None:
                         return own
-                    raise e.error from e.__cause__
+                    raise e.error from e.error.__cause__
                 # In process: the leader still stores an earlier attempt.
                 left = await retry.resend(e.error)
                 if left is None:
@@ -394,6 +395,7 @@ class Bucket:
             if e.err_code in _WRONG_LAST_SEQUENCE:
                 expected = headers.get(_EXPECT_LAST)
                 conflict = KeyConflict(key, int(expected) if expected else None)
+                conflict.__cause__ = e
                 found = _FOUND_LAST.search(e.description or "")
                 raise _Refused(conflict, int(found.group(1)) if found else None) from e
             if e.err_code == DUPLICATE_IN_PROCESS:
